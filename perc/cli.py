@@ -1,0 +1,65 @@
+"""
+The ``perc`` command: everything that is not a daemon (development PKI,
+registration, reference endpoint, demo, benchmarks).
+
+Each subcommand is a ``usage.Options`` subclass with a ``run()`` method that
+returns the process exit status.  Errors a user can act on are raised as
+:class:`perc.errors.ConfigError` and shown as one line.
+"""
+
+import sys
+
+from twisted.python import usage
+
+from perc import __version__
+from perc.errors import ConfigError
+
+
+class PercOptions(usage.Options):
+    synopsis = "perc <command> [options]"
+    longdesc = "Tools for the PERC key-exchange tunnel. Run 'perc <command> --help' for details."
+
+    # Filled from the modules that implement the commands, so that this file
+    # only dispatches.
+    subCommands: list = []
+
+    def opt_version(self):
+        """Print the version and exit."""
+        print("perc", __version__)
+        sys.exit(0)
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("a command is required")
+
+
+def _load_subcommands():
+    from perc.pki_cli import PkiOptions
+
+    return [
+        ["pki", None, PkiOptions, "Development PKI: CA, distributor and endpoint certificates"],
+    ]
+
+
+def main(argv=None):
+    """Entry point of the ``perc`` console script."""
+    if argv is None:
+        argv = sys.argv[1:]
+    PercOptions.subCommands = _load_subcommands()
+    config = PercOptions()
+    try:
+        config.parseOptions(argv)
+    except usage.UsageError as error:
+        sub = config.subOptions if getattr(config, "subOptions", None) else config
+        print(sub, file=sys.stderr)
+        print("perc: error: {}".format(error), file=sys.stderr)
+        return 2
+    try:
+        return config.subOptions.run() or 0
+    except ConfigError as error:
+        print("perc {}: {}".format(config.subCommand, error), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

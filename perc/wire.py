@@ -1,0 +1,334 @@
+"""
+Tunnel messages (draft-ietf-perc-dtls-tunnel-05 section 7, RFC 9185 section 7):
+immutable message classes, their encoding, and one strict decoder.
+
+Sans-I/O.  Every message on the wire is ``msg_type (1) · length (uint16) ·
+body``; :func:`decode` takes the type and the body (as the framing layer
+delivers them), :func:`decode_message` a whole message with its header.
+
+Every way a peer's bytes can be wrong raises :class:`WireError` and nothing
+else; its ``reason`` says precisely what was wrong.  Constructing a message
+whose fields cannot be represented raises the same error, so ``encode()``
+can never produce something the decoder would refuse.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import uuid
+from dataclasses import dataclass
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "HEADER_LENGTH",
+    "MAX_BODY_LENGTH",
+    "MAX_DTLS_MESSAGE_LENGTH",
+    "MessageType",
+    "WireError",
+    "SupportedProfiles",
+    "UnsupportedVersion",
+    "MediaKeys",
+    "TunneledDtls",
+    "EndpointDisconnect",
+    "decode",
+    "decode_message",
+]
+
+#: The tunnel protocol version this implementation speaks.
+PROTOCOL_VERSION = 0
+
+_HEADER = struct.Struct("!BH")
+HEADER_LENGTH = _HEADER.size
+MAX_BODY_LENGTH = 0xFFFF
+_UUID_LENGTH = 16
+#: A TunneledDtls body is id (16) + length (2) + message, and at most 65535.
+MAX_DTLS_MESSAGE_LENGTH = MAX_BODY_LENGTH - _UUID_LENGTH - 2
+#: A SupportedProfiles body is version (1) + length (2) + profiles.
+_MAX_PROFILES_LENGTH = MAX_BODY_LENGTH - 1 - 2
+
+
+class MessageType(enum.IntEnum):
+    SUPPORTED_PROFILES = 0x01
+    UNSUPPORTED_VERSION = 0x02
+    MEDIA_KEYS = 0x03
+    TUNNELED_DTLS = 0x04
+    ENDPOINT_DISCONNECT = 0x05
+
+
+class WireError(ValueError):
+    """
+    A tunnel message that cannot be decoded or encoded.  ``reason`` is a
+    short, precise description fit for a log line; it never contains key
+    material.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _check_uint(name: str, value: int, bits: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << bits):
+        raise WireError("{} must be an integer in 0..{}, got {!r}".format(name, (1 << bits) - 1, value))
+
+
+def _check_vector(name: str, value: bytes, low: int, high: int) -> None:
+    if not isinstance(value, bytes):
+        raise WireError("{} must be bytes, got {}".format(name, type(value).__name__))
+    if not low <= len(value) <= high:
+        raise WireError("{} length {} outside {}..{}".format(name, len(value), low, high))
+
+
+def _check_association_id(value: uuid.UUID) -> None:
+    if not isinstance(value, uuid.UUID):
+        raise WireError("association_id must be a uuid.UUID, got {}".format(type(value).__name__))
+
+
+def _frame(msg_type: MessageType, body: bytes) -> bytes:
+    return _HEADER.pack(msg_type, len(body)) + body
+
+
+@dataclass(frozen=True)
+class SupportedProfiles:
+    """The Media Distributor's first message on every tunnel connection."""
+
+    version: int
+    profiles: tuple[int, ...]
+
+    msg_type = MessageType.SUPPORTED_PROFILES
+
+    def __post_init__(self) -> None:
+        _check_uint("version", self.version, 8)
+        if not isinstance(self.profiles, tuple):
+            raise WireError("profiles must be a tuple of profile ids")
+        for profile in self.profiles:
+            _check_uint("protection profile", profile, 16)
+        length = 2 * len(self.profiles)
+        if not 2 <= length <= _MAX_PROFILES_LENGTH:
+            raise WireError(
+                "protection_profiles length {} outside 2..{}".format(length, _MAX_PROFILES_LENGTH)
+            )
+
+    def encode(self) -> bytes:
+        body = struct.pack("!BH{}H".format(len(self.profiles)), self.version,
+                           2 * len(self.profiles), *self.profiles)
+        return _frame(self.msg_type, body)
+
+
+@dataclass(frozen=True)
+class UnsupportedVersion:
+    """A Key Distributor's answer to a SupportedProfiles of another version."""
+
+    highest_version: int
+
+    msg_type = MessageType.UNSUPPORTED_VERSION
+
+    def __post_init__(self) -> None:
+        _check_uint("highest_version", self.highest_version, 8)
+
+    def encode(self) -> bytes:
+        return _frame(self.msg_type, bytes([self.highest_version]))
+
+
+@dataclass(frozen=True)
+class MediaKeys:
+    """
+    The hop-by-hop SRTP keys of one association, Key Distributor to Media
+    Distributor.  ``repr`` hides the key values.
+    """
+
+    association_id: uuid.UUID
+    profile: int
+    mki: bytes
+    client_key: bytes
+    server_key: bytes
+    client_salt: bytes
+    server_salt: bytes
+
+    msg_type = MessageType.MEDIA_KEYS
+
+    def __post_init__(self) -> None:
+        _check_association_id(self.association_id)
+        _check_uint("profile", self.profile, 16)
+        _check_vector("mki", self.mki, 0, 255)
+        for name in ("client_key", "server_key", "client_salt", "server_salt"):
+            _check_vector(name, getattr(self, name), 1, 255)
+
+    def __repr__(self) -> str:
+        return (
+            "MediaKeys(association_id={}, profile=0x{:04X}, mki_length={}, "
+            "key_length={}, salt_length={}, values hidden)".format(
+                self.association_id, self.profile, len(self.mki),
+                len(self.client_key), len(self.client_salt),
+            )
+        )
+
+    def encode(self) -> bytes:
+        parts = [self.association_id.bytes, struct.pack("!H", self.profile)]
+        for value in (self.mki, self.client_key, self.server_key,
+                      self.client_salt, self.server_salt):
+            parts.append(bytes([len(value)]))
+            parts.append(value)
+        return _frame(self.msg_type, b"".join(parts))
+
+
+@dataclass(frozen=True)
+class TunneledDtls:
+    """One or more whole DTLS records of one association, either direction."""
+
+    association_id: uuid.UUID
+    dtls_message: bytes
+
+    msg_type = MessageType.TUNNELED_DTLS
+
+    def __post_init__(self) -> None:
+        _check_association_id(self.association_id)
+        _check_vector("dtls_message", self.dtls_message, 1, MAX_DTLS_MESSAGE_LENGTH)
+
+    def __repr__(self) -> str:
+        return "TunneledDtls(association_id={}, {} octets)".format(
+            self.association_id, len(self.dtls_message))
+
+    def encode(self) -> bytes:
+        return _frame(
+            self.msg_type,
+            self.association_id.bytes + struct.pack("!H", len(self.dtls_message)) + self.dtls_message,
+        )
+
+
+@dataclass(frozen=True)
+class EndpointDisconnect:
+    """Either side: the association has ended; forget it."""
+
+    association_id: uuid.UUID
+
+    msg_type = MessageType.ENDPOINT_DISCONNECT
+
+    def __post_init__(self) -> None:
+        _check_association_id(self.association_id)
+
+    def encode(self) -> bytes:
+        return _frame(self.msg_type, self.association_id.bytes)
+
+
+Message = SupportedProfiles | UnsupportedVersion | MediaKeys | TunneledDtls | EndpointDisconnect
+
+
+class _Reader:
+    """Consumes a body field by field; every shortfall is a WireError."""
+
+    __slots__ = ("_body", "_offset")
+
+    def __init__(self, body: bytes):
+        self._body = body
+        self._offset = 0
+
+    def take(self, count: int, field: str) -> bytes:
+        end = self._offset + count
+        if end > len(self._body):
+            raise WireError("body ends inside {} (needs {} octets, has {})".format(
+                field, count, len(self._body) - self._offset))
+        value = self._body[self._offset:end]
+        self._offset = end
+        return value
+
+    def uint8(self, field: str) -> int:
+        return self.take(1, field)[0]
+
+    def uint16(self, field: str) -> int:
+        return int.from_bytes(self.take(2, field), "big")
+
+    def vector8(self, field: str, low: int) -> bytes:
+        length = self.uint8(field + " length")
+        if length < low:
+            raise WireError("{} length {} below minimum {}".format(field, length, low))
+        return self.take(length, field)
+
+    def uuid(self) -> uuid.UUID:
+        return uuid.UUID(bytes=self.take(_UUID_LENGTH, "association_id"))
+
+    def finish(self) -> None:
+        extra = len(self._body) - self._offset
+        if extra:
+            raise WireError("{} trailing octets after the last field".format(extra))
+
+
+def _decode_supported_profiles(reader: _Reader) -> SupportedProfiles:
+    version = reader.uint8("version")
+    length = reader.uint16("protection_profiles length")
+    if length < 2 or length % 2:
+        raise WireError("protection_profiles length {} is not an even number "
+                        "of at least 2".format(length))
+    data = reader.take(length, "protection_profiles")
+    return SupportedProfiles(version, struct.unpack("!{}H".format(length // 2), data))
+
+
+def _decode_unsupported_version(reader: _Reader) -> UnsupportedVersion:
+    return UnsupportedVersion(reader.uint8("highest_version"))
+
+
+def _decode_media_keys(reader: _Reader) -> MediaKeys:
+    association_id = reader.uuid()
+    profile = reader.uint16("profile")
+    mki = reader.vector8("mki", 0)
+    client_key = reader.vector8("client_key", 1)
+    server_key = reader.vector8("server_key", 1)
+    client_salt = reader.vector8("client_salt", 1)
+    server_salt = reader.vector8("server_salt", 1)
+    return MediaKeys(association_id, profile, mki, client_key, server_key, client_salt, server_salt)
+
+
+def _decode_tunneled_dtls(reader: _Reader) -> TunneledDtls:
+    association_id = reader.uuid()
+    length = reader.uint16("dtls_message length")
+    if length < 1:
+        raise WireError("dtls_message length 0 below minimum 1")
+    return TunneledDtls(association_id, reader.take(length, "dtls_message"))
+
+
+def _decode_endpoint_disconnect(reader: _Reader) -> EndpointDisconnect:
+    return EndpointDisconnect(reader.uuid())
+
+
+_DECODERS = {
+    MessageType.SUPPORTED_PROFILES: ("SupportedProfiles", _decode_supported_profiles),
+    MessageType.UNSUPPORTED_VERSION: ("UnsupportedVersion", _decode_unsupported_version),
+    MessageType.MEDIA_KEYS: ("MediaKeys", _decode_media_keys),
+    MessageType.TUNNELED_DTLS: ("TunneledDtls", _decode_tunneled_dtls),
+    MessageType.ENDPOINT_DISCONNECT: ("EndpointDisconnect", _decode_endpoint_disconnect),
+}
+
+
+def decode(msg_type: int, body: bytes) -> Message:
+    """
+    Decode one message from its type octet and its body (without the
+    3-octet header).  Raises WireError for a reserved or unknown type, a
+    body that is too long to have been framed, and any field that is out of
+    range, short, or followed by trailing octets.
+    """
+    entry = _DECODERS.get(msg_type)
+    if entry is None:
+        raise WireError("unknown or reserved message type 0x{:02X}".format(msg_type)
+                        if isinstance(msg_type, int) else "message type must be an integer")
+    if len(body) > MAX_BODY_LENGTH:
+        raise WireError("body of {} octets exceeds the 16-bit length".format(len(body)))
+    name, decoder = entry
+    reader = _Reader(bytes(body))
+    try:
+        message = decoder(reader)
+        reader.finish()
+    except WireError as error:
+        raise WireError("{}: {}".format(name, error.reason)) from None
+    return message
+
+
+def decode_message(data: bytes) -> Message:
+    """Decode one whole message, header included; nothing may follow it."""
+    if len(data) < HEADER_LENGTH:
+        raise WireError("message of {} octets is shorter than the 3-octet header".format(len(data)))
+    msg_type, length = _HEADER.unpack_from(data)
+    if len(data) - HEADER_LENGTH != length:
+        raise WireError("header says {} body octets, message has {}".format(
+            length, len(data) - HEADER_LENGTH))
+    return decode(msg_type, data[HEADER_LENGTH:])

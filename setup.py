@@ -1,0 +1,40 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="perc",
+    version="0.1.0",
+    description=(
+        "PERC key exchange: the DTLS tunnel between a Media Distributor and a "
+        "Key Distributor (RFC 9185), with Twisted daemons and a reference endpoint"
+    ),
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    python_requires=">=3.11",
+    # package_dir maps the root explicitly so that an editable install puts the
+    # checkout itself on sys.path (a static .pth): Twisted finds plugins by
+    # scanning sys.path for twisted/plugins directories, which an import-hook
+    # editable install would hide.
+    package_dir={"": "."},
+    packages=find_packages(include=["perc", "perc.*"]) + ["twisted.plugins"],
+    # twisted/plugins has no __init__.py (it would shadow Twisted's own
+    # package); the plugin module is shipped as package data so that a plain
+    # install drops it into site-packages/twisted/plugins.
+    package_data={"twisted.plugins": ["perc_plugins.py"]},
+    include_package_data=False,
+    install_requires=[
+        "Twisted>=24.3",
+        "pyOpenSSL>=25.0",
+        "service-identity>=24.1",
+        "pylibsrtp>=0.10",
+        "zope.interface>=6.0",
+        "cryptography>=44",
+    ],
+    extras_require={"test": ["hypothesis>=6.100"]},
+    entry_points={"console_scripts": ["perc = perc.cli:main"]},
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: Communications :: Conferencing",
+    ],
+)

@@ -16,7 +16,7 @@ from perc.errors import ConfigError
 
 
 class PercOptions(usage.Options):
-    synopsis = "perc <command> [options]"
+    synopsis = "Usage: perc <command> [options]"
     longdesc = "Tools for the PERC key-exchange tunnel. Run 'perc <command> --help' for details."
 
     # Filled from the modules that implement the commands, so that this file
@@ -35,9 +35,11 @@ class PercOptions(usage.Options):
 
 def _load_subcommands():
     from perc.pki_cli import PkiOptions
+    from perc.register_cli import RegisterOptions
 
     return [
         ["pki", None, PkiOptions, "Development PKI: CA, distributor and endpoint certificates"],
+        ["register", None, RegisterOptions, "Register an endpoint (tls-id, fingerprint) in a conference"],
     ]
 
 

@@ -39,9 +39,14 @@ class TwistdPluginTests(SynchronousTestCase):
         """The real ``twistd --help``, in a process started from elsewhere."""
         elsewhere = self.mktemp()
         os.makedirs(elsewhere)
+        env = dict(os.environ)
+        if env.get("PYTHONPATH"):
+            # A relative PYTHONPATH would mean something else from there.
+            env["PYTHONPATH"] = os.pathsep.join(
+                os.path.abspath(entry) for entry in env["PYTHONPATH"].split(os.pathsep))
         output = subprocess.run(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
-            cwd=elsewhere, capture_output=True, text=True, timeout=60,
+            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60,
         ).stdout
         self.assertIn("perc-kd", output)
         self.assertIn("perc-md", output)

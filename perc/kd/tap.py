@@ -2,19 +2,109 @@
 ``twistd perc-kd``: options and service construction for the Key Distributor.
 """
 
+from __future__ import annotations
+
 from twisted.python import usage
+
+from perc import profiles
+from perc.errors import ConfigError
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a positive number")
+    return number
 
 
 class Options(usage.Options):
-    synopsis = "[options]"
     longdesc = (
         "Run a PERC Key Distributor: accept mutually authenticated TLS tunnels "
-        "from Media Distributors and terminate endpoints' DTLS-SRTP "
-        "associations carried through them."
+        "from Media Distributors (or dial them with --connect), terminate "
+        "endpoints' DTLS-SRTP associations carried through them, check each "
+        "endpoint against its registration, and hand the Media Distributor "
+        "only the hop-by-hop keys."
     )
+
+    optParameters = [
+        ["tunnel-listen", None, "tcp:4740",
+         "Twisted server endpoint description for tunnels; TLS with mandatory "
+         "client certificates is applied by the service. 'none' disables it."],
+        ["cert", None, None, "PEM certificate of this Key Distributor."],
+        ["key", None, None, "PEM private key of this Key Distributor."],
+        ["ca", None, None, "PEM file of the CA(s) that issue Media Distributor certificates."],
+        ["pki", None, None,
+         "Directory made by 'perc pki init': uses kd.pem, kd.key and ca.pem "
+         "(explicit --cert/--key/--ca win)."],
+        ["profiles", None, profiles.format_profile_list(profiles.DEFAULT_PROFILES),
+         "Comma-separated SRTP protection profiles, in order of preference. "
+         "Non-double profiles expose media to the Media Distributor and are "
+         "used only when listed here."],
+        ["api", None, "tcp:4741:interface=127.0.0.1",
+         "Twisted server endpoint description for the registration API. 'none' disables it."],
+        ["api-token-file", None, "perc-kd-api.token",
+         "Bearer token file for the registration API; created with a random "
+         "token (mode 0600) if missing."],
+        ["db", None, "perc-kd.sqlite3", "SQLite file holding registrations."],
+        ["max-associations", None, 10000, "Most live associations in total.", _positive_int],
+        ["max-associations-per-tunnel", None, 5000,
+         "Most live associations started through one tunnel.", _positive_int],
+        ["handshake-timeout", None, 30.0,
+         "Seconds a DTLS handshake may take before it is abandoned.", _positive_float],
+        ["tunnel-grace", None, 10.0,
+         "Seconds an association whose tunnel closed waits for its Media "
+         "Distributor to come back before it is released.", _positive_float],
+    ]
+
+    optFlags = [
+        ["allow-missing-tls-id", None,
+         "Match an endpoint whose ClientHello has no extension 56 by its "
+         "certificate fingerprint alone (for ordinary DTLS-SRTP clients). Weakens "
+         "the identity check; logged as a warning at start."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["allow-md"] = []
+        self["connect"] = []
+
+    def opt_allow_md(self, name):
+        """
+        Media Distributor identity (certificate subjectAltName DNS name)
+        allowed to open tunnels; repeatable. Default: any certificate issued
+        by --ca.
+        """
+        self["allow-md"].append(name)
+
+    def opt_connect(self, description):
+        """
+        Twisted client endpoint description of a Media Distributor's tunnel
+        listener to dial (e.g. tcp:md.example:4750); repeatable. Kept up with
+        backoff.
+        """
+        self["connect"].append(description)
+
+    def postOptions(self):
+        try:
+            self["profiles"] = profiles.parse_profile_list(self["profiles"])
+        except profiles.ProfileError as error:
+            raise usage.UsageError("--profiles: {}".format(error))
+        if self["tunnel-listen"] == "none" and not self["connect"]:
+            raise usage.UsageError("nothing to do: --tunnel-listen none and no --connect")
 
 
 def makeService(config):
-    # The Key Distributor service is not built yet; refuse with one line
-    # rather than start something that would silently do nothing.
-    raise SystemExit("perc-kd: the Key Distributor service is not implemented yet")
+    from perc.kd.service import KeyDistributorService
+
+    try:
+        return KeyDistributorService.fromOptions(config)
+    except ConfigError as error:
+        # One line a user can act on, not a traceback.
+        raise SystemExit("perc-kd: {}".format(error))

@@ -6,7 +6,6 @@ from twisted.python import usage
 
 
 class Options(usage.Options):
-    synopsis = "[options]"
     longdesc = (
         "Run a PERC Media Distributor: one UDP port for endpoints, DTLS relayed "
         "to Key Distributors through TLS tunnels, SRTP forwarded hop-by-hop."

@@ -1,0 +1,376 @@
+"""
+The Key Distributor's HTTP/JSON control API, through which signalling
+registers endpoints in conferences.
+
+Every request carries ``Authorization: Bearer <token>`` (see
+:mod:`perc.apitoken`).  Routes (path segments are percent-decoded, so a tls-id
+containing ``/`` is sent as ``%2F``):
+
+``PUT /v1/conferences/{conference}/endpoints/{tls_id}``
+    Body ``{"fingerprint": "sha-256 AB:CD:..."}`` (a JSON object with exactly
+    that member; any content type).  201 when created, 200 when replaced;
+    the body is the registration:
+    ``{"conference", "tls_id", "fingerprint", "kd_tls_id"}``.
+``GET /v1/conferences/{conference}/endpoints/{tls_id}``
+    200 with the registration, 404 if that tls-id is not in that conference.
+``DELETE /v1/conferences/{conference}/endpoints/{tls_id}``
+    204, or 404.
+``GET /v1/conferences/{conference}/endpoints``
+    200 with ``{"conference": ..., "endpoints": [registration, ...]}``
+    ordered by tls-id; an empty list for a conference nobody registered in.
+
+Errors have a JSON body ``{"error": "<one line>"}``:
+
+- 400: malformed conference, tls-id or fingerprint, unknown hash function,
+  body not UTF-8 JSON, not an object, missing or extra members;
+- 401 (with ``WWW-Authenticate: Bearer``): token missing or wrong — checked
+  before anything else, so unauthenticated clients learn nothing about paths;
+- 404: unknown path or registration;  405 (with ``Allow``): wrong method;
+- 409: the tls-id is already registered in another conference;
+- 413: body larger than :data:`MAX_BODY` octets (not even buffered);
+- 507: the roster holds its maximum number of registrations (the store is
+  full; retrying will not help until something is deleted);
+- 500: the database failed.
+
+Nothing is stored in any error case.
+"""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+from urllib.parse import quote
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import http, resource, server
+
+from perc.apitoken import bearer_token_matches
+from perc.kd.roster import (
+    InvalidRegistration,
+    RegistrationConflict,
+    RosterFull,
+    StorageError,
+    validate_conference,
+    validate_tls_id,
+)
+
+__all__ = ["MAX_BODY", "ControlAPI", "APIRequest", "make_api_site"]
+
+log = Logger()
+
+#: Largest request body accepted, in octets.
+MAX_BODY = 64 * 1024
+
+#: Status for a full roster (RFC 4918 "Insufficient Storage").
+INSUFFICIENT_STORAGE = http.INSUFFICIENT_STORAGE_SPACE
+
+_JSON = b"application/json"
+
+
+class APIRequest(server.Request):
+    """
+    A request whose body is kept in memory up to :attr:`maxBody` octets;
+    anything beyond is discarded as it arrives and the request is marked
+    :attr:`bodyTooLarge`, so an oversized body costs neither memory nor disk.
+    """
+
+    maxBody = MAX_BODY
+    bodyTooLarge = False
+
+    def gotLength(self, length):
+        if length is not None and length > self.maxBody:
+            self.bodyTooLarge = True
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data):
+        if self.bodyTooLarge:
+            return
+        if self.content.tell() + len(data) > self.maxBody:
+            self.bodyTooLarge = True
+            self.content = BytesIO()
+            return
+        self.content.write(data)
+
+
+def _reject_duplicates(pairs):
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError("duplicate member {!r}".format(key))
+        result[key] = value
+    return result
+
+
+def _parse_put_body(data: bytes) -> str:
+    """The fingerprint member of a PUT body; raises InvalidRegistration."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRegistration("request body is not UTF-8") from None
+    try:
+        body = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except ValueError as error:
+        raise InvalidRegistration(
+            "request body is not valid JSON: {}".format(str(error).splitlines()[0])
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRegistration('request body must be a JSON object {"fingerprint": "..."}')
+    extra = sorted(set(body) - {"fingerprint"})
+    if extra:
+        raise InvalidRegistration(
+            "unexpected member{} in request body: {}".format(
+                "s" if len(extra) > 1 else "", ", ".join(extra)
+            )
+        )
+    if "fingerprint" not in body:
+        raise InvalidRegistration('request body lacks the "fingerprint" member')
+    if not isinstance(body["fingerprint"], str):
+        raise InvalidRegistration('"fingerprint" must be a string')
+    return body["fingerprint"]
+
+
+def _endpoint_path(conference: str, tls_id: str) -> bytes:
+    return "/v1/conferences/{}/endpoints/{}".format(
+        quote(conference, safe=""), quote(tls_id, safe="")
+    ).encode("ascii")
+
+
+def _peer(request) -> str:
+    address = request.getClientAddress()
+    host = getattr(address, "host", None)
+    return "{}:{}".format(host, getattr(address, "port", "")) if host else str(address)
+
+
+class ControlAPI(resource.Resource):
+    """
+    The whole API as one leaf resource that routes on the decoded path
+    segments.  Changes go to ``roster``; requests must present ``token``.
+    """
+
+    isLeaf = True
+
+    def __init__(self, roster, token: str):
+        super().__init__()
+        self._roster = roster
+        self._token = token
+
+    # -- responses -------------------------------------------------------
+
+    @staticmethod
+    def _json(request, code: int, body) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", _JSON)
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body, sort_keys=True).encode("utf-8") + b"\n"
+
+    def _error(self, request, code: int, message: str) -> bytes:
+        return self._json(request, code, {"error": message})
+
+    def _not_allowed(self, request, allowed: bytes) -> bytes:
+        request.setHeader(b"allow", allowed)
+        return self._error(
+            request,
+            http.NOT_ALLOWED,
+            "method {} not allowed here; allowed: {}".format(
+                request.method.decode("ascii", "replace"), allowed.decode("ascii")
+            ),
+        )
+
+    # -- dispatch --------------------------------------------------------
+
+    def render(self, request):
+        if not bearer_token_matches(
+            request.requestHeaders.getRawHeaders(b"authorization"), self._token
+        ):
+            presented = request.requestHeaders.hasHeader(b"authorization")
+            log.warn(
+                "control API request refused: {problem} from {peer}",
+                problem="wrong token" if presented else "no token",
+                peer=_peer(request),
+            )
+            challenge = b'Bearer realm="perc"'
+            if presented:
+                challenge += b', error="invalid_token"'
+            request.setHeader(b"www-authenticate", challenge)
+            return self._error(
+                request, http.UNAUTHORIZED, "a valid bearer token is required"
+            )
+
+        try:
+            segments = [s.decode("utf-8") for s in request.postpath]
+        except UnicodeDecodeError:
+            return self._error(request, http.BAD_REQUEST, "path is not UTF-8")
+
+        if (
+            len(segments) in (4, 5)
+            and segments[0] == "v1"
+            and segments[1] == "conferences"
+            and segments[3] == "endpoints"
+            and segments[-1] != ""
+        ):
+            method = request.method
+            if len(segments) == 4:
+                if method != b"GET":
+                    return self._not_allowed(request, b"GET")
+            elif method not in (b"GET", b"PUT", b"DELETE"):
+                return self._not_allowed(request, b"GET, PUT, DELETE")
+            try:
+                conference = validate_conference(segments[2])
+                tls_id = validate_tls_id(segments[4]) if len(segments) == 5 else None
+            except InvalidRegistration as error:
+                return self._error(request, http.BAD_REQUEST, str(error))
+            if tls_id is None:
+                return self._list(request, conference)
+            if method == b"PUT":
+                return self._put(request, conference, tls_id)
+            if method == b"DELETE":
+                return self._delete(request, conference, tls_id)
+            return self._get(request, conference, tls_id)
+
+        return self._error(request, http.NOT_FOUND, "no such resource")
+
+    # -- routes ----------------------------------------------------------
+
+    def _list(self, request, conference: str) -> bytes:
+        return self._json(
+            request,
+            http.OK,
+            {
+                "conference": conference,
+                "endpoints": [r.to_json() for r in self._roster.list(conference)],
+            },
+        )
+
+    def _get(self, request, conference: str, tls_id: str) -> bytes:
+        registration = self._roster.get(conference, tls_id)
+        if registration is None:
+            return self._error(
+                request,
+                http.NOT_FOUND,
+                "tls-id {} is not registered in conference {}".format(tls_id, conference),
+            )
+        return self._json(request, http.OK, registration.to_json())
+
+    def _put(self, request, conference: str, tls_id: str):
+        if request.bodyTooLarge:
+            return self._error(
+                request,
+                http.REQUEST_ENTITY_TOO_LARGE,
+                "request body larger than {} octets".format(MAX_BODY),
+            )
+        try:
+            fingerprint = _parse_put_body(request.content.getvalue())
+        except InvalidRegistration as error:
+            return self._error(request, http.BAD_REQUEST, str(error))
+
+        def stored(result):
+            registration, created = result
+            log.info(
+                "registration {action}: conference={conference} tls_id={tls_id} "
+                "fingerprint={fingerprint}",
+                action="created" if created else "replaced",
+                conference=conference,
+                tls_id=tls_id,
+                fingerprint=registration.fingerprint,
+                kd_tls_id=registration.kd_tls_id,
+                peer=_peer(request),
+            )
+            if created:
+                request.setHeader(b"location", _endpoint_path(conference, tls_id))
+            return self._json(
+                request, http.CREATED if created else http.OK, registration.to_json()
+            )
+
+        return self._respond_later(
+            request, self._roster.put(conference, tls_id, fingerprint), stored,
+            conference, tls_id,
+        )
+
+    def _delete(self, request, conference: str, tls_id: str):
+        def deleted(found):
+            if not found:
+                return self._error(
+                    request,
+                    http.NOT_FOUND,
+                    "tls-id {} is not registered in conference {}".format(
+                        tls_id, conference
+                    ),
+                )
+            log.info(
+                "registration {action}: conference={conference} tls_id={tls_id}",
+                action="deleted",
+                conference=conference,
+                tls_id=tls_id,
+                peer=_peer(request),
+            )
+            request.setResponseCode(http.NO_CONTENT)
+            return b""
+
+        return self._respond_later(
+            request, self._roster.delete(conference, tls_id), deleted,
+            conference, tls_id,
+        )
+
+    def _respond_later(self, request, d: defer.Deferred, on_success, conference, tls_id):
+        """
+        Finish ``request`` when the roster's Deferred ``d`` fires.  The change
+        goes on even if the client disconnects meanwhile; its answer is then
+        dropped.
+        """
+        gone = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def failed(failure):
+            if failure.check(InvalidRegistration):
+                return self._error(request, http.BAD_REQUEST, str(failure.value))
+            if failure.check(RegistrationConflict):
+                return self._error(request, http.CONFLICT, str(failure.value))
+            if failure.check(RosterFull):
+                return self._error(request, INSUFFICIENT_STORAGE, str(failure.value))
+            if failure.check(StorageError):
+                # The roster has logged the database's failure already.
+                log.error(
+                    "registration change failed: conference={conference} "
+                    "tls_id={tls_id}: {error}",
+                    conference=conference,
+                    tls_id=tls_id,
+                    error=str(failure.value),
+                )
+            else:
+                log.failure(
+                    "registration change failed: conference={conference} tls_id={tls_id}",
+                    failure=failure,
+                    conference=conference,
+                    tls_id=tls_id,
+                )
+            return self._error(
+                request,
+                http.INTERNAL_SERVER_ERROR,
+                "the Key Distributor could not store the change",
+            )
+
+        def finish(body):
+            if gone:
+                return
+            if body:
+                request.write(body)
+            request.finish()
+
+        d.addCallbacks(on_success, failed)
+        d.addCallback(finish)
+        d.addErrback(lambda failure: log.failure("control API response failed", failure=failure))
+        return server.NOT_DONE_YET
+
+
+def make_api_site(roster, token: str) -> server.Site:
+    """A ``Site`` serving the control API for ``roster``, guarded by ``token``."""
+    site = server.Site(
+        ControlAPI(roster, token),
+        requestFactory=APIRequest,
+        parsePOSTFormSubmission=False,
+        timeout=60,
+    )
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

@@ -1,0 +1,344 @@
+"""
+The Key Distributor's association table (RFC 9185 sections 5.4, 5.5).
+
+:class:`KeyDistributor` owns every endpoint association, whichever tunnel
+its messages arrive on.  It drives the sans-I/O DTLS engine
+(:mod:`perc.dtls`), decides identities against the registration roster,
+sends MediaKeys before the server's final flight, and keeps every table
+bounded.  Time comes from an injected ``IReactorTime``.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from dataclasses import dataclass, field
+
+from twisted.logger import Logger
+
+from perc import dtls, wire
+from perc.profiles import Profile
+
+__all__ = ["KeyDistributor", "Limits"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what tunnels and endpoints can make the Key Distributor hold."""
+
+    max_associations: int = 10000
+    max_associations_per_tunnel: int = 5000
+    handshake_timeout: float = 30.0
+    tunnel_grace: float = 10.0
+    first_message_timeout: float = 10.0
+
+
+@dataclass(eq=False)
+class _Association:
+    id: uuid.UUID
+    engine: dtls.ServerAssociation
+    origin: object  # the tunnel whose SupportedProfiles bounded the profiles
+    tunnel: object | None  # where the latest message came from; None while orphaned
+    profiles: tuple
+    registration: object | None = None
+    established: bool = False
+    timer: object | None = None
+    grace_timer: object | None = None
+    counted_on: object | None = field(default=None)
+
+
+class KeyDistributor:
+    """
+    Terminates endpoints' DTLS associations that arrive through tunnels.
+
+    ``roster`` answers "who is this tls-id" synchronously; ``credentials``
+    (a :class:`perc.dtls.Credentials`) is the certificate endpoints see.
+    """
+
+    log = Logger()
+
+    def __init__(self, *, roster, credentials: dtls.Credentials, profiles: tuple,
+                 clock, limits: Limits = Limits(), allow_missing_tls_id: bool = False):
+        self.roster = roster
+        self.credentials = credentials
+        self.profiles = tuple(profiles)
+        self.clock = clock
+        self.limits = limits
+        self.allow_missing_tls_id = allow_missing_tls_id
+        self.first_message_timeout = limits.first_message_timeout
+        self.tunnels: set = set()
+        self._associations: dict[uuid.UUID, _Association] = {}
+        self._listener = dtls.ServerListener(
+            credentials, self.profiles, handshake_timeout=limits.handshake_timeout)
+        #: Counters by reason, for status and tests.
+        self.counters: dict[str, int] = {}
+        roster.add_removal_observer(self._registrationRemoved)
+
+    # -- queries --------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._associations)
+
+    def association(self, association_id: uuid.UUID):
+        """The live association record with this id, or None (for tests and status)."""
+        return self._associations.get(association_id)
+
+    def profilesFor(self, tunnel) -> tuple[Profile, ...]:
+        """This Key Distributor's profiles that the tunnel's Media Distributor supports."""
+        offered = set(tunnel.media_distributor_profiles or ())
+        return tuple(p for p in self.profiles if p.id in offered)
+
+    def _count(self, reason: str) -> None:
+        self.counters[reason] = self.counters.get(reason, 0) + 1
+
+    # -- tunnel events --------------------------------------------------
+
+    def tunnelUp(self, tunnel) -> None:
+        self.tunnels.add(tunnel)
+
+    def tunnelLost(self, tunnel) -> None:
+        """
+        The tunnel's associations wait ``tunnel_grace`` seconds for a message
+        through another tunnel (the Media Distributor reconnecting), then are
+        released.  No EndpointDisconnect is owed to a tunnel that is gone.
+        """
+        self.tunnels.discard(tunnel)
+        for association in list(self._associations.values()):
+            if association.tunnel is tunnel:
+                association.tunnel = None
+                association.grace_timer = self.clock.callLater(
+                    self.limits.tunnel_grace, self._graceExpired, association)
+
+    def _graceExpired(self, association: _Association) -> None:
+        association.grace_timer = None
+        if association.tunnel is None and self._associations.get(association.id) is association:
+            self.log.info(
+                "Association {association_id} released: its tunnel did not come back "
+                "within {grace} seconds", association_id=association.id,
+                grace=self.limits.tunnel_grace)
+            association.engine.close(self.clock.seconds(), "tunnel lost")
+            self._forget(association)
+
+    def endpointDisconnectReceived(self, tunnel, association_id: uuid.UUID) -> None:
+        association = self._associations.get(association_id)
+        if association is None:
+            self._count("disconnect-unknown-association")
+            return
+        if not self._sameMediaDistributor(association, tunnel):
+            self._foreign(tunnel, association_id)
+            return
+        self.log.info(
+            "Association {association_id} ended by the Media Distributor {peer}",
+            association_id=association_id, peer=tunnel.peerDescription(),
+            conference=self._conference(association))
+        # The Media Distributor asked: end silently (no EndpointDisconnect back).
+        association.engine.close(self.clock.seconds(), "EndpointDisconnect")
+        self._forget(association)
+
+    def tunneledDtlsReceived(self, tunnel, association_id: uuid.UUID, data: bytes) -> None:
+        now = self.clock.seconds()
+        association = self._associations.get(association_id)
+        if association is not None:
+            if not self._sameMediaDistributor(association, tunnel):
+                self._foreign(tunnel, association_id)
+                return
+            self._attach(association, tunnel)
+            self._process(association, association.engine.receive(data, now))
+            return
+        self._newAssociation(tunnel, association_id, data, now)
+
+    def _sameMediaDistributor(self, association: _Association, tunnel) -> bool:
+        """
+        Any tunnel of the Media Distributor that started an association may
+        carry it (RFC 9185 lets it switch tunnels); another Media
+        Distributor may not touch it.
+        """
+        origin = association.origin
+        return tunnel is origin or (origin.identity is not None
+                                    and tunnel.identity == origin.identity)
+
+    def _foreign(self, tunnel, association_id: uuid.UUID) -> None:
+        self._count("foreign-association")
+        self.log.warn(
+            "Ignoring a message for association {association_id} from {peer}, which did "
+            "not start it", association_id=association_id, peer=tunnel.peerDescription())
+
+    # -- association life -----------------------------------------------
+
+    def _attach(self, association: _Association, tunnel) -> None:
+        if association.tunnel is not tunnel:
+            association.tunnel = tunnel
+            if association.grace_timer is not None:
+                association.grace_timer.cancel()
+                association.grace_timer = None
+
+    def _newAssociation(self, tunnel, association_id: uuid.UUID, data: bytes, now: float) -> None:
+        if len(self._associations) >= self.limits.max_associations:
+            self._refuseNew(tunnel, association_id, "total association limit reached")
+            return
+        if len(tunnel.associations) >= self.limits.max_associations_per_tunnel:
+            self._refuseNew(tunnel, association_id, "per-tunnel association limit reached")
+            return
+        profiles = self.profilesFor(tunnel)
+        if not profiles:
+            self._refuseNew(tunnel, association_id, "no SRTP profile in common with the tunnel")
+            return
+        # The hook finds the association by id: holding the record itself
+        # would make a reference cycle through the engine.
+        replies, engine = self._listener.listen(
+            association_id.bytes, data, now, profiles=profiles,
+            identity_hook=functools.partial(self._decide, association_id))
+        for datagram in replies:
+            # HelloVerifyRequest: no state is kept until the cookie returns.
+            tunnel.sendMessage(wire.TunneledDtls(association_id, datagram))
+        if engine is None:
+            if not replies:
+                self._count("dtls-not-client-hello")
+            return
+        association = _Association(association_id, engine, tunnel, tunnel, profiles)
+        self._associations[association_id] = association
+        tunnel.associations.add(association_id)
+        association.counted_on = tunnel
+        self._process(association, engine.start(now))
+
+    def _refuseNew(self, tunnel, association_id: uuid.UUID, reason: str) -> None:
+        self._count(reason)
+        self.log.warn(
+            "Refusing new association {association_id} from {peer}: {reason}",
+            association_id=association_id, peer=tunnel.peerDescription(), reason=reason)
+        tunnel.sendMessage(wire.EndpointDisconnect(association_id))
+
+    def _decide(self, association_id: uuid.UUID, query: dtls.IdentityQuery):
+        """
+        The identity check of RFC 9185 section 5.4: the tls-id from extension
+        56 must be registered, and the certificate must have the registered
+        fingerprint.  Runs synchronously inside OpenSSL's callbacks.
+        """
+        association = self._associations.get(association_id)
+        if association is None:
+            return dtls.Reject("association no longer exists")
+        if query.stage == dtls.STAGE_HELLO:
+            if query.peer_tls_id is None:
+                if self.allow_missing_tls_id:
+                    return dtls.Accept()
+                return dtls.Reject("no tls-id (extension 56) in the ClientHello")
+            try:
+                tls_id = query.peer_tls_id.decode("ascii")
+            except UnicodeDecodeError:
+                return dtls.Reject("tls-id is not ASCII")
+            registration = self.roster.lookup(tls_id)
+            if registration is None:
+                return dtls.Reject("tls-id {} is not registered".format(tls_id))
+            association.registration = registration
+            return dtls.Accept(tls_id=registration.kd_tls_id.encode("ascii"))
+        # Certificate stage.
+        certificate = query.peer_certificate
+        registration = association.registration
+        if registration is None:
+            matches = self.roster.lookup_by_certificate(certificate)
+            if len(matches) != 1:
+                return dtls.Reject(
+                    "no tls-id, and the certificate fingerprint matches {} registrations".format(
+                        len(matches)))
+            association.registration = matches[0]
+            return dtls.Accept()
+        if not registration.matches_certificate(certificate):
+            return dtls.Reject("certificate fingerprint {} is not the one registered for "
+                               "tls-id {}".format(query.peer_fingerprint, registration.tls_id))
+        return dtls.Accept()
+
+    def _process(self, association: _Association, output: dtls.Output) -> None:
+        """
+        Act on one engine output.  MediaKeys goes out before the datagrams
+        of the same output, which carry the server's final flight; a Closed
+        event's EndpointDisconnect goes after them (they may hold an alert).
+        """
+        closed = None
+        for event in output.events:
+            if isinstance(event, dtls.HandshakeComplete):
+                self._handshakeComplete(association, event)
+            elif isinstance(event, dtls.Closed):
+                closed = event
+            elif isinstance(event, dtls.ApplicationData):
+                self._count("endpoint-application-data")
+        tunnel = association.tunnel
+        if tunnel is not None:
+            for datagram in output.datagrams:
+                tunnel.sendMessage(wire.TunneledDtls(association.id, datagram))
+        if closed is not None:
+            self._closed(association, closed)
+            return
+        self._schedule(association)
+
+    def _handshakeComplete(self, association: _Association, event: dtls.HandshakeComplete) -> None:
+        association.established = True
+        registration = association.registration
+        profile = event.profile
+        hbh = profile.hbh_keys(event.keys)
+        if association.tunnel is not None:
+            association.tunnel.sendMessage(wire.MediaKeys(
+                association.id, profile.id, b"", hbh.client_key, hbh.server_key,
+                hbh.client_salt, hbh.server_salt))
+        self.log.info(
+            "Association {association_id} accepted: tls-id {tls_id} in conference "
+            "{conference}, profile {profile}; hop-by-hop keys sent to {peer}",
+            association_id=association.id, tls_id=registration.tls_id,
+            conference=registration.conference, profile=profile.name,
+            peer=association.tunnel.peerDescription() if association.tunnel else "(no tunnel)")
+
+    def _closed(self, association: _Association, event: dtls.Closed) -> None:
+        self._count("rejected" if event.rejected else "closed")
+        log = self.log.warn if event.rejected else self.log.info
+        log("Association {association_id} ended ({conference}): {reason}",
+            association_id=association.id, conference=self._conference(association),
+            reason=event.reason, rejected=event.rejected)
+        if association.tunnel is not None:
+            association.tunnel.sendMessage(wire.EndpointDisconnect(association.id))
+        self._forget(association)
+
+    def _schedule(self, association: _Association) -> None:
+        if association.timer is not None and association.timer.active():
+            association.timer.cancel()
+        association.timer = None
+        due = association.engine.next_timeout(self.clock.seconds())
+        if due is not None:
+            delay = max(0.0, due - self.clock.seconds())
+            association.timer = self.clock.callLater(delay, self._timerFired, association)
+
+    def _timerFired(self, association: _Association) -> None:
+        association.timer = None
+        if self._associations.get(association.id) is association:
+            self._process(association, association.engine.handle_timeout(self.clock.seconds()))
+
+    def _forget(self, association: _Association) -> None:
+        for name in ("timer", "grace_timer"):
+            timer = getattr(association, name)
+            if timer is not None and timer.active():
+                timer.cancel()
+            setattr(association, name, None)
+        if self._associations.get(association.id) is association:
+            del self._associations[association.id]
+        if association.counted_on is not None:
+            association.counted_on.associations.discard(association.id)
+
+    def _conference(self, association: _Association) -> str:
+        registration = association.registration
+        return registration.conference if registration is not None else "(unidentified)"
+
+    # -- registration changes -------------------------------------------
+
+    def _registrationRemoved(self, registration, reason: str) -> None:
+        """A deleted (or re-keyed) registration ends its live associations."""
+        now = self.clock.seconds()
+        for association in list(self._associations.values()):
+            current = association.registration
+            if current is not None and current.tls_id == registration.tls_id:
+                output = association.engine.close(now, "registration " + reason)
+                self._process(association, output)
+                if self._associations.get(association.id) is association:
+                    self._closed(association, dtls.Closed("registration " + reason))
+
+    def stop(self) -> None:
+        """Forget everything (service shutdown); cancels every timer."""
+        for association in list(self._associations.values()):
+            self._forget(association)

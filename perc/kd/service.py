@@ -1,0 +1,156 @@
+"""
+The Key Distributor service: tunnel listener and/or outgoing tunnels, the
+registration store, and the control API.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from perc import dtls
+from perc.apitoken import load_or_create_token
+from perc.errors import ConfigError
+from perc.kd.api import make_api_site
+from perc.kd.associations import KeyDistributor, Limits
+from perc.kd.roster import Roster
+from perc.kd.tunnel import KeyDistributorTunnelFactory
+from perc.netutil import GatedFactory, server_endpoint, tls_client_endpoint, tls_server_factory
+from perc.tls import Authoriser, TlsCredentials
+
+__all__ = ["KeyDistributorService"]
+
+
+class KeyDistributorService(service.MultiService):
+    """
+    Binds its ports in ``privilegedStartService`` (so a port in use is one
+    clear error before the reactor runs), then opens the roster and lets
+    connections in once it has loaded.
+    """
+
+    log = Logger()
+
+    def __init__(self, *, reactor, credentials: TlsCredentials, profiles, db_path: str,
+                 tunnel_listen: str | None, connect: list, api: str | None,
+                 api_token: str | None, allow_md: list, limits: Limits,
+                 allow_missing_tls_id: bool):
+        super().__init__()
+        self.reactor = reactor
+        self.credentials = credentials
+        self.profiles = tuple(profiles)
+        self.db_path = db_path
+        self.limits = limits
+        self.allow_missing_tls_id = allow_missing_tls_id
+        self.authorise = Authoriser(allow_md or None)
+        self.distributor: KeyDistributor | None = None
+        self.roster: Roster | None = None
+        self.ready = defer.Deferred()
+        self._tunnelGate = GatedFactory()
+        self._apiGate = GatedFactory()
+        self._api_token = api_token
+        self._ports = []
+        self._listen = []
+        if tunnel_listen:
+            self._listen.append(("--tunnel-listen", tunnel_listen,
+                                 server_endpoint(reactor, tunnel_listen, "--tunnel-listen"),
+                                 self._tunnelGate))
+        if api:
+            self._listen.append(("--api", api, server_endpoint(reactor, api, "--api"),
+                                 self._apiGate))
+        self._connect = [tls_client_endpoint(reactor, description, credentials, "--connect")
+                         for description in connect]
+
+    @classmethod
+    def fromOptions(cls, config, reactor=None):
+        """Build from ``perc.kd.tap.Options``; raises ConfigError for what a user must fix."""
+        if reactor is None:
+            from twisted.internet import reactor
+        credentials = TlsCredentials.from_options(
+            "kd", cert=config["cert"], key=config["key"], ca=config["ca"], pki_dir=config["pki"])
+        db_path = config["db"]
+        directory = os.path.dirname(os.path.abspath(db_path))
+        if not os.path.isdir(directory):
+            raise ConfigError("--db {}: directory {} does not exist".format(db_path, directory))
+        api = None if config["api"] == "none" else config["api"]
+        token = load_or_create_token(config["api-token-file"]) if api else None
+        limits = Limits(
+            max_associations=config["max-associations"],
+            max_associations_per_tunnel=config["max-associations-per-tunnel"],
+            handshake_timeout=config["handshake-timeout"],
+            tunnel_grace=config["tunnel-grace"],
+        )
+        return cls(
+            reactor=reactor, credentials=credentials, profiles=config["profiles"],
+            db_path=db_path,
+            tunnel_listen=None if config["tunnel-listen"] == "none" else config["tunnel-listen"],
+            connect=config["connect"], api=api, api_token=token, allow_md=config["allow-md"],
+            limits=limits, allow_missing_tls_id=config["allow-missing-tls-id"])
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        for option, description, endpoint, gate in self._listen:
+            factory = tls_server_factory(self.credentials, gate) if gate is self._tunnelGate else gate
+            result = []
+            endpoint.listen(factory).addBoth(result.append)
+            if not result:
+                continue  # not synchronous (an unusual endpoint type): let it finish later
+            if isinstance(result[0], Exception) or hasattr(result[0], "getErrorMessage"):
+                message = result[0].getErrorMessage() if hasattr(result[0], "getErrorMessage") \
+                    else str(result[0])
+                raise SystemExit("perc-kd: cannot listen on {} {}: {}".format(
+                    option, description, message))
+            self._ports.append(result[0])
+            self.log.info("Listening for {what} on {address}", what=option.lstrip("-"),
+                          address=result[0].getHost())
+
+    def startService(self):
+        super().startService()
+        if self.allow_missing_tls_id:
+            self.log.warn(
+                "--allow-missing-tls-id is on: endpoints without extension 56 are matched "
+                "by certificate fingerprint alone")
+        d = Roster.open(self.db_path)
+        d.addCallback(self._rosterOpened)
+        d.addErrback(self._startFailed)
+
+    def _rosterOpened(self, roster):
+        self.roster = roster
+        dtls_credentials = dtls.Credentials(self.credentials.certificate,
+                                            self.credentials.private_key)
+        self.distributor = KeyDistributor(
+            roster=roster, credentials=dtls_credentials, profiles=self.profiles,
+            clock=self.reactor, limits=self.limits,
+            allow_missing_tls_id=self.allow_missing_tls_id)
+        factory = KeyDistributorTunnelFactory(self.distributor, self.authorise)
+        self._tunnelGate.open(factory)
+        if self._api_token is not None:
+            self._apiGate.open(make_api_site(roster, self._api_token))
+        for endpoint in self._connect:
+            client = internet.ClientService(endpoint, factory, clock=self.reactor)
+            client.setServiceParent(self)
+        self.log.info(
+            "Key Distributor ready: {registrations} registrations, profiles {profiles}, "
+            "DTLS certificate {fingerprint}",
+            registrations=len(roster), profiles=",".join(p.name for p in self.profiles),
+            fingerprint=dtls_credentials.fingerprint)
+        self.ready.callback(self)
+
+    def _startFailed(self, failure):
+        self.log.failure("Key Distributor could not start", failure)
+        self.ready.errback(failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        for port in self._ports:
+            yield port.stopListening()
+        self._ports = []
+        if self.distributor is not None:
+            self.distributor.stop()
+        if self.roster is not None:
+            yield self.roster.close()

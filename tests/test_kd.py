@@ -1,0 +1,321 @@
+"""
+Key Distributor protocol rules, driven with StringTransport and
+MemoryReactorClock, with real DTLS handshakes from a client-role engine.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import TestCase
+
+from perc import dtls, wire
+from perc.kd.associations import KeyDistributor, Limits
+from perc.kd.roster import Roster
+from perc.profiles import DEFAULT_PROFILES, by_id
+
+from tests.kdhelpers import MediaDistributorStandIn, relay_handshake
+
+CONFERENCE = "conf-1"
+TLS_ID = "EndpointTlsId-0123456789"
+
+_KD_CREDENTIALS = dtls.Credentials.self_signed("kd.test")
+_ENDPOINT = dtls.Credentials.self_signed("endpoint")
+_STRANGER = dtls.Credentials.self_signed("stranger")
+
+
+class KeyDistributorTestCase(TestCase):
+    limits = Limits()
+    allow_missing_tls_id = False
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.roster = yield Roster.open(os.path.join(directory, "kd.sqlite3"))
+        self.addCleanup(self.roster.close)
+        self.registration, _ = yield self.roster.put(CONFERENCE, TLS_ID, _ENDPOINT.fingerprint)
+        self.clock = MemoryReactorClock()
+        self.kd = KeyDistributor(
+            roster=self.roster, credentials=_KD_CREDENTIALS, profiles=DEFAULT_PROFILES,
+            clock=self.clock, limits=self.limits,
+            allow_missing_tls_id=self.allow_missing_tls_id)
+        self.addCleanup(self.kd.stop)
+
+    def client(self, credentials=_ENDPOINT, tls_id=TLS_ID, expected=None, profiles=DEFAULT_PROFILES):
+        return dtls.ClientAssociation(
+            credentials, profiles, tls_id=None if tls_id is None else tls_id.encode(),
+            # A client that sends no tls-id gets none back, so expects none.
+            expected_peer_tls_id=None if tls_id is None else
+            (expected or self.registration.kd_tls_id).encode(),
+            expected_peer_fingerprint=_KD_CREDENTIALS.fingerprint)
+
+
+class TunnelRuleTests(KeyDistributorTestCase):
+    def test_unsupported_version(self):
+        md = MediaDistributorStandIn(self.kd, hello=False)
+        md.send(wire.SupportedProfiles(1, (9,)))
+        self.assertEqual(md.received(), [wire.UnsupportedVersion(0)])
+        self.assertTrue(md.transport.disconnecting)
+        self.assertNotIn(md.tunnel, self.kd.tunnels)
+
+    def test_first_message_must_be_supported_profiles(self):
+        md = MediaDistributorStandIn(self.kd, hello=False)
+        md.send(wire.TunneledDtls(uuid.uuid4(), b"\x16"))
+        self.assertEqual(md.received(), [])
+        self.assertTrue(md.transport.disconnecting)
+        self.assertEqual(len(self.kd), 0)
+
+    def test_first_message_timeout(self):
+        md = MediaDistributorStandIn(self.kd, hello=False)
+        self.clock.advance(self.limits.first_message_timeout - 0.1)
+        self.assertFalse(md.transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(md.transport.disconnecting)
+
+    def test_no_timeout_after_supported_profiles(self):
+        md = MediaDistributorStandIn(self.kd)
+        self.clock.advance(self.limits.first_message_timeout * 3)
+        self.assertFalse(md.transport.disconnecting)
+        self.assertIn(md.tunnel, self.kd.tunnels)
+
+    def test_repeated_supported_profiles(self):
+        md = MediaDistributorStandIn(self.kd)
+        md.send(wire.SupportedProfiles(0, (9, 10)))
+        self.assertFalse(md.transport.disconnecting)
+        md.send(wire.SupportedProfiles(0, (9,)))
+        self.assertTrue(md.transport.disconnecting)
+
+    def test_media_keys_from_media_distributor(self):
+        md = MediaDistributorStandIn(self.kd)
+        md.send(wire.MediaKeys(uuid.uuid4(), 9, b"", b"k", b"k", b"s", b"s"))
+        self.assertTrue(md.transport.disconnecting)
+
+    def test_decoding_error_closes_only_that_tunnel(self):
+        good = MediaDistributorStandIn(self.kd)
+        bad = MediaDistributorStandIn(self.kd)
+        bad.tunnel.dataReceived(b"\x05\x00\x01\x00")
+        self.assertTrue(bad.transport.disconnecting)
+        self.assertFalse(good.transport.disconnecting)
+
+    def test_unknown_endpoint_disconnect_counted(self):
+        md = MediaDistributorStandIn(self.kd)
+        md.send(wire.EndpointDisconnect(uuid.uuid4()))
+        self.assertEqual(md.received(), [])
+        self.assertFalse(md.transport.disconnecting)
+        self.assertEqual(self.kd.counters["disconnect-unknown-association"], 1)
+
+
+class HandshakeTests(KeyDistributorTestCase):
+    def test_keys_delivered_before_final_flight(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        client = self.client()
+        events = relay_handshake(md, client, aid, self.clock)
+        [done] = [e for e in events if isinstance(e, dtls.HandshakeComplete)]
+        self.assertEqual(done.peer_tls_id, self.registration.kd_tls_id.encode())
+        self.assertEqual(done.peer_fingerprint, _KD_CREDENTIALS.fingerprint)
+        # The first message is the HelloVerifyRequest (no state kept).
+        self.assertIsInstance(md.log[0], wire.TunneledDtls)
+        [keys_index] = [i for i, m in enumerate(md.log) if isinstance(m, wire.MediaKeys)]
+        keys = md.log[keys_index]
+        # MediaKeys comes right before the server's last flight, which is the
+        # final message toward the endpoint.
+        self.assertEqual(keys_index, len(md.log) - 2)
+        self.assertIsInstance(md.log[-1], wire.TunneledDtls)
+        self.assertEqual(md.log[-1].dtls_message[0], 20)  # ChangeCipherSpec first
+        profile = done.profile
+        self.assertEqual(profile, by_id(0x0009))
+        hbh = profile.hbh_keys(done.keys)
+        self.assertEqual(keys.association_id, aid)
+        self.assertEqual(keys.profile, 0x0009)
+        self.assertEqual(keys.mki, b"")
+        self.assertEqual((keys.client_key, keys.server_key, keys.client_salt, keys.server_salt),
+                         (hbh.client_key, hbh.server_key, hbh.client_salt, hbh.server_salt))
+        self.assertEqual(len(keys.client_key), 16)
+        self.assertEqual(len(keys.client_salt), 12)
+        self.assertTrue(self.kd.association(aid).established)
+
+    def test_profile_is_the_three_way_intersection(self):
+        md = MediaDistributorStandIn(self.kd, profiles=(0x0007, 0x000A))
+        aid = uuid.uuid4()
+        events = relay_handshake(md, self.client(), aid, self.clock)
+        [done] = [e for e in events if isinstance(e, dtls.HandshakeComplete)]
+        self.assertEqual(done.profile.id, 0x000A)
+        [keys] = [m for m in md.log if isinstance(m, wire.MediaKeys)]
+        self.assertEqual(len(keys.client_key), 32)
+
+    def test_no_common_profile_refused(self):
+        md = MediaDistributorStandIn(self.kd, profiles=(0x0007,))
+        aid = uuid.uuid4()
+        relay_handshake(md, self.client(), aid, self.clock)
+        self.assertEqual(md.log, [wire.EndpointDisconnect(aid)])
+        self.assertEqual(len(self.kd), 0)
+
+    def test_unregistered_tls_id_rejected(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        events = relay_handshake(md, self.client(tls_id="Unregistered-0123456789"), aid, self.clock)
+        self.assertRejected(md, aid, events)
+
+    def test_missing_tls_id_rejected(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        events = relay_handshake(md, self.client(tls_id=None), aid, self.clock)
+        self.assertRejected(md, aid, events)
+
+    def test_wrong_fingerprint_rejected(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        events = relay_handshake(md, self.client(credentials=_STRANGER), aid, self.clock)
+        self.assertRejected(md, aid, events)
+
+    def assertRejected(self, md, aid, events):
+        self.assertFalse([m for m in md.log if isinstance(m, wire.MediaKeys)])
+        self.assertEqual(md.log[-1], wire.EndpointDisconnect(aid))
+        self.assertTrue([e for e in events if isinstance(e, dtls.Closed)])
+        self.assertIsNone(self.kd.association(aid))
+        self.assertEqual(self.kd.counters.get("rejected"), 1)
+        self.assertEqual(md.tunnel.associations, set())
+
+    def test_client_rejects_wrong_kd_tls_id(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        client = self.client(expected="SomethingElse-0123456789")
+        events = relay_handshake(md, client, aid, self.clock)
+        self.assertFalse([e for e in events if isinstance(e, dtls.HandshakeComplete)])
+        self.assertTrue([e for e in events if isinstance(e, dtls.Closed) and e.rejected])
+
+    def test_endpoint_disconnect_from_media_distributor_is_silent(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        relay_handshake(md, self.client(), aid, self.clock)
+        md.received()
+        md.send(wire.EndpointDisconnect(aid))
+        self.assertIsNone(self.kd.association(aid))
+        self.assertEqual(md.received(), [])
+
+    @defer.inlineCallbacks
+    def test_registration_deleted_ends_association(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        client = self.client()
+        relay_handshake(md, client, aid, self.clock)
+        md.received()
+        yield self.roster.delete(CONFERENCE, TLS_ID)
+        messages = md.received()
+        self.assertEqual(messages[-1], wire.EndpointDisconnect(aid))
+        # close_notify reaches the endpoint before that.
+        [alert] = [m for m in messages if isinstance(m, wire.TunneledDtls)]
+        events = client.receive(alert.dtls_message, self.clock.seconds()).events
+        self.assertTrue([e for e in events if isinstance(e, dtls.Closed)])
+        self.assertIsNone(self.kd.association(aid))
+
+    def test_close_notify_from_endpoint_sends_disconnect(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        client = self.client()
+        relay_handshake(md, client, aid, self.clock)
+        md.received()
+        for datagram in client.close(self.clock.seconds()).datagrams:
+            md.send(wire.TunneledDtls(aid, datagram))
+        self.assertIn(wire.EndpointDisconnect(aid), md.received())
+        self.assertIsNone(self.kd.association(aid))
+
+    def test_handshake_timeout_sends_disconnect(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        client = self.client()
+        first = client.start(self.clock.seconds()).datagrams
+        md.send(wire.TunneledDtls(aid, first[0]))
+        [hello_verify] = md.received()
+        second = client.receive(hello_verify.dtls_message, self.clock.seconds()).datagrams
+        md.send(wire.TunneledDtls(aid, second[0]))
+        self.assertIsNotNone(self.kd.association(aid))
+        md.received()
+        # The endpoint goes quiet: the engine gives up within the bound.
+        for _ in range(200):
+            self.clock.advance(1)
+            if self.kd.association(aid) is None:
+                break
+        self.assertIsNone(self.kd.association(aid))
+        self.assertEqual(md.received()[-1], wire.EndpointDisconnect(aid))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_tunnel_loss_releases_after_grace(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        relay_handshake(md, self.client(), aid, self.clock)
+        md.close()
+        self.assertIsNotNone(self.kd.association(aid))
+        self.clock.advance(self.limits.tunnel_grace + 0.1)
+        self.assertIsNone(self.kd.association(aid))
+
+    def test_other_media_distributor_cannot_touch_association(self):
+        md = MediaDistributorStandIn(self.kd, identity="md-a.test")
+        other = MediaDistributorStandIn(self.kd, identity="md-b.test")
+        aid = uuid.uuid4()
+        relay_handshake(md, self.client(), aid, self.clock)
+        other.send(wire.EndpointDisconnect(aid))
+        self.assertIsNotNone(self.kd.association(aid))
+        self.assertEqual(self.kd.counters["foreign-association"], 1)
+
+
+class LimitTests(KeyDistributorTestCase):
+    limits = Limits(max_associations=3, max_associations_per_tunnel=2)
+
+    def start_association(self, md):
+        aid = uuid.uuid4()
+        client = self.client()
+        hello = client.start(self.clock.seconds()).datagrams[0]
+        md.send(wire.TunneledDtls(aid, hello))
+        [verify] = md.received()
+        if isinstance(verify, wire.EndpointDisconnect):
+            return aid, [verify]
+        md.send(wire.TunneledDtls(aid, client.receive(verify.dtls_message,
+                                                      self.clock.seconds()).datagrams[0]))
+        return aid, md.received()
+
+    def test_per_tunnel_limit(self):
+        md = MediaDistributorStandIn(self.kd)
+        first, _ = self.start_association(md)
+        second, _ = self.start_association(md)
+        third, replies = self.start_association(md)
+        self.assertEqual(replies, [wire.EndpointDisconnect(third)])
+        self.assertIsNotNone(self.kd.association(first))
+        self.assertIsNotNone(self.kd.association(second))
+        self.assertIsNone(self.kd.association(third))
+        self.assertEqual(self.kd.counters["per-tunnel association limit reached"], 1)
+
+    def test_total_limit(self):
+        a = MediaDistributorStandIn(self.kd, identity="a")
+        b = MediaDistributorStandIn(self.kd, identity="b")
+        self.start_association(a)
+        self.start_association(a)
+        self.start_association(b)
+        aid, replies = self.start_association(b)
+        self.assertEqual(replies, [wire.EndpointDisconnect(aid)])
+        self.assertEqual(len(self.kd), 3)
+
+
+class AllowMissingTlsIdTests(KeyDistributorTestCase):
+    allow_missing_tls_id = True
+
+    def test_matched_by_fingerprint_alone(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        events = relay_handshake(md, self.client(tls_id=None), aid, self.clock)
+        self.assertTrue([e for e in events if isinstance(e, dtls.HandshakeComplete)])
+        self.assertEqual(len([m for m in md.log if isinstance(m, wire.MediaKeys)]), 1)
+        self.assertEqual(self.kd.association(aid).registration, self.registration)
+
+    def test_unknown_fingerprint_still_rejected(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        events = relay_handshake(md, self.client(credentials=_STRANGER, tls_id=None), aid,
+                                 self.clock)
+        self.assertFalse([e for e in events if isinstance(e, dtls.HandshakeComplete)])
+        self.assertEqual(md.log[-1], wire.EndpointDisconnect(aid))

@@ -65,6 +65,8 @@ class GatedFactory(protocol.Factory):
     (one clear error if they cannot) while state loads asynchronously.
     """
 
+    noisy = False
+
     def __init__(self):
         self.inner = None
 

@@ -1,0 +1,93 @@
+"""
+``twistd perc-kd`` as a real process: clear one-line errors, and a daemon
+that starts, serves the registration API to ``perc register`` and stops.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from perc import pki
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+PERC = [sys.executable, "-m", "perc.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.pki = pki.create_dev_pki(os.path.join(self.dir, "pki"))
+
+    def twistd(self, *args, timeout=60):
+        return subprocess.run(TWISTD + ["-n", "--pidfile=", "perc-kd"] + list(args),
+                              cwd=self.dir, capture_output=True, text=True, timeout=timeout)
+
+    def test_missing_certificate_one_line(self):
+        result = self.twistd("--cert", "nope.pem", "--key", self.pki.kd_key,
+                             "--ca", self.pki.ca_certificate)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(result.stderr.strip(), "perc-kd: --cert nope.pem: no such file")
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_no_credentials_one_line(self):
+        result = self.twistd()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("perc-kd: ", result.stderr)
+
+    def test_port_in_use_one_line(self):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            result = self.twistd("--pki", self.pki.directory, "--api", "none",
+                                 "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(port))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("perc-kd: cannot listen on --tunnel-listen", result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_daemon_serves_registrations(self):
+        api_port = free_port()
+        process = subprocess.Popen(
+            TWISTD + ["-n", "--pidfile=", "perc-kd", "--pki", self.pki.directory,
+                      "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(free_port()),
+                      "--api", "tcp:{}:interface=127.0.0.1".format(api_port)],
+            cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(process.kill)
+        deadline = time.monotonic() + 30
+        lines = []
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Key Distributor ready" in line:
+                break
+        self.assertIn("Key Distributor ready", "".join(lines))
+        token_file = os.path.join(self.dir, "perc-kd-api.token")
+        self.assertEqual(os.stat(token_file).st_mode & 0o777, 0o600)
+        endpoint = pki.self_signed_certificate("endpoint")[0]
+        result = subprocess.run(PERC + [
+            "register", "--kd-api", "http://127.0.0.1:{}".format(api_port),
+            "--token-file", token_file, "--conference", "daemon-test",
+            "--tls-id", "DaemonTestTlsId-0123456789", "--fingerprint", pki.fingerprint(endpoint)],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        kd_tls_id = result.stdout.strip().splitlines()[-1]
+        self.assertRegex(kd_tls_id, r"^[A-Za-z0-9+/_-]{32}$")
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        self.assertTrue(os.path.exists(os.path.join(self.dir, "perc-kd.sqlite3")))

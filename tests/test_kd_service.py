@@ -1,0 +1,296 @@
+"""
+The Key Distributor service end to end on real loopback sockets: real TLS
+tunnels with development-PKI certificates, the real registration API, real
+DTLS from a client-role engine relayed through a test Media Distributor, and
+``openssl s_client`` relayed over UDP.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import connectProtocol
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent
+
+from perc import dtls, pki, wire
+from perc.framing import TunnelFramingProtocol
+from perc.kd import tap
+from perc.kd.service import KeyDistributorService
+from perc.netutil import tls_client_endpoint
+from perc.profiles import by_id
+from perc.register_cli import register_with_key_distributor
+from perc.tls import TlsCredentials
+
+from tests.test_dtls_interop import EXPORT, KEYING_MATERIAL, OPENSSL, OpenSSLProcess, material
+
+CONFERENCE = "e2e"
+TLS_ID = "EndToEndTlsId-0123456789"
+WAIT = 20
+
+
+class TestMediaDistributor(TunnelFramingProtocol):
+    """A minimal Media Distributor side: says SupportedProfiles, queues what arrives."""
+
+    def __init__(self, profiles=(0x0009, 0x000A)):
+        self.profiles = profiles
+        self.messages = defer.DeferredQueue()
+        self.lost = defer.Deferred()
+
+    def connectionMade(self):
+        self.sendMessage(wire.SupportedProfiles(0, tuple(self.profiles)))
+
+    def messageReceived(self, message):
+        self.messages.put(message)
+
+    def connectionLost(self, reason):
+        self.lostReason = reason
+        self.lost.callback(None)
+
+    def next(self):
+        return self.messages.get().addTimeout(WAIT, reactor)
+
+
+class KeyDistributorServiceTests(TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.pki = pki.create_dev_pki(os.path.join(self.dir, "pki"), md_names=["md.test"])
+        other = pki.create_dev_pki(os.path.join(self.dir, "other-pki"))
+        self.md_credentials = TlsCredentials.from_pki_dir(self.pki.directory, "md")
+        self.foreign_credentials = TlsCredentials.from_pki_dir(other.directory, "md")
+        self.service = None
+        yield self.start()
+
+    def options(self, *extra):
+        config = tap.Options()
+        config.parseOptions([
+            "--pki", self.pki.directory,
+            "--tunnel-listen", "tcp:0:interface=127.0.0.1",
+            "--api", "tcp:0:interface=127.0.0.1",
+            "--api-token-file", os.path.join(self.dir, "token"),
+            "--db", os.path.join(self.dir, "kd.sqlite3"),
+        ] + list(extra))
+        return config
+
+    @defer.inlineCallbacks
+    def start(self, *extra):
+        if self.service is not None:
+            yield self.service.stopService()
+        self.service = KeyDistributorService.fromOptions(self.options(*extra), reactor)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.addCleanup(self.stopService, self.service)
+        yield self.service.ready
+        tunnel_port, api_port = self.service._ports
+        self.tunnel_port = tunnel_port.getHost().port
+        self.api_url = "http://127.0.0.1:{}".format(api_port.getHost().port)
+        with open(os.path.join(self.dir, "token")) as f:
+            self.token = f.read().strip()
+
+    def stopService(self, service):
+        if service.running:
+            return service.stopService()
+
+    @defer.inlineCallbacks
+    def register(self, fingerprint, tls_id=TLS_ID):
+        body, _ = yield register_with_key_distributor(
+            Agent(reactor), self.api_url, self.token, CONFERENCE, tls_id, fingerprint,
+            reactor=reactor)
+        return body["kd_tls_id"]
+
+    @defer.inlineCallbacks
+    def tunnel(self, credentials=None, profiles=(0x0009, 0x000A)):
+        endpoint = tls_client_endpoint(
+            reactor, "tcp:127.0.0.1:{}".format(self.tunnel_port),
+            credentials or self.md_credentials, "--kd")
+        md = TestMediaDistributor(profiles)
+        yield connectProtocol(endpoint, md)
+        self.addCleanup(self.closeTunnel, md)
+        return md
+
+    def closeTunnel(self, md):
+        if not md.lost.called:
+            md.transport.loseConnection()
+            return md.lost
+
+    @defer.inlineCallbacks
+    def relay(self, md, client, aid):
+        """Carry a client engine's handshake through the tunnel; returns (events, messages)."""
+        events, messages = [], []
+        output = client.start(reactor.seconds())
+        while True:
+            for datagram in output.datagrams:
+                md.sendMessage(wire.TunneledDtls(aid, datagram))
+            events.extend(output.events)
+            if any(isinstance(e, (dtls.HandshakeComplete, dtls.Closed)) for e in events) and (
+                    any(isinstance(m, (wire.MediaKeys, wire.EndpointDisconnect))
+                        for m in messages)):
+                return events, messages
+            message = yield md.next()
+            messages.append(message)
+            if isinstance(message, wire.TunneledDtls):
+                output = client.receive(message.dtls_message, reactor.seconds())
+            else:
+                output = dtls.Output()
+
+    @defer.inlineCallbacks
+    def test_endpoint_gets_keys_through_real_tunnel(self):
+        endpoint = dtls.Credentials.self_signed("endpoint")
+        kd_tls_id = yield self.register(endpoint.fingerprint)
+        md = yield self.tunnel()
+        client = dtls.ClientAssociation(
+            endpoint, [by_id(0x0009)], tls_id=TLS_ID.encode(),
+            expected_peer_tls_id=kd_tls_id.encode(),
+            expected_peer_fingerprint=pki.fingerprint(
+                TlsCredentials.from_pki_dir(self.pki.directory, "kd").certificate))
+        aid = uuid.uuid4()
+        events, messages = yield self.relay(md, client, aid)
+        [done] = [e for e in events if isinstance(e, dtls.HandshakeComplete)]
+        [keys] = [m for m in messages if isinstance(m, wire.MediaKeys)]
+        hbh = done.profile.hbh_keys(done.keys)
+        self.assertEqual(keys, wire.MediaKeys(aid, 0x0009, b"", hbh.client_key, hbh.server_key,
+                                              hbh.client_salt, hbh.server_salt))
+        # MediaKeys precedes the TunneledDtls that finished the handshake.
+        self.assertIsInstance(messages[-2], wire.MediaKeys)
+        self.assertIsInstance(messages[-1], wire.TunneledDtls)
+        association = self.service.distributor.association(aid)
+        self.assertEqual(association.registration.conference, CONFERENCE)
+
+    @defer.inlineCallbacks
+    def test_unregistered_endpoint_rejected(self):
+        md = yield self.tunnel()
+        client = dtls.ClientAssociation(dtls.Credentials.self_signed("x"), [by_id(0x0009)],
+                                        tls_id=b"NobodyRegisteredThis-42")
+        aid = uuid.uuid4()
+        events, messages = yield self.relay(md, client, aid)
+        self.assertEqual(messages[-1], wire.EndpointDisconnect(aid))
+        self.assertFalse([m for m in messages if isinstance(m, wire.MediaKeys)])
+        self.assertTrue([e for e in events if isinstance(e, dtls.Closed)])
+
+    @defer.inlineCallbacks
+    def test_certificate_from_another_ca_refused(self):
+        endpoint = tls_client_endpoint(
+            reactor, "tcp:127.0.0.1:{}".format(self.tunnel_port), self.foreign_credentials, "--kd")
+        md = TestMediaDistributor()
+        yield connectProtocol(endpoint, md)
+        yield md.lost.addTimeout(WAIT, reactor)
+        self.assertEqual(self.service.distributor.tunnels, set())
+
+    @defer.inlineCallbacks
+    def test_no_client_certificate_refused(self):
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+        kd_ca = ssl.Certificate.loadPEM(open(self.pki.ca_certificate, "rb").read())
+        options = ssl.optionsForClientTLS("127.0.0.1", trustRoot=kd_ca)
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                                             self.tunnel_port))
+        md = TestMediaDistributor()
+        yield connectProtocol(endpoint, md)
+        yield md.lost.addTimeout(WAIT, reactor)
+        self.assertEqual(self.service.distributor.tunnels, set())
+
+    @defer.inlineCallbacks
+    def test_media_distributor_not_in_allow_list_refused(self):
+        yield self.start("--allow-md", "someone-else.test")
+        md = yield self.tunnel()
+        yield md.lost.addTimeout(WAIT, reactor)
+        self.assertEqual(self.service.distributor.tunnels, set())
+
+    @defer.inlineCallbacks
+    def test_media_distributor_in_allow_list_accepted(self):
+        yield self.start("--allow-md", "md.test")
+        md = yield self.tunnel()
+        md.sendMessage(wire.EndpointDisconnect(uuid.uuid4()))
+        for _ in range(100):
+            if self.service.distributor.tunnels:
+                break
+            yield deferLater(0.05)
+        [tunnel] = self.service.distributor.tunnels
+        self.assertEqual(tunnel.identity, "md.test")
+
+    @defer.inlineCallbacks
+    def test_registrations_survive_restart(self):
+        endpoint = dtls.Credentials.self_signed("endpoint")
+        kd_tls_id = yield self.register(endpoint.fingerprint)
+        yield self.start()
+        registration = self.service.roster.lookup(TLS_ID)
+        self.assertEqual(registration.kd_tls_id, kd_tls_id)
+        self.assertEqual(registration.fingerprint, endpoint.fingerprint)
+
+
+def deferLater(seconds):
+    from twisted.internet.task import deferLater as later
+    return later(reactor, seconds, lambda: None)
+
+
+class UdpRelay(protocol.DatagramProtocol):
+    """The smallest Media Distributor: one UDP peer relayed through one tunnel."""
+
+    def __init__(self, md):
+        self.md = md
+        self.aid = uuid.uuid4()
+        self.peer = None
+        self.keys = defer.Deferred()
+        self._pump()
+
+    def datagramReceived(self, data, address):
+        self.peer = address
+        self.md.sendMessage(wire.TunneledDtls(self.aid, data))
+
+    @defer.inlineCallbacks
+    def _pump(self):
+        while True:
+            message = yield self.md.messages.get()
+            if isinstance(message, wire.TunneledDtls) and self.peer is not None:
+                self.transport.write(message.dtls_message, self.peer)
+            elif isinstance(message, wire.MediaKeys):
+                self.keys.callback(message)
+            elif isinstance(message, wire.EndpointDisconnect):
+                if not self.keys.called:
+                    self.keys.errback(AssertionError("association refused"))
+                return
+
+
+class OpenSSLThroughTunnelTests(KeyDistributorServiceTests.__base__):
+    skip = None if OPENSSL else "the openssl command is not installed"
+    timeout = 90
+
+    setUp = KeyDistributorServiceTests.setUp
+    options = KeyDistributorServiceTests.options
+    start = KeyDistributorServiceTests.start
+    stopService = KeyDistributorServiceTests.stopService
+    register = KeyDistributorServiceTests.register
+    tunnel = KeyDistributorServiceTests.tunnel
+    closeTunnel = KeyDistributorServiceTests.closeTunnel
+
+    @defer.inlineCallbacks
+    def test_s_client_without_tls_id(self):
+        yield self.start("--allow-missing-tls-id", "--profiles", "SRTP_AEAD_AES_128_GCM")
+        certificate, key = pki.self_signed_certificate("s_client")
+        cert_path = os.path.join(self.dir, "client.pem")
+        key_path = os.path.join(self.dir, "client.key")
+        with open(cert_path, "wb") as f:
+            f.write(pki.certificate_pem(certificate))
+        with open(key_path, "wb") as f:
+            f.write(pki.private_key_pem(key))
+        yield self.register(pki.fingerprint(certificate))
+        md = yield self.tunnel(profiles=(0x0007,))
+        relay = UdpRelay(md)
+        port = reactor.listenUDP(0, relay, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        process = OpenSSLProcess()
+        reactor.spawnProcess(process, OPENSSL, [OPENSSL, "s_client", "-dtls1_2"] + EXPORT + [
+            "-connect", "127.0.0.1:{}".format(port.getHost().port),
+            "-cert", cert_path, "-key", key_path], env=dict(os.environ))
+        self.addCleanup(process.stop)
+        keys = yield relay.keys.addTimeout(WAIT, reactor)
+        match = yield process.wait_for(KEYING_MATERIAL)
+        exported = bytes.fromhex(match.group(1).decode())
+        self.assertEqual(keys.profile, 0x0007)
+        self.assertEqual(material(keys), exported)

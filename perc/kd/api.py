@@ -37,15 +37,23 @@ Nothing is stored in any error case.
 
 from __future__ import annotations
 
-import json
-from io import BytesIO
 from urllib.parse import quote
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
-from perc.apitoken import bearer_token_matches
+from perc.httpapi import (
+    MAX_BODY,
+    BodyError,
+    error_response,
+    json_response,
+    make_site,
+    not_allowed,
+    parse_json_object,
+    peer,
+    refuse_unauthenticated,
+)
 from perc.kd.roster import (
     InvalidRegistration,
     RegistrationConflict,
@@ -55,78 +63,20 @@ from perc.kd.roster import (
     validate_tls_id,
 )
 
-__all__ = ["MAX_BODY", "ControlAPI", "APIRequest", "make_api_site"]
+__all__ = ["MAX_BODY", "ControlAPI", "make_api_site"]
 
 log = Logger()
 
-#: Largest request body accepted, in octets.
-MAX_BODY = 64 * 1024
-
 #: Status for a full roster (RFC 4918 "Insufficient Storage").
 INSUFFICIENT_STORAGE = http.INSUFFICIENT_STORAGE_SPACE
-
-_JSON = b"application/json"
-
-
-class APIRequest(server.Request):
-    """
-    A request whose body is kept in memory up to :attr:`maxBody` octets;
-    anything beyond is discarded as it arrives and the request is marked
-    :attr:`bodyTooLarge`, so an oversized body costs neither memory nor disk.
-    """
-
-    maxBody = MAX_BODY
-    bodyTooLarge = False
-
-    def gotLength(self, length):
-        if length is not None and length > self.maxBody:
-            self.bodyTooLarge = True
-        self.content = BytesIO()
-
-    def handleContentChunk(self, data):
-        if self.bodyTooLarge:
-            return
-        if self.content.tell() + len(data) > self.maxBody:
-            self.bodyTooLarge = True
-            self.content = BytesIO()
-            return
-        self.content.write(data)
-
-
-def _reject_duplicates(pairs):
-    result = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError("duplicate member {!r}".format(key))
-        result[key] = value
-    return result
 
 
 def _parse_put_body(data: bytes) -> str:
     """The fingerprint member of a PUT body; raises InvalidRegistration."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRegistration("request body is not UTF-8") from None
-    try:
-        body = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except ValueError as error:
-        raise InvalidRegistration(
-            "request body is not valid JSON: {}".format(str(error).splitlines()[0])
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRegistration('request body must be a JSON object {"fingerprint": "..."}')
-    extra = sorted(set(body) - {"fingerprint"})
-    if extra:
-        raise InvalidRegistration(
-            "unexpected member{} in request body: {}".format(
-                "s" if len(extra) > 1 else "", ", ".join(extra)
-            )
-        )
-    if "fingerprint" not in body:
-        raise InvalidRegistration('request body lacks the "fingerprint" member')
-    if not isinstance(body["fingerprint"], str):
-        raise InvalidRegistration('"fingerprint" must be a string')
+        body = parse_json_object(data, {"fingerprint": str}, '{"fingerprint": "..."}')
+    except BodyError as error:
+        raise InvalidRegistration(str(error)) from None
     return body["fingerprint"]
 
 
@@ -134,12 +84,6 @@ def _endpoint_path(conference: str, tls_id: str) -> bytes:
     return "/v1/conferences/{}/endpoints/{}".format(
         quote(conference, safe=""), quote(tls_id, safe="")
     ).encode("ascii")
-
-
-def _peer(request) -> str:
-    address = request.getClientAddress()
-    host = getattr(address, "host", None)
-    return "{}:{}".format(host, getattr(address, "port", "")) if host else str(address)
 
 
 class ControlAPI(resource.Resource):
@@ -155,47 +99,16 @@ class ControlAPI(resource.Resource):
         self._roster = roster
         self._token = token
 
-    # -- responses -------------------------------------------------------
-
-    @staticmethod
-    def _json(request, code: int, body) -> bytes:
-        request.setResponseCode(code)
-        request.setHeader(b"content-type", _JSON)
-        request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(body, sort_keys=True).encode("utf-8") + b"\n"
-
-    def _error(self, request, code: int, message: str) -> bytes:
-        return self._json(request, code, {"error": message})
-
-    def _not_allowed(self, request, allowed: bytes) -> bytes:
-        request.setHeader(b"allow", allowed)
-        return self._error(
-            request,
-            http.NOT_ALLOWED,
-            "method {} not allowed here; allowed: {}".format(
-                request.method.decode("ascii", "replace"), allowed.decode("ascii")
-            ),
-        )
+    _json = staticmethod(json_response)
+    _error = staticmethod(error_response)
+    _not_allowed = staticmethod(not_allowed)
 
     # -- dispatch --------------------------------------------------------
 
     def render(self, request):
-        if not bearer_token_matches(
-            request.requestHeaders.getRawHeaders(b"authorization"), self._token
-        ):
-            presented = request.requestHeaders.hasHeader(b"authorization")
-            log.warn(
-                "control API request refused: {problem} from {peer}",
-                problem="wrong token" if presented else "no token",
-                peer=_peer(request),
-            )
-            challenge = b'Bearer realm="perc"'
-            if presented:
-                challenge += b', error="invalid_token"'
-            request.setHeader(b"www-authenticate", challenge)
-            return self._error(
-                request, http.UNAUTHORIZED, "a valid bearer token is required"
-            )
+        refusal = refuse_unauthenticated(request, self._token)
+        if refusal is not None:
+            return refusal
 
         try:
             segments = [s.decode("utf-8") for s in request.postpath]
@@ -274,7 +187,7 @@ class ControlAPI(resource.Resource):
                 tls_id=tls_id,
                 fingerprint=registration.fingerprint,
                 kd_tls_id=registration.kd_tls_id,
-                peer=_peer(request),
+                peer=peer(request),
             )
             if created:
                 request.setHeader(b"location", _endpoint_path(conference, tls_id))
@@ -302,7 +215,7 @@ class ControlAPI(resource.Resource):
                 action="deleted",
                 conference=conference,
                 tls_id=tls_id,
-                peer=_peer(request),
+                peer=peer(request),
             )
             request.setResponseCode(http.NO_CONTENT)
             return b""
@@ -365,12 +278,4 @@ class ControlAPI(resource.Resource):
 
 def make_api_site(roster, token: str) -> server.Site:
     """A ``Site`` serving the control API for ``roster``, guarded by ``token``."""
-    site = server.Site(
-        ControlAPI(roster, token),
-        requestFactory=APIRequest,
-        parsePOSTFormSubmission=False,
-        timeout=60,
-    )
-    site.displayTracebacks = False
-    site.noisy = False
-    return site
+    return make_site(ControlAPI(roster, token))

@@ -1,0 +1,358 @@
+"""
+Read the cleartext DTLS 1.2 ClientHello and ServerHello (RFC 6347 section
+4.2/4.3, RFC 5246 section 7.4.1) as they pass through the Media
+Distributor, which is not a DTLS party: the endpoint's tls-id (extension
+56, RFC 8844), the SRTP profiles (use_srtp, extension 14, RFC 5764 section
+4.1.1) and whether EKT was negotiated (supported_ekt_ciphers, extension 39,
+RFC 8870 section 5.2.1).
+
+Sans-I/O and Twisted-free.  Contract of both parsers:
+
+- ``None``: the datagram holds no whole, unfragmented hello of that kind in
+  an epoch-0 handshake record.  A hello split into fragments also gives
+  None: a stateless reader cannot reassemble it, and a fragment cannot say
+  who the endpoint is.
+- :class:`HelloError` (a ValueError): the DTLS record framing is broken, or
+  a hello is there but its fields do not add up (every length is checked),
+  or its use_srtp / supported_ekt_ciphers data is malformed.  A malformed
+  extension 56 is *not* an error: it is reported by ``tls_id_malformed``,
+  so the Key Distributor can refuse it with an alert.
+- Nothing else is ever raised, and at most :data:`MAX_RECORDS` records and
+  :data:`MAX_MESSAGES` handshake messages are examined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from perc.dtls import ExtensionError, decode_external_session_id
+
+__all__ = [
+    "HelloError",
+    "ClientHelloInfo",
+    "ServerHelloInfo",
+    "parse_client_hello",
+    "parse_server_hello",
+    "MAX_RECORDS",
+    "MAX_MESSAGES",
+    "EXT_USE_SRTP",
+    "EXT_SUPPORTED_EKT_CIPHERS",
+    "EXT_EXTERNAL_SESSION_ID",
+]
+
+#: Records examined per datagram; a 1500-octet datagram holds at most 115
+#: empty records, and a real flight far fewer.
+MAX_RECORDS = 32
+#: Handshake messages examined per datagram (DTLS allows several per record).
+MAX_MESSAGES = 32
+
+EXT_USE_SRTP = 14
+EXT_SUPPORTED_EKT_CIPHERS = 39
+EXT_EXTERNAL_SESSION_ID = 56
+
+_RECORD_HEADER = 13
+_HANDSHAKE_HEADER = 12
+_CONTENT_HANDSHAKE = 22
+_CLIENT_HELLO = 1
+_SERVER_HELLO = 2
+_RANDOM = 32
+_MAX_SESSION_ID = 32
+
+
+class HelloError(ValueError):
+    """A datagram whose DTLS framing or hello contents are malformed."""
+
+
+@dataclass(frozen=True)
+class ClientHelloInfo:
+    """
+    A parsed ClientHello.  ``extensions`` is every ``(type, data)`` in
+    order.  ``tls_id`` is the tls-id from extension 56 (None if absent or
+    malformed; ``tls_id_malformed`` tells which).  ``cookie_empty`` is True
+    for the first ClientHello of a cookie exchange.  ``srtp_profiles`` are
+    the offered profile ids in order (empty without use_srtp);
+    ``ekt_ciphers`` the offered EKT ciphers, None without extension 39.
+    """
+
+    client_version: int
+    random: bytes
+    session_id: bytes
+    cookie: bytes
+    cipher_suites: tuple
+    compression_methods: bytes
+    extensions: tuple
+    message_seq: int
+    tls_id: Optional[bytes]
+    tls_id_malformed: bool
+    srtp_profiles: tuple
+    srtp_mki: bytes
+    ekt_ciphers: Optional[tuple]
+
+    @property
+    def cookie_empty(self) -> bool:
+        return not self.cookie
+
+    @property
+    def ekt_offered(self) -> bool:
+        """Extension 39 (supported_ekt_ciphers) is present."""
+        return self.ekt_ciphers is not None
+
+
+@dataclass(frozen=True)
+class ServerHelloInfo:
+    """
+    A parsed ServerHello.  ``srtp_profile`` is the profile the server
+    selected (None without use_srtp); ``ekt_cipher`` the EKT cipher it
+    selected in extension 39 (None without it: no EKT fields will follow
+    SRTP packets); ``tls_id`` as in :class:`ClientHelloInfo`.
+    """
+
+    server_version: int
+    random: bytes
+    session_id: bytes
+    cipher_suite: int
+    compression_method: int
+    extensions: tuple
+    message_seq: int
+    tls_id: Optional[bytes]
+    tls_id_malformed: bool
+    srtp_profile: Optional[int]
+    srtp_mki: bytes
+    ekt_cipher: Optional[int]
+
+    @property
+    def ekt_negotiated(self) -> bool:
+        """Extension 39 (supported_ekt_ciphers) is present."""
+        return self.ekt_cipher is not None
+
+
+def parse_client_hello(datagram) -> Optional[ClientHelloInfo]:
+    """The first whole ClientHello in ``datagram``, or None; see the module contract."""
+    found = _find_message(datagram, _CLIENT_HELLO)
+    if found is None:
+        return None
+    body, message_seq = found
+    return _client_hello(body, message_seq)
+
+
+def parse_server_hello(datagram) -> Optional[ServerHelloInfo]:
+    """The first whole ServerHello in ``datagram``, or None; see the module contract."""
+    found = _find_message(datagram, _SERVER_HELLO)
+    if found is None:
+        return None
+    body, message_seq = found
+    return _server_hello(body, message_seq)
+
+
+# --------------------------------------------------------------------------
+# Records and handshake messages
+
+
+def _find_message(datagram, wanted: int):
+    """
+    ``(body, message_seq)`` of the first unfragmented handshake message of
+    type ``wanted`` in an epoch-0 handshake record, or None.
+    """
+    # bytes(bytes) is the same object: no copy in the common case.
+    data = bytes(datagram)
+    # Every record is walked (a flight packs several: ServerHello,
+    # Certificate, ...); records of other types or epochs cost only their
+    # header.
+    total = len(data)
+    offset = 0
+    records = 0
+    messages = 0
+    while offset < total and records < MAX_RECORDS:
+        records += 1
+        if total - offset < _RECORD_HEADER:
+            raise HelloError("truncated DTLS record header")
+        length = (data[offset + 11] << 8) | data[offset + 12]
+        start = offset + _RECORD_HEADER
+        end = start + length
+        if end > total:
+            raise HelloError("DTLS record of {} octets overruns the datagram".format(length))
+        content_type = data[offset]
+        epoch = (data[offset + 3] << 8) | data[offset + 4]
+        offset = end
+        if content_type != _CONTENT_HANDSHAKE or epoch != 0:
+            continue
+        position = start
+        while position < end and messages < MAX_MESSAGES:
+            messages += 1
+            if end - position < _HANDSHAKE_HEADER:
+                raise HelloError("truncated handshake header")
+            msg_type = data[position]
+            msg_length = int.from_bytes(data[position + 1:position + 4], "big")
+            message_seq = (data[position + 4] << 8) | data[position + 5]
+            fragment_offset = int.from_bytes(data[position + 6:position + 9], "big")
+            fragment_length = int.from_bytes(data[position + 9:position + 12], "big")
+            body = position + _HANDSHAKE_HEADER
+            if body + fragment_length > end:
+                raise HelloError("handshake fragment overruns its record")
+            if fragment_offset + fragment_length > msg_length:
+                raise HelloError("handshake fragment lies beyond its message length")
+            position = body + fragment_length
+            if (msg_type == wanted and fragment_offset == 0
+                    and fragment_length == msg_length):
+                return data[body:position], message_seq
+    return None
+
+
+class _Reader:
+    """Bounds-checked reads over one handshake body; every miss is a HelloError."""
+
+    __slots__ = ("data", "offset", "what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = data
+        self.offset = 0
+        self.what = what
+
+    def remaining(self) -> int:
+        return len(self.data) - self.offset
+
+    def take(self, count: int, field: str) -> bytes:
+        if count > self.remaining():
+            raise HelloError("{}: {} truncated".format(self.what, field))
+        value = self.data[self.offset:self.offset + count]
+        self.offset += count
+        return value
+
+    def uint(self, size: int, field: str) -> int:
+        return int.from_bytes(self.take(size, field), "big")
+
+    def vector(self, length_size: int, low: int, high: int, field: str) -> bytes:
+        length = self.uint(length_size, field + " length")
+        if not low <= length <= high:
+            raise HelloError("{}: {} length {} outside {}..{}".format(
+                self.what, field, length, low, high))
+        return self.take(length, field)
+
+    def end(self) -> None:
+        if self.remaining():
+            raise HelloError("{}: {} octets after the last field".format(
+                self.what, self.remaining()))
+
+
+def _extensions(reader: _Reader) -> tuple:
+    """``Extension extensions<0..2^16-1>`` if present (it is optional), as (type, data) pairs."""
+    if not reader.remaining():
+        return ()
+    block = _Reader(reader.vector(2, 0, 0xFFFF, "extensions"), reader.what)
+    reader.end()
+    seen = set()
+    extensions = []
+    while block.remaining():
+        ext_type = block.uint(2, "extension type")
+        if ext_type in seen:
+            # RFC 5246 section 7.4.1.4: at most one of each type.
+            raise HelloError("{}: extension {} appears twice".format(reader.what, ext_type))
+        seen.add(ext_type)
+        extensions.append((ext_type, block.vector(2, 0, 0xFFFF, "extension data")))
+    return tuple(extensions)
+
+
+def _tls_id(extensions: dict):
+    """``(tls_id, malformed)`` from extension 56."""
+    data = extensions.get(EXT_EXTERNAL_SESSION_ID)
+    if data is None:
+        return None, False
+    try:
+        return decode_external_session_id(data), False
+    except ExtensionError:
+        return None, True
+
+
+def _use_srtp(data: bytes, what: str):
+    """``(profile ids, mki)`` from use_srtp extension data (RFC 5764 section 4.1.1)."""
+    reader = _Reader(data, what + " use_srtp")
+    profiles = reader.vector(2, 2, 0xFFFF, "SRTPProtectionProfiles")
+    if len(profiles) % 2:
+        raise HelloError("{}: SRTPProtectionProfiles has an odd length".format(reader.what))
+    mki = reader.vector(1, 0, 255, "srtp_mki")
+    reader.end()
+    ids = tuple(int.from_bytes(profiles[i:i + 2], "big") for i in range(0, len(profiles), 2))
+    return ids, mki
+
+
+def _client_hello(body: bytes, message_seq: int) -> ClientHelloInfo:
+    reader = _Reader(body, "ClientHello")
+    client_version = reader.uint(2, "client_version")
+    random = reader.take(_RANDOM, "random")
+    session_id = reader.vector(1, 0, _MAX_SESSION_ID, "session_id")
+    cookie = reader.vector(1, 0, 255, "cookie")
+    suites = reader.vector(2, 2, 0xFFFE, "cipher_suites")
+    if len(suites) % 2:
+        raise HelloError("ClientHello: cipher_suites has an odd length")
+    compression = reader.vector(1, 1, 255, "compression_methods")
+    extensions = _extensions(reader)
+    by_type = dict(extensions)
+    tls_id, tls_id_malformed = _tls_id(by_type)
+    profiles, mki = (), b""
+    if EXT_USE_SRTP in by_type:
+        profiles, mki = _use_srtp(by_type[EXT_USE_SRTP], "ClientHello")
+    ekt_ciphers = None
+    if EXT_SUPPORTED_EKT_CIPHERS in by_type:
+        # EKTCipherType supported_ciphers<1..255> (RFC 8870 section 5.2.1).
+        ekt = _Reader(by_type[EXT_SUPPORTED_EKT_CIPHERS], "ClientHello supported_ekt_ciphers")
+        ekt_ciphers = tuple(ekt.vector(1, 1, 255, "supported_ciphers"))
+        ekt.end()
+    return ClientHelloInfo(
+        client_version=client_version,
+        random=random,
+        session_id=session_id,
+        cookie=cookie,
+        cipher_suites=tuple(int.from_bytes(suites[i:i + 2], "big")
+                            for i in range(0, len(suites), 2)),
+        compression_methods=compression,
+        extensions=extensions,
+        message_seq=message_seq,
+        tls_id=tls_id,
+        tls_id_malformed=tls_id_malformed,
+        srtp_profiles=profiles,
+        srtp_mki=mki,
+        ekt_ciphers=ekt_ciphers,
+    )
+
+
+def _server_hello(body: bytes, message_seq: int) -> ServerHelloInfo:
+    reader = _Reader(body, "ServerHello")
+    server_version = reader.uint(2, "server_version")
+    random = reader.take(_RANDOM, "random")
+    session_id = reader.vector(1, 0, _MAX_SESSION_ID, "session_id")
+    cipher_suite = reader.uint(2, "cipher_suite")
+    compression_method = reader.uint(1, "compression_method")
+    extensions = _extensions(reader)
+    by_type = dict(extensions)
+    tls_id, tls_id_malformed = _tls_id(by_type)
+    profile, mki = None, b""
+    if EXT_USE_SRTP in by_type:
+        profiles, mki = _use_srtp(by_type[EXT_USE_SRTP], "ServerHello")
+        if len(profiles) != 1:
+            # RFC 5764 section 4.1.1: the server selects exactly one.
+            raise HelloError("ServerHello: use_srtp lists {} profiles, not one".format(
+                len(profiles)))
+        profile = profiles[0]
+    ekt_cipher = None
+    if EXT_SUPPORTED_EKT_CIPHERS in by_type:
+        # EKTCipherType selected_cipher: exactly one octet.
+        data = by_type[EXT_SUPPORTED_EKT_CIPHERS]
+        if len(data) != 1:
+            raise HelloError("ServerHello: supported_ekt_ciphers holds {} octets, not 1".format(
+                len(data)))
+        ekt_cipher = data[0]
+    return ServerHelloInfo(
+        server_version=server_version,
+        random=random,
+        session_id=session_id,
+        cipher_suite=cipher_suite,
+        compression_method=compression_method,
+        extensions=extensions,
+        message_seq=message_seq,
+        tls_id=tls_id,
+        tls_id_malformed=tls_id_malformed,
+        srtp_profile=profile,
+        srtp_mki=mki,
+        ekt_cipher=ekt_cipher,
+    )

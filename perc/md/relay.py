@@ -1,0 +1,363 @@
+"""
+The Media Distributor's endpoint port (RFC 9185 section 5.3, RFC 8723
+section 5.2): one UDP socket for every endpoint.
+
+DTLS goes to a Key Distributor through a tunnel and back; SRTP and SRTCP
+from an endpoint with hop-by-hop keys is outer-decrypted with that
+endpoint's inbound session and outer-encrypted for every other endpoint of
+its conference with theirs.  The inner (end-to-end) layer, the OHB and any
+EKT field pass through untouched: the Media Distributor cannot read media.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import pylibsrtp
+from twisted.internet import protocol, task
+from twisted.logger import Logger
+
+from perc import hello, rtp
+from perc.profiles import Profile, by_id
+
+__all__ = ["MediaRelay", "RelayLimits"]
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """Bounds on what endpoints can make the Media Distributor hold."""
+
+    endpoint_timeout: float = 30.0
+    handshake_timeout: float = 60.0
+    max_associations: int = 10000
+    new_associations_per_address_per_second: int = 5
+    sweep_interval: float = 1.0
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One endpoint-initiated DTLS association and, once keyed, its SRTP sessions."""
+
+    id: uuid.UUID
+    address: tuple
+    tunnel: object | None
+    conference: str
+    tls_id: str | None
+    created: float
+    last_seen: float
+    profile: Profile | None = None
+    inbound: pylibsrtp.Session | None = field(default=None, repr=False)
+    outbound: pylibsrtp.Session | None = field(default=None, repr=False)
+    ekt: bool = False
+
+    @property
+    def established(self) -> bool:
+        return self.inbound is not None
+
+
+def _session(key: bytes, salt: bytes, profile: Profile, direction: int) -> pylibsrtp.Session:
+    policy = pylibsrtp.Policy(key=key + salt, ssrc_type=direction,
+                              srtp_profile=profile.hbh_libsrtp_profile)
+    return pylibsrtp.Session(policy)
+
+
+class MediaRelay(protocol.DatagramProtocol):
+    """
+    ``pool`` picks a tunnel for a new association (``pick()``) and the
+    tunnels call back into this object (``tunneledDtlsReceived``,
+    ``mediaKeysReceived``, ``endpointDisconnectReceived``, ``tunnelDown``).
+    ``memberships`` places a tls-id in a conference; ``clock`` is an
+    ``IReactorTime``.
+    """
+
+    log = Logger()
+
+    def __init__(self, *, pool, memberships, profiles, clock, limits: RelayLimits = RelayLimits()):
+        self.pool = pool
+        self.memberships = memberships
+        self.profile_ids = frozenset(p.id for p in profiles)
+        self.clock = clock
+        self.limits = limits
+        self.counters: dict[str, int] = {}
+        self._by_id: dict[uuid.UUID, Endpoint] = {}
+        self._established: dict[tuple, Endpoint] = {}
+        self._pending: dict[tuple, Endpoint] = {}
+        self._conferences: dict[str, set] = {}
+        self._new_per_host: dict[str, int] = {}
+        self._sweeper = task.LoopingCall(self._sweep)
+        self._sweeper.clock = clock
+        memberships.add_removal_observer(self._membershipRemoved)
+
+    # -- life -----------------------------------------------------------
+
+    def startProtocol(self):
+        self._sweeper.start(self.limits.sweep_interval, now=False)
+
+    def stopProtocol(self):
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    # -- queries --------------------------------------------------------
+
+    def endpoint(self, association_id: uuid.UUID) -> Endpoint | None:
+        return self._by_id.get(association_id)
+
+    def status(self) -> dict:
+        return {
+            "associations": len(self._by_id),
+            "established": len(self._established),
+            "conferences": {name: len(members) for name, members in self._conferences.items()},
+            "counters": dict(self.counters),
+        }
+
+    def _count(self, reason: str, amount: int = 1) -> None:
+        self.counters[reason] = self.counters.get(reason, 0) + amount
+
+    # -- datagrams from endpoints ----------------------------------------
+
+    def datagramReceived(self, data: bytes, address) -> None:
+        kind = rtp.classify(data)
+        if kind is rtp.Kind.RTP:
+            self._media(data, address, False)
+        elif kind is rtp.Kind.RTCP:
+            self._media(data, address, True)
+        elif kind is rtp.Kind.DTLS:
+            self._dtls(data, address)
+        else:
+            self._count("dropped-" + kind.name.lower())
+
+    def _dtls(self, data: bytes, address) -> None:
+        endpoint = self._pending.get(address)
+        if endpoint is None:
+            try:
+                client_hello = hello.parse_client_hello(data)
+            except hello.HelloError:
+                self._count("dropped-malformed-hello")
+                return
+            if client_hello is not None:
+                # A ClientHello from an address without a handshake under
+                # way starts a new association.  An established one stays
+                # until the new one has keys, so a spoofed ClientHello cannot
+                # cut a live endpoint off.
+                endpoint = self._newAssociation(address, client_hello)
+                if endpoint is None:
+                    return
+            else:
+                endpoint = self._established.get(address)
+        if endpoint is None:
+            self._count("dropped-dtls-no-association")
+            return
+        tunnel = endpoint.tunnel
+        if tunnel is None or not tunnel.usable:
+            self._count("dropped-dtls-tunnel-down")
+            return
+        tunnel.sendDtls(endpoint.id, data)
+
+    def _newAssociation(self, address, client_hello) -> Endpoint | None:
+        if len(self._by_id) >= self.limits.max_associations:
+            self._count("refused-association-limit")
+            return None
+        host = address[0]
+        recent = self._new_per_host.get(host, 0)
+        if recent >= self.limits.new_associations_per_address_per_second:
+            self._count("refused-rate-limit")
+            return None
+        if client_hello.tls_id_malformed:
+            self._count("refused-malformed-tls-id")
+            return None
+        tls_id = None
+        if client_hello.tls_id is not None:
+            tls_id = client_hello.tls_id.decode("ascii", "replace")
+        conference = self.memberships.conference_for(tls_id)
+        if conference is None:
+            self._count("refused-no-conference")
+            self.log.warn(
+                "Ignoring a ClientHello from {address}: tls-id {tls_id} is in no conference "
+                "and there is no default conference", address=address, tls_id=tls_id)
+            return None
+        tunnel = self.pool.pick()
+        if tunnel is None:
+            self._count("refused-no-tunnel")
+            return None
+        self._new_per_host[host] = recent + 1
+        now = self.clock.seconds()
+        endpoint = Endpoint(uuid.uuid4(), address, tunnel, conference, tls_id, now, now)
+        self._by_id[endpoint.id] = endpoint
+        self._pending[address] = endpoint
+        self.log.info(
+            "New association {association_id} from {address} (tls-id {tls_id}, conference "
+            "{conference}) through {peer}", association_id=endpoint.id, address=address,
+            tls_id=tls_id, conference=conference, peer=tunnel.peerDescription())
+        return endpoint
+
+    def _media(self, data: bytes, address, rtcp_packet: bool) -> None:
+        endpoint = self._established.get(address)
+        if endpoint is None:
+            self._count("dropped-srtp-unknown-source")
+            return
+        ekt_field = b""
+        packet = data
+        if endpoint.ekt and not rtcp_packet:
+            try:
+                packet, ekt_field = rtp.split_ekt_field(data)
+            except rtp.EktFieldError:
+                self._count("dropped-malformed-ekt")
+                return
+        try:
+            if rtcp_packet:
+                plain = endpoint.inbound.unprotect_rtcp(packet)
+            else:
+                plain = endpoint.inbound.unprotect(packet)
+        except pylibsrtp.Error:
+            # Bad tag, replay, or a spoofed source: never forwarded.
+            self._count("dropped-srtp-unprotect-failed")
+            return
+        endpoint.last_seen = self.clock.seconds()
+        forwarded = 0
+        for other in self._conferences.get(endpoint.conference, ()):
+            if other is endpoint:
+                continue
+            try:
+                if rtcp_packet:
+                    out = other.outbound.protect_rtcp(plain)
+                else:
+                    out = other.outbound.protect(plain) + ekt_field
+            except pylibsrtp.Error:
+                self._count("dropped-protect-failed")
+                continue
+            self.transport.write(out, other.address)
+            forwarded += 1
+        self._count("forwarded-rtcp" if rtcp_packet else "forwarded-rtp", forwarded)
+
+    # -- messages from tunnels ------------------------------------------
+
+    def tunneledDtlsReceived(self, tunnel, association_id: uuid.UUID, data: bytes) -> None:
+        endpoint = self._by_id.get(association_id)
+        if endpoint is None:
+            self._count("tunnel-unknown-association")
+            return
+        if not endpoint.established:
+            try:
+                server_hello = hello.parse_server_hello(data)
+            except hello.HelloError:
+                server_hello = None
+            if server_hello is not None:
+                # DTLS 1.2 ServerHellos are cleartext: extension 39 says
+                # whether every SRTP packet will end with an EKT field.
+                endpoint.ekt = server_hello.ekt_cipher is not None
+        self.transport.write(data, endpoint.address)
+
+    def mediaKeysReceived(self, tunnel, message) -> None:
+        endpoint = self._by_id.get(message.association_id)
+        if endpoint is None:
+            self._count("tunnel-unknown-association")
+            return
+        profile = by_id(message.profile)
+        problem = None
+        if profile is None or profile.id not in self.profile_ids:
+            problem = "profile 0x{:04X} was not offered".format(message.profile)
+        elif (len(message.client_key) != profile.hbh_key_length
+              or len(message.server_key) != profile.hbh_key_length
+              or len(message.client_salt) != profile.hbh_salt_length
+              or len(message.server_salt) != profile.hbh_salt_length):
+            problem = "key or salt lengths do not fit {}".format(profile.name)
+        elif message.mki:
+            problem = "an MKI is not supported"
+        elif endpoint.established:
+            problem = "a second MediaKeys for the same association"
+        if problem is not None:
+            self._count("media-keys-refused")
+            self.log.warn("Ending association {association_id}: MediaKeys refused: {reason}",
+                          association_id=endpoint.id, reason=problem)
+            self._drop(endpoint, notify=True, reason="MediaKeys refused")
+            return
+        endpoint.profile = profile
+        endpoint.inbound = _session(message.client_key, message.client_salt, profile,
+                                    pylibsrtp.Policy.SSRC_ANY_INBOUND)
+        endpoint.outbound = _session(message.server_key, message.server_salt, profile,
+                                     pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
+        endpoint.last_seen = self.clock.seconds()
+        previous = self._established.get(endpoint.address)
+        if previous is not None and previous is not endpoint:
+            self._drop(previous, notify=True, reason="replaced by a new association")
+        if self._pending.get(endpoint.address) is endpoint:
+            del self._pending[endpoint.address]
+        self._established[endpoint.address] = endpoint
+        self._conferences.setdefault(endpoint.conference, set()).add(endpoint)
+        self.log.info(
+            "Association {association_id} keyed ({profile}, EKT {ekt}): forwarding media "
+            "in conference {conference}", association_id=endpoint.id, profile=profile.name,
+            ekt=endpoint.ekt, conference=endpoint.conference)
+
+    def endpointDisconnectReceived(self, tunnel, association_id: uuid.UUID) -> None:
+        endpoint = self._by_id.get(association_id)
+        if endpoint is None:
+            self._count("tunnel-unknown-association")
+            return
+        self._drop(endpoint, notify=False, reason="ended by the Key Distributor")
+
+    def tunnelDown(self, tunnel, reason=None) -> None:
+        """
+        Associations still handshaking through the tunnel fail (the endpoint
+        retries and gets a new one); keyed ones keep forwarding media.
+        """
+        for endpoint in list(self._by_id.values()):
+            if endpoint.tunnel is tunnel:
+                if endpoint.established:
+                    endpoint.tunnel = None
+                else:
+                    self._drop(endpoint, notify=False, reason="tunnel lost during the handshake")
+
+    def tunnelUp(self, tunnel) -> None:
+        pass
+
+    # -- ending associations ----------------------------------------------
+
+    def disconnect(self, tls_id: str, reason: str) -> int:
+        """End every association of this tls-id; returns how many."""
+        ended = [e for e in self._by_id.values() if e.tls_id == tls_id]
+        for endpoint in ended:
+            self._drop(endpoint, notify=True, reason=reason)
+        return len(ended)
+
+    def _membershipRemoved(self, tls_id: str, conference: str) -> None:
+        self.disconnect(tls_id, "membership removed")
+
+    def _drop(self, endpoint: Endpoint, notify: bool, reason: str) -> None:
+        if self._by_id.pop(endpoint.id, None) is None:
+            return
+        if self._pending.get(endpoint.address) is endpoint:
+            del self._pending[endpoint.address]
+        if self._established.get(endpoint.address) is endpoint:
+            del self._established[endpoint.address]
+        members = self._conferences.get(endpoint.conference)
+        if members is not None:
+            members.discard(endpoint)
+            if not members:
+                del self._conferences[endpoint.conference]
+        tunnel = endpoint.tunnel
+        if tunnel is not None:
+            if notify and tunnel.usable:
+                tunnel.sendDisconnect(endpoint.id)
+            tunnel.forgetAssociation(endpoint.id)
+        # Drop the sessions (and their keys) now rather than at collection.
+        endpoint.inbound = endpoint.outbound = None
+        self.log.info("Association {association_id} ended: {reason}",
+                      association_id=endpoint.id, reason=reason)
+
+    def _sweep(self) -> None:
+        now = self.clock.seconds()
+        self._new_per_host.clear()
+        for endpoint in list(self._by_id.values()):
+            if endpoint.established:
+                if now - endpoint.last_seen >= self.limits.endpoint_timeout:
+                    self._drop(endpoint, notify=True, reason="no RTP/RTCP for {} seconds".format(
+                        self.limits.endpoint_timeout))
+            elif now - endpoint.created >= self.limits.handshake_timeout:
+                self._drop(endpoint, notify=True, reason="handshake not finished in time")
+
+    def stop(self) -> None:
+        """Forget every association (service shutdown)."""
+        for endpoint in list(self._by_id.values()):
+            self._drop(endpoint, notify=False, reason="shutting down")

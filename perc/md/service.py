@@ -1,0 +1,120 @@
+"""
+The Media Distributor service: tunnels to Key Distributors, the endpoint UDP
+port, and the control API.
+"""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from perc.apitoken import load_or_create_token
+from perc.errors import ConfigError
+from perc.kd.roster import InvalidRegistration
+from perc.md.api import make_api_site
+from perc.md.conference import Memberships
+from perc.md.relay import MediaRelay, RelayLimits
+from perc.md.tunnel import TunnelPool
+from perc.netutil import server_endpoint, tls_client_endpoint, tls_server_factory
+from perc.tls import TlsCredentials
+
+__all__ = ["MediaDistributorService"]
+
+
+class MediaDistributorService(service.MultiService):
+    """
+    Binds the media port and listeners in ``privilegedStartService`` (one
+    clear error before the reactor runs if it cannot), then the tunnel pool
+    dials every Key Distributor.
+    """
+
+    log = Logger()
+
+    def __init__(self, *, reactor, credentials: TlsCredentials, profiles, kd: list,
+                 kd_name: str | None, tunnel_listen: str | None, media_port: int,
+                 media_interface: str, api: str | None, api_token: str | None,
+                 default_conference: str | None, limits: RelayLimits):
+        super().__init__()
+        self.reactor = reactor
+        self.credentials = credentials
+        self.media_port = media_port
+        self.media_interface = media_interface
+        self.memberships = Memberships(default_conference)
+        self.pool = TunnelPool(profiles, clock=reactor)
+        self.pool.setServiceParent(self)
+        for description in kd:
+            self.pool.addKeyDistributor(
+                tls_client_endpoint(reactor, description, credentials, "--kd", kd_name),
+                name=description)
+        self.relay = MediaRelay(pool=self.pool, memberships=self.memberships, profiles=profiles,
+                                clock=reactor, limits=limits)
+        self.pool.owner = self.relay
+        self._listen = []
+        if tunnel_listen:
+            self._listen.append(("--tunnel-listen", tunnel_listen,
+                                 server_endpoint(reactor, tunnel_listen, "--tunnel-listen"),
+                                 tls_server_factory(credentials, self.pool.listenFactory)))
+        if api:
+            self._listen.append(("--api", api, server_endpoint(reactor, api, "--api"),
+                                 make_api_site(self.memberships, self.status, api_token)))
+        self.ports = {}
+
+    @classmethod
+    def fromOptions(cls, config, reactor=None):
+        """Build from ``perc.md.tap.Options``; raises ConfigError for what a user must fix."""
+        if reactor is None:
+            from twisted.internet import reactor
+        credentials = TlsCredentials.from_options(
+            "md", cert=config["cert"], key=config["key"], ca=config["ca"], pki_dir=config["pki"])
+        api = None if config["api"] == "none" else config["api"]
+        token = load_or_create_token(config["api-token-file"]) if api else None
+        try:
+            return cls(
+                reactor=reactor, credentials=credentials, profiles=config["profiles"],
+                kd=config["kd"], kd_name=config["kd-name"],
+                tunnel_listen=config["tunnel-listen"], media_port=config["media-port"],
+                media_interface=config["media-interface"], api=api, api_token=token,
+                default_conference=config["default-conference"],
+                limits=RelayLimits(
+                    endpoint_timeout=config["endpoint-timeout"],
+                    handshake_timeout=config["handshake-timeout"],
+                    max_associations=config["max-associations"],
+                    new_associations_per_address_per_second=config[
+                        "new-associations-per-second"]))
+        except InvalidRegistration as error:
+            raise ConfigError("--default-conference: {}".format(error))
+
+    def privilegedStartService(self):
+        try:
+            self.ports["media"] = self.reactor.listenUDP(
+                self.media_port, self.relay, interface=self.media_interface)
+        except Exception as error:
+            raise SystemExit("perc-md: cannot bind --media-port {} on {}: {}".format(
+                self.media_port, self.media_interface, error))
+        self.log.info("Endpoints' UDP port: {address}", address=self.ports["media"].getHost())
+        for option, description, endpoint, factory in self._listen:
+            result = []
+            endpoint.listen(factory).addBoth(result.append)
+            if result and hasattr(result[0], "getErrorMessage"):
+                raise SystemExit("perc-md: cannot listen on {} {}: {}".format(
+                    option, description, result[0].getErrorMessage()))
+            if result:
+                self.ports[option.lstrip("-")] = result[0]
+                self.log.info("Listening for {what} on {address}", what=option.lstrip("-"),
+                              address=result[0].getHost())
+        super().privilegedStartService()
+
+    def status(self) -> dict:
+        """The document ``GET /v1/status`` returns."""
+        document = self.relay.status()
+        document["tunnels"] = self.pool.status()
+        return document
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        self.relay.stop()
+        for port in self.ports.values():
+            yield port.stopListening()
+        self.ports = {}

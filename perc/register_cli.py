@@ -213,6 +213,25 @@ def register_with_key_distributor(
     return answer, code == 201
 
 
+@defer.inlineCallbacks
+def register_with_media_distributor(
+    agent, api_url: str, token: str, conference: str, tls_id: str,
+    reactor=None, timeout: float = DEFAULT_TIMEOUT,
+):
+    """
+    Place an endpoint's tls-id in a conference on the Media Distributor's
+    control API.  Fires with ``created``; fails with :class:`ConfigError`.
+    """
+    who = "the Media Distributor"
+    code, answer = yield put_json(
+        agent, endpoint_url(api_url, conference, tls_id), token, {}, reactor=reactor,
+        timeout=timeout, what="{} API at {}".format(who, api_url),
+    )
+    if code not in (200, 201):
+        raise _refusal(who, code, answer)
+    return code == 201
+
+
 # -- running it -----------------------------------------------------------------
 
 
@@ -257,6 +276,10 @@ class RegisterOptions(usage.Options):
         ["conference", None, None, "Conference name (A-Z a-z 0-9 . _ -)"],
         ["tls-id", None, None, "The endpoint's tls-id (20-255 of A-Z a-z 0-9 + / - _)"],
         ["fingerprint", None, None, "The endpoint's certificate fingerprint, e.g. 'sha-256 AB:CD:...'"],
+        ["md-api", None, None,
+         "Base URL of the Media Distributor's control API (optional): the tls-id is "
+         "placed in the conference there too"],
+        ["md-token-file", None, None, "File holding the Media Distributor's API token"],
         ["timeout", None, DEFAULT_TIMEOUT, "Seconds to wait for each answer", float],
     ]
 
@@ -269,6 +292,8 @@ class RegisterOptions(usage.Options):
         if missing:
             raise usage.UsageError("missing option{}: {}".format(
                 "s" if len(missing) > 1 else "", ", ".join(missing)))
+        if bool(self["md-api"]) != bool(self["md-token-file"]):
+            raise usage.UsageError("--md-api and --md-token-file go together")
         if not (math.isfinite(self["timeout"]) and self["timeout"] > 0):
             raise usage.UsageError("--timeout must be a positive number of seconds")
 
@@ -282,7 +307,10 @@ class RegisterOptions(usage.Options):
             raise ConfigError(str(error)) from None
         kd_api = check_api_url(self["kd-api"], "kd-api")
         kd_token = read_token(self["token-file"])
-        return conference, tls_id, fingerprint, kd_api, kd_token
+        md = None
+        if self["md-api"]:
+            md = (check_api_url(self["md-api"], "md-api"), read_token(self["md-token-file"]))
+        return conference, tls_id, fingerprint, kd_api, kd_token, md
 
     @defer.inlineCallbacks
     def register(self, reactor, agent=None, out=None, err=None):
@@ -292,7 +320,7 @@ class RegisterOptions(usage.Options):
         """
         out = sys.stdout if out is None else out
         err = sys.stderr if err is None else err
-        conference, tls_id, fingerprint, kd_api, kd_token = self._checked()
+        conference, tls_id, fingerprint, kd_api, kd_token, md = self._checked()
         if agent is None:
             agent = Agent(
                 reactor,
@@ -309,7 +337,13 @@ class RegisterOptions(usage.Options):
             ),
             file=err,
         )
-        # A Media Distributor registration would go here, before the output.
+        if md is not None:
+            md_api, md_token = md
+            created = yield register_with_media_distributor(
+                agent, md_api, md_token, conference, tls_id, reactor=reactor,
+                timeout=self["timeout"])
+            print("perc register: Media Distributor: {} tls-id {} in conference {}".format(
+                "placed" if created else "re-placed", tls_id, conference), file=err)
         print(registration["kd_tls_id"], file=out)
         out.flush()
         return registration["kd_tls_id"]

@@ -46,6 +46,7 @@ class KeyDistributorService(service.MultiService):
         self.allow_missing_tls_id = allow_missing_tls_id
         self.authorise = Authoriser(allow_md or None)
         self.distributor: KeyDistributor | None = None
+        self.tunnelFactory: KeyDistributorTunnelFactory | None = None
         self.roster: Roster | None = None
         self.ready = defer.Deferred()
         self._tunnelGate = GatedFactory()
@@ -124,7 +125,8 @@ class KeyDistributorService(service.MultiService):
             roster=roster, credentials=dtls_credentials, profiles=self.profiles,
             clock=self.reactor, limits=self.limits,
             allow_missing_tls_id=self.allow_missing_tls_id)
-        factory = KeyDistributorTunnelFactory(self.distributor, self.authorise)
+        factory = self.tunnelFactory = KeyDistributorTunnelFactory(
+            self.distributor, self.authorise)
         self._tunnelGate.open(factory)
         if self._api_token is not None:
             self._apiGate.open(make_api_site(roster, self._api_token))
@@ -150,6 +152,8 @@ class KeyDistributorService(service.MultiService):
         for port in self._ports:
             yield port.stopListening()
         self._ports = []
+        if self.tunnelFactory is not None:
+            self.tunnelFactory.closeAll()
         if self.distributor is not None:
             self.distributor.stop()
         if self.roster is not None:

@@ -49,6 +49,9 @@ class KeyDistributorTunnel(TunnelFramingProtocol):
     # Connection life
 
     def connectionMade(self) -> None:
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.connections.add(self)
         clock = self.distributor.clock
         # A peer that never says SupportedProfiles must not hold a
         # connection (and a TLS session) for ever.
@@ -68,6 +71,9 @@ class KeyDistributorTunnel(TunnelFramingProtocol):
             self.transport.abortConnection()
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.connections.discard(self)
         self._cancelFirstMessageTimer()
         if self._up:
             self._up = False
@@ -148,9 +154,18 @@ class KeyDistributorTunnel(TunnelFramingProtocol):
 class KeyDistributorTunnelFactory(protocol.Factory):
     """Builds tunnels for a listener or for ``--connect`` client services."""
 
+    noisy = False
+
     def __init__(self, distributor, authorise=None):
         self.distributor = distributor
         self.authorise = authorise
+        #: Every live connection, so that shutting down can close them.
+        self.connections: set = set()
+
+    def closeAll(self) -> None:
+        """Close every tunnel (service shutdown)."""
+        for tunnel in list(self.connections):
+            tunnel.transport.loseConnection()
 
     def buildProtocol(self, addr):
         tunnel = KeyDistributorTunnel(self.distributor, self.authorise)

@@ -1,0 +1,116 @@
+"""
+``twistd perc-md`` and ``twistd perc-kd`` as real processes: one-line
+errors, a tunnel that comes up between them, and ``perc register`` placing
+an endpoint with both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from perc import pki
+
+from tests.test_kd_daemon import PERC, TWISTD, free_port
+
+
+class Daemon:
+    """A twistd process whose output is read until a line appears."""
+
+    def __init__(self, test, directory, args):
+        self.process = subprocess.Popen(
+            TWISTD + ["-n", "--pidfile="] + args, cwd=directory,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        test.addCleanup(self.stop)
+        self.lines = []
+
+    def wait_for(self, text, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError("{!r} not seen; output:\n{}".format(text, "".join(self.lines)))
+
+    def stop(self):
+        if self.process.stdout.closed:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.rest = self.process.stdout.read()
+        self.process.stdout.close()
+
+
+def get_json(url, token):
+    request = urllib.request.Request(url, headers={"Authorization": "Bearer " + token})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+class MediaDistributorDaemonTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.pki = pki.create_dev_pki(os.path.join(self.dir, "pki"))
+
+    def test_missing_key_one_line(self):
+        result = subprocess.run(
+            TWISTD + ["-n", "--pidfile=", "perc-md", "--kd", "tcp:127.0.0.1:1",
+                      "--cert", self.pki.md_certificate, "--key", "missing.key",
+                      "--ca", self.pki.ca_certificate],
+            cwd=self.dir, capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(result.stderr.strip(), "perc-md: --key missing.key: no such file")
+
+    def test_daemons_together(self):
+        kd_port, kd_api, md_api, media = free_port(), free_port(), free_port(), free_port()
+        kd = Daemon(self, self.dir, [
+            "perc-kd", "--pki", self.pki.directory,
+            "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(kd_port),
+            "--api", "tcp:{}:interface=127.0.0.1".format(kd_api)])
+        kd.wait_for("Key Distributor ready")
+        md = Daemon(self, self.dir, [
+            "perc-md", "--pki", self.pki.directory, "--kd", "tcp:127.0.0.1:{}".format(kd_port),
+            "--media-port", str(media), "--media-interface", "127.0.0.1",
+            "--api", "tcp:{}:interface=127.0.0.1".format(md_api)])
+        kd.wait_for("Tunnel with")
+        md_token_file = os.path.join(self.dir, "perc-md-api.token")
+        with open(md_token_file) as f:
+            md_token = f.read().strip()
+        endpoint = pki.self_signed_certificate("endpoint")[0]
+        result = subprocess.run(PERC + [
+            "register", "--kd-api", "http://127.0.0.1:{}".format(kd_api),
+            "--token-file", os.path.join(self.dir, "perc-kd-api.token"),
+            "--md-api", "http://127.0.0.1:{}".format(md_api), "--md-token-file", md_token_file,
+            "--conference", "daemons", "--tls-id", "DaemonsTlsId-0123456789",
+            "--fingerprint", pki.fingerprint(endpoint)],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("Media Distributor: placed", result.stderr)
+        base = "http://127.0.0.1:{}".format(md_api)
+        membership = get_json(base + "/v1/conferences/daemons/endpoints/DaemonsTlsId-0123456789",
+                              md_token)
+        self.assertEqual(membership, {"conference": "daemons", "tls_id": "DaemonsTlsId-0123456789"})
+        status = get_json(base + "/v1/status", md_token)
+        [link] = status["tunnels"]["key_distributors"]
+        self.assertEqual(link["state"], "up")
+        self.assertEqual(link["version"], 0)
+        md.stop()
+        kd.stop()
+        # twistd ends with the signal it was stopped by, after a clean shutdown.
+        self.assertIn(md.process.returncode, (0, -signal.SIGTERM))
+        self.assertIn("Server Shut Down.", md.rest)

@@ -1,0 +1,195 @@
+"""
+Media Distributor and Key Distributor together on real loopback sockets:
+endpoints handshake through ``perc-md`` with ``perc-kd`` and their
+hop-by-hop SRTP is forwarded to each other.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pylibsrtp
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from perc import dtls, pki
+from perc.kd import tap as kd_tap
+from perc.kd.service import KeyDistributorService
+from perc.md import tap as md_tap
+from perc.md.service import MediaDistributorService
+from perc.profiles import by_id
+from perc.tls import TlsCredentials
+
+from tests.endpointhelpers import UdpEndpoint, rtp_packet
+
+CONFERENCE = "room"
+WAIT = 20
+
+
+def sleep(seconds):
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def eventually(predicate, timeout=WAIT, step=0.02):
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not reached within {} s".format(timeout))
+        yield sleep(step)
+
+
+class ConferenceTests(TestCase):
+    timeout = 120
+    endpoint_timeout = "30"
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.pki = pki.create_dev_pki(os.path.join(self.dir, "pki"))
+        self.kd_fingerprint = pki.fingerprint(
+            TlsCredentials.from_pki_dir(self.pki.directory, "kd").certificate)
+        self.kd = None
+        yield self.startKeyDistributor("tcp:0:interface=127.0.0.1")
+        self.kd_port = self.kd._ports[0].getHost().port
+        config = md_tap.Options()
+        config.parseOptions([
+            "--pki", self.pki.directory, "--kd", "tcp:127.0.0.1:{}".format(self.kd_port),
+            "--media-port", "0", "--media-interface", "127.0.0.1", "--api", "none",
+            "--endpoint-timeout", self.endpoint_timeout])
+        self.md = MediaDistributorService.fromOptions(config, reactor)
+        self.md.privilegedStartService()
+        self.md.startService()
+        self.addCleanup(self.md.stopService)
+        self.media_address = ("127.0.0.1", self.md.ports["media"].getHost().port)
+        yield eventually(lambda: self.md.pool.pick() is not None and self.kd.distributor.tunnels)
+
+    @defer.inlineCallbacks
+    def startKeyDistributor(self, listen):
+        config = kd_tap.Options()
+        config.parseOptions([
+            "--pki", self.pki.directory, "--tunnel-listen", listen, "--api", "none",
+            "--db", os.path.join(self.dir, "kd.sqlite3")])
+        self.kd = KeyDistributorService.fromOptions(config, reactor)
+        self.kd.privilegedStartService()
+        self.kd.startService()
+        service = self.kd
+        self.addCleanup(lambda: service.stopService() if service.running else None)
+        yield self.kd.ready
+
+    @defer.inlineCallbacks
+    def join(self, name, conference=CONFERENCE):
+        credentials = dtls.Credentials.self_signed(name)
+        tls_id = "{}-TlsId-0123456789abcdef".format(name)
+        registration, _ = yield self.kd.roster.put(conference, tls_id, credentials.fingerprint)
+        self.md.memberships.put(conference, tls_id)
+        association = dtls.ClientAssociation(
+            credentials, [by_id(0x0009)], tls_id=tls_id.encode(),
+            expected_peer_tls_id=registration.kd_tls_id.encode(),
+            expected_peer_fingerprint=self.kd_fingerprint)
+        endpoint = UdpEndpoint(association, self.media_address)
+        port = reactor.listenUDP(0, endpoint, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        yield endpoint.handshake.addTimeout(WAIT, reactor)
+        return endpoint
+
+    def receive(self, endpoint):
+        return endpoint.media.get().addTimeout(WAIT, reactor)
+
+    @defer.inlineCallbacks
+    def test_media_forwarded_hop_by_hop(self):
+        a = yield self.join("alice")
+        b = yield self.join("bob")
+        c = yield self.join("carol")
+        # Payload stands for inner ciphertext + OHB, which the MD must not touch.
+        for sender, ssrc in ((a, 0x0A), (b, 0x0B), (c, 0x0C)):
+            packet = rtp_packet(ssrc, 1, b"inner-ciphertext-and-tag" + b"\x00")
+            sender.send_rtp(packet)
+            for receiver in {a, b, c} - {sender}:
+                protected = yield self.receive(receiver)
+                self.assertEqual(receiver.inbound.unprotect(protected), packet)
+        # RTCP (sender report header) travels the same way.
+        rtcp = struct.pack("!BBHI", 0x80, 200, 6, 0x0A) + b"\x00" * 20
+        a.send_rtcp(rtcp)
+        for receiver in (b, c):
+            protected = yield self.receive(receiver)
+            self.assertEqual(receiver.inbound.unprotect_rtcp(protected), rtcp)
+        self.assertEqual(a.media.pending, [])
+        counters = self.md.relay.counters
+        self.assertEqual(counters["forwarded-rtp"], 6)
+        self.assertEqual(counters["forwarded-rtcp"], 2)
+
+    @defer.inlineCallbacks
+    def test_bad_tag_and_replay_not_forwarded(self):
+        a = yield self.join("alice")
+        b = yield self.join("bob")
+        protected = a.send_rtp(rtp_packet(0x0A, 1, b"payload\x00"))
+        yield self.receive(b)
+        a.transport.write(protected, self.media_address)  # replay
+        tampered = bytearray(a.outbound.protect(rtp_packet(0x0A, 2, b"payload\x00")))
+        tampered[-1] ^= 1
+        a.transport.write(bytes(tampered), self.media_address)
+        yield eventually(lambda: self.md.relay.counters.get("dropped-srtp-unprotect-failed") == 2)
+        packet = rtp_packet(0x0A, 3, b"after\x00")
+        a.send_rtp(packet)
+        protected = yield self.receive(b)
+        self.assertEqual(b.inbound.unprotect(protected), packet)
+
+    @defer.inlineCallbacks
+    def test_conferences_are_separate(self):
+        a = yield self.join("alice")
+        b = yield self.join("bob")
+        x = yield self.join("xavier", conference="other-room")
+        a.send_rtp(rtp_packet(0x0A, 1, b"for bob\x00"))
+        yield self.receive(b)
+        yield sleep(0.2)
+        self.assertEqual(x.media.pending, [])
+
+    @defer.inlineCallbacks
+    def test_key_distributor_restart(self):
+        a = yield self.join("alice")
+        b = yield self.join("bob")
+        old_tunnels = set(self.kd.distributor.tunnels)
+        yield self.kd.stopService()
+        yield eventually(lambda: self.md.pool.pick() is None)
+        # Keyed endpoints keep talking while the Key Distributor is away.
+        packet = rtp_packet(0x0A, 1, b"while the KD is down\x00")
+        a.send_rtp(packet)
+        protected = yield self.receive(b)
+        self.assertEqual(b.inbound.unprotect(protected), packet)
+        yield self.startKeyDistributor("tcp:{}:interface=127.0.0.1".format(self.kd_port))
+        # The tunnel comes back by itself and says SupportedProfiles again:
+        # the new Key Distributor has an up tunnel, which only that makes.
+        yield eventually(lambda: self.kd.distributor.tunnels and self.md.pool.pick() is not None)
+        self.assertFalse(old_tunnels & self.kd.distributor.tunnels)
+        [tunnel] = self.kd.distributor.tunnels
+        self.assertEqual(tunnel.media_distributor_profiles, (0x0009, 0x000A))
+        # A new endpoint can join through the new tunnel; the old ones still talk.
+        c = yield self.join("carol")
+        packet = rtp_packet(0x0A, 2, b"after the restart\x00")
+        a.send_rtp(packet)
+        for receiver in (b, c):
+            protected = yield self.receive(receiver)
+            self.assertEqual(receiver.inbound.unprotect(protected), packet)
+
+
+class TimeoutTests(ConferenceTests.__base__):
+    timeout = 60
+    endpoint_timeout = "1"
+    setUp = ConferenceTests.setUp
+    startKeyDistributor = ConferenceTests.startKeyDistributor
+    join = ConferenceTests.join
+    receive = ConferenceTests.receive
+
+    @defer.inlineCallbacks
+    def test_silent_endpoint_disconnected_at_both_distributors(self):
+        a = yield self.join("alice")
+        [association_id] = [e.id for e in [self.md.relay._established[k]
+                                             for k in self.md.relay._established]]
+        self.assertIsNotNone(self.kd.distributor.association(association_id))
+        yield eventually(lambda: self.md.relay.endpoint(association_id) is None, timeout=10)
+        # EndpointDisconnect reached the Key Distributor, which forgot it too.
+        yield eventually(lambda: self.kd.distributor.association(association_id) is None)
+        del a

@@ -193,3 +193,48 @@ class TimeoutTests(ConferenceTests.__base__):
         # EndpointDisconnect reached the Key Distributor, which forgot it too.
         yield eventually(lambda: self.kd.distributor.association(association_id) is None)
         del a
+
+
+class KeyDistributorDialsTests(ConferenceTests.__base__):
+    """Either side may open the TLS connection; the message roles stay the same."""
+
+    timeout = 60
+    join = ConferenceTests.join
+    receive = ConferenceTests.receive
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.pki = pki.create_dev_pki(os.path.join(self.dir, "pki"))
+        self.kd_fingerprint = pki.fingerprint(
+            TlsCredentials.from_pki_dir(self.pki.directory, "kd").certificate)
+        config = md_tap.Options()
+        config.parseOptions([
+            "--pki", self.pki.directory, "--tunnel-listen", "tcp:0:interface=127.0.0.1",
+            "--media-port", "0", "--media-interface", "127.0.0.1", "--api", "none"])
+        self.md = MediaDistributorService.fromOptions(config, reactor)
+        self.md.privilegedStartService()
+        self.md.startService()
+        self.addCleanup(self.md.stopService)
+        self.media_address = ("127.0.0.1", self.md.ports["media"].getHost().port)
+        tunnel_port = self.md.ports["tunnel-listen"].getHost().port
+        config = kd_tap.Options()
+        config.parseOptions([
+            "--pki", self.pki.directory, "--tunnel-listen", "none", "--api", "none",
+            "--connect", "tcp:127.0.0.1:{}".format(tunnel_port),
+            "--db", os.path.join(self.dir, "kd.sqlite3")])
+        self.kd = KeyDistributorService.fromOptions(config, reactor)
+        self.kd.privilegedStartService()
+        self.kd.startService()
+        self.addCleanup(lambda: self.kd.stopService() if self.kd.running else None)
+        yield self.kd.ready
+        yield eventually(lambda: self.md.pool.pick() is not None and self.kd.distributor.tunnels)
+
+    @defer.inlineCallbacks
+    def test_media_through_a_tunnel_the_key_distributor_opened(self):
+        a = yield self.join("alice")
+        b = yield self.join("bob")
+        packet = rtp_packet(0x0A, 1, b"reverse\x00")
+        a.send_rtp(packet)
+        protected = yield self.receive(b)
+        self.assertEqual(b.inbound.unprotect(protected), packet)

@@ -284,14 +284,14 @@ class KeyDistributor:
             "{conference}, profile {profile}; hop-by-hop keys sent to {peer}",
             association_id=association.id, tls_id=registration.tls_id,
             conference=registration.conference, profile=profile.name,
-            peer=association.tunnel.peerDescription() if association.tunnel else "(no tunnel)")
+            peer=self._peer(association))
 
     def _closed(self, association: _Association, event: dtls.Closed) -> None:
         self._count("rejected" if event.rejected else "closed")
         log = self.log.warn if event.rejected else self.log.info
-        log("Association {association_id} ended ({conference}): {reason}",
+        log("Association {association_id} ended ({conference}, via {peer}): {reason}",
             association_id=association.id, conference=self._conference(association),
-            reason=event.reason, rejected=event.rejected)
+            peer=self._peer(association), reason=event.reason, rejected=event.rejected)
         if association.tunnel is not None:
             association.tunnel.sendMessage(wire.EndpointDisconnect(association.id))
         self._forget(association)
@@ -320,6 +320,11 @@ class KeyDistributor:
             del self._associations[association.id]
         if association.counted_on is not None:
             association.counted_on.associations.discard(association.id)
+
+    @staticmethod
+    def _peer(association: _Association) -> str:
+        tunnel = association.tunnel or association.origin
+        return tunnel.peerDescription() if tunnel is not None else "(no tunnel)"
 
     def _conference(self, association: _Association) -> str:
         registration = association.registration

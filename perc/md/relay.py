@@ -62,6 +62,12 @@ def _session(key: bytes, salt: bytes, profile: Profile, direction: int) -> pylib
     return pylibsrtp.Session(policy)
 
 
+def _tls_id(client_hello) -> str | None:
+    if client_hello.tls_id is None:
+        return None
+    return client_hello.tls_id.decode("ascii", "replace")
+
+
 class MediaRelay(protocol.DatagramProtocol):
     """
     ``pool`` picks a tunnel for a new association (``pick()``) and the
@@ -129,7 +135,23 @@ class MediaRelay(protocol.DatagramProtocol):
 
     def _dtls(self, data: bytes, address) -> None:
         endpoint = self._pending.get(address)
-        if endpoint is None:
+        if endpoint is not None:
+            try:
+                client_hello = hello.parse_client_hello(data)
+            except hello.HelloError:
+                client_hello = None
+            if client_hello is not None and (client_hello.tls_id_malformed
+                                             or _tls_id(client_hello) != endpoint.tls_id):
+                # Another endpoint at this address (a restart, or a spoofed
+                # first ClientHello): it gets an association in its own
+                # conference, and only then is the other handshake dropped.
+                replacement = self._newAssociation(address, client_hello)
+                if replacement is None:
+                    return
+                self._drop(endpoint, notify=True,
+                           reason="a ClientHello with another tls-id came from its address")
+                endpoint = replacement
+        else:
             try:
                 client_hello = hello.parse_client_hello(data)
             except hello.HelloError:
@@ -166,9 +188,7 @@ class MediaRelay(protocol.DatagramProtocol):
         if client_hello.tls_id_malformed:
             self._count("refused-malformed-tls-id")
             return None
-        tls_id = None
-        if client_hello.tls_id is not None:
-            tls_id = client_hello.tls_id.decode("ascii", "replace")
+        tls_id = _tls_id(client_hello)
         conference = self.memberships.conference_for(tls_id)
         if conference is None:
             self._count("refused-no-conference")
@@ -209,8 +229,10 @@ class MediaRelay(protocol.DatagramProtocol):
                 plain = endpoint.inbound.unprotect_rtcp(packet)
             else:
                 plain = endpoint.inbound.unprotect(packet)
-        except pylibsrtp.Error:
+        except (pylibsrtp.Error, ValueError):
             # Bad tag, replay, or a spoofed source: never forwarded.
+            # pylibsrtp raises ValueError for a packet over its 1500-octet
+            # buffer (the UDP port reads up to 8192).
             self._count("dropped-srtp-unprotect-failed")
             return
         endpoint.last_seen = self.clock.seconds()
@@ -223,7 +245,9 @@ class MediaRelay(protocol.DatagramProtocol):
                     out = other.outbound.protect_rtcp(plain)
                 else:
                     out = other.outbound.protect(plain) + ekt_field
-            except pylibsrtp.Error:
+            except (pylibsrtp.Error, ValueError):
+                # ValueError: more than pylibsrtp can re-protect in its
+                # buffer (1500 octets less the largest trailer).
                 self._count("dropped-protect-failed")
                 continue
             self.transport.write(out, other.address)
@@ -233,9 +257,8 @@ class MediaRelay(protocol.DatagramProtocol):
     # -- messages from tunnels ------------------------------------------
 
     def tunneledDtlsReceived(self, tunnel, association_id: uuid.UUID, data: bytes) -> None:
-        endpoint = self._by_id.get(association_id)
+        endpoint = self._fromItsTunnel(tunnel, association_id)
         if endpoint is None:
-            self._count("tunnel-unknown-association")
             return
         if not endpoint.established:
             try:
@@ -249,9 +272,8 @@ class MediaRelay(protocol.DatagramProtocol):
         self.transport.write(data, endpoint.address)
 
     def mediaKeysReceived(self, tunnel, message) -> None:
-        endpoint = self._by_id.get(message.association_id)
+        endpoint = self._fromItsTunnel(tunnel, message.association_id)
         if endpoint is None:
-            self._count("tunnel-unknown-association")
             return
         profile = by_id(message.profile)
         problem = None
@@ -291,11 +313,25 @@ class MediaRelay(protocol.DatagramProtocol):
             ekt=endpoint.ekt, conference=endpoint.conference)
 
     def endpointDisconnectReceived(self, tunnel, association_id: uuid.UUID) -> None:
+        endpoint = self._fromItsTunnel(tunnel, association_id)
+        if endpoint is None:
+            return
+        self._drop(endpoint, notify=False, reason="ended by the Key Distributor")
+
+    def _fromItsTunnel(self, tunnel, association_id: uuid.UUID) -> Endpoint | None:
+        """
+        The association, if ``tunnel`` is the one it is pinned to: another
+        Key Distributor must not steer (or end) an association it does not
+        terminate.
+        """
         endpoint = self._by_id.get(association_id)
         if endpoint is None:
             self._count("tunnel-unknown-association")
-            return
-        self._drop(endpoint, notify=False, reason="ended by the Key Distributor")
+            return None
+        if endpoint.tunnel is not tunnel:
+            self._count("tunnel-foreign-association")
+            return None
+        return endpoint
 
     def tunnelDown(self, tunnel, reason=None) -> None:
         """

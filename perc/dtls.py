@@ -47,6 +47,14 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 from perc import pki
+from perc.ekt import (
+    EktCipher,
+    EktError,
+    decode_client_ekt_ciphers,
+    decode_server_ekt_cipher,
+    encode_client_ekt_ciphers,
+    encode_server_ekt_cipher,
+)
 from perc.profiles import Profile, SrtpKeys, by_id, openssl_srtp_string
 
 __all__ = [
@@ -72,6 +80,7 @@ __all__ = [
     "Reject",
     "STAGE_CERTIFICATE",
     "STAGE_HELLO",
+    "SUPPORTED_EKT_CIPHERS",
     "ServerAssociation",
     "ServerListener",
     "callback_registry_size",
@@ -101,6 +110,7 @@ _SERVER = "server"
 
 # TLS alert descriptions used by the callbacks.
 _ALERT_HANDSHAKE_FAILURE = 40
+_ALERT_ILLEGAL_PARAMETER = 47
 _ALERT_ACCESS_DENIED = 49
 _ALERT_DECODE_ERROR = 50
 _ALERT_INTERNAL_ERROR = 80
@@ -142,12 +152,17 @@ class HandshakeComplete(DtlsEvent):
     repr hides the values.  ``peer_fingerprint`` is the sha-256 fingerprint
     of the peer's leaf certificate in RFC 8122 form; ``peer_tls_id`` the
     tls-id the peer sent in extension 56 (None if it sent none).
+    ``ekt_cipher`` is the EKT cipher the ServerHello selected in extension
+    39 (supported_ekt_ciphers, RFC 8870 section 5.2.1): a
+    :class:`perc.ekt.EktCipher` (a plain int for a value perc.ekt does not
+    know), None when EKT was not negotiated.
     """
 
     profile: Profile
     keys: SrtpKeys
     peer_fingerprint: str
     peer_tls_id: Optional[bytes]
+    ekt_cipher: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -348,8 +363,7 @@ class ExtensionSpec:
     extension API.  Every spec in the registry is registered on every
     context; per association, ``_SslState.send[ext_type]`` holds the encoded
     value to send (absent = do not send) and ``_PARSERS[(role, ext_type)]``
-    handles what the peer sent.  Extension 39 (supported_ekt_ciphers) is
-    meant to join the same way.
+    handles what the peer sent.
     """
 
     ext_type: int
@@ -357,8 +371,37 @@ class ExtensionSpec:
 
 
 EXTERNAL_SESSION_ID = ExtensionSpec(56, "external_session_id")
+SUPPORTED_EKT_CIPHERS = ExtensionSpec(39, "supported_ekt_ciphers")
 
-_EXTENSIONS: tuple = (EXTERNAL_SESSION_ID,)
+_EXTENSIONS: tuple = (EXTERNAL_SESSION_ID, SUPPORTED_EKT_CIPHERS)
+
+
+def _normalise_ekt_ciphers(ciphers) -> Optional[tuple]:
+    """
+    ``ekt_ciphers`` as given to the client or server role: None, or a
+    non-empty sequence of cipher values 1..254 (order = preference),
+    returned as a tuple of ints without duplicates.  EktError (a
+    ValueError) otherwise.
+    """
+    if ciphers is None:
+        return None
+    if isinstance(ciphers, (str, bytes, bytearray)) or not isinstance(ciphers, Iterable):
+        raise TypeError("ekt_ciphers must be a sequence of cipher values")
+    given = list(ciphers)
+    # Validates every value and the count.
+    encode_client_ekt_ciphers(given)
+    values = []
+    for value in given:
+        if value not in values:
+            values.append(int(value))
+    return tuple(values)
+
+
+def _ekt_cipher_value(value: int):
+    try:
+        return EktCipher(value)
+    except ValueError:
+        return value
 
 
 # --------------------------------------------------------------------------
@@ -399,6 +442,8 @@ class _SslState:
         "expected_peer_tls_id",
         "expected_peer_fingerprint",
         "allowed_profile_ids",
+        "ekt_ciphers",
+        "ekt_cipher",
         "hello_done",
         "peer_tls_id",
         "peer_fingerprint",
@@ -422,6 +467,10 @@ class _SslState:
         self.expected_peer_tls_id = None
         self.expected_peer_fingerprint = None
         self.allowed_profile_ids = frozenset()
+        # EKT ciphers offered (client) or supported (server), None = no EKT;
+        # ekt_cipher is the one the ServerHello selected.
+        self.ekt_ciphers = None
+        self.ekt_cipher = None
         self.hello_done = False
         self.peer_tls_id = None
         self.peer_fingerprint = None
@@ -574,10 +623,42 @@ def _parse_external_session_id(ssl, state: _SslState, data: bytes) -> None:
         raise _reject("server tls-id does not match the expected one")
 
 
+def _parse_client_ekt_ciphers(ssl, state: _SslState, data: bytes) -> None:
+    """Server role: the ClientHello's offer; select the first of ours the client offered."""
+    try:
+        offered = decode_client_ekt_ciphers(data)
+    except EktError as e:
+        raise _Refusal("malformed supported_ekt_ciphers from peer: {}".format(e),
+                       False, _ALERT_DECODE_ERROR, _X509_APPLICATION)
+    for cipher in state.ekt_ciphers or ():
+        if cipher in offered:
+            state.ekt_cipher = cipher
+            state.send[SUPPORTED_EKT_CIPHERS.ext_type] = encode_server_ekt_cipher(cipher)
+            return
+
+
+def _parse_server_ekt_cipher(ssl, state: _SslState, data: bytes) -> None:
+    """
+    Client role: the ServerHello's selection.  (OpenSSL itself refuses a
+    ServerHello extension the client did not send.)
+    """
+    try:
+        selected = decode_server_ekt_cipher(data)
+    except EktError as e:
+        raise _Refusal("malformed supported_ekt_ciphers from peer: {}".format(e),
+                       False, _ALERT_DECODE_ERROR, _X509_APPLICATION)
+    if selected not in (state.ekt_ciphers or ()):
+        raise _Refusal("rejected: server selected EKT cipher {}, which was not offered".format(
+            selected), True, _ALERT_ILLEGAL_PARAMETER, _X509_APPLICATION)
+    state.ekt_cipher = selected
+
+
 #: (role, extension type) -> handler(ssl, state, data); raises _Refusal.
 _PARSERS = {
     (_SERVER, EXTERNAL_SESSION_ID.ext_type): _parse_external_session_id,
     (_CLIENT, EXTERNAL_SESSION_ID.ext_type): _parse_external_session_id,
+    (_SERVER, SUPPORTED_EKT_CIPHERS.ext_type): _parse_client_ekt_ciphers,
+    (_CLIENT, SUPPORTED_EKT_CIPHERS.ext_type): _parse_server_ekt_cipher,
 }
 
 
@@ -897,6 +978,12 @@ class DtlsAssociation:
         return self._state.peer_fingerprint
 
     @property
+    def ekt_cipher(self) -> Optional[int]:
+        """The EKT cipher the ServerHello selected (as in HandshakeComplete), or None."""
+        value = self._state.ekt_cipher
+        return None if value is None else _ekt_cipher_value(value)
+
+    @property
     def retransmissions(self) -> int:
         """Handshake flights retransmitted because of timeouts so far."""
         return self._retransmissions
@@ -1108,6 +1195,7 @@ class DtlsAssociation:
             keys=keys,
             peer_fingerprint=state.peer_fingerprint,
             peer_tls_id=state.peer_tls_id,
+            ekt_cipher=None if state.ekt_cipher is None else _ekt_cipher_value(state.ekt_cipher),
         ))
 
     def _fail_from_error(self, error: Exception) -> None:
@@ -1170,6 +1258,12 @@ class ClientAssociation(DtlsAssociation):
     RFC 5763/8122) and ``expected_peer_tls_id`` when they are not None.
     ``credentials`` may be None only to test a server's refusal.
 
+    ``ekt_ciphers`` (EKT cipher values, most preferred first) is offered
+    in extension 39 (supported_ekt_ciphers); None offers no EKT.  A server
+    selecting a cipher that was not offered is rejected
+    (Closed(rejected=True)); HandshakeComplete.ekt_cipher tells what it
+    selected.
+
     Call :meth:`start` to get the first flight.
     """
 
@@ -1179,6 +1273,7 @@ class ClientAssociation(DtlsAssociation):
                  tls_id: Optional[bytes] = None,
                  expected_peer_tls_id: Optional[bytes] = None,
                  expected_peer_fingerprint: Optional[str] = None,
+                 ekt_ciphers: Optional[Iterable[int]] = None,
                  mtu: int = DEFAULT_MTU,
                  max_retransmissions: int = DEFAULT_MAX_RETRANSMISSIONS,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
@@ -1188,6 +1283,10 @@ class ClientAssociation(DtlsAssociation):
         state.allowed_profile_ids = frozenset(p.id for p in profiles)
         if tls_id is not None:
             state.send[EXTERNAL_SESSION_ID.ext_type] = encode_external_session_id(tls_id)
+        state.ekt_ciphers = _normalise_ekt_ciphers(ekt_ciphers)
+        if state.ekt_ciphers is not None:
+            state.send[SUPPORTED_EKT_CIPHERS.ext_type] = encode_client_ekt_ciphers(
+                state.ekt_ciphers)
         if expected_peer_tls_id is not None:
             state.expected_peer_tls_id = validate_tls_id(expected_peer_tls_id)
         if expected_peer_fingerprint is not None:
@@ -1233,12 +1332,17 @@ class ServerListener:
 
     ``identity_hook`` (default: accept everything) and ``tls_id`` (the
     server's default tls-id for the ServerHello) apply to every association
-    unless ``listen`` overrides them.
+    unless ``listen`` overrides them.  So does ``ekt_ciphers``: the EKT
+    ciphers the server supports, in its order of preference; when a
+    ClientHello offers some of them in extension 39, the ServerHello
+    selects the first of this list the client offered.  None (or ``()``)
+    means no EKT: the ServerHello then carries no extension 39.
     """
 
     def __init__(self, credentials: Credentials, profiles: Iterable[Profile], *,
                  identity_hook: Optional[IdentityHook] = None,
                  tls_id: Optional[bytes] = None,
+                 ekt_ciphers: Optional[Iterable[int]] = None,
                  mtu: int = DEFAULT_MTU,
                  max_retransmissions: int = DEFAULT_MAX_RETRANSMISSIONS,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
@@ -1249,6 +1353,7 @@ class ServerListener:
         self.profiles = _normalise_profiles(profiles)
         self.identity_hook = identity_hook
         self.tls_id = None if tls_id is None else validate_tls_id(tls_id)
+        self.ekt_ciphers = _server_ekt_ciphers(ekt_ciphers)
         self.mtu = _check_mtu(mtu)
         if max_retransmissions < 0:
             raise ValueError("max_retransmissions must be >= 0")
@@ -1265,19 +1370,25 @@ class ServerListener:
     def listen(self, association_id: bytes, datagram: bytes, now: float, *,
                profiles: Optional[Iterable[Profile]] = None,
                identity_hook: Optional[IdentityHook] = None,
-               tls_id: Optional[bytes] = None):
+               tls_id: Optional[bytes] = None,
+               ekt_ciphers: Optional[Iterable[int]] = None):
         """
         Returns ``(reply_datagrams, association_or_None)``:
         ``(HelloVerifyRequest,), None`` for a ClientHello without a valid
         cookie; ``(), association`` for one with a valid cookie (call
         ``association.start(now)`` next); ``(), None`` for anything else.
         Never raises because of the datagram's content.
+
+        ``profiles``, ``identity_hook``, ``tls_id`` and ``ekt_ciphers``
+        override the listener's for this association when not None
+        (``ekt_ciphers=()`` turns EKT off for it).
         """
         if not _looks_like_client_hello(datagram):
             return (), None
         profiles = self.profiles if profiles is None else _normalise_profiles(profiles)
         if tls_id is not None:
             validate_tls_id(tls_id)
+        ekt_ciphers = self.ekt_ciphers if ekt_ciphers is None else _server_ekt_ciphers(ekt_ciphers)
         context = _context(_SERVER, profiles, self.credentials)
         connection = _new_connection(context, self.mtu)
         connection.set_accept_state()
@@ -1302,6 +1413,7 @@ class ServerListener:
         state.identity_hook = identity_hook if identity_hook is not None else self.identity_hook
         state.default_tls_id = tls_id if tls_id is not None else self.tls_id
         state.allowed_profile_ids = frozenset(p.id for p in profiles)
+        state.ekt_ciphers = ekt_ciphers
         association = ServerAssociation(
             association_id=bytes(association_id), context=context, connection=connection,
             state=state, profiles=profiles, mtu=self.mtu,
@@ -1309,6 +1421,16 @@ class ServerListener:
             handshake_timeout=self.handshake_timeout)
         association._mark_started(now)
         return (), association
+
+
+def _server_ekt_ciphers(ciphers) -> Optional[tuple]:
+    """The server's supported EKT ciphers: None for None or an empty sequence."""
+    if ciphers is not None and not isinstance(ciphers, (str, bytes, bytearray)) \
+            and isinstance(ciphers, Iterable):
+        ciphers = tuple(ciphers)
+        if not ciphers:
+            return None
+    return _normalise_ekt_ciphers(ciphers)
 
 
 def _looks_like_client_hello(datagram) -> bool:

@@ -15,6 +15,9 @@ containing ``/`` is sent as ``%2F``):
     200 with the registration, 404 if that tls-id is not in that conference.
 ``DELETE /v1/conferences/{conference}/endpoints/{tls_id}``
     204, or 404.
+``POST /v1/conferences/{conference}/rekey``
+    A new EKTKey (new SPI) for the conference, sent to each of its live
+    endpoints; 200 with ``{"conference", "ekt_spi", "endpoints"}``.
 ``GET /v1/conferences/{conference}/endpoints``
     200 with ``{"conference": ..., "endpoints": [registration, ...]}``
     ordered by tls-id; an empty list for a conference nobody registered in.
@@ -94,10 +97,12 @@ class ControlAPI(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, roster, token: str):
+    def __init__(self, roster, token: str, rekey=None):
+        """``rekey(conference) -> (EktKey, endpoints)`` serves the rekey route."""
         super().__init__()
         self._roster = roster
         self._token = token
+        self._rekey = rekey
 
     _json = staticmethod(json_response)
     _error = staticmethod(error_response)
@@ -114,6 +119,21 @@ class ControlAPI(resource.Resource):
             segments = [s.decode("utf-8") for s in request.postpath]
         except UnicodeDecodeError:
             return self._error(request, http.BAD_REQUEST, "path is not UTF-8")
+
+        if (len(segments) == 4 and segments[:2] == ["v1", "conferences"]
+                and segments[3] == "rekey" and self._rekey is not None):
+            if request.method != b"POST":
+                return self._not_allowed(request, b"POST")
+            try:
+                conference = validate_conference(segments[2])
+            except InvalidRegistration as error:
+                return self._error(request, http.BAD_REQUEST, str(error))
+            key, endpoints = self._rekey(conference)
+            log.info("conference {conference} rekeyed (SPI {spi}, {endpoints} endpoints)",
+                     conference=conference, spi=key.ekt_spi, endpoints=endpoints,
+                     peer=peer(request))
+            return self._json(request, http.OK, {"conference": conference,
+                                                 "ekt_spi": key.ekt_spi, "endpoints": endpoints})
 
         if (
             len(segments) in (4, 5)
@@ -276,6 +296,6 @@ class ControlAPI(resource.Resource):
         return server.NOT_DONE_YET
 
 
-def make_api_site(roster, token: str) -> server.Site:
+def make_api_site(roster, token: str, rekey=None) -> server.Site:
     """A ``Site`` serving the control API for ``roster``, guarded by ``token``."""
-    return make_site(ControlAPI(roster, token))
+    return make_site(ControlAPI(roster, token, rekey))

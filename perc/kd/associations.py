@@ -42,6 +42,7 @@ class _Association:
     profiles: tuple
     registration: object | None = None
     established: bool = False
+    ekt: bool = False
     timer: object | None = None
     grace_timer: object | None = None
     counted_on: object | None = field(default=None)
@@ -58,7 +59,13 @@ class KeyDistributor:
     log = Logger()
 
     def __init__(self, *, roster, credentials: dtls.Credentials, profiles: tuple,
-                 clock, limits: Limits = Limits(), allow_missing_tls_id: bool = False):
+                 clock, limits: Limits = Limits(), allow_missing_tls_id: bool = False,
+                 conference_keys=None):
+        """
+        ``conference_keys`` (a :class:`perc.kd.conference_keys.ConferenceKeys`)
+        enables EKT: extension 39 is negotiated with endpoints that offer it
+        and they get their conference's EKTKey after the handshake.
+        """
         self.roster = roster
         self.credentials = credentials
         self.profiles = tuple(profiles)
@@ -68,8 +75,10 @@ class KeyDistributor:
         self.first_message_timeout = limits.first_message_timeout
         self.tunnels: set = set()
         self._associations: dict[uuid.UUID, _Association] = {}
+        self.conference_keys = conference_keys
         self._listener = dtls.ServerListener(
-            credentials, self.profiles, handshake_timeout=limits.handshake_timeout)
+            credentials, self.profiles, handshake_timeout=limits.handshake_timeout,
+            ekt_ciphers=None if conference_keys is None else (int(conference_keys.cipher),))
         #: Counters by reason, for status and tests.
         self.counters: dict[str, int] = {}
         roster.add_removal_observer(self._registrationRemoved)
@@ -254,23 +263,27 @@ class KeyDistributor:
         event's EndpointDisconnect goes after them (they may hold an alert).
         """
         closed = None
+        after = ()
         for event in output.events:
             if isinstance(event, dtls.HandshakeComplete):
-                self._handshakeComplete(association, event)
+                after = self._handshakeComplete(association, event)
             elif isinstance(event, dtls.Closed):
                 closed = event
             elif isinstance(event, dtls.ApplicationData):
                 self._count("endpoint-application-data")
         tunnel = association.tunnel
         if tunnel is not None:
-            for datagram in output.datagrams:
+            # The EKTKey record follows the server's final flight.
+            for datagram in output.datagrams + after:
                 tunnel.sendMessage(wire.TunneledDtls(association.id, datagram))
         if closed is not None:
             self._closed(association, closed)
             return
         self._schedule(association)
 
-    def _handshakeComplete(self, association: _Association, event: dtls.HandshakeComplete) -> None:
+    def _handshakeComplete(self, association: _Association,
+                           event: dtls.HandshakeComplete) -> tuple:
+        """Send MediaKeys; returns the datagrams of the EKTKey record, if any."""
         association.established = True
         registration = association.registration
         profile = event.profile
@@ -285,6 +298,41 @@ class KeyDistributor:
             association_id=association.id, tls_id=registration.tls_id,
             conference=registration.conference, profile=profile.name,
             peer=self._peer(association))
+        if event.ekt_cipher is None or self.conference_keys is None:
+            return ()
+        association.ekt = True
+        return self._sendEktKey(association, self.conference_keys.key_for(
+            registration.conference)).datagrams
+
+    def _sendEktKey(self, association: _Association, key) -> dtls.Output:
+        """
+        The EKTKey as the first application-data record (the deviation from
+        RFC 8870's ekt_key handshake message documented in NOTES.md).
+        """
+        output = association.engine.send_application_data(key.encode())
+        self.log.info("EKTKey SPI {spi} sent to association {association_id} ({conference})",
+                      spi=key.ekt_spi, association_id=association.id,
+                      conference=association.registration.conference)
+        return output
+
+    def rekey(self, conference: str):
+        """
+        Give the conference a new EKTKey and send it to every live endpoint
+        of it that negotiated EKT.  Returns (key, number of endpoints).
+        """
+        if self.conference_keys is None:
+            raise ValueError("EKT is not enabled on this Key Distributor")
+        key = self.conference_keys.rekey(conference)
+        sent = 0
+        for association in list(self._associations.values()):
+            registration = association.registration
+            if (association.established and association.ekt and registration is not None
+                    and registration.conference == conference):
+                self._process(association, self._sendEktKey(association, key))
+                sent += 1
+        self.log.info("Conference {conference} rekeyed: EKTKey SPI {spi} sent to {count} "
+                      "endpoints", conference=conference, spi=key.ekt_spi, count=sent)
+        return key, sent
 
     def _closed(self, association: _Association, event: dtls.Closed) -> None:
         self._count("rejected" if event.rejected else "closed")

@@ -16,6 +16,7 @@ from perc.apitoken import load_or_create_token
 from perc.errors import ConfigError
 from perc.kd.api import make_api_site
 from perc.kd.associations import KeyDistributor, Limits
+from perc.kd.conference_keys import ConferenceKeys
 from perc.kd.roster import Roster
 from perc.kd.tunnel import KeyDistributorTunnelFactory
 from perc.netutil import GatedFactory, server_endpoint, tls_client_endpoint, tls_server_factory
@@ -124,12 +125,12 @@ class KeyDistributorService(service.MultiService):
         self.distributor = KeyDistributor(
             roster=roster, credentials=dtls_credentials, profiles=self.profiles,
             clock=self.reactor, limits=self.limits,
-            allow_missing_tls_id=self.allow_missing_tls_id)
+            allow_missing_tls_id=self.allow_missing_tls_id, conference_keys=ConferenceKeys())
         factory = self.tunnelFactory = KeyDistributorTunnelFactory(
             self.distributor, self.authorise)
         self._tunnelGate.open(factory)
         if self._api_token is not None:
-            self._apiGate.open(make_api_site(roster, self._api_token))
+            self._apiGate.open(make_api_site(roster, self._api_token, self.distributor.rekey))
         for endpoint in self._connect:
             client = internet.ClientService(endpoint, factory, clock=self.reactor)
             client.setServiceParent(self)

@@ -134,10 +134,10 @@ def _connection_problem(failure: Failure) -> str:
 @defer.inlineCallbacks
 def put_json(
     agent, url: bytes, token: str, body: dict, reactor=None,
-    timeout: float = DEFAULT_TIMEOUT, what: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT, what: str | None = None, method: bytes = b"PUT",
 ):
     """
-    PUT ``body`` as JSON to ``url`` with ``Authorization: Bearer token``.
+    PUT (or ``method``) ``body`` as JSON to ``url`` with ``Authorization: Bearer token``.
     Fires with ``(status code, decoded JSON answer or None)``; fails with
     :class:`ConfigError` ("cannot reach <what>: <reason>") when no answer
     comes (connection refused, timeout after ``timeout`` seconds when a
@@ -154,7 +154,7 @@ def put_json(
     payload = json.dumps(body).encode("utf-8")
     where = what or url.decode("ascii")
     try:
-        d = agent.request(b"PUT", url, headers, _BytesProducer(payload))
+        d = agent.request(method, url, headers, _BytesProducer(payload))
         if reactor is not None:
             d.addTimeout(timeout, reactor)
         response = yield d

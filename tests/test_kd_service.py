@@ -54,8 +54,8 @@ class TestMediaDistributor(TunnelFramingProtocol):
         return self.messages.get().addTimeout(WAIT, reactor)
 
 
-class KeyDistributorServiceTests(TestCase):
-    timeout = 90
+class KeyDistributorServiceMixin:
+    """A Key Distributor service on loopback with a development PKI."""
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -138,6 +138,10 @@ class KeyDistributorServiceTests(TestCase):
                 output = client.receive(message.dtls_message, reactor.seconds())
             else:
                 output = dtls.Output()
+
+
+class KeyDistributorServiceTests(KeyDistributorServiceMixin, TestCase):
+    timeout = 90
 
     @defer.inlineCallbacks
     def test_endpoint_gets_keys_through_real_tunnel(self):
@@ -257,17 +261,9 @@ class UdpRelay(protocol.DatagramProtocol):
                 return
 
 
-class OpenSSLThroughTunnelTests(KeyDistributorServiceTests.__base__):
+class OpenSSLThroughTunnelTests(KeyDistributorServiceMixin, TestCase):
     skip = None if OPENSSL else "the openssl command is not installed"
     timeout = 90
-
-    setUp = KeyDistributorServiceTests.setUp
-    options = KeyDistributorServiceTests.options
-    start = KeyDistributorServiceTests.start
-    stopService = KeyDistributorServiceTests.stopService
-    register = KeyDistributorServiceTests.register
-    tunnel = KeyDistributorServiceTests.tunnel
-    closeTunnel = KeyDistributorServiceTests.closeTunnel
 
     @defer.inlineCallbacks
     def test_s_client_without_tls_id(self):

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 
+from cryptography import x509
 from twisted.trial.unittest import SynchronousTestCase
 
 from perc import pki
@@ -114,3 +115,52 @@ class MediaDistributorDaemonTests(SynchronousTestCase):
         # twistd ends with the signal it was stopped by, after a clean shutdown.
         self.assertIn(md.process.returncode, (0, -signal.SIGTERM))
         self.assertIn("Server Shut Down.", md.rest)
+
+
+class ConferenceOfProcessesTests(SynchronousTestCase):
+    """Two ``perc endpoint`` processes through real ``twistd`` daemons."""
+
+    def test_endpoints_verify_each_other(self):
+        directory = os.path.abspath(self.mktemp())
+        dev = pki.create_dev_pki(os.path.join(directory, "pki"))
+        kd_port, kd_api, md_api, media = free_port(), free_port(), free_port(), free_port()
+        kd = Daemon(self, directory, [
+            "perc-kd", "--pki", dev.directory,
+            "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(kd_port),
+            "--api", "tcp:{}:interface=127.0.0.1".format(kd_api)])
+        kd.wait_for("Key Distributor ready")
+        md = Daemon(self, directory, [
+            "perc-md", "--pki", dev.directory, "--kd", "tcp:127.0.0.1:{}".format(kd_port),
+            "--media-port", str(media), "--media-interface", "127.0.0.1",
+            "--api", "tcp:{}:interface=127.0.0.1".format(md_api)])
+        kd.wait_for("Tunnel with")
+        runs = []
+        for name in ("alice", "bob"):
+            fingerprint = subprocess.run(
+                PERC + ["pki", "endpoint", directory, "--name", name],
+                capture_output=True, text=True, timeout=60).stdout.strip().splitlines()[-1]
+            tls_id = "{}-ProcessTlsId-0123456789".format(name)
+            registered = subprocess.run(PERC + [
+                "register", "--kd-api", "http://127.0.0.1:{}".format(kd_api),
+                "--token-file", os.path.join(directory, "perc-kd-api.token"),
+                "--md-api", "http://127.0.0.1:{}".format(md_api),
+                "--md-token-file", os.path.join(directory, "perc-md-api.token"),
+                "--conference", "processes", "--tls-id", tls_id, "--fingerprint", fingerprint],
+                capture_output=True, text=True, timeout=60)
+            self.assertEqual(registered.returncode, 0, registered.stderr)
+            kd_tls_id = registered.stdout.strip().splitlines()[-1]
+            runs.append(subprocess.Popen(PERC + [
+                "endpoint", "--media", "127.0.0.1:{}".format(media), "--name", name,
+                "--cert", os.path.join(directory, name + ".pem"),
+                "--key", os.path.join(directory, name + ".key"), "--tls-id", tls_id,
+                "--expect-kd-tls-id", kd_tls_id,
+                "--expect-kd-fingerprint", pki.fingerprint(
+                    x509.load_pem_x509_certificate(open(dev.kd_certificate, "rb").read())),
+                "--duration", "2", "--rate", "50", "--expect-senders", "1"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for run in runs:
+            out, err = run.communicate(timeout=90)
+            self.assertEqual(run.returncode, 0, out + err)
+            self.assertIn("verified 1 senders (expected 1); 0 failed verification", out)
+        md.stop()
+        kd.stop()

@@ -41,8 +41,9 @@ def eventually(predicate, timeout=WAIT, step=0.02):
         yield sleep(step)
 
 
-class ConferenceTests(TestCase):
-    timeout = 120
+class DistributorsMixin:
+    """A Key Distributor and a Media Distributor service on loopback."""
+
     endpoint_timeout = "30"
 
     @defer.inlineCallbacks
@@ -97,6 +98,10 @@ class ConferenceTests(TestCase):
 
     def receive(self, endpoint):
         return endpoint.media.get().addTimeout(WAIT, reactor)
+
+
+class ConferenceTests(DistributorsMixin, TestCase):
+    timeout = 120
 
     @defer.inlineCallbacks
     def test_media_forwarded_hop_by_hop(self):
@@ -175,13 +180,9 @@ class ConferenceTests(TestCase):
             self.assertEqual(receiver.inbound.unprotect(protected), packet)
 
 
-class TimeoutTests(ConferenceTests.__base__):
+class TimeoutTests(DistributorsMixin, TestCase):
     timeout = 60
     endpoint_timeout = "1"
-    setUp = ConferenceTests.setUp
-    startKeyDistributor = ConferenceTests.startKeyDistributor
-    join = ConferenceTests.join
-    receive = ConferenceTests.receive
 
     @defer.inlineCallbacks
     def test_silent_endpoint_disconnected_at_both_distributors(self):
@@ -195,12 +196,10 @@ class TimeoutTests(ConferenceTests.__base__):
         del a
 
 
-class KeyDistributorDialsTests(ConferenceTests.__base__):
+class KeyDistributorDialsTests(DistributorsMixin, TestCase):
     """Either side may open the TLS connection; the message roles stay the same."""
 
     timeout = 60
-    join = ConferenceTests.join
-    receive = ConferenceTests.receive
 
     @defer.inlineCallbacks
     def setUp(self):

@@ -1,0 +1,128 @@
+"""
+``perc endpoint``: run one reference endpoint against a Media Distributor.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.internet import defer, task
+from twisted.python import usage
+
+from perc import dtls, pki, profiles
+from perc.endpoint import ReferenceEndpoint
+from perc.errors import ConfigError
+from perc.kd.roster import InvalidRegistration, validate_tls_id
+from perc.tls import load_certificates, load_private_key
+
+__all__ = ["EndpointOptions"]
+
+
+def _address(text: str):
+    host, _, port = text.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not host or not 0 < number < 65536:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:5004")
+    return host.strip("[]"), number
+
+
+class EndpointOptions(usage.Options):
+    synopsis = "--media HOST:PORT --cert FILE --key FILE --tls-id ID [options]"
+    longdesc = ("Join a PERC conference through a Media Distributor: DTLS-SRTP with the Key "
+                "Distributor (tls-id in extension 56, EKT in extension 39), then send "
+                "double-encrypted synthetic media and verify everyone else's end to end. "
+                "Prints a per-sender summary; exits non-zero when fewer than --expect-senders "
+                "senders were verified or any packet failed verification.")
+    optParameters = [
+        ["media", None, None, "The Media Distributor's UDP address, HOST:PORT.", _address],
+        ["cert", None, None, "PEM certificate of this endpoint (its fingerprint is registered)."],
+        ["key", None, None, "PEM private key of this endpoint."],
+        ["tls-id", None, None, "This endpoint's tls-id (as registered)."],
+        ["name", None, "endpoint", "Name shown in the summary."],
+        ["expect-kd-tls-id", None, None,
+         "The Key Distributor's tls-id from signalling (kd_tls_id); the association is "
+         "torn down if the Key Distributor sends another."],
+        ["expect-kd-fingerprint", None, None,
+         "The Key Distributor's certificate fingerprint from signalling ('sha-256 AB:...')."],
+        ["profile", None, "DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM", "Double profile to offer."],
+        ["rate", None, 50.0, "Packets per second.", float],
+        ["duration", None, 5.0, "Seconds of media.", float],
+        ["join-timeout", None, 15.0, "Seconds to wait for keys.", float],
+        ["expect-senders", None, 0, "How many other senders must be verified.", int],
+    ]
+
+    def postOptions(self):
+        missing = ["--" + n for n in ("media", "cert", "key", "tls-id") if not self[n]]
+        if missing:
+            raise usage.UsageError("missing option{}: {}".format(
+                "s" if len(missing) > 1 else "", ", ".join(missing)))
+        try:
+            [self["profile"]] = profiles.parse_profile_list(self["profile"])
+        except (profiles.ProfileError, ValueError) as error:
+            raise usage.UsageError("--profile: {}".format(error))
+        if not self["profile"].double:
+            raise usage.UsageError("--profile must be a double profile")
+        if not (0 < self["rate"] <= 1000 and 0 < self["duration"] and self["join-timeout"] > 0):
+            raise usage.UsageError("--rate must be 0..1000, --duration and --join-timeout positive")
+
+    def _endpoint(self, reactor) -> ReferenceEndpoint:
+        try:
+            tls_id = validate_tls_id(self["tls-id"])
+            if self["expect-kd-tls-id"]:
+                validate_tls_id(self["expect-kd-tls-id"])
+            fingerprint = (pki.normalise_fingerprint(self["expect-kd-fingerprint"])
+                           if self["expect-kd-fingerprint"] else None)
+        except (InvalidRegistration, pki.FingerprintError) as error:
+            raise ConfigError(str(error)) from None
+        certificate = load_certificates(self["cert"], "--cert")[0]
+        key = load_private_key(self["key"], "--key")
+        return ReferenceEndpoint(
+            name=self["name"], credentials=dtls.Credentials(certificate, key), tls_id=tls_id,
+            server=self["media"], profile=self["profile"], clock=reactor,
+            expected_kd_tls_id=self["expect-kd-tls-id"], expected_kd_fingerprint=fingerprint,
+            rate=self["rate"])
+
+    @defer.inlineCallbacks
+    def _run(self, reactor, out):
+        endpoint = self._endpoint(reactor)
+        port = reactor.listenUDP(0, endpoint, interface="0.0.0.0")
+        try:
+            try:
+                elapsed = yield endpoint.joined.addTimeout(self["join-timeout"], reactor)
+            except defer.TimeoutError:
+                raise ConfigError("no keys from the Key Distributor within {} s".format(
+                    self["join-timeout"])) from None
+            except RuntimeError as error:
+                raise ConfigError("association failed: {}".format(error)) from None
+            print("{}: joined in {:.1f} ms; sending {} packets/s for {} s".format(
+                endpoint.name, elapsed * 1000, self["rate"], self["duration"]), file=out)
+            endpoint.startSending()
+            yield task.deferLater(reactor, self["duration"], lambda: None)
+            endpoint.stopSending()
+            yield task.deferLater(reactor, 0.5, lambda: None)
+        finally:
+            yield port.stopListening()
+        return self._summary(endpoint, out)
+
+    def _summary(self, endpoint, out) -> int:
+        print("{:<10} {:>8} {:>9} {:>7} {:>6} {:>10}".format(
+            "sender", "received", "verified", "failed", "lost", "jitter ms"), file=out)
+        verified_senders = 0
+        failed = 0
+        for ssrc, stats in sorted(endpoint.stats.items()):
+            print("{:08x} {:>10} {:>9} {:>7} {:>6} {:>10.2f}".format(
+                ssrc, stats.received, stats.verified, stats.failed, stats.lost,
+                stats.jitter * 1000), file=out)
+            verified_senders += stats.verified > 0
+            failed += stats.failed
+        print("sent {}; verified {} senders (expected {}); {} failed verification".format(
+            endpoint.sent, verified_senders, self["expect-senders"], failed), file=out)
+        return 0 if verified_senders >= self["expect-senders"] and not failed else 1
+
+    def run(self):
+        from perc.register_cli import run_in_reactor
+
+        return run_in_reactor(lambda reactor: self._run(reactor, sys.stdout))

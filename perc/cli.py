@@ -34,12 +34,14 @@ class PercOptions(usage.Options):
 
 
 def _load_subcommands():
+    from perc.bench_cli import BenchOptions
     from perc.demo import DemoOptions
     from perc.endpoint_cli import EndpointOptions
     from perc.pki_cli import PkiOptions
     from perc.register_cli import RegisterOptions
 
     return [
+        ["bench", None, BenchOptions, "Run a benchmark from bench/ (forward, handshake, ...)"],
         ["demo", None, DemoOptions, "Run a whole PERC conference on loopback and prove it works"],
         ["endpoint", None, EndpointOptions, "Run a reference endpoint through a Media Distributor"],
         ["pki", None, PkiOptions, "Development PKI: CA, distributor and endpoint certificates"],

@@ -84,3 +84,13 @@ class PercCommandTests(SynchronousTestCase):
                                 capture_output=True, text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("Usage: perc", result.stdout)
+
+
+class BenchCommandTests(SynchronousTestCase):
+    def test_unknown_benchmark_is_one_line(self):
+        err = io.StringIO()
+        with redirect_stderr(err), redirect_stdout(io.StringIO()):
+            status = cli.main(["bench", "no-such-benchmark"])
+        self.assertEqual(status, 1)
+        self.assertEqual(len(err.getvalue().strip().splitlines()), 1)
+        self.assertIn("no-such-benchmark", err.getvalue())

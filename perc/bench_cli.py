@@ -56,8 +56,9 @@ class BenchOptions(usage.Options):
         names = available()
         if self["name"] not in names:
             if not names:
-                raise ConfigError("no benchmarks found in {}: they live in the bench/ "
-                                  "directory of a source checkout".format(bench_directory()))
+                raise ConfigError("unknown benchmark {!r}: no benchmarks found in {} (they live "
+                                  "in the bench/ directory of a source checkout)".format(
+                                      self["name"], bench_directory()))
             raise ConfigError("unknown benchmark {!r}; available: {}".format(
                 self["name"], ", ".join(names)))
         script = os.path.join(bench_directory(), self["name"] + ".py")

@@ -7,8 +7,6 @@ TLS server standing in for a Key Distributor.
 
 from __future__ import annotations
 
-import struct
-
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import StringTransport
@@ -18,17 +16,9 @@ from zope.interface import implementer
 from perc import wire
 from perc.md.tunnel import ITunnelOwner
 
+from tests.kdhelpers import split_messages  # noqa: F401 (re-exported for the tests)
 
-def split_messages(data: bytes) -> list:
-    """Decode a byte stream of whole tunnel messages."""
-    messages = []
-    offset = 0
-    while offset < len(data):
-        _, length = struct.unpack_from("!BH", data, offset)
-        end = offset + 3 + length
-        messages.append(wire.decode_message(data[offset:end]))
-        offset = end
-    return messages
+
 
 
 @implementer(ITunnelOwner)

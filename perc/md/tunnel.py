@@ -544,8 +544,26 @@ class _ObservedEndpoint:
         return repr(self._endpoint)
 
 
+class _PassMessagesOn:
+    """The message events an owner-of-tunnels hands straight to its own ``owner``."""
+
+    owner = None
+
+    def mediaKeysReceived(self, tunnel, message) -> None:
+        if self.owner is not None:
+            self.owner.mediaKeysReceived(tunnel, message)
+
+    def tunneledDtlsReceived(self, tunnel, association_id, data) -> None:
+        if self.owner is not None:
+            self.owner.tunneledDtlsReceived(tunnel, association_id, data)
+
+    def endpointDisconnectReceived(self, tunnel, association_id) -> None:
+        if self.owner is not None:
+            self.owner.endpointDisconnectReceived(tunnel, association_id)
+
+
 @implementer(ITunnelOwner)
-class TunnelManager(service.MultiService):
+class TunnelManager(_PassMessagesOn, service.MultiService):
     """
     Keeps one configured Key Distributor tunnel up: a ``ClientService``
     connects ``endpoint`` (normally from
@@ -664,21 +682,10 @@ class TunnelManager(service.MultiService):
     def versionRejected(self, tunnel, version) -> None:
         self.factory.version = version
 
-    def mediaKeysReceived(self, tunnel, message) -> None:
-        if self.owner is not None:
-            self.owner.mediaKeysReceived(tunnel, message)
-
-    def tunneledDtlsReceived(self, tunnel, association_id, data) -> None:
-        if self.owner is not None:
-            self.owner.tunneledDtlsReceived(tunnel, association_id, data)
-
-    def endpointDisconnectReceived(self, tunnel, association_id) -> None:
-        if self.owner is not None:
-            self.owner.endpointDisconnectReceived(tunnel, association_id)
 
 
 @implementer(ITunnelOwner)
-class TunnelPool(service.MultiService):
+class TunnelPool(_PassMessagesOn, service.MultiService):
     """
     Every Key Distributor tunnel of this Media Distributor: one
     :class:`TunnelManager` per configured Key Distributor
@@ -783,14 +790,3 @@ class TunnelPool(service.MultiService):
     def versionRejected(self, tunnel, version) -> None:
         self.listenFactory.version = version
 
-    def mediaKeysReceived(self, tunnel, message) -> None:
-        if self.owner is not None:
-            self.owner.mediaKeysReceived(tunnel, message)
-
-    def tunneledDtlsReceived(self, tunnel, association_id, data) -> None:
-        if self.owner is not None:
-            self.owner.tunneledDtlsReceived(tunnel, association_id, data)
-
-    def endpointDisconnectReceived(self, tunnel, association_id) -> None:
-        if self.owner is not None:
-            self.owner.endpointDisconnectReceived(tunnel, association_id)

@@ -167,6 +167,7 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self._ekt_sender: EktSender | None = None
         self._receiver: DoubleReceiver | None = None
         self._ekt_receiver: EktReceiver | None = None
+        self._askForEktKey = None
         self._sending = task.LoopingCall(self.sendOne)
         self._sending.clock = clock
 
@@ -184,6 +185,18 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self._hbh = event.profile.hbh_keys(event.keys)
         self._receiver = DoubleReceiver(self.profile, self._hbh.server_key, self._hbh.server_salt)
         self._ekt_receiver = EktReceiver(self._cipher)
+        self._askForEktKey = self.clock.callLater(self.EKT_KEY_RETRY, self._requestEktKey)
+
+    #: The Key Distributor's EKTKey record is DTLS application data, which is
+    #: never retransmitted: without it after this long, ask again.
+    EKT_KEY_RETRY = 0.5
+    EKT_KEY_REQUEST = b"\x01"
+
+    def _requestEktKey(self) -> None:
+        self._askForEktKey = None
+        if self._ekt_sender is None and not self.failed.called:
+            self.sendApplicationData(self.EKT_KEY_REQUEST)
+            self._askForEktKey = self.clock.callLater(self.EKT_KEY_RETRY, self._requestEktKey)
 
     def applicationData(self, data: bytes) -> None:
         if self._cipher is None:
@@ -194,6 +207,14 @@ class ReferenceEndpoint(DtlsClientProtocol):
             self._fail("unusable EKTKey from the Key Distributor: {}".format(error.reason))
             return
         now = self.clock.seconds()
+        if self._ekt_sender is not None and key.ekt_spi == self._ekt_sender.spi:
+            # The same EKTKey again (we asked while it was on its way):
+            # nothing changes.  A different key under the SPI in use would
+            # break every receiver's view of us, so it is refused.
+            if key != self._ekt_sender.ekt_key:
+                self.log.warn("{name}: ignoring a different EKTKey under SPI {spi} in use",
+                              name=self.name, spi=key.ekt_spi)
+            return
         self._ekt_receiver.add_key(key, now)
         master_key = os.urandom(self.profile.key_length // 2)
         salt = key.srtp_master_salt[:self.profile.salt_length // 2]
@@ -207,6 +228,7 @@ class ReferenceEndpoint(DtlsClientProtocol):
                                     self._hbh.client_salt)
         self._sender.set_roc(self.ssrc, roc)
         if self._ekt_sender is None:
+            self._stopAsking()
             self._ekt_sender = EktSender(key, self._cipher, self.ssrc, master_key,
                                          lambda: self._sender.roc(self.ssrc), received_at=now)
             if not self.joined.called:
@@ -219,7 +241,18 @@ class ReferenceEndpoint(DtlsClientProtocol):
     def closed(self, event: dtls.Closed) -> None:
         self._fail(event.reason)
 
+    def stopProtocol(self):
+        self._stopAsking()
+        self.stopSending()
+        super().stopProtocol()
+
+    def _stopAsking(self) -> None:
+        if self._askForEktKey is not None and self._askForEktKey.active():
+            self._askForEktKey.cancel()
+        self._askForEktKey = None
+
     def _fail(self, reason: str) -> None:
+        self._stopAsking()
         self.stopSending()
         if not self.joined.called:
             self.joined.errback(RuntimeError(reason))

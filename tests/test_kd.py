@@ -319,3 +319,74 @@ class AllowMissingTlsIdTests(KeyDistributorTestCase):
                                  self.clock)
         self.assertFalse([e for e in events if isinstance(e, dtls.HandshakeComplete)])
         self.assertEqual(md.log[-1], wire.EndpointDisconnect(aid))
+
+
+class EktTests(KeyDistributorTestCase):
+    """The conference EKTKey: after the handshake, on request, and on rekey."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        from perc.kd.conference_keys import ConferenceKeys
+        self.kd.stop()
+        self.kd = KeyDistributor(
+            roster=self.roster, credentials=_KD_CREDENTIALS, profiles=DEFAULT_PROFILES,
+            clock=self.clock, limits=self.limits, conference_keys=ConferenceKeys())
+        self.addCleanup(self.kd.stop)
+
+    def ekt_client(self):
+        return dtls.ClientAssociation(
+            _ENDPOINT, DEFAULT_PROFILES, tls_id=TLS_ID.encode(),
+            expected_peer_tls_id=self.registration.kd_tls_id.encode(), ekt_ciphers=(1,))
+
+    def keys_in(self, events):
+        from perc.ekt import EktKey
+        return [EktKey.decode(e.data, 1) for e in events if isinstance(e, dtls.ApplicationData)]
+
+    def deliver(self, md, client, aid):
+        events = []
+        for message in md.received():
+            if isinstance(message, wire.TunneledDtls):
+                events.extend(client.receive(message.dtls_message, self.clock.seconds()).events)
+        return events
+
+    def test_key_follows_the_final_flight_and_is_resent_on_request(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        client = self.ekt_client()
+        events = relay_handshake(md, client, aid, self.clock)
+        [done] = [e for e in events if isinstance(e, dtls.HandshakeComplete)]
+        self.assertEqual(done.ekt_cipher, 1)
+        [key] = self.keys_in(events)
+        self.assertEqual(key, self.kd.conference_keys.key_for(CONFERENCE))
+        # The MediaKeys message never carries it: only hop-by-hop halves.
+        [media_keys] = [m for m in md.log if isinstance(m, wire.MediaKeys)]
+        self.assertNotIn(key.ekt_key_value, media_keys.client_key + media_keys.server_key)
+        # Lost on the way? The endpoint asks again with one octet.
+        for datagram in client.send_application_data(b"\x01").datagrams:
+            md.send(wire.TunneledDtls(aid, datagram))
+        self.assertEqual(self.keys_in(self.deliver(md, client, aid)), [key])
+        self.assertEqual(self.kd.counters["ekt-key-resent"], 1)
+        # Anything else is ignored.
+        for datagram in client.send_application_data(b"hello").datagrams:
+            md.send(wire.TunneledDtls(aid, datagram))
+        self.assertEqual(md.received(), [])
+
+    def test_rekey_sends_a_new_spi(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        client = self.ekt_client()
+        [old] = self.keys_in(relay_handshake(md, client, aid, self.clock))
+        new, count = self.kd.rekey(CONFERENCE)
+        self.assertEqual(count, 1)
+        self.assertEqual(new.ekt_spi, (old.ekt_spi + 1) & 0xFFFF)
+        self.assertNotEqual(new.ekt_key_value, old.ekt_key_value)
+        self.assertEqual(self.keys_in(self.deliver(md, client, aid)), [new])
+
+    def test_no_ekt_without_extension_39(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        events = relay_handshake(md, self.client(), aid, self.clock)
+        [done] = [e for e in events if isinstance(e, dtls.HandshakeComplete)]
+        self.assertIsNone(done.ekt_cipher)
+        self.assertEqual(self.keys_in(events), [])

@@ -43,6 +43,7 @@ class _Association:
     registration: object | None = None
     established: bool = False
     ekt: bool = False
+    ekt_resends: int = 0
     timer: object | None = None
     grace_timer: object | None = None
     counted_on: object | None = field(default=None)
@@ -270,7 +271,7 @@ class KeyDistributor:
             elif isinstance(event, dtls.Closed):
                 closed = event
             elif isinstance(event, dtls.ApplicationData):
-                self._count("endpoint-application-data")
+                after = after + self._applicationData(association, event.data)
         tunnel = association.tunnel
         if tunnel is not None:
             # The EKTKey record follows the server's final flight.
@@ -303,6 +304,21 @@ class KeyDistributor:
         association.ekt = True
         return self._sendEktKey(association, self.conference_keys.key_for(
             registration.conference)).datagrams
+
+    #: An endpoint that got its keys but not the EKTKey record (application
+    #: data is never retransmitted by DTLS) asks again with this one octet.
+    EKT_KEY_REQUEST = b"\x01"
+    MAX_EKT_KEY_RESENDS = 10
+
+    def _applicationData(self, association: _Association, data: bytes) -> tuple:
+        if (data != self.EKT_KEY_REQUEST or not association.ekt
+                or association.ekt_resends >= self.MAX_EKT_KEY_RESENDS):
+            self._count("endpoint-application-data-ignored")
+            return ()
+        association.ekt_resends += 1
+        self._count("ekt-key-resent")
+        return self._sendEktKey(association, self.conference_keys.key_for(
+            association.registration.conference)).datagrams
 
     def _sendEktKey(self, association: _Association, key) -> dtls.Output:
         """

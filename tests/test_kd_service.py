@@ -13,6 +13,7 @@ import uuid
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import connectProtocol
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent
 
@@ -194,10 +195,17 @@ class KeyDistributorServiceTests(KeyDistributorServiceMixin, TestCase):
         options = ssl.optionsForClientTLS("127.0.0.1", trustRoot=kd_ca)
         endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1",
                                                              self.tunnel_port))
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         md = TestMediaDistributor()
         yield connectProtocol(endpoint, md)
         yield md.lost.addTimeout(WAIT, reactor)
         self.assertEqual(self.service.distributor.tunnels, set())
+        self.assertEqual(self.service.tunnelFactory.connections, set())
+        yield eventually(lambda: [e for e in events if "Refusing tunnel" in e.get("log_format", "")])
+        [refusal] = [e for e in events if "Refusing tunnel" in e.get("log_format", "")]
+        self.assertIn("peer did not return a certificate", refusal["reason"])
 
     @defer.inlineCallbacks
     def test_media_distributor_not_in_allow_list_refused(self):
@@ -226,6 +234,15 @@ class KeyDistributorServiceTests(KeyDistributorServiceMixin, TestCase):
         registration = self.service.roster.lookup(TLS_ID)
         self.assertEqual(registration.kd_tls_id, kd_tls_id)
         self.assertEqual(registration.fingerprint, endpoint.fingerprint)
+
+
+@defer.inlineCallbacks
+def eventually(predicate, timeout=WAIT):
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not reached within {} s".format(timeout))
+        yield deferLater(0.02)
 
 
 def deferLater(seconds):

@@ -8,6 +8,7 @@ it.  It enforces the message rules of the tunnel and hands DTLS to the
 
 from __future__ import annotations
 
+from OpenSSL import SSL
 from twisted.internet import protocol
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
@@ -17,6 +18,14 @@ from perc import wire
 from perc.framing import TunnelFramingProtocol
 
 __all__ = ["KeyDistributorTunnel", "KeyDistributorTunnelFactory"]
+
+
+def _ssl_reason(error: SSL.Error) -> str:
+    """OpenSSL's error queue as short text ('tlsv13 alert certificate required')."""
+    try:
+        return "; ".join(entry[2] for entry in error.args[0] if entry[2]) or str(error)
+    except (IndexError, TypeError):
+        return str(error)
 
 
 @implementer(IHandshakeListener)
@@ -81,6 +90,11 @@ class KeyDistributorTunnel(TunnelFramingProtocol):
                 "Tunnel with {peer} closed ({associations} associations)",
                 peer=self.peerDescription(), associations=len(self.associations))
             self.distributor.tunnelLost(self)
+        elif not self._failed and reason is not None and reason.check(SSL.Error):
+            # Refused during the TLS handshake (no client certificate, another
+            # CA, an expired one): one line with OpenSSL's reason.
+            self.log.warn("Refusing tunnel from {peer}: TLS handshake failed: {reason}",
+                          peer=self.peerDescription(), reason=_ssl_reason(reason.value))
 
     def peerDescription(self) -> str:
         address = super().peerDescription()

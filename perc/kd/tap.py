@@ -8,20 +8,7 @@ from twisted.python import usage
 
 from perc import profiles
 from perc.errors import ConfigError
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError("must be a positive integer")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be a positive number")
-    return number
+from perc.optiontypes import positive_float, positive_int
 
 
 class Options(usage.Options):
@@ -53,14 +40,14 @@ class Options(usage.Options):
          "Bearer token file for the registration API; created with a random "
          "token (mode 0600) if missing."],
         ["db", None, "perc-kd.sqlite3", "SQLite file holding registrations."],
-        ["max-associations", None, 10000, "Most live associations in total.", _positive_int],
+        ["max-associations", None, 10000, "Most live associations in total.", positive_int],
         ["max-associations-per-tunnel", None, 5000,
-         "Most live associations started through one tunnel.", _positive_int],
+         "Most live associations started through one tunnel.", positive_int],
         ["handshake-timeout", None, 30.0,
-         "Seconds a DTLS handshake may take before it is abandoned.", _positive_float],
+         "Seconds a DTLS handshake may take before it is abandoned.", positive_float],
         ["tunnel-grace", None, 10.0,
          "Seconds an association whose tunnel closed waits for its Media "
-         "Distributor to come back before it is released.", _positive_float],
+         "Distributor to come back before it is released.", positive_float],
     ]
 
     optFlags = [

@@ -8,14 +8,7 @@ from twisted.python import usage
 
 from perc import profiles
 from perc.errors import ConfigError
-from perc.kd.tap import _positive_float, _positive_int
-
-
-def _port(value: str) -> int:
-    number = int(value)
-    if not 0 <= number <= 65535:
-        raise ValueError("must be a UDP port number 0..65535")
-    return number
+from perc.optiontypes import positive_float, positive_int, udp_port
 
 
 class Options(usage.Options):
@@ -39,18 +32,18 @@ class Options(usage.Options):
         ["pki", None, None,
          "Directory made by 'perc pki init': uses md.pem, md.key and ca.pem "
          "(explicit --cert/--key/--ca win)."],
-        ["media-port", None, 5004, "UDP port for endpoints.", _port],
+        ["media-port", None, 5004, "UDP port for endpoints.", udp_port],
         ["media-interface", None, "0.0.0.0", "Address the UDP port binds to."],
         ["profiles", None, profiles.format_profile_list(profiles.DEFAULT_PROFILES),
          "Comma-separated SRTP protection profiles announced in SupportedProfiles."],
         ["endpoint-timeout", None, 30.0,
          "Seconds without RTP/RTCP from an endpoint before its association ends.",
-         _positive_float],
+         positive_float],
         ["handshake-timeout", None, 60.0,
-         "Seconds an association may take to get its keys.", _positive_float],
-        ["max-associations", None, 10000, "Most live associations.", _positive_int],
+         "Seconds an association may take to get its keys.", positive_float],
+        ["max-associations", None, 10000, "Most live associations.", positive_int],
         ["new-associations-per-second", None, 5,
-         "Most new associations per source address per second.", _positive_int],
+         "Most new associations per source address per second.", positive_int],
         ["api", None, "tcp:4751:interface=127.0.0.1",
          "Twisted server endpoint description for the control API. 'none' disables it."],
         ["api-token-file", None, "perc-md-api.token",

@@ -855,6 +855,10 @@ def _build_context(role: str, profiles: tuple, credentials: Optional[Credentials
     if role == _SERVER:
         options |= SSL.OP_COOKIE_EXCHANGE
     context.set_options(options)
+    # Free OpenSSL's record buffers when they are empty rather than keeping
+    # them for the association's lifetime: an established association
+    # mostly sits idle, and the Key Distributor holds thousands of them.
+    _lib.SSL_CTX_set_mode(context._context, _lib.SSL_MODE_RELEASE_BUFFERS)
     # Every handshake must be a full one: a resumed session would skip the
     # certificate, and with it the fingerprint check.
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)

@@ -89,6 +89,43 @@ def _frame(msg_type: MessageType, body: bytes) -> bytes:
     return _HEADER.pack(msg_type, len(body)) + body
 
 
+# Precompiled layouts for the common encodings and the decoder's fast paths.
+# They change no result: a fast path only accepts input whose every field
+# is valid, and anything else goes through the strict field-by-field
+# decoder, which gives the precise reason.
+_TUNNELED_DTLS_HEAD = struct.Struct("!BH16sH")
+_ENDPOINT_DISCONNECT_HEAD = struct.Struct("!BH16s")
+_MEDIA_KEYS_HEAD = struct.Struct("!BH16sHB")
+_UINT16 = struct.Struct("!H")
+#: Bounded caches of ``struct.Struct`` objects by profile count.
+_STRUCT_CACHE_LIMIT = 64
+_profile_structs: dict = {}
+
+
+def _profiles_struct(count: int) -> struct.Struct:
+    layout = _profile_structs.get(count)
+    if layout is None:
+        layout = struct.Struct("!{}H".format(count))
+        if len(_profile_structs) < _STRUCT_CACHE_LIMIT:
+            _profile_structs[count] = layout
+    return layout
+
+
+_object_new = object.__new__
+_object_setattr = object.__setattr__
+_UUID = uuid.UUID
+_SAFE_UNKNOWN = uuid.SafeUUID.unknown
+_from_bytes = int.from_bytes
+
+
+def _uuid_from_bytes(value: bytes) -> uuid.UUID:
+    """``uuid.UUID(bytes=value)`` for exactly 16 octets, without its argument checks."""
+    result = _object_new(_UUID)
+    _object_setattr(result, "int", _from_bytes(value, "big"))
+    _object_setattr(result, "is_safe", _SAFE_UNKNOWN)
+    return result
+
+
 @dataclass(frozen=True)
 class SupportedProfiles:
     """The Media Distributor's first message on every tunnel connection."""
@@ -111,9 +148,10 @@ class SupportedProfiles:
             )
 
     def encode(self) -> bytes:
-        body = struct.pack("!BH{}H".format(len(self.profiles)), self.version,
-                           2 * len(self.profiles), *self.profiles)
-        return _frame(self.msg_type, body)
+        count = len(self.profiles)
+        return (_HEADER.pack(self.msg_type, 3 + 2 * count)
+                + bytes((self.version, (2 * count) >> 8, (2 * count) & 0xFF))
+                + _profiles_struct(count).pack(*self.profiles))
 
 
 @dataclass(frozen=True)
@@ -128,7 +166,7 @@ class UnsupportedVersion:
         _check_uint("highest_version", self.highest_version, 8)
 
     def encode(self) -> bytes:
-        return _frame(self.msg_type, bytes([self.highest_version]))
+        return bytes((MessageType.UNSUPPORTED_VERSION, 0, 1, self.highest_version))
 
 
 @dataclass(frozen=True)
@@ -165,12 +203,15 @@ class MediaKeys:
         )
 
     def encode(self) -> bytes:
-        parts = [self.association_id.bytes, struct.pack("!H", self.profile)]
-        for value in (self.mki, self.client_key, self.server_key,
-                      self.client_salt, self.server_salt):
-            parts.append(bytes([len(value)]))
-            parts.append(value)
-        return _frame(self.msg_type, b"".join(parts))
+        mki, client_key, server_key = self.mki, self.client_key, self.server_key
+        client_salt, server_salt = self.client_salt, self.server_salt
+        body_length = (16 + 2 + 5 + len(mki) + len(client_key) + len(server_key)
+                       + len(client_salt) + len(server_salt))
+        return b"".join((
+            _MEDIA_KEYS_HEAD.pack(MessageType.MEDIA_KEYS, body_length,
+                                  self.association_id.bytes, self.profile, len(mki)),
+            mki, bytes((len(client_key),)), client_key, bytes((len(server_key),)), server_key,
+            bytes((len(client_salt),)), client_salt, bytes((len(server_salt),)), server_salt))
 
 
 @dataclass(frozen=True)
@@ -183,18 +224,21 @@ class TunneledDtls:
     msg_type = MessageType.TUNNELED_DTLS
 
     def __post_init__(self) -> None:
-        _check_association_id(self.association_id)
-        _check_vector("dtls_message", self.dtls_message, 1, MAX_DTLS_MESSAGE_LENGTH)
+        message = self.dtls_message
+        if not (isinstance(self.association_id, uuid.UUID) and isinstance(message, bytes)
+                and 0 < len(message) <= MAX_DTLS_MESSAGE_LENGTH):
+            _check_association_id(self.association_id)
+            _check_vector("dtls_message", message, 1, MAX_DTLS_MESSAGE_LENGTH)
 
     def __repr__(self) -> str:
         return "TunneledDtls(association_id={}, {} octets)".format(
             self.association_id, len(self.dtls_message))
 
     def encode(self) -> bytes:
-        return _frame(
-            self.msg_type,
-            self.association_id.bytes + struct.pack("!H", len(self.dtls_message)) + self.dtls_message,
-        )
+        message = self.dtls_message
+        length = len(message)
+        return _TUNNELED_DTLS_HEAD.pack(MessageType.TUNNELED_DTLS, length + 18,
+                                        self.association_id.bytes, length) + message
 
 
 @dataclass(frozen=True)
@@ -209,7 +253,8 @@ class EndpointDisconnect:
         _check_association_id(self.association_id)
 
     def encode(self) -> bytes:
-        return _frame(self.msg_type, self.association_id.bytes)
+        return _ENDPOINT_DISCONNECT_HEAD.pack(MessageType.ENDPOINT_DISCONNECT, 16,
+                                              self.association_id.bytes)
 
 
 Message = SupportedProfiles | UnsupportedVersion | MediaKeys | TunneledDtls | EndpointDisconnect
@@ -291,6 +336,84 @@ def _decode_endpoint_disconnect(reader: _Reader) -> EndpointDisconnect:
     return EndpointDisconnect(reader.uuid())
 
 
+# Fast paths: each returns the message for a body whose fields are all
+# valid, else None (the strict decoder then says what is wrong).  The
+# objects are built like their dataclass __init__ does, minus checks the
+# parse has already made.
+
+
+def _fast_supported_profiles(body: bytes):
+    length = len(body) - 3
+    if length < 2 or length & 1 or (body[1] << 8 | body[2]) != length:
+        return None
+    message = _object_new(SupportedProfiles)
+    _object_setattr(message, "version", body[0])
+    _object_setattr(message, "profiles", _profiles_struct(length >> 1).unpack_from(body, 3))
+    return message
+
+
+def _fast_unsupported_version(body: bytes):
+    if len(body) != 1:
+        return None
+    message = _object_new(UnsupportedVersion)
+    _object_setattr(message, "highest_version", body[0])
+    return message
+
+
+def _fast_media_keys(body: bytes):
+    end = len(body)
+    offset = 18
+    if end < 23:
+        return None
+    values = []
+    for minimum in (0, 1, 1, 1, 1):
+        if offset >= end:
+            return None
+        length = body[offset]
+        offset += 1
+        if length < minimum or offset + length > end:
+            return None
+        values.append(body[offset:offset + length])
+        offset += length
+    if offset != end:
+        return None
+    message = _object_new(MediaKeys)
+    _object_setattr(message, "association_id", _uuid_from_bytes(body[:16]))
+    _object_setattr(message, "profile", body[16] << 8 | body[17])
+    _object_setattr(message, "mki", values[0])
+    _object_setattr(message, "client_key", values[1])
+    _object_setattr(message, "server_key", values[2])
+    _object_setattr(message, "client_salt", values[3])
+    _object_setattr(message, "server_salt", values[4])
+    return message
+
+
+def _fast_tunneled_dtls(body: bytes):
+    length = len(body) - 18
+    if length < 1 or (body[16] << 8 | body[17]) != length:
+        return None
+    message = _object_new(TunneledDtls)
+    _object_setattr(message, "association_id", _uuid_from_bytes(body[:16]))
+    _object_setattr(message, "dtls_message", body[18:])
+    return message
+
+
+def _fast_endpoint_disconnect(body: bytes):
+    if len(body) != 16:
+        return None
+    message = _object_new(EndpointDisconnect)
+    _object_setattr(message, "association_id", _uuid_from_bytes(body))
+    return message
+
+
+_FAST_DECODERS = {
+    MessageType.SUPPORTED_PROFILES: _fast_supported_profiles,
+    MessageType.UNSUPPORTED_VERSION: _fast_unsupported_version,
+    MessageType.MEDIA_KEYS: _fast_media_keys,
+    MessageType.TUNNELED_DTLS: _fast_tunneled_dtls,
+    MessageType.ENDPOINT_DISCONNECT: _fast_endpoint_disconnect,
+}
+
 _DECODERS = {
     MessageType.SUPPORTED_PROFILES: ("SupportedProfiles", _decode_supported_profiles),
     MessageType.UNSUPPORTED_VERSION: ("UnsupportedVersion", _decode_unsupported_version),
@@ -307,6 +430,12 @@ def decode(msg_type: int, body: bytes) -> Message:
     body that is too long to have been framed, and any field that is out of
     range, short, or followed by trailing octets.
     """
+    if type(body) is bytes and len(body) <= MAX_BODY_LENGTH:
+        fast = _FAST_DECODERS.get(msg_type)
+        if fast is not None:
+            message = fast(body)
+            if message is not None:
+                return message
     entry = _DECODERS.get(msg_type)
     if entry is None:
         raise WireError("unknown or reserved message type 0x{:02X}".format(msg_type)

@@ -82,6 +82,8 @@ class KeyDistributor:
             ekt_ciphers=None if conference_keys is None else (int(conference_keys.cipher),))
         #: Counters by reason, for status and tests.
         self.counters: dict[str, int] = {}
+        #: profilesFor's answers by the Media Distributor's profile list.
+        self._commonProfiles: dict[tuple, tuple] = {}
         roster.add_removal_observer(self._registrationRemoved)
 
     # -- queries --------------------------------------------------------
@@ -95,8 +97,14 @@ class KeyDistributor:
 
     def profilesFor(self, tunnel) -> tuple[Profile, ...]:
         """This Key Distributor's profiles that the tunnel's Media Distributor supports."""
-        offered = set(tunnel.media_distributor_profiles or ())
-        return tuple(p for p in self.profiles if p.id in offered)
+        key = tuple(tunnel.media_distributor_profiles or ())
+        common = self._commonProfiles.get(key)
+        if common is None:
+            offered = set(key)
+            common = tuple(p for p in self.profiles if p.id in offered)
+            if len(self._commonProfiles) < 64:
+                self._commonProfiles[key] = common
+        return common
 
     def _count(self, reason: str) -> None:
         self.counters[reason] = self.counters.get(reason, 0) + 1
@@ -196,7 +204,9 @@ class KeyDistributor:
         # The hook finds the association by id: holding the record itself
         # would make a reference cycle through the engine.
         replies, engine = self._listener.listen(
-            association_id.bytes, data, now, profiles=profiles,
+            association_id.bytes, data, now,
+            # The listener's own profiles need no second normalisation.
+            profiles=None if profiles == self.profiles else profiles,
             identity_hook=functools.partial(self._decide, association_id))
         for datagram in replies:
             # HelloVerifyRequest: no state is kept until the cookie returns.
@@ -252,7 +262,13 @@ class KeyDistributor:
                         len(matches)))
             association.registration = matches[0]
             return dtls.Accept()
-        if not registration.matches_certificate(certificate):
+        if query.peer_fingerprint is not None and registration.fingerprint.startswith("sha-256 "):
+            # The engine's sha-256 fingerprint of this very certificate, in
+            # the canonical form the roster stores: no need to hash again.
+            matches = registration.fingerprint == query.peer_fingerprint
+        else:
+            matches = registration.matches_certificate(certificate)
+        if not matches:
             return dtls.Reject("certificate fingerprint {} is not the one registered for "
                                "tls-id {}".format(query.peer_fingerprint, registration.tls_id))
         return dtls.Accept()
@@ -293,17 +309,25 @@ class KeyDistributor:
             association.tunnel.sendMessage(wire.MediaKeys(
                 association.id, profile.id, b"", hbh.client_key, hbh.server_key,
                 hbh.client_salt, hbh.server_salt))
-        self.log.info(
-            "Association {association_id} accepted: tls-id {tls_id} in conference "
-            "{conference}, profile {profile}; hop-by-hop keys sent to {peer}",
-            association_id=association.id, tls_id=registration.tls_id,
-            conference=registration.conference, profile=profile.name,
-            peer=self._peer(association))
         if event.ekt_cipher is None or self.conference_keys is None:
+            self.log.info(
+                "Association {association_id} accepted: tls-id {tls_id} in conference "
+                "{conference}, profile {profile}; hop-by-hop keys sent to {peer}",
+                association_id=association.id, tls_id=registration.tls_id,
+                conference=registration.conference, profile=profile.name,
+                peer=self._peer(association))
             return ()
         association.ekt = True
-        return self._sendEktKey(association, self.conference_keys.key_for(
-            registration.conference)).datagrams
+        key = self.conference_keys.key_for(registration.conference)
+        # One log line for both (a log event costs as much as a good part
+        # of the handshake's own Python work): resends and rekeys log theirs.
+        self.log.info(
+            "Association {association_id} accepted: tls-id {tls_id} in conference "
+            "{conference}, profile {profile}; hop-by-hop keys sent to {peer}; "
+            "EKTKey SPI {spi} sent", association_id=association.id,
+            tls_id=registration.tls_id, conference=registration.conference,
+            profile=profile.name, peer=self._peer(association), spi=key.ekt_spi)
+        return self._sendEktKey(association, key, log=False).datagrams
 
     #: An endpoint that got its keys but not the EKTKey record (application
     #: data is never retransmitted by DTLS) asks again with this one octet.
@@ -320,15 +344,17 @@ class KeyDistributor:
         return self._sendEktKey(association, self.conference_keys.key_for(
             association.registration.conference)).datagrams
 
-    def _sendEktKey(self, association: _Association, key) -> dtls.Output:
+    def _sendEktKey(self, association: _Association, key, log: bool = True) -> dtls.Output:
         """
         The EKTKey as the first application-data record (the deviation from
         RFC 8870's ekt_key handshake message documented in NOTES.md).
         """
         output = association.engine.send_application_data(key.encode())
-        self.log.info("EKTKey SPI {spi} sent to association {association_id} ({conference})",
-                      spi=key.ekt_spi, association_id=association.id,
-                      conference=association.registration.conference)
+        if log:
+            self.log.info(
+                "EKTKey SPI {spi} sent to association {association_id} ({conference})",
+                spi=key.ekt_spi, association_id=association.id,
+                conference=association.registration.conference)
         return output
 
     def rekey(self, conference: str):
@@ -361,13 +387,19 @@ class KeyDistributor:
         self._forget(association)
 
     def _schedule(self, association: _Association) -> None:
-        if association.timer is not None and association.timer.active():
-            association.timer.cancel()
+        timer = association.timer
+        now = self.clock.seconds()
+        due = association.engine.next_timeout(now)
+        if timer is not None and timer.active():
+            if due is not None and due >= timer.getTime():
+                # Postponing a pending call is cheap; moving one sooner is not.
+                timer.reset(max(0.0, due - now))
+                return
+            timer.cancel()
         association.timer = None
-        due = association.engine.next_timeout(self.clock.seconds())
         if due is not None:
-            delay = max(0.0, due - self.clock.seconds())
-            association.timer = self.clock.callLater(delay, self._timerFired, association)
+            association.timer = self.clock.callLater(max(0.0, due - now), self._timerFired,
+                                                     association)
 
     def _timerFired(self, association: _Association) -> None:
         association.timer = None

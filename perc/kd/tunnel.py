@@ -40,6 +40,9 @@ class KeyDistributorTunnel(TunnelFramingProtocol):
 
     log = Logger()
 
+    #: (identity, transport, text) of the last peerDescription().
+    _description = None
+
     def __init__(self, distributor, authorise=None):
         """
         ``distributor`` is the KeyDistributor.  ``authorise``, if given, is
@@ -97,8 +100,16 @@ class KeyDistributorTunnel(TunnelFramingProtocol):
                           peer=self.peerDescription(), reason=_ssl_reason(reason.value))
 
     def peerDescription(self) -> str:
+        # Asked for by every association's log lines: the text is kept for
+        # as long as the identity and the transport stay the same.
+        cached = self._description
+        if cached is not None and cached[0] is self.identity and cached[1] is self.transport:
+            return cached[2]
         address = super().peerDescription()
-        return "{} ({})".format(self.identity, address) if self.identity else address
+        text = "{} ({})".format(self.identity, address) if self.identity else address
+        if self.transport is not None:
+            self._description = (self.identity, self.transport, text)
+        return text
 
     @property
     def up(self) -> bool:

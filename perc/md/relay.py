@@ -13,15 +13,24 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from errno import ECONNREFUSED, EMSGSIZE
 
 import pylibsrtp
-from twisted.internet import protocol, task
+from twisted.internet import error, protocol, task, udp
 from twisted.logger import Logger
 
 from perc import hello, rtp
 from perc.profiles import Profile, by_id
 
 __all__ = ["MediaRelay", "RelayLimits"]
+
+# Looked up per packet: module globals are faster than attribute chains.
+_classify = rtp.classify
+_split_ekt_field = rtp.split_ekt_field
+_EktFieldError = rtp.EktFieldError
+_RTP = rtp.Kind.RTP
+_RTCP = rtp.Kind.RTCP
+_DTLS = rtp.Kind.DTLS
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,40 @@ def _session(key: bytes, salt: bytes, profile: Profile, direction: int) -> pylib
     return pylibsrtp.Session(policy)
 
 
+def _udp_sendto(transport):
+    """
+    ``sendto`` of the socket under ``transport`` if it is a plain,
+    unconnected Twisted UDP port whose ``write`` is Twisted's own, else None.
+
+    ``udp.Port.write`` checks, on every call, that the address is an IP
+    address of the port's family (three parses of the address string),
+    then calls ``socket.sendto``.  Media goes only to addresses the same
+    socket received from, which pass those checks by construction, so the
+    relay calls ``sendto`` itself and handles its errors as
+    :func:`_sendto_failed` describes.
+    """
+    if not isinstance(transport, udp.Port) or type(transport).write is not udp.Port.write:
+        return None
+    if "write" in vars(transport) or getattr(transport, "_connectedAddr", None):
+        return None
+    sock = getattr(transport, "socket", None)
+    return None if sock is None else sock.sendto
+
+
+def _sendto_failed(problem: OSError) -> None:
+    """
+    What ``udp.Port.write`` does when ``sendto`` fails (Python itself
+    retries EINTR): ECONNREFUSED (an ICMP error left on the socket by an
+    earlier datagram) is ignored, EMSGSIZE becomes MessageLengthError, and
+    anything else propagates.
+    """
+    if problem.args and problem.args[0] == ECONNREFUSED:
+        return
+    if problem.args and problem.args[0] == EMSGSIZE:
+        raise error.MessageLengthError("message too long")
+    raise problem
+
+
 def _tls_id(client_hello) -> str | None:
     if client_hello.tls_id is None:
         return None
@@ -90,6 +133,11 @@ class MediaRelay(protocol.DatagramProtocol):
         self._established: dict[tuple, Endpoint] = {}
         self._pending: dict[tuple, Endpoint] = {}
         self._conferences: dict[str, set] = {}
+        # Per conference, what forwarding needs of each member, built when
+        # membership changes rather than per packet: (endpoint, address,
+        # its outbound protect) for RTP, and the same with protect_rtcp.
+        self._fanout: dict[str, tuple[tuple, tuple]] = {}
+        self._sendto = None
         self._new_per_host: dict[str, int] = {}
         self._sweeper = task.LoopingCall(self._sweep)
         self._sweeper.clock = clock
@@ -98,9 +146,11 @@ class MediaRelay(protocol.DatagramProtocol):
     # -- life -----------------------------------------------------------
 
     def startProtocol(self):
+        self._sendto = _udp_sendto(self.transport)
         self._sweeper.start(self.limits.sweep_interval, now=False)
 
     def stopProtocol(self):
+        self._sendto = None
         if self._sweeper.running:
             self._sweeper.stop()
 
@@ -123,12 +173,12 @@ class MediaRelay(protocol.DatagramProtocol):
     # -- datagrams from endpoints ----------------------------------------
 
     def datagramReceived(self, data: bytes, address) -> None:
-        kind = rtp.classify(data)
-        if kind is rtp.Kind.RTP:
+        kind = _classify(data)
+        if kind is _RTP:
             self._media(data, address, False)
-        elif kind is rtp.Kind.RTCP:
+        elif kind is _RTCP:
             self._media(data, address, True)
-        elif kind is rtp.Kind.DTLS:
+        elif kind is _DTLS:
             self._dtls(data, address)
         else:
             self._count("dropped-" + kind.name.lower())
@@ -212,6 +262,8 @@ class MediaRelay(protocol.DatagramProtocol):
         return endpoint
 
     def _media(self, data: bytes, address, rtcp_packet: bool) -> None:
+        # The hot path: one call per SRTP/SRTCP packet, and its loop runs
+        # once per other member of the conference.
         endpoint = self._established.get(address)
         if endpoint is None:
             self._count("dropped-srtp-unknown-source")
@@ -220,8 +272,8 @@ class MediaRelay(protocol.DatagramProtocol):
         packet = data
         if endpoint.ekt and not rtcp_packet:
             try:
-                packet, ekt_field = rtp.split_ekt_field(data)
-            except rtp.EktFieldError:
+                packet, ekt_field = _split_ekt_field(data)
+            except _EktFieldError:
                 self._count("dropped-malformed-ekt")
                 return
         try:
@@ -236,23 +288,58 @@ class MediaRelay(protocol.DatagramProtocol):
             self._count("dropped-srtp-unprotect-failed")
             return
         endpoint.last_seen = self.clock.seconds()
+        fanout = self._fanout.get(endpoint.conference)
+        if fanout is None:
+            fanout = self._buildFanout(endpoint.conference)
+        if fanout is None:
+            members = ()
+        else:
+            members = fanout[1] if rtcp_packet else fanout[0]
+        send = self._sendto
+        if send is None:
+            send = self.transport.write
         forwarded = 0
-        for other in self._conferences.get(endpoint.conference, ()):
+        for other, other_address, protect in members:
             if other is endpoint:
                 continue
             try:
-                if rtcp_packet:
-                    out = other.outbound.protect_rtcp(plain)
-                else:
-                    out = other.outbound.protect(plain) + ekt_field
+                out = protect(plain)
             except (pylibsrtp.Error, ValueError):
                 # ValueError: more than pylibsrtp can re-protect in its
                 # buffer (1500 octets less the largest trailer).
                 self._count("dropped-protect-failed")
                 continue
-            self.transport.write(out, other.address)
+            if ekt_field:
+                out += ekt_field
+            try:
+                send(out, other_address)
+            except OSError as problem:
+                _sendto_failed(problem)
             forwarded += 1
-        self._count("forwarded-rtcp" if rtcp_packet else "forwarded-rtp", forwarded)
+        counters = self.counters
+        name = "forwarded-rtcp" if rtcp_packet else "forwarded-rtp"
+        counters[name] = counters.get(name, 0) + forwarded
+
+    def _membersChanged(self, conference: str) -> None:
+        """
+        Forget the forwarding table of ``conference``; the next packet
+        rebuilds it.  Lazily, so that N endpoints joining one conference cost
+        N, not N squared.
+        """
+        self._fanout.pop(conference, None)
+
+    def _buildFanout(self, conference: str):
+        """The (endpoint, address, protect) tables for RTP and RTCP, or None."""
+        members = self._conferences.get(conference)
+        if not members:
+            return None
+        # Built from one iteration of the set, so media goes out in the
+        # order iterating the set gives.
+        ordered = tuple(members)
+        fanout = self._fanout[conference] = (
+            tuple((m, m.address, m.outbound.protect) for m in ordered),
+            tuple((m, m.address, m.outbound.protect_rtcp) for m in ordered))
+        return fanout
 
     # -- messages from tunnels ------------------------------------------
 
@@ -307,6 +394,7 @@ class MediaRelay(protocol.DatagramProtocol):
             del self._pending[endpoint.address]
         self._established[endpoint.address] = endpoint
         self._conferences.setdefault(endpoint.conference, set()).add(endpoint)
+        self._membersChanged(endpoint.conference)
         self.log.info(
             "Association {association_id} keyed ({profile}, EKT {ekt}): forwarding media "
             "in conference {conference}", association_id=endpoint.id, profile=profile.name,
@@ -372,6 +460,7 @@ class MediaRelay(protocol.DatagramProtocol):
             members.discard(endpoint)
             if not members:
                 del self._conferences[endpoint.conference]
+            self._membersChanged(endpoint.conference)
         tunnel = endpoint.tunnel
         if tunnel is not None:
             if notify and tunnel.usable:

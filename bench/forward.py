@@ -1,0 +1,945 @@
+"""
+Forwarding benchmark: how many SRTP packets per second ``twistd perc-md``
+forwards with zero loss, against a minimal Python relay doing the same
+pylibsrtp work, measured the same way in the same run.
+
+Set-up: a temporary development PKI, a real ``twistd -n perc-kd`` and a real
+``twistd -n perc-md`` (subprocesses); K endpoints registered through both
+control APIs join one conference through the Media Distributor with real
+DTLS (extension 56 tls-id, EKT offered, the Key Distributor's identity
+checked), so the Media Distributor holds the hop-by-hop keys it got through
+the real tunnel.  The endpoints live in this (benchmark) process, driven by
+plain non-blocking sockets; the Media Distributor and the baseline relay are
+each a process of their own.  With two or more CPUs the relays are pinned to
+the last one and this process to the first (``--no-pin`` to leave placement
+to the scheduler), so the relay under test never shares a core with the load.
+
+Media: endpoint 1 sends RTP packets with a ``--payload``-octet payload
+(opaque bytes standing for inner ciphertext, inner tag and OHB), outer layer
+protected with its exported hop-by-hop client key, each followed by a
+ShortEKTField when EKT was negotiated (as a PERC endpoint sends).  The K-1
+other endpoints count what arrives (their sockets have large buffers: loss
+is never theirs; ``drops`` in the table shows where it happened) and check
+the outer layer of every 64th packet with their hop-by-hop server key, and
+that the payload and EKT field are the ones sent.
+
+Baseline: a subprocess with one plain blocking UDP socket and, per endpoint,
+the same pylibsrtp sessions the Media Distributor has (same exported keys):
+per packet one unprotect, K-1 protects and K-1 sendto.  Same sender, same
+receivers, and like perc-md (Twisted's listenUDP) the system's default socket
+receive buffer, so that the ratio compares packet handling, not buffering.
+
+Measure: a full-speed run against each relay (30000 packets as fast as
+this process sends them) gives its delivered rate and loss when flooded;
+then paced trials (interleaved: perc-md, baseline, perc-md, ...) find for
+each the highest offered rate with zero loss: a ramp up by 1.6 from 4000
+packets/s until a rate loses packets, then ``--steps`` bisections.  A
+lossy rate is tried once more (``--retries``) before it counts as too fast,
+for both relays alike: a shared machine stalls a process now and then.  A
+lossy trial in which this process fell behind its schedule while the relay
+was not busy says nothing and is run again (a few times at most).  After
+40 trial lengths (at least 30 s) the search stops where it is.
+
+``forward_pps`` and ``baseline_pps`` are the offered rates of the best
+loss-free trials, in packets per second *from the sender* (each is
+forwarded to K-1 receivers); ``ratio`` = forward_pps / baseline_pps.  CPU
+per forwarded packet is from ``/proc/PID/stat`` (utime + stime) of the relay
+process over the trial; finally both relays run alternately at the same
+rate (0.8 of the lower of the two) for ``cpu_ratio_same_rate``
+(baseline CPU / perc-md CPU per forwarded packet), which is steadier than
+the zero-loss ratio on a busy machine.
+
+    python bench/forward.py [--endpoints 10] [--seconds 1] [--payload 200]
+    perc bench forward --endpoints 4
+
+The last line printed is one JSON object with the figures.  Exit status 1
+(with a line starting ``FAILED`` on standard error) if an endpoint cannot
+join, media is not delivered, a sample fails verification, perc-md drops
+media it should forward or logs a traceback, or no rate is loss-free.
+``--md-profile FILE`` runs perc-md under cProfile and prints its top
+functions (the figures are then not representative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+
+CONFERENCE = "bench-forward"
+#: Every SAMPLE_EVERY-th packet a receiver gets is kept and verified.
+SAMPLE_EVERY = 64
+#: Receive buffer of each endpoint socket: the receivers must never be where loss happens.
+ENDPOINT_RCVBUF = 8 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+RTP_HEADER = struct.Struct("!BBHII")
+#: Each trial sends with an SSRC of its own (these plus the trial number):
+#: a trial starts a fresh SRTP stream at every relay and receiver, so heavy
+#: loss in one trial (more than 32768 packets in a row lost would put a
+#: receiver's rollover counter out of step) cannot spoil the next.
+SSRC_MD = 0x4D440000
+SSRC_BASELINE = 0x42410000
+#: Packets of a full-speed trial: fewer than 32768, for the same reason.
+FULL_SPEED_PACKETS = 30000
+
+
+class BenchFailure(Exception):
+    """Media not delivered, verification failed, or no loss-free rate: exit 1."""
+
+
+# --------------------------------------------------------------------------
+# Options
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="perc bench forward",
+        description="Zero-loss forwarding rate of twistd perc-md against a minimal Python "
+                    "relay doing the same pylibsrtp work (ratio = forward_pps / baseline_pps).")
+    parser.add_argument("--endpoints", "-n", type=int, default=10,
+                        help="endpoints in the conference: 1 sender, K-1 receivers (default 10)")
+    parser.add_argument("--seconds", "-s", type=float, default=1.0,
+                        help="length of each paced trial in seconds (default 1.0)")
+    parser.add_argument("--payload", type=int, default=200,
+                        help="RTP payload octets per packet (default 200)")
+    parser.add_argument("--profile", "-p", default="DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM",
+                        help="SRTP protection profile negotiated (default 0x0009, whose outer "
+                             "layer is AES-128-GCM)")
+    parser.add_argument("--steps", type=int, default=6,
+                        help="bisection steps of the zero-loss search per relay, after the "
+                             "ramp (default 6)")
+    parser.add_argument("--retries", type=int, default=1,
+                        help="times a rate that lost packets is tried again before it counts "
+                             "as too fast (default 1)")
+    parser.add_argument("--md-profile", metavar="FILE",
+                        help="run perc-md under cProfile (twistd --profiler cprofile) and save "
+                             "the statistics to FILE; the figures are then not representative")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="do not pin the relay under test and the load generator to "
+                             "different CPUs (pinned by default when there are two or more)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary directory (PKI, daemon logs)")
+    parser.add_argument("--baseline-relay", metavar="CONFIG", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.baseline_relay:
+        return args
+    if not 2 <= args.endpoints <= 50:
+        parser.error("--endpoints must be 2 to 50")
+    if not 0.2 <= args.seconds <= 10:
+        parser.error("--seconds must be 0.2 to 10")
+    if not 1 <= args.payload <= 1400:
+        parser.error("--payload must be 1 to 1400 (pylibsrtp protects at most 1500 octets)")
+    if not 1 <= args.steps <= 20:
+        parser.error("--steps must be 1 to 20")
+    if not 0 <= args.retries <= 5:
+        parser.error("--retries must be 0 to 5")
+    from perc import profiles
+
+    try:
+        chosen = profiles.parse_profile_list(args.profile)
+    except (profiles.ProfileError, ValueError) as error:
+        parser.error("--profile: {}".format(error))
+    if len(chosen) != 1:
+        parser.error("--profile: give exactly one profile")
+    args.profile = chosen[0]
+    return args
+
+
+# --------------------------------------------------------------------------
+# The baseline relay (a subprocess: --baseline-relay CONFIG)
+
+
+def run_baseline_relay(config_path: str) -> int:
+    """
+    The minimal relay: a blocking socket, a dict from source address to the
+    source's inbound session and the other endpoints' outbound sessions.
+    """
+    import pylibsrtp
+
+    with open(config_path) as f:
+        config = json.load(f)
+    os.unlink(config_path)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    srtp_profile = config["srtp_profile"]
+
+    def session(key_hex, direction):
+        return pylibsrtp.Session(pylibsrtp.Policy(
+            key=bytes.fromhex(key_hex), ssrc_type=direction, srtp_profile=srtp_profile))
+
+    endpoints = [(tuple(e["address"]),
+                  session(e["inbound"], pylibsrtp.Policy.SSRC_ANY_INBOUND),
+                  session(e["outbound"], pylibsrtp.Policy.SSRC_ANY_OUTBOUND))
+                 for e in config["endpoints"]]
+    table = {address: (inbound, [(outbound.protect, other)
+                                 for other, _, outbound in endpoints if other != address])
+             for address, inbound, _ in endpoints}
+    ekt = config["ekt"]
+    print(sock.getsockname()[1], sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+          flush=True)
+    recvfrom, sendto, get = sock.recvfrom, sock.sendto, table.get
+    srtp_error = pylibsrtp.Error
+    while True:
+        data, address = recvfrom(8192)
+        entry = get(address)
+        if entry is None or len(data) < 13:
+            continue
+        tail = b""
+        if ekt:
+            if data[-1] != 0:  # only ShortEKTFields in this benchmark
+                continue
+            data, tail = data[:-1], data[-1:]
+        try:
+            plain = entry[0].unprotect(data)
+        except (srtp_error, ValueError):
+            continue
+        for protect, other in entry[1]:
+            sendto(protect(plain) + tail, other)
+
+
+class BaselineRelay:
+    """The baseline relay subprocess, given the endpoints' exported hop-by-hop keys."""
+
+    def __init__(self, directory, endpoints, srtp_profile, ekt):
+        config_path = os.path.join(directory, "baseline.json")
+        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"srtp_profile": srtp_profile, "ekt": ekt, "endpoints": [
+                {"address": list(e.address),
+                 "inbound": (e.hbh.client_key + e.hbh.client_salt).hex(),
+                 "outbound": (e.hbh.server_key + e.hbh.server_salt).hex()}
+                for e in endpoints]}, f)
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--baseline-relay", config_path],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        line = self.process.stdout.readline().split()
+        if len(line) != 2 or not all(word.isdigit() for word in line):
+            self.stop()
+            raise BenchFailure("the baseline relay did not start (exit status {})".format(
+                self.process.poll()))
+        self.address = ("127.0.0.1", int(line[0]))
+        self.receive_buffer = int(line[1])
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
+
+
+# --------------------------------------------------------------------------
+# Endpoints: DTLS through the Media Distributor, then plain SRTP
+
+
+class BenchEndpoint:
+    """One endpoint: a non-blocking UDP socket and a DTLS client association."""
+
+    def __init__(self, index, credentials, tls_id, kd_tls_id, kd_fingerprint, profile):
+        from perc import dtls
+        from perc.ekt import EktCipher
+
+        self.index = index
+        self.tls_id = tls_id
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, ENDPOINT_RCVBUF)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ENDPOINT_RCVBUF)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.address = self.sock.getsockname()
+        self.association = dtls.ClientAssociation(
+            credentials, [profile], tls_id=tls_id.encode("ascii"),
+            expected_peer_tls_id=kd_tls_id.encode("ascii"),
+            expected_peer_fingerprint=kd_fingerprint, ekt_ciphers=(int(EktCipher.AESKW_128),))
+        self.complete = None
+        self.closed = None
+        self.hbh = None
+        self.inbound = self.outbound = None
+        # Per trial.
+        self.count = 0
+        self.other = 0
+        self.samples = []
+
+    def handle(self, output, server):
+        from perc import dtls
+
+        for datagram in output.datagrams:
+            self.sock.sendto(datagram, server)
+        for event in output.events:
+            if isinstance(event, dtls.HandshakeComplete):
+                self.complete = event
+            elif isinstance(event, dtls.Closed):
+                self.closed = event.reason
+
+    def keyed(self):
+        import pylibsrtp
+
+        profile = self.complete.profile
+        self.hbh = profile.hbh_keys(self.complete.keys)
+        self.outbound = pylibsrtp.Session(pylibsrtp.Policy(
+            key=self.hbh.client_key + self.hbh.client_salt,
+            ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
+            srtp_profile=profile.hbh_libsrtp_profile))
+        self.inbound = pylibsrtp.Session(pylibsrtp.Policy(
+            key=self.hbh.server_key + self.hbh.server_salt,
+            ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND,
+            srtp_profile=profile.hbh_libsrtp_profile))
+
+
+def handshake_all(endpoints, server, timeout=30.0):
+    """Run every endpoint's DTLS handshake through ``server`` at once (sans-I/O driver)."""
+    by_fd = {e.sock.fileno(): e for e in endpoints}
+    poller = select.epoll()
+    for fd in by_fd:
+        poller.register(fd, select.EPOLLIN)
+    now = time.monotonic()
+    deadline = now + timeout
+    for e in endpoints:
+        e.handle(e.association.start(now), server)
+
+    def pump(until, stop_when_keyed):
+        while True:
+            now = time.monotonic()
+            if stop_when_keyed and all(e.complete for e in endpoints):
+                return True
+            if now >= until:
+                return False
+            dues = [d for d in (e.association.next_timeout(now) for e in endpoints)
+                    if d is not None]
+            wait = max(0.0, min([until, now + 0.05] + dues) - now)
+            for fd, _ in poller.poll(wait):
+                e = by_fd[fd]
+                while True:
+                    try:
+                        data, source = e.sock.recvfrom(8192)
+                    except BlockingIOError:
+                        break
+                    if source == server and data and 20 <= data[0] <= 63:
+                        e.handle(e.association.receive(data, time.monotonic()), server)
+            now = time.monotonic()
+            for e in endpoints:
+                due = e.association.next_timeout(now)
+                if due is not None and due <= now:
+                    e.handle(e.association.handle_timeout(now), server)
+                if e.closed is not None and e.complete is None:
+                    raise BenchFailure("endpoint {} could not join: {}".format(
+                        e.index + 1, e.closed))
+
+    try:
+        if not pump(deadline, True):
+            missing = [e.index + 1 for e in endpoints if not e.complete]
+            raise BenchFailure("endpoints {} did not finish the handshake in {} s".format(
+                missing, timeout))
+        # The EKTKey follows the handshake as application data; take it in.
+        pump(time.monotonic() + 0.3, False)
+    finally:
+        poller.close()
+    for e in endpoints:
+        e.keyed()
+
+
+# --------------------------------------------------------------------------
+# Trials
+
+
+def equal_rate(load, relays, rate, seconds, rounds, log):
+    """
+    Every relay at the same paced ``rate``, alternately, ``rounds`` times:
+    CPU seconds per forwarded packet when both do the same work.
+    """
+    totals = {name: [0.0, 0] for name in relays}
+    for _ in range(rounds):
+        for name, (relay, ssrc) in relays.items():
+            trial = load.trial(relay, ssrc, rate, seconds)
+            log(name, "same rate", trial)
+            totals[name][0] += trial["relay_cpu_s"]
+            totals[name][1] += trial["received"]
+    return {name: cpu / max(1, received) for name, (cpu, received) in totals.items()}
+
+
+def pin(relay_pids):
+    """
+    Relays on the last CPU we may use, this process (the load) on the first:
+    neither relay ever shares a core with the load generator.  Returns a
+    description, or None when there are fewer than two CPUs.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    for pid in relay_pids:
+        os.sched_setaffinity(pid, {cpus[-1]})
+    os.sched_setaffinity(0, {cpus[0]})
+    return "relays on CPU {}, endpoints on CPU {}".format(cpus[-1], cpus[0])
+
+
+def udp_receive_queue(port):
+    """Octets waiting in the receive queue of the 127.0.0.1 UDP socket bound to ``port``."""
+    wanted = "0100007F:{:04X}".format(port)
+    with open("/proc/net/udp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[1] == wanted:
+                return int(fields[4].split(":")[1], 16)
+    return 0
+
+
+def udp_drops(ports):
+    """``{port: drops}`` of the 127.0.0.1 UDP sockets bound to ``ports`` (/proc/net/udp)."""
+    wanted = {"0100007F:{:04X}".format(p): p for p in ports}
+    drops = {}
+    with open("/proc/net/udp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            port = wanted.get(fields[1])
+            if port is not None:
+                drops[port] = drops.get(port, 0) + int(fields[-1])
+    return drops
+
+
+class Load:
+    """The sender (endpoint 1) and the receivers (the others), driven from one loop."""
+
+    def __init__(self, endpoints, payload_size, ekt):
+        self.sender = endpoints[0]
+        self.receivers = endpoints[1:]
+        # Opaque bytes standing for inner ciphertext + inner tag; the last
+        # octet is an empty OHB.
+        self.payload = os.urandom(payload_size - 1) + b"\x00"
+        self.ekt_tail = b"\x00" if ekt else b""
+        self.trials = 0
+        self.ssrc_tag = b""
+        self.poller = select.epoll()
+        self.by_fd = {}
+        for r in self.receivers:
+            self.poller.register(r.sock.fileno(), select.EPOLLIN)
+            self.by_fd[r.sock.fileno()] = r
+        self.buffer = bytearray(8192)
+        self.verified = 0
+        self.wire_length = len(self.packets(0x00000001, 1)[0])
+
+    def packets(self, ssrc, count):
+        """``count`` protected packets of a new stream ``ssrc``, from sequence number 1."""
+        protect = self.sender.outbound.protect
+        pack = RTP_HEADER.pack
+        payload, tail = self.payload, self.ekt_tail
+        out = [protect(pack(0x80, 96, s & 0xFFFF, (s * 160) & 0xFFFFFFFF, ssrc) + payload) + tail
+               for s in range(1, 1 + count)]
+        return out
+
+    def drain(self, timeout=0.0):
+        """Read whatever the receivers have; returns how many packets were read."""
+        got = 0
+        buffer = self.buffer
+        length = self.wire_length
+        tag = self.ssrc_tag
+        for fd, _ in self.poller.poll(timeout):
+            r = self.by_fd[fd]
+            recv_into = r.sock.recv_into
+            count = r.count
+            start = count
+            try:
+                while True:
+                    n = recv_into(buffer)
+                    # Only this trial's stream counts (a relay that was held
+                    # up may still deliver the end of the previous one).
+                    if n == length and buffer[8:12] == tag:
+                        count += 1
+                        if not count % SAMPLE_EVERY:
+                            r.samples.append(bytes(buffer[:n]))
+                    else:
+                        r.other += 1
+            except BlockingIOError:
+                pass
+            r.count = count
+            got += count - start
+        return got
+
+    def discard(self):
+        """Empty the receive queues (DTLS leftovers, late packets) before a trial."""
+        while self.drain(0.0):
+            pass
+        for r in self.receivers:
+            r.count = r.other = 0
+            r.samples = []
+
+    def verify(self, ssrc):
+        """Unprotect every kept sample with the receiver's hop-by-hop key; raise if one fails."""
+        import pylibsrtp
+
+        tail = len(self.ekt_tail)
+        for r in self.receivers:
+            for packet in r.samples:
+                if tail and packet[-1] != 0:
+                    raise BenchFailure("endpoint {}: the EKT field was not passed through".format(
+                        r.index + 1))
+                try:
+                    plain = r.inbound.unprotect(packet[:len(packet) - tail])
+                except (pylibsrtp.Error, ValueError) as error:
+                    raise BenchFailure("endpoint {}: outer layer failed verification: {}".format(
+                        r.index + 1, error))
+                first, pt, _, _, got_ssrc = RTP_HEADER.unpack_from(plain)
+                if (first, pt, got_ssrc) != (0x80, 96, ssrc):
+                    raise BenchFailure("endpoint {}: a forwarded packet's header differs from "
+                                       "what was sent: {}".format(r.index + 1, plain[:12].hex()))
+                if plain[12:] != self.payload:
+                    raise BenchFailure("endpoint {}: a forwarded packet's payload differs from "
+                                       "what was sent".format(r.index + 1))
+                self.verified += 1
+            r.samples = []
+
+    def trial(self, relay, ssrc_base, rate, seconds, count=None):
+        """
+        Send to ``relay`` at ``rate`` packets/s for ``seconds`` (``rate`` None:
+        ``count`` packets as fast as this loop can), then wait until nothing
+        more arrives.  Returns the figures of the trial.
+        """
+        self.trials += 1
+        ssrc = (ssrc_base + self.trials) & 0xFFFFFFFF
+        self.ssrc_tag = struct.pack("!I", ssrc)
+        n = count if rate is None else max(1, int(rate * seconds))
+        packets = self.packets(ssrc, n)
+        self.discard()
+        sendto = self.sender.sock.sendto
+        address = relay.address
+        drain = self.drain
+        drops_before = udp_drops([relay.address[1]] + [r.address[1] for r in self.receivers])
+        cpu_before = _common.cpu_seconds(relay.pid)
+        load_before = time.process_time()
+        sent = 0
+        start = last_arrival = time.perf_counter()
+        if rate is None:
+            while sent < n:
+                for packet in packets[sent:sent + 32]:
+                    sendto(packet, address)
+                sent = min(n, sent + 32)
+                if drain():
+                    last_arrival = time.perf_counter()
+        else:
+            # Paced in ticks of about half a millisecond: send what is due,
+            # read what arrived, sleep (reading every receiver socket after
+            # every packet would cost this process more than the relay).
+            # Never more than 4 ms worth of packets at once: if this process
+            # was held up longer, the schedule slips instead of bursting (a
+            # burst would overflow the relay's socket because of the load
+            # generator); the offered rate then falls short of the target
+            # (see _attempt()).
+            burst = max(4, int(rate * 0.004))
+            anchor, anchored = start, 0
+            sleep = time.sleep
+            while sent < n:
+                now = time.perf_counter()
+                due = anchored + int((now - anchor) * rate) + 1
+                if due - sent > burst:
+                    anchor, anchored = now, sent
+                    due = sent + 1
+                due = min(n, due)
+                if due > sent:
+                    for packet in packets[sent:due]:
+                        sendto(packet, address)
+                    sent = due
+                if drain():
+                    last_arrival = time.perf_counter()
+                sleep(0.0005)
+        send_end = time.perf_counter()
+        # Whatever is still in flight: wait until the relay's socket is
+        # empty and 50 ms pass with nothing new (at most 3 s).
+        quiet_since = time.perf_counter()
+        while time.perf_counter() - send_end < 3:
+            if drain(0.01):
+                quiet_since = last_arrival = time.perf_counter()
+            elif (time.perf_counter() - quiet_since >= 0.05
+                  and not udp_receive_queue(relay.address[1])):
+                break
+        load_cpu = time.process_time() - load_before
+        relay_cpu = _common.cpu_seconds(relay.pid) - cpu_before
+        wall = time.perf_counter() - start
+        drops_after = udp_drops([relay.address[1]] + [r.address[1] for r in self.receivers])
+        received = sum(r.count for r in self.receivers)
+        expected = n * len(self.receivers)
+        relay_drops = drops_after.get(relay.address[1], 0) - drops_before.get(relay.address[1], 0)
+        receiver_drops = sum(drops_after.get(r.address[1], 0) - drops_before.get(r.address[1], 0)
+                             for r in self.receivers)
+        starved = [r.index + 1 for r in self.receivers if r.count == 0]
+        strays = sum(r.other for r in self.receivers)
+        self.verify(ssrc)
+        send_seconds = max(send_end - start, 1e-9)
+        return {
+            "offered_pps": n / send_seconds,
+            "target_pps": rate,
+            "sent": n,
+            "received": received,
+            "expected": expected,
+            "loss": 1.0 - received / expected,
+            # Over the time the relay was delivering: a backlog in its
+            # socket buffer is still forwarded after the sender stops.
+            "delivered_in_pps": received / len(self.receivers) / max(
+                last_arrival - start, send_seconds),
+            "relay_cpu_s": relay_cpu,
+            "relay_cpu_share": relay_cpu / wall,
+            "relay_cpu_s_per_packet": relay_cpu / received if received else None,
+            "load_cpu_share": load_cpu / wall,
+            "relay_socket_drops": relay_drops,
+            "receiver_socket_drops": receiver_drops,
+            "starved": starved,
+            "strays": strays,
+        }
+
+
+#: First rate of the ramp, and the factor between its rates.
+RAMP_START = 4000.0
+RAMP_FACTOR = 1.6
+
+
+def _attempt(load, state, relay, ssrc, rate, seconds, retries, deadline, label, log, max_slips):
+    """
+    Trials at ``rate`` until there is a verdict: ``(True, trial)`` for zero
+    loss (at ``trial["offered_pps"]``, which a busy machine may hold a few
+    percent under ``rate``), ``(False, trial)`` for loss in 1 + ``retries``
+    trials, ``(None, trial)`` when this process kept slipping behind its
+    schedule while packets were lost and the relay was not busy (the machine
+    was too busy to tell).
+    """
+    attempt = 0
+    while True:
+        trial = load.trial(relay, ssrc, rate, seconds)
+        state["trials"].append(trial)
+        slipped = trial["offered_pps"] < 0.97 * rate
+        log(state["name"], "{}{}".format(
+            label, " slipped" if slipped else " again" if attempt else ""), trial)
+        if trial["loss"] == 0:
+            return True, trial
+        late = time.monotonic() > deadline
+        if slipped and trial["relay_cpu_share"] < 0.85:
+            # This process could not keep the pace and the relay was not
+            # busy all the time: something else held them up, the loss says
+            # little.  (A relay that used its CPU and lost packets was too
+            # slow, whatever this process did.)
+            if state["slips"] < max_slips and not late:
+                state["slips"] += 1
+                continue
+            return None, trial
+        attempt += 1
+        if attempt > retries or late:
+            return False, trial
+
+
+def _passed(state, trial):
+    rate = min(trial["offered_pps"], trial["target_pps"])
+    state["lo"] = max(state["lo"], rate)
+    if state["best"] is None or trial["offered_pps"] > state["best"]["offered_pps"]:
+        state["best"] = trial
+
+
+def search(load, relays, seconds, steps, retries, log, deadline):
+    """
+    Per relay: a full-speed trial (for the record: delivered rate and loss
+    when flooded), then paced trials, relays interleaved: a ramp from
+    RAMP_START up by RAMP_FACTOR until a rate loses packets, then ``steps``
+    bisections between the last loss-free rate and the first lossy one.  A
+    rate that loses packets is tried again up to ``retries`` times before
+    it counts as too fast (a shared machine stalls a relay now and then;
+    the same rule holds for every relay).  After ``deadline``
+    (time.monotonic()) nothing is tried again and the search stops where it
+    is.  Returns per-relay results.
+    """
+    results = {}
+    for name, (relay, ssrc) in relays.items():
+        # Warm-up (sessions' streams created, caches warm), not reported.
+        load.trial(relay, ssrc, None, seconds, count=3000)
+    for name, (relay, ssrc) in relays.items():
+        full = load.trial(relay, ssrc, None, seconds, count=FULL_SPEED_PACKETS)
+        log(name, "full speed", full)
+        if full["starved"]:
+            raise BenchFailure("{}: endpoints {} received nothing".format(name, full["starved"]))
+        results[name] = {"name": name, "full": full, "best": None, "trials": [full],
+                         "slips": 0, "lo": 0.0, "hi": None, "ramp": RAMP_START}
+    max_slips = steps + 4
+
+    def run(state, rate, label):
+        relay, ssrc = relays[state["name"]]
+        return _attempt(load, state, relay, ssrc, rate, seconds, retries, deadline, label, log,
+                        max_slips)
+
+    ramping = list(results.values())
+    while ramping and time.monotonic() <= deadline:
+        for state in list(ramping):
+            rate = state["ramp"]
+            verdict, trial = run(state, rate, "ramp")
+            if verdict:
+                _passed(state, trial)
+                state["ramp"] = rate * RAMP_FACTOR
+            elif verdict is False:
+                state["hi"] = rate
+                ramping.remove(state)
+    for step in range(steps):
+        if time.monotonic() > deadline:
+            print("  (time budget reached: search stopped after {} bisection steps)".format(step))
+            break
+        for state in results.values():
+            if state["hi"] is None:
+                continue
+            rate = (state["lo"] + state["hi"]) / 2
+            verdict, trial = run(state, rate, "step {}".format(step + 1))
+            if verdict:
+                _passed(state, trial)
+            elif verdict is False:
+                state["hi"] = rate
+    for name, (relay, ssrc) in relays.items():
+        state = results[name]
+        rate = state["hi"] or RAMP_START
+        while state["best"] is None and rate > 20 and time.monotonic() < deadline + 10:
+            # Nothing was loss-free (a very busy machine?): go lower.
+            rate /= 2
+            trial = load.trial(relay, ssrc, rate, seconds)
+            state["trials"].append(trial)
+            log(name, "lower", trial)
+            if trial["loss"] == 0:
+                state["best"] = trial
+        if state["best"] is None:
+            raise BenchFailure("{}: no loss-free rate found (lowest tried {:.0f} pps)".format(
+                name, rate))
+    return results
+
+
+# --------------------------------------------------------------------------
+# Main
+
+
+def _row(name, what, t):
+    return "{:<18} {:<13} {:>9} {:>9.0f} {:>9.0f} {:>8.3%} {:>6.0%} {:>8.2f} {:>6.0%} {:>7}".format(
+        name, what, "-" if t["target_pps"] is None else "{:.0f}".format(t["target_pps"]),
+        t["offered_pps"], t["delivered_in_pps"], t["loss"],
+        t["relay_cpu_share"],
+        (t["relay_cpu_s_per_packet"] or 0) * 1e6, t["load_cpu_share"],
+        "{}/{}".format(t["relay_socket_drops"], t["receiver_socket_drops"]))
+
+
+def run(args):
+    from perc import dtls
+
+    started = time.monotonic()
+    directory = tempfile.mkdtemp(prefix="perc-bench-forward-")
+    distributors = baseline = None
+    endpoints = []
+    try:
+        md_args = ["--profiles", args.profile.name, "--endpoint-timeout", "3600",
+                   "--handshake-timeout", "120", "--new-associations-per-second", "10000"]
+        distributors = start_distributors(directory, md_args, ["--profiles", args.profile.name],
+                                          args.md_profile)
+        kd_fingerprint = distributors.kd_fingerprint
+        for index in range(args.endpoints):
+            credentials = dtls.Credentials.self_signed("bench-{}".format(index + 1))
+            tls_id = "bench-{}-{}".format(index + 1, os.urandom(12).hex())
+            kd_tls_id = _common.register_endpoint(distributors, CONFERENCE, tls_id,
+                                                  credentials.fingerprint)
+            endpoints.append(BenchEndpoint(index, credentials, tls_id, kd_tls_id,
+                                           kd_fingerprint, args.profile))
+        joined_at = time.monotonic()
+        handshake_all(endpoints, distributors.media_address)
+        join_seconds = time.monotonic() - joined_at
+        status, document = _common.http_json("GET", distributors.md_api + "/v1/status",
+                                             distributors.md_token)
+        if status != 200 or document.get("established") != args.endpoints:
+            raise BenchFailure("the Media Distributor has {} keyed endpoints, not {}".format(
+                document and document.get("established"), args.endpoints))
+        ekt = all(e.complete.ekt_cipher is not None for e in endpoints)
+        baseline = BaselineRelay(directory, endpoints, args.profile.hbh_libsrtp_profile, ekt)
+        placement = pin([distributors.md.pid, baseline.pid]) if args.pin else None
+
+        class MdRelay:
+            address = distributors.media_address
+            pid = distributors.md.pid
+
+        load = Load(endpoints, args.payload, ekt)
+        print("perc bench forward: {} endpoints (1 sender, {} receivers), {}-octet payload "
+              "({}-octet SRTP packets{}), {}".format(
+                  args.endpoints, args.endpoints - 1, args.payload, load.wire_length,
+                  " with a ShortEKTField" if ekt else "", args.profile.name))
+        print("  perc-md pid {} and baseline relay pid {} in their own processes; endpoints "
+              "in this process (pid {}); {} joined through the MD in {:.2f} s".format(
+                  distributors.md.pid, baseline.pid, os.getpid(), args.endpoints, join_seconds))
+        print("  CPU placement: {}; relay socket receive buffers: the system default ({} "
+              "octets)".format(placement or "not pinned", baseline.receive_buffer))
+        print()
+        print("{:<18} {:<13} {:>9} {:>9} {:>9} {:>8} {:>6} {:>8} {:>6} {:>7}".format(
+            "relay", "trial", "target/s", "offered/s", "deliv./s", "loss", "cpu", "us/fwd",
+            "load", "drops"))
+
+        def log(name, what, trial):
+            print(_row(name, what, trial), flush=True)
+
+        relays = {"perc-md": (MdRelay, SSRC_MD), "baseline": (baseline, SSRC_BASELINE)}
+        results = search(load, relays, args.seconds, args.steps, args.retries, log,
+                         started + max(30.0, 40 * args.seconds))
+        same_rate = 0.8 * min(r["best"]["offered_pps"] for r in results.values())
+        same = equal_rate(load, relays, same_rate, args.seconds, 2, log)
+        status, md_status = _common.http_json("GET", distributors.md_api + "/v1/status",
+                                              distributors.md_token)
+        counters = (md_status or {}).get("counters", {})
+        md_drops = {k: v for k, v in counters.items() if k.startswith("dropped")}
+        bad = {k: v for k, v in md_drops.items() if "srtp" in k or "protect" in k or "ekt" in k}
+        if bad:
+            raise BenchFailure("perc-md dropped media it should have forwarded: {}".format(bad))
+        if "Traceback" in distributors.md.output():
+            raise BenchFailure("perc-md logged a traceback (see {})".format(
+                distributors.md.log_path))
+        if not load.verified:
+            raise BenchFailure("no forwarded packet was verified")
+        md_best, base_best = results["perc-md"]["best"], results["baseline"]["best"]
+        forward_pps = md_best["offered_pps"]
+        baseline_pps = base_best["offered_pps"]
+        ratio = forward_pps / baseline_pps
+        receivers = args.endpoints - 1
+        saturated = [t for r in results.values() for t in r["trials"]
+                     if t["receiver_socket_drops"] or t["load_cpu_share"] > 0.9]
+        paced = [t for r in results.values() for t in r["trials"] if t["target_pps"]]
+        slipped = [t for t in paced if t["offered_pps"] < 0.97 * t["target_pps"]]
+        print()
+        print("deliv./s: packets per second from the sender that reached every receiver (each "
+              "forwarded {} times);".format(receivers))
+        print("cpu: relay process CPU / wall time; us/fwd: relay CPU microseconds per forwarded "
+              "packet; load: this process's CPU share;")
+        print("drops: kernel drops at the relay's socket / at the receivers' sockets "
+              "(/proc/net/udp).")
+        print()
+        print("Highest loss-free rate (ramp, then {} bisection steps; trials of {:.1f} s, a "
+              "lossy rate tried {} more time(s)):".format(args.steps, args.seconds, args.retries))
+        print("  perc-md   {:>8.0f} packets/s in, {:>8.0f} forwarded/s, {:.2f} us CPU per "
+              "forwarded packet".format(forward_pps, forward_pps * receivers,
+                                        md_best["relay_cpu_s_per_packet"] * 1e6))
+        print("  baseline  {:>8.0f} packets/s in, {:>8.0f} forwarded/s, {:.2f} us CPU per "
+              "forwarded packet".format(baseline_pps, baseline_pps * receivers,
+                                        base_best["relay_cpu_s_per_packet"] * 1e6))
+        print("  ratio     {:.3f} (perc-md / baseline; loss 0 at both rates)".format(ratio))
+        print("  both at {:.0f} packets/s: perc-md {:.2f} us, baseline {:.2f} us CPU per forwarded "
+              "packet (baseline / perc-md = {:.3f})".format(
+                  same_rate, same["perc-md"] * 1e6, same["baseline"] * 1e6,
+                  same["baseline"] / same["perc-md"]))
+        md_full, base_full = results["perc-md"]["full"], results["baseline"]["full"]
+        print("  at full speed: perc-md delivered {:.0f}/s (loss {:.1%}), baseline {:.0f}/s "
+              "(loss {:.1%})".format(md_full["delivered_in_pps"], md_full["loss"],
+                                     base_full["delivered_in_pps"], base_full["loss"]))
+        print("  {} forwarded packets verified (outer layer, payload, EKT field); perc-md "
+              "drop counters: {}".format(load.verified, md_drops or "none"))
+        if saturated:
+            print("  WARNING: in {} trials the load generator was saturated or its sockets "
+                  "dropped packets; rates are lower bounds".format(len(saturated)))
+        if len(slipped) * 4 > len(paced):
+            print("  WARNING: this process fell behind its schedule in {} of {} paced trials: "
+                  "the machine is busy and the figures are noisy".format(
+                      len(slipped), len(paced)))
+        print("  total {:.1f} s".format(time.monotonic() - started))
+        document = {
+            "benchmark": "forward",
+            "endpoints": args.endpoints,
+            "receivers": receivers,
+            "payload": args.payload,
+            "profile": args.profile.name,
+            "ekt": ekt,
+            "seconds_per_trial": args.seconds,
+            "steps": args.steps,
+            "retries": args.retries,
+            "rate_unit": "packets per second sent into the relay (each forwarded to every "
+                         "receiver) at which a paced trial had zero loss",
+            "forward_pps": round(forward_pps, 1),
+            "baseline_pps": round(baseline_pps, 1),
+            "ratio": round(ratio, 4),
+            "loss": md_best["loss"],
+            "forward_out_pps": round(forward_pps * receivers, 1),
+            "md_cpu_s_per_packet": md_best["relay_cpu_s_per_packet"],
+            "same_rate_pps": round(same_rate, 1),
+            "md_cpu_s_per_packet_same_rate": same["perc-md"],
+            "baseline_cpu_s_per_packet_same_rate": same["baseline"],
+            "cpu_ratio_same_rate": round(same["baseline"] / same["perc-md"], 4),
+            "relay_receive_buffer": baseline.receive_buffer,
+            "baseline_cpu_s_per_packet": base_best["relay_cpu_s_per_packet"],
+            "md_cpu_share": round(md_best["relay_cpu_share"], 3),
+            "full_speed": {name: {"delivered_pps": round(r["full"]["delivered_in_pps"], 1),
+                                  "offered_pps": round(r["full"]["offered_pps"], 1),
+                                  "loss": round(r["full"]["loss"], 5)}
+                           for name, r in results.items()},
+            "verified_samples": load.verified,
+            "md_drop_counters": md_drops,
+            "load_saturated_trials": len(saturated),
+            "paced_trials": len(paced),
+            "slipped_trials": len(slipped),
+            "join_seconds": round(join_seconds, 3),
+            "total_seconds": round(time.monotonic() - started, 1),
+            "load_placement": "endpoints in the benchmark process; perc-md, perc-kd and the "
+                              "baseline relay in processes of their own",
+            "cpu_pinning": placement,
+            "ok": True,
+        }
+        return document
+    finally:
+        for e in endpoints:
+            e.sock.close()
+        if baseline is not None:
+            baseline.stop()
+        if distributors is not None:
+            distributors.stop()
+        if args.keep:
+            print("  kept {}".format(directory))
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def start_distributors(directory, md_args, kd_args, md_profile):
+    options = ()
+    if md_profile:
+        options = ("--profile", os.path.abspath(md_profile), "--profiler", "cprofile",
+                   "--savestats")
+    return _common.start_distributors(directory, md_args=md_args, kd_args=kd_args,
+                                      md_twistd_options=options)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.baseline_relay:
+        return run_baseline_relay(args.baseline_relay)
+    try:
+        document = run(args)
+    except (BenchFailure, RuntimeError) as error:
+        print("FAILED: {}".format(error), file=sys.stderr, flush=True)
+        _common.print_json_last({"benchmark": "forward", "ok": False, "error": str(error)})
+        return 1
+    if args.md_profile:
+        import pstats
+
+        print()
+        print("cProfile of perc-md (top 25 by own time; figures above are slowed by it):")
+        try:
+            pstats.Stats(args.md_profile).sort_stats("tottime").print_stats(25)
+        except (OSError, TypeError, ValueError) as error:
+            print("  cannot read {}: {}".format(args.md_profile, error))
+    _common.print_json_last(document)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,785 @@
+"""
+Handshake benchmark: how fast endpoints join through a real ``twistd
+perc-md`` and ``twistd perc-kd``, and what each association costs the Key
+Distributor in CPU, against the bare DTLS engine doing the same handshake.
+
+Set-up: a temporary development PKI, ``twistd -n perc-kd`` and ``twistd -n
+perc-md`` (subprocesses, via ``bench/_common.py``), and a *worker process*
+(this script with ``--worker``) that runs N client-role DTLS engines
+(``perc.dtls.ClientAssociation``: extension 56 tls-id, EKT offered, the Key
+Distributor's tls-id and fingerprint checked) over one UDP socket each,
+towards the Media Distributor's media port.  Each endpoint has its own
+self-signed P-256 certificate.
+
+Registration (``--register``), done by the worker before the clock starts:
+
+``api`` (default)
+    ``PUT /v1/conferences/C/endpoints/TLS_ID`` on the Key Distributor's
+    registration API for each endpoint (one keep-alive HTTP connection);
+    the Media Distributor places everyone with ``--default-conference C``.
+``both``
+    As ``api``, and ``PUT`` on the Media Distributor's control API too (no
+    ``--default-conference``): what ``perc register --md-api`` does.
+``sqlite``
+    The worker writes the registrations (its own random ``kd_tls_id`` per
+    endpoint) into the Key Distributor's SQLite file, with the roster's own
+    schema, *before* the Key Distributor starts; the Media Distributor uses
+    ``--default-conference``.  Fastest for thousands of endpoints.
+
+The Media Distributor runs with ``--new-associations-per-second`` raised
+(every endpoint comes from 127.0.0.1) and large association limits.
+
+Measure: ``--rounds`` rounds (default 3), each of N fresh endpoints (N =
+``--endpoints``, default 200): on "go" the worker starts ``--concurrency``
+handshakes at once (all N by default) and a new one whenever one finishes;
+the next round starts once every endpoint of the previous one holds its
+keys (and all stay connected).  Join latency of an
+endpoint = from its first ClientHello to the moment it holds its keys (the
+hop-by-hop keys exported at HandshakeComplete *and* the conference EKTKey,
+which the Key Distributor sends as the first application-data record; an
+endpoint without it after 0.5 s asks again, as ``perc endpoint`` does).
+``assoc_per_s`` = associations / the rounds' time from first ClientHello
+to last join; latency percentiles are over every join of every round.  Key
+Distributor CPU = utime + stime from ``/proc/PID/stat`` of the ``perc-kd``
+process, delta from just before each round's "go" until it is idle after
+its last join, summed and divided by the number of associations.
+
+Baseline, same run: ``--baseline-count`` handshakes of the same profile,
+extensions (56 both ways, 39) and certificates done in this process with
+``perc.dtls.ServerListener`` (cookie exchange included) and
+``ClientAssociation`` shuttling datagrams in memory, no tunnel, no reactor;
+only the server's calls are timed (``time.process_time``).  It runs before
+each round and after the last one, so that it sees the same (shared)
+machine as the rounds; ``baseline_cpu_per_assoc`` is the median of those
+runs.  ``ratio`` = kd_cpu_per_assoc / baseline_cpu_per_assoc.
+
+    python bench/handshake.py [--endpoints 200] [--rounds 3] [--concurrency 200]
+    perc bench handshake --endpoints 500 --concurrency 100 --register sqlite
+    perc bench handshake --kd-profile kd.prof     # perc-kd under cProfile
+
+Targets: ratio <= 1.5 and join_p99_s < 1 at 200 concurrent joins.  The last
+line printed is one JSON object with the figures.  Exit status 1 (with a
+line starting ``FAILED``) if any endpoint fails to join; the targets are
+reported (``targets_met``), not enforced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import http.client
+import json
+import os
+import select
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from urllib.parse import quote
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+
+CONFERENCE = "bench-handshake"
+#: An endpoint that has its keys but no EKTKey record after this long asks again.
+EKT_KEY_RETRY = 0.5
+EKT_KEY_REQUEST = b"\x01"
+#: Endpoint sockets' receive buffer (so that bursts are never lost there).
+ENDPOINT_RCVBUF = 1 << 20
+
+
+class BenchFailure(Exception):
+    """Something measured did not work: exit 1."""
+
+
+# --------------------------------------------------------------------------
+# Options
+
+
+def add_common_options(parser, default_endpoints):
+    parser.add_argument("--endpoints", "-n", type=int, default=default_endpoints,
+                        help="endpoints joining (per round) (default %(default)s)")
+    parser.add_argument("--concurrency", "-c", type=int, default=None,
+                        help="handshakes in flight at once (default: all of them)")
+    parser.add_argument("--register", choices=("api", "both", "sqlite"), default="api",
+                        help="how endpoints are registered before the clock starts "
+                             "(default %(default)s; see the module help)")
+    parser.add_argument("--profile", "-p", default="DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM",
+                        help="SRTP protection profile the endpoints offer (default 0x0009)")
+    parser.add_argument("--timeout", type=float, default=45.0,
+                        help="seconds for all joins before the run fails (default 45)")
+    parser.add_argument("--kd-profile", metavar="FILE",
+                        help="run perc-kd under cProfile (twistd --profiler cprofile) and "
+                             "save the statistics to FILE; the figures are then not "
+                             "representative")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary directory (PKI, daemon logs)")
+    parser.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="perc bench handshake",
+        description="Association setup through real perc-md and perc-kd: associations/s, "
+                    "join latency, Key Distributor CPU per association against an "
+                    "in-process DTLS baseline.")
+    add_common_options(parser, 200)
+    parser.add_argument("--rounds", "-r", type=int, default=3,
+                        help="rounds of --endpoints joins, each with fresh endpoints; a "
+                             "baseline measurement before each round and after the last "
+                             "(default 3)")
+    parser.add_argument("--baseline-count", type=int, default=200,
+                        help="in-process baseline handshakes per measurement (default 200)")
+    args = parser.parse_args(argv)
+    if args.worker:
+        return args
+    check_common_options(parser, args)
+    if not 1 <= args.rounds <= 50:
+        parser.error("--rounds must be 1 to 50")
+    if args.endpoints * args.rounds > 15000:
+        parser.error("--endpoints x --rounds must be at most 15000")
+    if args.baseline_count < 10:
+        parser.error("--baseline-count must be at least 10")
+    return args
+
+
+def check_common_options(parser, args):
+    from perc import profiles
+
+    if not 1 <= args.endpoints <= 15000:
+        parser.error("--endpoints must be 1 to 15000")
+    if args.concurrency is None:
+        args.concurrency = args.endpoints
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    try:
+        [profile] = profiles.parse_profile_list(args.profile)
+    except (profiles.ProfileError, ValueError) as error:
+        parser.error("--profile: {}".format(error))
+    args.profile_id = profile.id
+
+
+# --------------------------------------------------------------------------
+# The worker: client-role DTLS engines over UDP (a process of its own)
+
+
+class Joiner:
+    """One endpoint: its credentials, socket, DTLS client engine and timestamps."""
+
+    __slots__ = ("index", "credentials", "tls_id", "kd_tls_id", "sock", "association",
+                 "started", "handshake_done", "keyed", "closed", "ekt_cipher", "due",
+                 "ekt_requests", "hbh")
+
+    def __init__(self, index, credentials, tls_id):
+        self.index = index
+        self.credentials = credentials
+        self.tls_id = tls_id
+        self.kd_tls_id = None
+        self.sock = None
+        self.association = None
+        self.started = self.handshake_done = self.keyed = None
+        self.closed = None
+        self.ekt_cipher = None
+        self.due = None
+        self.ekt_requests = 0
+        self.hbh = None
+
+
+class Worker:
+    """
+    Driven by the benchmark over stdin/stdout, one JSON object per line:
+    it prints ``{"state": "credentials", ...}`` once its endpoints have
+    credentials (and, for ``sqlite``, the database is written); reads the
+    distributors' addresses; registers (``api``/``both``) and prints
+    ``{"state": "registered", ...}``; on each ``{"go": [first, end]}`` runs
+    the joins of endpoints[first:end] and prints ``{"state": "joined",
+    ...}``.  Associations stay up (sockets open) until end of input, so
+    that the benchmark can look at the daemons while they hold them.
+    """
+
+    def __init__(self, config):
+        from perc import dtls
+        from perc.profiles import by_id
+
+        self.config = config
+        self.profile = by_id(config["profile_id"])
+        count = config["endpoints"]
+        prefix = "Bench-{}-".format(uuid.uuid4().hex[:12])
+        self.endpoints = [Joiner(i, dtls.Credentials.self_signed("endpoint-{}".format(i)),
+                                 "{}{:06d}-TlsId".format(prefix, i)) for i in range(count)]
+
+    # -- registration ---------------------------------------------------
+
+    def write_sqlite(self, path):
+        import sqlite3
+
+        from perc.kd import roster
+
+        connection = sqlite3.connect(path)
+        try:
+            cursor = connection.cursor()
+            roster._create_schema(cursor)
+            for e in self.endpoints:
+                e.kd_tls_id = roster.new_kd_tls_id()
+                roster._insert(cursor, roster.Registration(
+                    CONFERENCE, e.tls_id, e.credentials.fingerprint, e.kd_tls_id))
+            connection.commit()
+        finally:
+            connection.close()
+
+    def register_api(self, info, also_md):
+        kd = _KeepAlive(info["kd_api"], info["kd_token"])
+        md = _KeepAlive(info["md_api"], info["md_token"]) if also_md else None
+        try:
+            for e in self.endpoints:
+                path = "/v1/conferences/{}/endpoints/{}".format(
+                    quote(CONFERENCE, safe=""), quote(e.tls_id, safe=""))
+                status, answer = kd.request("PUT", path, {"fingerprint": e.credentials.fingerprint})
+                if status not in (200, 201):
+                    raise BenchFailure("Key Distributor API refused {}: {} {}".format(
+                        e.tls_id, status, answer))
+                e.kd_tls_id = answer["kd_tls_id"]
+                if md is not None:
+                    status, answer = md.request("PUT", path, {})
+                    if status not in (200, 201):
+                        raise BenchFailure("Media Distributor API refused {}: {} {}".format(
+                            e.tls_id, status, answer))
+        finally:
+            kd.close()
+            if md is not None:
+                md.close()
+
+    # -- joining --------------------------------------------------------
+
+    def prepare(self, kd_fingerprint):
+        from perc import dtls
+        from perc.ekt import EktCipher
+
+        for e in self.endpoints:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ENDPOINT_RCVBUF)
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+            e.sock = sock
+            e.association = dtls.ClientAssociation(
+                e.credentials, [self.profile], tls_id=e.tls_id.encode("ascii"),
+                expected_peer_tls_id=e.kd_tls_id.encode("ascii"),
+                expected_peer_fingerprint=kd_fingerprint,
+                ekt_ciphers=(int(EktCipher.AESKW_128),))
+
+    def join(self, server, concurrency, timeout, endpoints=None):
+        """Run the joins of ``endpoints`` (default: all); returns the result document."""
+        from perc import dtls
+        from perc.ekt import EktCipher, EktError, EktKey
+
+        if endpoints is None:
+            endpoints = self.endpoints
+        by_fd = {e.sock.fileno(): e for e in endpoints}
+        poller = select.epoll(len(endpoints) + 1)
+        for fd in by_fd:
+            poller.register(fd, select.EPOLLIN)
+        waiting = deque(endpoints)
+        timers = []  # (due, index, endpoint): stale entries are skipped
+        state = {"active": 0, "done": 0, "failed": []}
+        HandshakeComplete, ApplicationData, Closed = (
+            dtls.HandshakeComplete, dtls.ApplicationData, dtls.Closed)
+
+        def finish(e):
+            state["active"] -= 1
+            state["done"] += 1
+            e.due = None
+
+        def handle(e, output, now):
+            sendto = e.sock.sendto
+            for datagram in output.datagrams:
+                sendto(datagram, server)
+            for event in output.events:
+                if isinstance(event, HandshakeComplete):
+                    e.handshake_done = now
+                    e.ekt_cipher = event.ekt_cipher
+                    e.hbh = event.profile.hbh_keys(event.keys)
+                    if event.ekt_cipher is None:
+                        e.closed = "the Key Distributor did not negotiate EKT"
+                elif isinstance(event, ApplicationData):
+                    if e.keyed is None and e.ekt_cipher is not None:
+                        try:
+                            EktKey.decode(event.data, EktCipher(e.ekt_cipher))
+                        except EktError as error:
+                            e.closed = "unusable EKTKey: {}".format(error.reason)
+                        else:
+                            e.keyed = now
+                            finish(e)
+                            return
+                elif isinstance(event, Closed):
+                    e.closed = event.reason
+            if e.closed is not None:
+                if e.keyed is None:
+                    state["failed"].append((e.index, e.closed))
+                    finish(e)
+                return
+            if e.handshake_done is None:
+                e.due = e.association.next_timeout(now)
+            elif e.due is None or e.due <= now:
+                e.due = now + EKT_KEY_RETRY
+            if e.due is not None:
+                heapq.heappush(timers, (e.due, e.index, e))
+
+        start = time.monotonic()
+        deadline = start + timeout
+        recv_buffer = bytearray(65536)
+        while state["done"] < len(endpoints):
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            while waiting and state["active"] < concurrency:
+                e = waiting.popleft()
+                state["active"] += 1
+                now = e.started = time.monotonic()
+                handle(e, e.association.start(now), now)
+            wait = deadline - now
+            if timers:
+                wait = min(wait, timers[0][0] - now)
+            for fd, _ in poller.poll(max(0.0, wait)):
+                e = by_fd[fd]
+                recv_into = e.sock.recvfrom_into
+                while True:
+                    try:
+                        n, source = recv_into(recv_buffer)
+                    except BlockingIOError:
+                        break
+                    if source != server or not n or not 20 <= recv_buffer[0] <= 63:
+                        continue
+                    if e.keyed is None and e.closed is None:
+                        now = time.monotonic()
+                        handle(e, e.association.receive(bytes(recv_buffer[:n]), now), now)
+            now = time.monotonic()
+            while timers and timers[0][0] <= now:
+                due, _, e = heapq.heappop(timers)
+                if e.due != due or e.keyed is not None or e.closed is not None:
+                    continue
+                e.due = None
+                if e.handshake_done is None:
+                    handle(e, e.association.handle_timeout(now), now)
+                else:
+                    e.ekt_requests += 1
+                    handle(e, e.association.send_application_data(EKT_KEY_REQUEST), now)
+        poller.close()
+        missing = [e.index for e in endpoints if e.keyed is None and e.closed is None]
+        return {
+            "state": "joined",
+            "endpoints": len(endpoints),
+            "joined": sum(1 for e in endpoints if e.keyed is not None),
+            "failed": state["failed"][:20],
+            "failed_count": len(state["failed"]),
+            "missing": missing[:20],
+            "missing_count": len(missing),
+            # Per joined endpoint: start, handshake complete, keyed (monotonic seconds).
+            "times": [[e.started, e.handshake_done, e.keyed] for e in endpoints
+                      if e.keyed is not None],
+            "retransmissions": sum(e.association.retransmissions for e in endpoints),
+            "ekt_requests": sum(e.ekt_requests for e in endpoints),
+        }
+
+    def close(self):
+        # No close_notify: the daemons are stopped next, and thousands of
+        # orderly closes would only make the teardown slow.
+        for e in self.endpoints:
+            if e.sock is not None:
+                e.sock.close()
+
+
+class _KeepAlive:
+    """JSON requests with a bearer token over one persistent HTTP/1.1 connection."""
+
+    def __init__(self, base, token):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(base)
+        self.host, self.port = parts.hostname, parts.port
+        self.token = token
+        self.connection = None
+
+    def request(self, method, path, body):
+        data = json.dumps(body).encode("utf-8")
+        headers = {"Authorization": "Bearer " + self.token,
+                   "Content-Type": "application/json"}
+        for attempt in (1, 2):
+            if self.connection is None:
+                self.connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            try:
+                self.connection.request(method, path, body=data, headers=headers)
+                response = self.connection.getresponse()
+                raw = response.read()
+            except (http.client.HTTPException, OSError):
+                self.connection.close()
+                self.connection = None
+                if attempt == 2:
+                    raise
+                continue
+            if response.getheader("Connection", "").lower() == "close":
+                self.connection.close()
+                self.connection = None
+            try:
+                return response.status, json.loads(raw) if raw else None
+            except ValueError:
+                return response.status, None
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+
+
+def _say(document):
+    sys.stdout.write(json.dumps(document) + "\n")
+    sys.stdout.flush()
+
+
+def run_worker(config_path):
+    with open(config_path) as f:
+        config = json.load(f)
+    try:
+        worker = Worker(config)
+        if config["register"] == "sqlite":
+            worker.write_sqlite(config["db"])
+        _say({"state": "credentials", "endpoints": len(worker.endpoints)})
+        info = json.loads(sys.stdin.readline())
+        started = time.monotonic()
+        if config["register"] in ("api", "both"):
+            worker.register_api(info, config["register"] == "both")
+        worker.prepare(info["kd_fingerprint"])
+        _say({"state": "registered", "seconds": time.monotonic() - started})
+        # {"go": [first, end]} joins endpoints[first:end]; anything else (or
+        # end of input) closes every association and ends the worker.
+        while True:
+            line = sys.stdin.readline()
+            go = json.loads(line).get("go") if line.strip() else None
+            if not go:
+                break
+            first, end = go
+            _say(worker.join(tuple(info["media"]), config["concurrency"], config["timeout"],
+                             worker.endpoints[first:end]))
+        worker.close()
+    except BenchFailure as error:
+        _say({"state": "failed", "reason": str(error)})
+        return 1
+    return 0
+
+
+class WorkerProcess:
+    """The benchmark's side of the worker."""
+
+    def __init__(self, directory, args, db_path):
+        config_path = os.path.join(directory, "worker.json")
+        with open(config_path, "w") as f:
+            json.dump({"endpoints": args.endpoints * getattr(args, "rounds", 1),
+                       "concurrency": args.concurrency,
+                       "register": args.register, "profile_id": args.profile_id,
+                       "timeout": args.timeout, "db": db_path}, f)
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker", config_path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def expect(self, state, timeout):
+        line = self.process.stdout.readline()
+        if not line:
+            raise BenchFailure("the worker process ended (exit status {}) while the benchmark "
+                               "waited for {!r}".format(self.process.wait(), state))
+        document = json.loads(line)
+        if document.get("state") == "failed":
+            raise BenchFailure("worker: {}".format(document.get("reason")))
+        if document.get("state") != state:
+            raise BenchFailure("worker said {!r}, expected {!r}".format(document, state))
+        return document
+
+    def send(self, document):
+        self.process.stdin.write(json.dumps(document) + "\n")
+        self.process.stdin.flush()
+
+    def stop(self):
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
+
+
+# --------------------------------------------------------------------------
+# A live run: worker, daemons, joins (shared with bench/memory.py)
+
+
+def distributor_args(args, extra_md=(), extra_kd=()):
+    md = ["--new-associations-per-second", "1000000", "--max-associations", "50000",
+          "--handshake-timeout", "120"]
+    if args.register != "both":
+        md += ["--default-conference", CONFERENCE]
+    kd = ["--max-associations", "50000", "--max-associations-per-tunnel", "50000"]
+    return md + list(extra_md), kd + list(extra_kd)
+
+
+def start_run(directory, args, extra_md=(), extra_kd=()):
+    """
+    Worker (credentials; SQLite registrations if asked), then the daemons,
+    then registration through the APIs if asked.  Returns (worker,
+    distributors, registration seconds).
+    """
+    db_path = os.path.join(directory, "perc-kd.sqlite3")
+    worker = WorkerProcess(directory, args, db_path)
+    distributors = None
+    try:
+        worker.expect("credentials", 120)
+        md_args, kd_args = distributor_args(args, extra_md, extra_kd)
+        kd_twistd = []
+        if getattr(args, "kd_profile", None):
+            kd_twistd = ["--profile", os.path.abspath(args.kd_profile), "--profiler", "cprofile",
+                         "--savestats"]
+        distributors = _common.start_distributors(directory, md_args=md_args, kd_args=kd_args,
+                                                  kd_twistd_options=kd_twistd)
+        worker.send({"media": list(distributors.media_address),
+                     "kd_api": distributors.kd_api, "kd_token": distributors.kd_token,
+                     "md_api": distributors.md_api, "md_token": distributors.md_token,
+                     "kd_fingerprint": distributors.kd_fingerprint})
+        registered = worker.expect("registered", 300)
+        return worker, distributors, registered["seconds"]
+    except BaseException:
+        worker.stop()
+        if distributors is not None:
+            distributors.stop()
+        raise
+
+
+def wait_idle(pid, quiet=0.15, limit=10.0, tolerance=0.0):
+    """
+    Wait until process ``pid`` used at most ``tolerance`` CPU seconds in
+    ``quiet`` seconds (at most ``limit`` seconds); returns its CPU seconds.
+    """
+    deadline = time.monotonic() + limit
+    last = _common.cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = _common.cpu_seconds(pid)
+        if now - last <= tolerance:
+            return now
+        last = now
+    return last
+
+
+def check_joined(result):
+    if result["failed_count"] or result["missing_count"]:
+        raise BenchFailure("{} of {} endpoints did not join ({} failed, {} still handshaking at "
+                           "the timeout); first failures: {}; still missing: {}".format(
+                               result["endpoints"] - result["joined"], result["endpoints"],
+                               result["failed_count"], result["missing_count"],
+                               result["failed"][:5], result["missing"][:5]))
+
+
+# --------------------------------------------------------------------------
+# The in-process baseline
+
+
+def baseline_cpu_per_handshake(count, profile_id):
+    """
+    Server-side CPU seconds per DTLS-SRTP handshake over memory BIOs: the
+    same profile, extensions and kind of certificates as the live run.
+    """
+    from perc import dtls
+    from perc.ekt import EktCipher
+    from perc.profiles import DEFAULT_PROFILES, by_id
+
+    profile = by_id(profile_id)
+    server_profiles = tuple(DEFAULT_PROFILES) if profile in DEFAULT_PROFILES else (profile,)
+    kd = dtls.Credentials.self_signed("kd")
+    listener = dtls.ServerListener(kd, server_profiles, ekt_ciphers=(int(EktCipher.AESKW_128),))
+    kd_tls_id = b"KeyDistributorTlsId-0123456789ab"
+    accept_hello = dtls.Accept(tls_id=kd_tls_id)
+    accept = dtls.Accept()
+
+    def hook(query):
+        return accept_hello if query.stage == dtls.STAGE_HELLO else accept
+
+    clients = []
+    for i in range(count):
+        credentials = dtls.Credentials.self_signed("endpoint-{}".format(i))
+        clients.append(dtls.ClientAssociation(
+            credentials, [profile], tls_id="Baseline-{:06d}-TlsId-0123".format(i).encode(),
+            expected_peer_tls_id=kd_tls_id, expected_peer_fingerprint=kd.fingerprint,
+            ekt_ciphers=(int(EktCipher.AESKW_128),)))
+    clock = time.process_time
+    server_cpu = 0.0
+    for client in clients:
+        association_id = uuid.uuid4().bytes
+        now = time.monotonic()
+        hello = client.start(now).datagrams
+        t = clock()
+        replies, engine = listener.listen(association_id, hello[0], now, identity_hook=hook)
+        server_cpu += clock() - t
+        hello = client.receive(replies[0], now).datagrams
+        t = clock()
+        replies, engine = listener.listen(association_id, hello[0], now, identity_hook=hook)
+        flight = engine.start(now).datagrams
+        server_cpu += clock() - t
+        answer = []
+        for datagram in flight:
+            answer.extend(client.receive(datagram, now).datagrams)
+        t = clock()
+        outputs = [engine.receive(datagram, now) for datagram in answer]
+        server_cpu += clock() - t
+        done = False
+        for output in outputs:
+            for datagram in output.datagrams:
+                done = done or any(isinstance(e, dtls.HandshakeComplete)
+                                   for e in client.receive(datagram, now).events)
+        if not (done and engine.established
+                and any(isinstance(e, dtls.HandshakeComplete)
+                        for o in outputs for e in o.events)):
+            raise BenchFailure("the in-process baseline handshake did not complete")
+    return server_cpu / count
+
+
+# --------------------------------------------------------------------------
+# Main
+
+
+def run(args):
+    baselines = []
+    rounds = []
+    directory = tempfile.mkdtemp(prefix="perc-bench-handshake-")
+    worker = distributors = None
+    try:
+        worker, distributors, registration_s = start_run(directory, args)
+        kd_pid, md_pid = distributors.kd.pid, distributors.md.pid
+        media_port = distributors.media_address[1]
+        for number in range(args.rounds):
+            # Baseline and live rounds alternate, so both see the same machine.
+            baselines.append(baseline_cpu_per_handshake(args.baseline_count, args.profile_id))
+            kd_before = wait_idle(kd_pid)
+            md_before = _common.cpu_seconds(md_pid)
+            drops_before = _common.udp_drops(media_port)
+            first = number * args.endpoints
+            worker.send({"go": [first, first + args.endpoints]})
+            result = worker.expect("joined", args.timeout + 60)
+            kd_after = wait_idle(kd_pid)
+            result["kd_cpu"] = kd_after - kd_before
+            result["md_cpu"] = _common.cpu_seconds(md_pid) - md_before
+            result["md_drops"] = _common.udp_drops(media_port) - drops_before
+            check_joined(result)
+            rounds.append(result)
+        baselines.append(baseline_cpu_per_handshake(args.baseline_count, args.profile_id))
+        worker.stop()
+        worker = None
+    finally:
+        if worker is not None:
+            worker.stop()
+        if distributors is not None:
+            distributors.stop()
+        if args.keep:
+            print("kept", directory)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    joins, handshakes, per_round = [], [], []
+    for result in rounds:
+        times = result["times"]
+        joins.extend(t[2] - t[0] for t in times)
+        handshakes.extend(t[1] - t[0] for t in times)
+        elapsed = max(t[2] for t in times) - min(t[0] for t in times)
+        per_round.append({
+            "assoc_per_s": round(len(times) / elapsed, 1),
+            "join_p99_s": round(_common.percentile([t[2] - t[0] for t in times], 0.99), 4),
+            "kd_cpu_per_assoc": round(result["kd_cpu"] / len(times), 6)})
+    n = len(joins)
+    elapsed = sum(len(r["times"]) / p["assoc_per_s"] for r, p in zip(rounds, per_round))
+    kd_cpu = sum(r["kd_cpu"] for r in rounds) / n
+    md_cpu = sum(r["md_cpu"] for r in rounds) / n
+    baseline = statistics.median(baselines)
+    retransmissions = sum(r["retransmissions"] for r in rounds)
+    ekt_requests = sum(r["ekt_requests"] for r in rounds)
+    md_drops = sum(r["md_drops"] for r in rounds)
+    figures = {
+        "benchmark": "handshake",
+        "endpoints": args.endpoints,
+        "rounds": args.rounds,
+        "associations": n,
+        "concurrency": args.concurrency,
+        "register": args.register,
+        "registration_s": round(registration_s, 3),
+        "assoc_per_s": round(n / elapsed, 1),
+        "join_p50_s": round(_common.percentile(joins, 0.50), 4),
+        "join_p95_s": round(_common.percentile(joins, 0.95), 4),
+        "join_p99_s": round(_common.percentile(joins, 0.99), 4),
+        "join_max_s": round(max(joins), 4),
+        "handshake_p50_s": round(_common.percentile(handshakes, 0.50), 4),
+        "handshake_p99_s": round(_common.percentile(handshakes, 0.99), 4),
+        "kd_cpu_per_assoc": round(kd_cpu, 6),
+        "md_cpu_per_assoc": round(md_cpu, 6),
+        "baseline_cpu_per_assoc": round(baseline, 6),
+        "baseline_runs": [round(b, 6) for b in baselines],
+        "ratio": round(kd_cpu / baseline, 3),
+        "per_round": per_round,
+        "client_retransmissions": retransmissions,
+        "ekt_key_requests": ekt_requests,
+        "md_udp_drops": md_drops,
+    }
+    figures["targets"] = {"ratio": 1.5, "join_p99_s": 1.0}
+    figures["targets_met"] = figures["ratio"] <= 1.5 and figures["join_p99_s"] < 1.0
+    ms = 1000.0
+    rows = [
+        ["endpoints joined", "{} ({} rounds of {}, concurrency {})".format(
+            n, args.rounds, args.endpoints, args.concurrency)],
+        ["registration ({})".format(args.register), "{:.2f} s".format(registration_s)],
+        ["associations per second", "{:.1f} (rounds: {})".format(
+            figures["assoc_per_s"], ", ".join(str(p["assoc_per_s"]) for p in per_round))],
+        ["join latency p50 / p95 / p99", "{:.1f} / {:.1f} / {:.1f} ms".format(
+            figures["join_p50_s"] * ms, figures["join_p95_s"] * ms, figures["join_p99_s"] * ms)],
+        ["join latency max", "{:.1f} ms".format(figures["join_max_s"] * ms)],
+        ["DTLS handshake p50 / p99", "{:.1f} / {:.1f} ms".format(
+            figures["handshake_p50_s"] * ms, figures["handshake_p99_s"] * ms)],
+        ["Key Distributor CPU / association", "{:.3f} ms (rounds: {})".format(
+            kd_cpu * ms, ", ".join("{:.3f}".format(p["kd_cpu_per_assoc"] * ms)
+                                   for p in per_round))],
+        ["Media Distributor CPU / association", "{:.3f} ms".format(md_cpu * ms)],
+        ["baseline server CPU / handshake", "{:.3f} ms (median of {})".format(
+            baseline * ms, ", ".join("{:.3f}".format(b * ms) for b in baselines))],
+        ["ratio KD / baseline", "{:.2f} (target <= 1.5)".format(figures["ratio"])],
+        ["client retransmissions / EKTKey requests", "{} / {}".format(
+            retransmissions, ekt_requests)],
+        ["datagrams dropped at the MD's UDP socket", md_drops],
+    ]
+    print(_common.format_table(["handshake", "value"], rows))
+    return figures
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker:
+        return run_worker(args.worker)
+    try:
+        figures = run(args)
+    except BenchFailure as error:
+        print("FAILED: {}".format(error))
+        _common.print_json_last({"benchmark": "handshake", "ok": False, "error": str(error)})
+        return 1
+    figures["ok"] = True
+    _common.print_json_last(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

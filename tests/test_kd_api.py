@@ -33,6 +33,40 @@ FP1 = fp(1)
 FP2 = fp(2)
 
 
+def serve_site(test, site):
+    """
+    Listen with ``site`` on a loopback port; returns ``(base URL, stop)``.
+    ``stop()`` (also run on ``test``'s cleanup) stops listening and waits for
+    every connection to close, so the reactor is left clean.
+    """
+    closed = []
+    build = site.buildProtocol
+
+    def build_protocol(address):
+        protocol = build(address)
+        lost = protocol.connectionLost
+        done = defer.Deferred()
+        closed.append(done)
+
+        def connection_lost(reason):
+            lost(reason)
+            done.callback(None)
+
+        protocol.connectionLost = connection_lost
+        return protocol
+
+    site.buildProtocol = build_protocol
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+
+    @defer.inlineCallbacks
+    def stop():
+        yield port.stopListening()
+        yield defer.gatherResults(closed)
+
+    test.addCleanup(stop)
+    return "http://127.0.0.1:{}".format(port.getHost().port), stop
+
+
 @implementer(IBodyProducer)
 class Body:
     """A request body; ``chunked=True`` sends it without Content-Length."""
@@ -83,34 +117,7 @@ class APITestsBase(TestCase):
     def serve(self, roster):
         """Listen on a loopback port; stop (and wait for every connection) on cleanup."""
         site = make_api_site(roster, TOKEN)
-        closed = []
-        build = site.buildProtocol
-
-        def build_protocol(address):
-            protocol = build(address)
-            lost = protocol.connectionLost
-            done = defer.Deferred()
-            closed.append(done)
-
-            def connection_lost(reason):
-                lost(reason)
-                done.callback(None)
-
-            protocol.connectionLost = connection_lost
-            return protocol
-
-        site.buildProtocol = build_protocol
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.base = "http://127.0.0.1:{}".format(port.getHost().port)
-
-        @defer.inlineCallbacks
-        def stop():
-            yield port.stopListening()
-            yield defer.gatherResults(closed)
-
-        self.addCleanup(stop)
-        self.stop_serving = stop
-        return port
+        self.base, self.stop_serving = serve_site(self, site)
 
     @defer.inlineCallbacks
     def request(self, method, path, body=None, token=TOKEN, authorization=None, chunked=False,

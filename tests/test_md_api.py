@@ -24,7 +24,7 @@ from perc.md.conference import Memberships
 from perc.md.relay import MediaRelay
 from perc.profiles import DEFAULT_PROFILES
 
-from tests.test_kd_api import Body, endpoint_path
+from tests.test_kd_api import Body, endpoint_path, serve_site
 from tests.test_md_relay import FakePool, FakeTunnel, RecordingTransport, client_hello, hbh_keys
 
 TOKEN = "md-test-token-0123456789abcdefghijklmnopqrs"
@@ -56,32 +56,7 @@ class APITestsBase(TestCase):
     def serve(self):
         """Listen on loopback; on cleanup stop and wait for every connection to close."""
         site = make_api_site(self.memberships, self.relay.status, TOKEN)
-        closed = []
-        build = site.buildProtocol
-
-        def build_protocol(address):
-            protocol = build(address)
-            lost = protocol.connectionLost
-            done = defer.Deferred()
-            closed.append(done)
-
-            def connection_lost(reason):
-                lost(reason)
-                done.callback(None)
-
-            protocol.connectionLost = connection_lost
-            return protocol
-
-        site.buildProtocol = build_protocol
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.base = "http://127.0.0.1:{}".format(port.getHost().port)
-
-        @defer.inlineCallbacks
-        def stop():
-            yield port.stopListening()
-            yield defer.gatherResults(closed)
-
-        self.addCleanup(stop)
+        self.base, _ = serve_site(self, site)
 
     @defer.inlineCallbacks
     def request(self, method, path, body=None, token=TOKEN, authorization=None, chunked=False):

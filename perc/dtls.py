@@ -25,6 +25,11 @@ leaf certificate's fingerprint plus the tls-id carried in the
 identity hook (:class:`IdentityQuery` -> :class:`Accept` / :class:`Reject`);
 the client role checks an optional expected fingerprint and tls-id.
 
+Memory: an OpenSSL DTLS connection keeps about 80 KiB for its whole life.
+The server role frees it as soon as the association is established with an
+AEAD suite and protects the few later records itself
+(:mod:`perc.dtls_records`); see :class:`ServerListener`'s ``compact``.
+
 Nothing here logs; key material only leaves through
 :class:`HandshakeComplete`, whose repr hides it.
 """
@@ -46,7 +51,7 @@ from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-from perc import pki
+from perc import dtls_records, pki
 from perc.ekt import (
     EktCipher,
     EktError,
@@ -104,11 +109,15 @@ _MIN_MTU = 256
 _RECORD_HEADER = 13
 _CONTENT_HANDSHAKE = 22
 _HANDSHAKE_CLIENT_HELLO = 1
+_HANDSHAKE_FINISHED = 20
+_ALERT_LEVEL_WARNING = 1
+_ALERT_LEVEL_FATAL = 2
 
 _CLIENT = "client"
 _SERVER = "server"
 
 # TLS alert descriptions used by the callbacks.
+_ALERT_CLOSE_NOTIFY = 0
 _ALERT_HANDSHAKE_FAILURE = 40
 _ALERT_ILLEGAL_PARAMETER = 47
 _ALERT_ACCESS_DENIED = 49
@@ -929,6 +938,8 @@ class DtlsAssociation:
     """
 
     role: str = ""
+    #: Leave OpenSSL for dtls_records once established (server role only).
+    _compact_when_established = False
 
     def __init__(self, *, context: SSL.Context, connection: SSL.Connection,
                  state: _SslState, profiles: tuple, mtu: int,
@@ -951,6 +962,12 @@ class DtlsAssociation:
         self._events: list = []
         self._closing: Optional[Closed] = None
         self.profile: Optional[Profile] = None
+        # Set once an established association has left OpenSSL (server role,
+        # see _compact): its record protection and the final flight to
+        # repeat if the peer shows it never got it.
+        self._records: Optional[dtls_records.RecordProtection] = None
+        self._final_flight: tuple = ()
+        self._final_flight_resends = 0
         address = _address(connection._ssl)
         token = _register(connection._ssl, state)
         # Runs when the association is closed or garbage collected, whichever
@@ -992,6 +1009,11 @@ class DtlsAssociation:
         """Handshake flights retransmitted because of timeouts so far."""
         return self._retransmissions
 
+    @property
+    def compacted(self) -> bool:
+        """True once the association runs on its own record layer, without OpenSSL."""
+        return self._records is not None
+
     # -- driving -----------------------------------------------------------
 
     def start(self, now: float) -> Output:
@@ -1019,6 +1041,8 @@ class DtlsAssociation:
         """
         if self.closed or not datagram:
             return _EMPTY
+        if self._records is not None:
+            return self._receive_compacted(datagram)
         self._started = True
         self._mark_started(now)
         try:
@@ -1027,14 +1051,18 @@ class DtlsAssociation:
             self._drive()
         except Exception as e:  # never let the peer's bytes raise out of here
             self._fail("internal error: {}: {}".format(type(e).__name__, e))
-        return self._collect()
+        output = self._collect()
+        if self._phase == _ESTABLISHED and self._closing is None and self._conn is not None \
+                and self._compact_when_established:
+            self._compact(datagram, output)
+        return output
 
     def next_timeout(self, now: float) -> Optional[float]:
         """
         Absolute time (caller's clock) at which :meth:`handle_timeout` should
         be called, or None if no timer is running.
         """
-        if self.closed:
+        if self.closed or self._records is not None:
             return None
         deadline = None
         if self._phase == _HANDSHAKING and self._started_at is not None:
@@ -1054,7 +1082,7 @@ class DtlsAssociation:
         retransmission or total-time bound is exceeded.  Calling it early
         does nothing.
         """
-        if self.closed:
+        if self.closed or self._records is not None:
             return _EMPTY
         handshaking = self._phase == _HANDSHAKING
         if handshaking and self._started_at is not None and \
@@ -1092,6 +1120,13 @@ class DtlsAssociation:
             return _EMPTY
         if self._phase != _ESTABLISHED:
             raise DtlsStateError("application data before the handshake completed")
+        if self._records is not None:
+            limit = self._records.max_plaintext(self._mtu)
+            if len(data) > limit:
+                raise ValueError("{} octets do not fit one record under MTU {} (limit {})".format(
+                    len(data), self._mtu, limit))
+            return self._send_compacted(dtls_records.CONTENT_APPLICATION_DATA, data) \
+                if data else _EMPTY
         limit = self._conn.get_cleartext_mtu()
         if len(data) > limit:
             raise ValueError("{} octets do not fit one record under MTU {} (limit {})".format(
@@ -1112,6 +1147,8 @@ class DtlsAssociation:
         """
         if self.closed:
             return _EMPTY
+        if self._records is not None:
+            return self._close_compacted(Closed(reason, False))
         if self._phase == _ESTABLISHED:
             try:
                 _lib.ERR_clear_error()
@@ -1253,6 +1290,121 @@ class DtlsAssociation:
         self._conn = None
         self._context = None
 
+    # -- after the handshake, without OpenSSL (server role) ----------------
+
+    def _compact(self, datagram: bytes, output: Output) -> None:
+        """
+        Hand the just-established association to dtls_records and free the
+        OpenSSL connection (about 80 KiB that would otherwise stay for the
+        association's life).  Kept on OpenSSL: suites dtls_records does not
+        handle, and anything unexpected about the final flight.
+        """
+        conn = self._conn
+        suite = dtls_records.suite_for(conn.get_cipher_name())
+        if suite is None:
+            return
+        # The final flight (ChangeCipherSpec, Finished) is in this output;
+        # its Finished used the epoch's first sequence numbers.
+        epoch = None
+        next_sequence = 0
+        for record in split_records(b"".join(output.datagrams)):
+            header = dtls_records.record_epoch_and_sequence(record)
+            if header is not None and header[0] > 0:
+                epoch = header[0]
+                next_sequence = max(next_sequence, header[1] + 1)
+        if epoch is None:
+            return
+        try:
+            records = dtls_records.RecordProtection.from_master_secret(
+                suite, server=True, master_secret=conn.master_key(),
+                client_random=conn.client_random(), server_random=conn.server_random(),
+                epoch=epoch, next_write_sequence=next_sequence)
+        except Exception:
+            return
+        # The peer's records OpenSSL just read (its Finished, perhaps data
+        # after it) enter the replay window, so they cannot be replayed.
+        for record in split_records(bytes(datagram)):
+            records.open(record)
+        self._records = records
+        self._final_flight = output.datagrams
+        state = self._state
+        state.peer_certificate = None
+        state.received = {}
+        state.send = {}
+        self._finalizer()
+        self._conn = None
+        self._context = None
+
+    def _receive_compacted(self, datagram: bytes) -> Output:
+        try:
+            for record in split_records(bytes(datagram)):
+                opened = self._records.open(record)
+                if opened is None:
+                    continue  # other epoch, forged, replayed: DTLS discards it
+                content_type, plaintext = opened
+                if content_type == dtls_records.CONTENT_APPLICATION_DATA:
+                    if plaintext:
+                        self._events.append(ApplicationData(plaintext))
+                elif content_type == dtls_records.CONTENT_ALERT:
+                    output = self._alert_received(plaintext)
+                    if output is not None:
+                        return output
+                elif content_type == dtls_records.CONTENT_HANDSHAKE and plaintext[:1] == \
+                        bytes((_HANDSHAKE_FINISHED,)):
+                    # The peer's retransmitted Finished: it never got ours.
+                    if self._final_flight_resends < self._max_retransmissions:
+                        self._final_flight_resends += 1
+                        return Output(self._final_flight, self._take_events())
+                # Anything else (a renegotiation attempt) is ignored, as
+                # OP_NO_RENEGOTIATION would have it.
+        except Exception as e:  # never let the peer's bytes raise out of here
+            return self._close_compacted(
+                Closed("internal error: {}: {}".format(type(e).__name__, e), False),
+                notify=False)
+        return Output((), self._take_events())
+
+    def _alert_received(self, plaintext: bytes) -> Optional[Output]:
+        if len(plaintext) != 2:
+            return self._close_compacted(Closed("association failed: malformed alert", False),
+                                         notify=False)
+        level, description = plaintext
+        if description == _ALERT_CLOSE_NOTIFY:
+            # Answer close_notify with our own, as TLS asks.
+            return self._close_compacted(
+                Closed("peer closed the association (close_notify)", False))
+        if level == _ALERT_LEVEL_FATAL:
+            return self._close_compacted(Closed(
+                "association failed: peer sent fatal alert {}".format(description), False),
+                notify=False)
+        return None
+
+    def _send_compacted(self, content_type: int, plaintext: bytes) -> Output:
+        try:
+            record = self._records.seal(content_type, plaintext)
+        except OverflowError as e:
+            return self._close_compacted(Closed("association failed: {}".format(e), False),
+                                         notify=False)
+        return Output((record,), self._take_events())
+
+    def _close_compacted(self, event: Closed, notify: bool = True) -> Output:
+        datagrams = ()
+        if notify:
+            try:
+                datagrams = (self._records.seal(dtls_records.CONTENT_ALERT,
+                                                bytes((_ALERT_LEVEL_WARNING, _ALERT_CLOSE_NOTIFY))),)
+            except OverflowError:
+                pass
+        self._end(event)
+        self._records = None
+        self._final_flight = ()
+        output = self._collect()
+        return Output(datagrams + output.datagrams, output.events)
+
+    def _take_events(self) -> tuple:
+        events = tuple(self._events)
+        self._events = []
+        return events
+
 
 class ClientAssociation(DtlsAssociation):
     """
@@ -1314,9 +1466,10 @@ class ServerAssociation(DtlsAssociation):
 
     role = _SERVER
 
-    def __init__(self, *, association_id: bytes, **kwargs) -> None:
+    def __init__(self, *, association_id: bytes, compact: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.association_id = association_id
+        self._compact_when_established = compact
 
 
 #: Cookies must survive across listeners of one process, not across restarts.
@@ -1341,6 +1494,12 @@ class ServerListener:
     ClientHello offers some of them in extension 39, the ServerHello
     selects the first of this list the client offered.  None (or ``()``)
     means no EKT: the ServerHello then carries no extension 39.
+
+    ``compact`` (default True): as soon as an association is established
+    with an AEAD cipher suite, it frees its OpenSSL connection and protects
+    its later records itself (:mod:`perc.dtls_records`); it still answers a
+    retransmitted Finished with the final flight.  This cuts what an idle
+    association costs from about 80 KiB to a few.
     """
 
     def __init__(self, credentials: Credentials, profiles: Iterable[Profile], *,
@@ -1350,7 +1509,8 @@ class ServerListener:
                  mtu: int = DEFAULT_MTU,
                  max_retransmissions: int = DEFAULT_MAX_RETRANSMISSIONS,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 cookie_secret: Optional[bytes] = None) -> None:
+                 cookie_secret: Optional[bytes] = None,
+                 compact: bool = True) -> None:
         if credentials is None:
             raise ValueError("the server role needs credentials")
         self.credentials = credentials
@@ -1366,6 +1526,7 @@ class ServerListener:
         self.max_retransmissions = max_retransmissions
         self.handshake_timeout = handshake_timeout
         self._secret = _PROCESS_COOKIE_SECRET if cookie_secret is None else bytes(cookie_secret)
+        self.compact = compact
 
     def cookie_for(self, association_id: bytes) -> bytes:
         """The cookie a client must echo for this association id."""
@@ -1419,7 +1580,8 @@ class ServerListener:
         state.allowed_profile_ids = frozenset(p.id for p in profiles)
         state.ekt_ciphers = ekt_ciphers
         association = ServerAssociation(
-            association_id=bytes(association_id), context=context, connection=connection,
+            association_id=bytes(association_id), compact=self.compact,
+            context=context, connection=connection,
             state=state, profiles=profiles, mtu=self.mtu,
             max_retransmissions=self.max_retransmissions,
             handshake_timeout=self.handshake_timeout)

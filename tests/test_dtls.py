@@ -221,8 +221,9 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(server.profile, profile)
         self.assertEqual(client.keys, server.keys)
         total = 2 * (key_length + salt_length)
-        material = independent_export(harness.server, total)
-        self.assertEqual(material, independent_export(harness.client, total))
+        # The server has left OpenSSL by now (compacted); the client's
+        # session holds the same master secret and randoms.
+        material = independent_export(harness.client, total)
         k, s = key_length, salt_length
         self.assertEqual(server.keys.client_key, material[0:k])
         self.assertEqual(server.keys.server_key, material[k:2 * k])
@@ -611,7 +612,10 @@ class LossTests(SynchronousTestCase):
 
         def drop_final(datagram):
             # The output carrying the server's HandshakeComplete holds its
-            # final flight; retransmissions differ (new record numbers).
+            # final flight; lose it once (a compacted server repeats the
+            # very same datagrams).
+            if dropped:
+                return False
             for output in harness.server_outputs:
                 if any(isinstance(e, dtls.HandshakeComplete) for e in output.events):
                     if datagram in output.datagrams:

@@ -12,7 +12,7 @@ import re
 import shutil
 import socket
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.error import ProcessExitedAlready
 from twisted.trial.unittest import TestCase
 
@@ -65,14 +65,17 @@ class OpenSSLProcess(protocol.ProcessProtocol):
         return waiter.addTimeout(WAIT, reactor)
 
     def _check(self):
-        remaining = []
+        remaining, matched = [], []
         for pattern, waiter in self._waiters:
             match = pattern.search(self.stdout)
             if match is not None:
-                waiter.callback(match)
+                matched.append((waiter, match))
             else:
                 remaining.append((pattern, waiter))
+        # Update the list first: a callback may wait for the next pattern.
         self._waiters = remaining
+        for waiter, match in matched:
+            waiter.callback(match)
 
     def stop(self):
         """Close stdin, kill the process if needed; fires when it has ended."""
@@ -156,7 +159,9 @@ def material(keys):
     return keys.client_key + keys.server_key + keys.client_salt + keys.server_salt
 
 
-class InteropTests(TestCase):
+class OpenSSLTestCase(TestCase):
+    """Runs openssl processes and engines on real UDP sockets."""
+
     skip = SKIP
     timeout = 60
 
@@ -184,6 +189,10 @@ class InteropTests(TestCase):
         port = reactor.listenUDP(0, driver, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return port
+
+
+
+class InteropTests(OpenSSLTestCase):
 
     @defer.inlineCallbacks
     def test_server_role_against_s_client(self):
@@ -225,6 +234,64 @@ class InteropTests(TestCase):
         self.assertEqual(event.profile, P7)
         self.assertEqual(event.peer_fingerprint, pki.fingerprint(certificate))
         self.assertEqual(bytes.fromhex(match.group(1).decode()), material(event.keys))
+
+
+class CompactedServerInteropTests(OpenSSLTestCase):
+    """
+    After its handshake the server role leaves OpenSSL and protects records
+    itself (perc.dtls_records): s_client, a real and independent peer, must
+    read what it sends, be read, and see its close_notify, for each AEAD
+    suite family.
+    """
+
+    @defer.inlineCallbacks
+    def wait_for_event(self, driver, kind):
+        for _ in range(int(WAIT / 0.05)):
+            found = [e for e in driver.events if isinstance(e, kind)]
+            if found:
+                return found
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError("no {} event; got {!r}".format(kind.__name__, driver.events))
+
+    @defer.inlineCallbacks
+    def exchange_with_s_client(self, cipher):
+        certificate, cert_path, key_path = self.credentials_files("s_client")
+        listener = dtls.ServerListener(dtls.Credentials.self_signed("engine-kd"), [P7])
+        driver = EngineDriver(listener=listener)
+        port = self.listen_udp(driver)
+        process = self.spawn(["s_client", "-dtls1_2", "-cipher", cipher] + EXPORT + [
+            "-connect", "127.0.0.1:{}".format(port.getHost().port),
+            "-cert", cert_path, "-key", key_path])
+        event = yield driver.completed.addTimeout(WAIT, reactor)
+        match = yield process.wait_for(KEYING_MATERIAL)
+        self.assertEqual(bytes.fromhex(match.group(1).decode()), material(event.keys))
+        association = driver.association
+        self.assertTrue(association.compacted)
+        # Several records, so that a repeated sequence number would be
+        # dropped by s_client's replay detection.
+        for n in range(3):
+            driver._handle(association.send_application_data(
+                "record {} from the compacted server\n".format(n).encode()))
+        yield process.wait_for(re.compile(rb"record 2 from the compacted server"))
+        self.assertIn(b"record 0 from the compacted server", process.stdout)
+        self.assertIn(b"record 1 from the compacted server", process.stdout)
+        process.transport.write(b"hello from s_client\n")
+        data = yield self.wait_for_event(driver, dtls.ApplicationData)
+        self.assertEqual(b"".join(e.data for e in data), b"hello from s_client\n")
+        # s_client ends with close_notify when its input ends.
+        process.transport.closeStdin()
+        closed = yield self.wait_for_event(driver, dtls.Closed)
+        self.assertEqual(closed[0].reason, "peer closed the association (close_notify)")
+        return cipher
+
+    def test_aes_128_gcm(self):
+        return self.exchange_with_s_client("ECDHE-ECDSA-AES128-GCM-SHA256")
+
+    def test_aes_256_gcm_sha384(self):
+        return self.exchange_with_s_client("ECDHE-ECDSA-AES256-GCM-SHA384")
+
+    def test_chacha20_poly1305(self):
+        return self.exchange_with_s_client("ECDHE-ECDSA-CHACHA20-POLY1305")
 
 
 def free_udp_port():

@@ -1,0 +1,240 @@
+"""
+DTLS 1.2 record protection for an established association, without OpenSSL.
+
+Why this exists: once its handshake is over, a Key Distributor association
+only exchanges a handful of small records (the EKTKey, an occasional request
+for it, close_notify), yet an OpenSSL DTLS connection keeps about 80 KiB for
+its whole life (record buffers and the state of both epochs), which the
+bindings we have give no way to shrink.  The server role therefore hands an
+established association over to this module and frees the OpenSSL
+connection (see ``perc.dtls``).  Only the AEAD cipher suites are handled
+(AES-GCM, RFC 5288/5289, and ChaCha20-Poly1305, RFC 7905), which is what
+DTLS-SRTP endpoints negotiate (RFC 8827 requires
+TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256); for any other suite the caller
+keeps OpenSSL.
+
+Key derivation is RFC 5246 section 6.3 (the key block from the master
+secret with the suite's PRF hash); records are RFC 6347 section 4.1 with
+the nonce and additional data of RFC 5288 section 3 / RFC 7905 section 2,
+and replay detection is the sliding window of RFC 6347 section 4.1.2.6.
+
+Sans-I/O and free of key material in any repr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+__all__ = [
+    "CONTENT_ALERT",
+    "CONTENT_APPLICATION_DATA",
+    "CONTENT_CHANGE_CIPHER_SPEC",
+    "CONTENT_HANDSHAKE",
+    "RecordProtection",
+    "Suite",
+    "record_epoch_and_sequence",
+    "suite_for",
+    "tls12_prf",
+]
+
+CONTENT_CHANGE_CIPHER_SPEC = 20
+CONTENT_ALERT = 21
+CONTENT_HANDSHAKE = 22
+CONTENT_APPLICATION_DATA = 23
+
+_DTLS_1_2 = b"\xfe\xfd"
+_HEADER = struct.Struct("!B2sH6sH")  # type, version, epoch, sequence (48 bits), length
+_HEADER_LENGTH = _HEADER.size
+_SEQUENCE_LIMIT = 1 << 48
+_TAG_LENGTH = 16
+_REPLAY_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What record protection needs to know about one AEAD cipher suite."""
+
+    name: str
+    aead: Callable  # AESGCM or ChaCha20Poly1305
+    key_length: int
+    iv_length: int  # the key block's "fixed IV": GCM salt (4) or ChaCha IV (12)
+    explicit_nonce_length: int  # carried in each record: GCM 8, ChaCha 0
+    prf_hash: Callable
+
+    @property
+    def overhead(self) -> int:
+        """Octets a record adds to its plaintext."""
+        return _HEADER_LENGTH + self.explicit_nonce_length + _TAG_LENGTH
+
+
+def _suites() -> dict:
+    table = {}
+    for key_exchange in ("ECDHE-ECDSA", "ECDHE-RSA", "DHE-RSA"):
+        table[key_exchange + "-AES128-GCM-SHA256"] = (AESGCM, 16, 4, 8, hashlib.sha256)
+        table[key_exchange + "-AES256-GCM-SHA384"] = (AESGCM, 32, 4, 8, hashlib.sha384)
+        table[key_exchange + "-CHACHA20-POLY1305"] = (ChaCha20Poly1305, 32, 12, 0,
+                                                      hashlib.sha256)
+    return {name: Suite(name, *values) for name, values in table.items()}
+
+
+#: OpenSSL cipher name -> Suite, for the suites this module can protect.
+_SUITES = _suites()
+
+
+def suite_for(openssl_name: Optional[str]) -> Optional[Suite]:
+    """The Suite for an OpenSSL cipher name, or None if it is not handled here."""
+    return _SUITES.get(openssl_name) if openssl_name else None
+
+
+def tls12_prf(hash_function: Callable, secret: bytes, label: bytes, seed: bytes,
+              length: int) -> bytes:
+    """The TLS 1.2 PRF (RFC 5246 section 5): P_hash(secret, label + seed)."""
+    seed = label + seed
+    output = bytearray()
+    a = seed
+    while len(output) < length:
+        a = hmac.new(secret, a, hash_function).digest()
+        output += hmac.new(secret, a + seed, hash_function).digest()
+    return bytes(output[:length])
+
+
+def record_epoch_and_sequence(record: bytes) -> Optional[tuple]:
+    """(epoch, sequence number) of a DTLS record's header, or None if too short."""
+    if len(record) < _HEADER_LENGTH:
+        return None
+    return (int.from_bytes(record[3:5], "big"), int.from_bytes(record[5:11], "big"))
+
+
+class _ReplayWindow:
+    """RFC 6347 section 4.1.2.6: the highest sequence number seen and a bitmap below it."""
+
+    __slots__ = ("highest", "bitmap")
+
+    def __init__(self) -> None:
+        self.highest = -1
+        self.bitmap = 0  # bit i set: highest - i was received
+
+    def seen(self, sequence: int) -> bool:
+        if sequence > self.highest:
+            return False
+        offset = self.highest - sequence
+        return offset >= _REPLAY_WINDOW or bool(self.bitmap >> offset & 1)
+
+    def mark(self, sequence: int) -> None:
+        if sequence > self.highest:
+            shift = sequence - self.highest
+            self.bitmap = ((self.bitmap << shift) | 1) & ((1 << _REPLAY_WINDOW) - 1)
+            self.highest = sequence
+        else:
+            self.bitmap |= 1 << (self.highest - sequence)
+
+
+class RecordProtection:
+    """
+    One direction pair of an epoch's record protection: :meth:`seal` makes
+    records from plaintext, :meth:`open` checks and decrypts the peer's.
+
+    Build it with :meth:`from_master_secret`; ``next_write_sequence`` is the
+    sequence number of the next record this side sends in ``epoch`` (the
+    records OpenSSL already sent there, such as Finished, used the ones
+    before it).
+    """
+
+    __slots__ = ("suite", "epoch", "_read", "_read_iv", "_write", "_write_iv",
+                 "_write_sequence", "_window")
+
+    def __init__(self, suite: Suite, *, read_key: bytes, read_iv: bytes, write_key: bytes,
+                 write_iv: bytes, epoch: int, next_write_sequence: int) -> None:
+        if not 0 <= next_write_sequence < _SEQUENCE_LIMIT:
+            raise ValueError("sequence number out of range")
+        self.suite = suite
+        self.epoch = epoch
+        self._read = suite.aead(read_key)
+        self._read_iv = read_iv
+        self._write = suite.aead(write_key)
+        self._write_iv = write_iv
+        self._write_sequence = next_write_sequence
+        self._window = _ReplayWindow()
+
+    @classmethod
+    def from_master_secret(cls, suite: Suite, *, server: bool, master_secret: bytes,
+                           client_random: bytes, server_random: bytes, epoch: int,
+                           next_write_sequence: int) -> "RecordProtection":
+        """RFC 5246 section 6.3: the key block, split for the server or the client side."""
+        k, i = suite.key_length, suite.iv_length
+        block = tls12_prf(suite.prf_hash, master_secret, b"key expansion",
+                          server_random + client_random, 2 * (k + i))
+        # AEAD suites have no MAC keys: client key, server key, client IV, server IV.
+        client_key, server_key = block[:k], block[k:2 * k]
+        client_iv, server_iv = block[2 * k:2 * k + i], block[2 * k + i:]
+        if server:
+            return cls(suite, read_key=client_key, read_iv=client_iv, write_key=server_key,
+                       write_iv=server_iv, epoch=epoch, next_write_sequence=next_write_sequence)
+        return cls(suite, read_key=server_key, read_iv=server_iv, write_key=client_key,
+                   write_iv=client_iv, epoch=epoch, next_write_sequence=next_write_sequence)
+
+    def __repr__(self) -> str:
+        return "<RecordProtection {} epoch {}>".format(self.suite.name, self.epoch)
+
+    def max_plaintext(self, mtu: int) -> int:
+        """The largest plaintext whose record fits ``mtu`` octets."""
+        return max(0, mtu - self.suite.overhead)
+
+    def _nonce(self, iv: bytes, epoch_and_sequence: bytes) -> bytes:
+        if self.suite.explicit_nonce_length:
+            return iv + epoch_and_sequence  # GCM: salt + the explicit part
+        padded = bytes(4) + epoch_and_sequence  # ChaCha20: IV xor the sequence number
+        return bytes(a ^ b for a, b in zip(iv, padded))
+
+    def seal(self, content_type: int, plaintext: bytes) -> bytes:
+        """One record carrying ``plaintext``; raises OverflowError when the sequence runs out."""
+        sequence = self._write_sequence
+        if sequence >= _SEQUENCE_LIMIT:
+            raise OverflowError("record sequence numbers exhausted in this epoch")
+        self._write_sequence = sequence + 1
+        epoch_and_sequence = self.epoch.to_bytes(2, "big") + sequence.to_bytes(6, "big")
+        additional = epoch_and_sequence + bytes((content_type,)) + _DTLS_1_2 + \
+            len(plaintext).to_bytes(2, "big")
+        sealed = self._write.encrypt(self._nonce(self._write_iv, epoch_and_sequence),
+                                     bytes(plaintext), additional)
+        explicit = epoch_and_sequence if self.suite.explicit_nonce_length else b""
+        body = explicit + sealed
+        return _HEADER.pack(content_type, _DTLS_1_2, self.epoch, sequence.to_bytes(6, "big"),
+                            len(body)) + body
+
+    def open(self, record: bytes) -> Optional[tuple]:
+        """
+        ``(content_type, plaintext)`` for an authentic, fresh record of this
+        epoch; None for anything else (other epoch, malformed, forged,
+        replayed), which DTLS discards silently.
+        """
+        if len(record) < self.suite.overhead:
+            return None
+        content_type, version, epoch, sequence_octets, length = _HEADER.unpack_from(record)
+        if version != _DTLS_1_2 or epoch != self.epoch or \
+                length != len(record) - _HEADER_LENGTH:
+            return None
+        sequence = int.from_bytes(sequence_octets, "big")
+        if self._window.seen(sequence):
+            return None
+        epoch_and_sequence = record[3:11]
+        start = _HEADER_LENGTH + self.suite.explicit_nonce_length
+        if self.suite.explicit_nonce_length:
+            nonce = self._read_iv + record[_HEADER_LENGTH:start]
+        else:
+            nonce = self._nonce(self._read_iv, epoch_and_sequence)
+        additional = epoch_and_sequence + bytes((content_type,)) + _DTLS_1_2 + \
+            (len(record) - start - _TAG_LENGTH).to_bytes(2, "big")
+        try:
+            plaintext = self._read.decrypt(nonce, bytes(record[start:]), additional)
+        except InvalidTag:
+            return None
+        self._window.mark(sequence)
+        return content_type, plaintext

@@ -1,0 +1,327 @@
+"""
+Tests for perc.dtls_records: the TLS 1.2 PRF against a published vector and
+OpenSSL's exporter, record sealing and opening, the replay window, and
+compacted server associations against OpenSSL clients in memory (the
+interop tests against ``openssl s_client`` are in test_dtls_interop).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+
+from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
+from twisted.trial.unittest import SynchronousTestCase
+
+from perc import dtls
+from perc.dtls_records import (
+    CONTENT_ALERT,
+    CONTENT_APPLICATION_DATA,
+    CONTENT_HANDSHAKE,
+    RecordProtection,
+    suite_for,
+    tls12_prf,
+)
+from tests.test_dtls import P9, make
+
+AES128 = suite_for("ECDHE-ECDSA-AES128-GCM-SHA256")
+AES256 = suite_for("ECDHE-ECDSA-AES256-GCM-SHA384")
+CHACHA = suite_for("ECDHE-ECDSA-CHACHA20-POLY1305")
+
+
+class PrfTests(SynchronousTestCase):
+    def test_published_sha256_vector(self):
+        """The TLS 1.2 PRF test vector for P_SHA256 (100 octets)."""
+        out = tls12_prf(hashlib.sha256, bytes.fromhex("9bbe436ba940f017b17652849a71db35"),
+                        b"test label", bytes.fromhex("a0ba9f936cda311827a6f796ffd5198c"), 100)
+        self.assertEqual(out.hex(), (
+            "e3f229ba727be17b8d122620557cd453c2aab21d07c3d495329b52d4e61edb5a"
+            "6b301791e90d35c9c9a46b4e14baf9af0fa022f7077def17abfd3797c0564bab"
+            "4fbc91666e9def9b97fce34f796789baa48082d122ee42c5a72e5a5110fff701"
+            "87347b66"))
+
+    def test_matches_openssl_exporter(self):
+        """RFC 5705 export is the PRF over client_random + server_random: OpenSSL agrees."""
+        harness = make()
+        harness.start()
+        harness.run()
+        connection = harness.client._conn
+        suite = suite_for(connection.get_cipher_name())
+        self.assertIsNotNone(suite)
+        self.assertEqual(
+            tls12_prf(suite.prf_hash, connection.master_key(), b"EXTRACTOR-dtls_srtp",
+                      connection.client_random() + connection.server_random(), 80),
+            connection.export_keying_material(b"EXTRACTOR-dtls_srtp", 80))
+
+
+def pair(suite, epoch=1):
+    """A server and a client protection built from the same secrets."""
+    secrets = dict(master_secret=bytes(range(48)), client_random=b"c" * 32,
+                   server_random=b"s" * 32, epoch=epoch, next_write_sequence=0)
+    return (RecordProtection.from_master_secret(suite, server=True, **secrets),
+            RecordProtection.from_master_secret(suite, server=False, **secrets))
+
+
+class RecordTests(SynchronousTestCase):
+    def test_round_trip_each_suite_both_ways(self):
+        for suite in (AES128, AES256, CHACHA):
+            server, client = pair(suite)
+            record = server.seal(CONTENT_APPLICATION_DATA, b"to the client")
+            self.assertEqual(len(record), len(b"to the client") + suite.overhead)
+            self.assertEqual(client.open(record), (CONTENT_APPLICATION_DATA, b"to the client"))
+            record = client.seal(CONTENT_ALERT, b"\x01\x00")
+            self.assertEqual(server.open(record), (CONTENT_ALERT, b"\x01\x00"))
+
+    def test_header_and_sequence_numbers(self):
+        server, _ = pair(AES128, epoch=1)
+        first = server.seal(CONTENT_APPLICATION_DATA, b"a")
+        second = server.seal(CONTENT_APPLICATION_DATA, b"b")
+        self.assertEqual(first[:11], bytes.fromhex("17fefd0001000000000000"))
+        self.assertEqual(second[3:11], bytes.fromhex("0001000000000001"))
+        self.assertEqual(int.from_bytes(first[11:13], "big"), len(first) - 13)
+        # GCM: the explicit nonce is the epoch and sequence number.
+        self.assertEqual(second[13:21], second[3:11])
+
+    def test_directions_use_different_keys(self):
+        server, _ = pair(AES128)
+        self.assertIsNone(server.open(server.seal(CONTENT_APPLICATION_DATA, b"mirror")))
+
+    def test_tampered_records_rejected(self):
+        for suite in (AES128, CHACHA):
+            server, client = pair(suite)
+            record = bytearray(server.seal(CONTENT_APPLICATION_DATA, b"payload"))
+            for index in (0, 4, 10, 14, len(record) - 1):
+                altered = bytearray(record)
+                altered[index] ^= 1
+                self.assertIsNone(client.open(bytes(altered)), (suite.name, index))
+            self.assertEqual(client.open(bytes(record)), (CONTENT_APPLICATION_DATA, b"payload"))
+
+    def test_malformed_records_rejected(self):
+        server, client = pair(AES128)
+        record = server.seal(CONTENT_APPLICATION_DATA, b"payload")
+        for bad in (b"", record[:12], record[:-1], record + b"x", record[:1] + b"\xfe\xff"
+                    + record[3:]):
+            self.assertIsNone(client.open(bad))
+
+    def test_other_epoch_rejected(self):
+        server, _ = pair(AES128, epoch=1)
+        _, client2 = pair(AES128, epoch=2)
+        self.assertIsNone(client2.open(server.seal(CONTENT_APPLICATION_DATA, b"x")))
+
+    def test_replays_rejected_reordering_accepted(self):
+        server, client = pair(AES128)
+        records = [server.seal(CONTENT_APPLICATION_DATA, bytes([n])) for n in range(100)]
+        self.assertIsNotNone(client.open(records[5]))
+        self.assertIsNone(client.open(records[5]))
+        self.assertIsNotNone(client.open(records[2]))  # older, inside the window
+        self.assertIsNone(client.open(records[2]))
+        self.assertIsNotNone(client.open(records[90]))
+        self.assertIsNone(client.open(records[20]))  # 70 behind: outside the window
+        self.assertIsNotNone(client.open(records[30]))  # 60 behind: inside, fresh
+        self.assertIsNone(client.open(records[30]))
+        self.assertIsNotNone(client.open(records[99]))
+        self.assertIsNone(client.open(records[90]))
+
+    def test_forged_record_does_not_move_the_window(self):
+        server, client = pair(AES128)
+        genuine = server.seal(CONTENT_APPLICATION_DATA, b"genuine")
+        forged = bytearray(genuine)
+        forged[5:11] = (2 ** 47).to_bytes(6, "big")
+        self.assertIsNone(client.open(bytes(forged)))
+        self.assertIsNotNone(client.open(genuine))
+
+    def test_sequence_exhaustion(self):
+        secrets = dict(master_secret=bytes(48), client_random=bytes(32),
+                       server_random=bytes(32), epoch=1)
+        server = RecordProtection.from_master_secret(
+            AES128, server=True, next_write_sequence=2 ** 48 - 1, **secrets)
+        server.seal(CONTENT_APPLICATION_DATA, b"last")
+        self.assertRaises(OverflowError, server.seal, CONTENT_APPLICATION_DATA, b"one too many")
+        self.assertRaises(ValueError, RecordProtection.from_master_secret, AES128,
+                          server=True, next_write_sequence=2 ** 48, **secrets)
+
+    def test_unknown_suites(self):
+        self.assertIsNone(suite_for("ECDHE-ECDSA-AES128-SHA256"))
+        self.assertIsNone(suite_for(None))
+
+    def test_repr_hides_keys(self):
+        server, _ = pair(AES128)
+        self.assertEqual(repr(server), "<RecordProtection ECDHE-ECDSA-AES128-GCM-SHA256 epoch 1>")
+
+
+def established(cipher=None, **listener_kwargs):
+    """A handshake run to completion in memory; ``cipher`` restricts the client's offer."""
+    if cipher is None:
+        harness = make(listener_kwargs=listener_kwargs or None)
+    else:
+        # Own credentials give the client its own SSL context, whose cipher
+        # list may then be narrowed before the ClientHello (pyOpenSSL
+        # refuses to change a context in use, hence the raw call).
+        harness = make(listener_kwargs=listener_kwargs or None,
+                       client_credentials=dtls.Credentials.self_signed("cipher-test"))
+        assert _lib.SSL_CTX_set_cipher_list(harness.client._context._context, cipher.encode())
+    harness.start()
+    harness.run()
+    assert harness.complete(), "handshake did not complete"
+    return harness
+
+
+def client_data(harness, data):
+    output = harness.client.send_application_data(data)
+    events = []
+    for datagram in output.datagrams:
+        events.extend(harness.server.receive(datagram, 0.0).events)
+    return output.datagrams, events
+
+
+def server_data(harness, data):
+    events = []
+    for datagram in harness.server.send_application_data(data).datagrams:
+        events.extend(harness.client.receive(datagram, 0.0).events)
+    return events
+
+
+class CompactedAssociationTests(SynchronousTestCase):
+    def test_established_server_leaves_openssl(self):
+        before = len(SSL.Connection._reverse_mapping)
+        registry = dtls.callback_registry_size()
+        harness = established()
+        gc.collect()
+        self.assertTrue(harness.server.compacted)
+        self.assertFalse(harness.client.compacted)
+        self.assertIsNone(harness.server._conn)
+        # Only the client's connection is left, and only its callback state.
+        self.assertEqual(len(SSL.Connection._reverse_mapping), before + 1)
+        self.assertEqual(dtls.callback_registry_size(), registry + 1)
+        self.assertIsNone(harness.server.next_timeout(0.0))
+
+    def test_not_compacted_when_turned_off(self):
+        harness = established(compact=False)
+        self.assertFalse(harness.server.compacted)
+        self.assertEqual(server_data(harness, b"still OpenSSL"),
+                         [dtls.ApplicationData(b"still OpenSSL")])
+
+    def test_suite_not_handled_stays_on_openssl(self):
+        harness = established(cipher="ECDHE-ECDSA-AES128-SHA256")
+        self.assertEqual(harness.client._conn.get_cipher_name(), "ECDHE-ECDSA-AES128-SHA256")
+        self.assertFalse(harness.server.compacted)
+        self.assertEqual(server_data(harness, b"cbc"), [dtls.ApplicationData(b"cbc")])
+
+    def test_data_both_ways_for_each_suite(self):
+        for cipher in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+                       "ECDHE-ECDSA-CHACHA20-POLY1305"):
+            harness = established(cipher=cipher)
+            self.assertTrue(harness.server.compacted, cipher)
+            self.assertEqual(harness.server._records.suite.name, cipher)
+            for n in range(5):
+                # OpenSSL's replay check would drop a repeated sequence number.
+                payload = "server record {}".format(n).encode()
+                self.assertEqual(server_data(harness, payload), [dtls.ApplicationData(payload)])
+            for n in range(5):
+                payload = "client record {}".format(n).encode()
+                _, events = client_data(harness, payload)
+                self.assertEqual(events, [dtls.ApplicationData(payload)])
+
+    def test_replayed_client_record_ignored(self):
+        harness = established()
+        datagrams, events = client_data(harness, b"\x01")
+        self.assertEqual(events, [dtls.ApplicationData(b"\x01")])
+        self.assertEqual(harness.server.receive(datagrams[0], 0.0), dtls.Output())
+
+    def test_garbage_ignored(self):
+        harness = established()
+        for junk in (b"\x17", b"\x17\xfe\xfd" + bytes(60), bytes(200), b"\x16" * 40):
+            self.assertEqual(harness.server.receive(junk, 0.0), dtls.Output())
+        self.assertTrue(harness.server.established)
+
+    def test_client_close_notify(self):
+        harness = established()
+        output = harness.client.close(0.0)
+        events = []
+        answers = []
+        for datagram in output.datagrams:
+            result = harness.server.receive(datagram, 0.0)
+            events.extend(result.events)
+            answers.extend(result.datagrams)
+        self.assertEqual(events, [dtls.Closed("peer closed the association (close_notify)")])
+        self.assertTrue(harness.server.closed)
+        self.assertEqual(len(answers), 1)  # our close_notify
+        self.assertEqual(answers[0][0], CONTENT_ALERT)
+
+    def test_server_close_reaches_client(self):
+        harness = established()
+        output = harness.server.close(0.0, "registration deleted")
+        self.assertEqual(output.events, (dtls.Closed("registration deleted"),))
+        events = []
+        for datagram in output.datagrams:
+            events.extend(harness.client.receive(datagram, 0.0).events)
+        self.assertEqual(events, [dtls.Closed("peer closed the association (close_notify)")])
+        self.assertEqual(harness.server.send_application_data(b"late"), dtls.Output())
+
+    def client_protection(self, harness, next_sequence=1000):
+        """Client-side record protection from the client's OpenSSL session."""
+        connection = harness.client._conn
+        return RecordProtection.from_master_secret(
+            suite_for(connection.get_cipher_name()), server=False,
+            master_secret=connection.master_key(), client_random=connection.client_random(),
+            server_random=connection.server_random(), epoch=1,
+            next_write_sequence=next_sequence)
+
+    def test_fatal_alert_ends(self):
+        harness = established()
+        record = self.client_protection(harness).seal(CONTENT_ALERT, b"\x02\x50")
+        output = harness.server.receive(record, 0.0)
+        self.assertEqual(output.events, (dtls.Closed(
+            "association failed: peer sent fatal alert 80"),))
+        self.assertEqual(output.datagrams, ())
+
+    def test_warning_alert_and_renegotiation_ignored(self):
+        harness = established()
+        client = self.client_protection(harness)
+        self.assertEqual(harness.server.receive(client.seal(CONTENT_ALERT, b"\x01\x5a"), 0.0),
+                         dtls.Output())
+        hello = client.seal(CONTENT_HANDSHAKE, b"\x01" + bytes(40))
+        self.assertEqual(harness.server.receive(hello, 0.0), dtls.Output())
+        self.assertTrue(harness.server.established)
+
+    def test_retransmitted_finished_repeats_final_flight_bounded(self):
+        harness = make(listener_kwargs={"max_retransmissions": 2})
+        harness.start()
+        final = []
+
+        def lose_final_flight(datagram):
+            for output in harness.server_outputs:
+                if any(isinstance(e, dtls.HandshakeComplete) for e in output.events):
+                    final[:] = output.datagrams
+                    return True
+            return False
+
+        harness.drop_to_client = lose_final_flight
+        harness.run()
+        self.assertTrue(harness.server.compacted)
+        self.assertFalse(harness.client.established)
+        client = self.client_protection(harness, next_sequence=1)
+        # Each retransmitted Finished gets the same final flight, twice at most.
+        for _ in range(2):
+            finished = client.seal(CONTENT_HANDSHAKE, b"\x14" + bytes(23))
+            self.assertEqual(harness.server.receive(finished, 0.0).datagrams, tuple(final))
+        finished = client.seal(CONTENT_HANDSHAKE, b"\x14" + bytes(23))
+        self.assertEqual(harness.server.receive(finished, 0.0).datagrams, ())
+        # The repeated flight completes the client's handshake.
+        events = []
+        for datagram in final:
+            events.extend(harness.client.receive(datagram, 0.0).events)
+        self.assertTrue(any(isinstance(e, dtls.HandshakeComplete) for e in events))
+        self.assertEqual(server_data(harness, b"now"), [dtls.ApplicationData(b"now")])
+
+    def test_too_large_for_mtu(self):
+        harness = established()
+        limit = harness.server._records.max_plaintext(harness.server.mtu)
+        self.assertRaises(ValueError, harness.server.send_application_data, b"x" * (limit + 1))
+        self.assertEqual(server_data(harness, b"y" * limit), [dtls.ApplicationData(b"y" * limit)])
+
+    def test_profile_and_identity_kept(self):
+        harness = established()
+        self.assertEqual(harness.server.profile, P9)
+        self.assertIsNotNone(harness.server.peer_fingerprint)

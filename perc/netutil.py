@@ -6,13 +6,15 @@ refuses connections until the service behind it is ready.
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet import endpoints, protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from perc.errors import ConfigError
 
 __all__ = ["server_endpoint", "tls_client_endpoint", "tls_server_factory", "GatedFactory",
-           "endpoint_host"]
+           "endpoint_host", "set_receive_buffer"]
 
 
 def server_endpoint(reactor, description: str, option: str):
@@ -22,6 +24,26 @@ def server_endpoint(reactor, description: str, option: str):
     except (ValueError, TypeError, KeyError) as error:
         raise ConfigError("{} {!r}: not a usable server endpoint description ({})".format(
             option, description, error))
+
+
+def set_receive_buffer(sock, size: int) -> int:
+    """
+    Ask for a ``size``-octet receive buffer on ``sock`` and return what the
+    kernel granted.  SO_RCVBUF is capped by net.core.rmem_max; a process
+    allowed to (CAP_NET_ADMIN) gets past the cap with SO_RCVBUFFORCE.
+    Linux reports twice the size asked for (its bookkeeping share), so the
+    figure returned is halved to compare with ``size``.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    if granted < size and force is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            pass  # not allowed: keep the capped size
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+    return granted
 
 
 def endpoint_host(description: str) -> str | None:

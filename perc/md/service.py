@@ -16,7 +16,8 @@ from perc.md.api import make_api_site
 from perc.md.conference import Memberships
 from perc.md.relay import MediaRelay, RelayLimits
 from perc.md.tunnel import TunnelPool
-from perc.netutil import server_endpoint, tls_client_endpoint, tls_server_factory
+from perc.netutil import (set_receive_buffer, server_endpoint, tls_client_endpoint,
+                          tls_server_factory)
 from perc.tls import TlsCredentials
 
 __all__ = ["MediaDistributorService"]
@@ -34,12 +35,14 @@ class MediaDistributorService(service.MultiService):
     def __init__(self, *, reactor, credentials: TlsCredentials, profiles, kd: list,
                  kd_name: str | None, tunnel_listen: str | None, media_port: int,
                  media_interface: str, api: str | None, api_token: str | None,
-                 default_conference: str | None, limits: RelayLimits):
+                 default_conference: str | None, limits: RelayLimits,
+                 udp_receive_buffer: int | None = None):
         super().__init__()
         self.reactor = reactor
         self.credentials = credentials
         self.media_port = media_port
         self.media_interface = media_interface
+        self.udp_receive_buffer = udp_receive_buffer
         self.memberships = Memberships(default_conference)
         self.pool = TunnelPool(profiles, clock=reactor)
         self.pool.setServiceParent(self)
@@ -76,6 +79,7 @@ class MediaDistributorService(service.MultiService):
                 tunnel_listen=config["tunnel-listen"], media_port=config["media-port"],
                 media_interface=config["media-interface"], api=api, api_token=token,
                 default_conference=config["default-conference"],
+                udp_receive_buffer=config["udp-receive-buffer"],
                 limits=RelayLimits(
                     endpoint_timeout=config["endpoint-timeout"],
                     handshake_timeout=config["handshake-timeout"],
@@ -93,6 +97,13 @@ class MediaDistributorService(service.MultiService):
             raise SystemExit("perc-md: cannot bind --media-port {} on {}: {}".format(
                 self.media_port, self.media_interface, error))
         self.log.info("Endpoints' UDP port: {address}", address=self.ports["media"].getHost())
+        if self.udp_receive_buffer is not None:
+            granted = set_receive_buffer(self.ports["media"].socket, self.udp_receive_buffer)
+            if granted < self.udp_receive_buffer:
+                self.log.warn(
+                    "UDP receive buffer is {granted} octets, less than the {asked} asked for "
+                    "(--udp-receive-buffer): raise net.core.rmem_max or expect loss in bursts",
+                    granted=granted, asked=self.udp_receive_buffer)
         for option, description, endpoint, factory in self._listen:
             result = []
             endpoint.listen(factory).addBoth(result.append)

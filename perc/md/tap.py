@@ -34,6 +34,10 @@ class Options(usage.Options):
          "(explicit --cert/--key/--ca win)."],
         ["media-port", None, 5004, "UDP port for endpoints.", udp_port],
         ["media-interface", None, "0.0.0.0", "Address the UDP port binds to."],
+        ["udp-receive-buffer", None, 4 * 1024 * 1024,
+         "Octets of kernel receive buffer asked for on the UDP port; bursts beyond it are "
+         "lost before perc-md sees them (capped by net.core.rmem_max unless privileged).",
+         positive_int],
         ["profiles", None, profiles.format_profile_list(profiles.DEFAULT_PROFILES),
          "Comma-separated SRTP protection profiles announced in SupportedProfiles."],
         ["endpoint-timeout", None, 30.0,

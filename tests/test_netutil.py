@@ -1,0 +1,63 @@
+"""Tests for perc.netutil.set_receive_buffer and perc-md's --udp-receive-buffer."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet import reactor
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+
+from perc import pki
+from perc.md import tap as md_tap
+from perc.md.service import MediaDistributorService
+from perc.netutil import set_receive_buffer
+
+
+def rmem_max():
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            return int(f.read())
+    except OSError:
+        return None
+
+
+def expected(size):
+    """What the kernel should grant: everything if privileged or under the cap."""
+    cap = rmem_max()
+    if os.geteuid() == 0 or cap is None:
+        return size
+    return min(size, cap)
+
+
+class ReceiveBufferTests(TestCase):
+    def test_granted_size_reported(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            default = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+            size = max(2 * default, 1 << 20)
+            granted = set_receive_buffer(sock, size)
+            self.assertEqual(granted, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2)
+            self.assertGreaterEqual(granted, expected(size))
+            self.assertGreater(granted, default)
+
+    def test_media_port_gets_the_option(self):
+        directory = os.path.abspath(self.mktemp())
+        dev = pki.create_dev_pki(os.path.join(directory, "pki"))
+        size = 3 * 1024 * 1024
+        config = md_tap.Options()
+        config.parseOptions(["--pki", dev.directory, "--tunnel-listen", "tcp:0:interface=127.0.0.1",
+                             "--media-port", "0", "--media-interface", "127.0.0.1",
+                             "--api", "none", "--udp-receive-buffer", str(size)])
+        md = MediaDistributorService.fromOptions(config, reactor)
+        md.privilegedStartService()
+        md.startService()
+        self.addCleanup(md.stopService)
+        sock = md.ports["media"].socket
+        self.assertGreaterEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2,
+                                expected(size))
+
+    def test_option_must_be_positive(self):
+        config = md_tap.Options()
+        self.assertRaises(usage.UsageError, config.parseOptions,
+                          ["--tunnel-listen", "tcp:0", "--udp-receive-buffer", "0"])

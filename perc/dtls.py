@@ -616,12 +616,17 @@ def _certificate_stage(ssl, state: _SslState, certificate: x509.Certificate) -> 
                 raise _reject("server certificate fingerprint does not match the expected one")
 
 
-def _parse_external_session_id(ssl, state: _SslState, data: bytes) -> None:
+def _decode_or_refuse(decode, data: bytes, name: str):
+    """``decode(data)``; a malformed extension refuses the peer with decode_error."""
     try:
-        tls_id = decode_external_session_id(data)
-    except ExtensionError as e:
-        raise _Refusal("malformed external_session_id from peer: {}".format(e),
+        return decode(data)
+    except (ExtensionError, EktError) as e:
+        raise _Refusal("malformed {} from peer: {}".format(name, e),
                        False, _ALERT_DECODE_ERROR, _X509_APPLICATION)
+
+
+def _parse_external_session_id(ssl, state: _SslState, data: bytes) -> None:
+    tls_id = _decode_or_refuse(decode_external_session_id, data, "external_session_id")
     state.peer_tls_id = tls_id
     if state.role == _SERVER:
         # Custom extensions are parsed after use_srtp, so the profile is
@@ -634,11 +639,7 @@ def _parse_external_session_id(ssl, state: _SslState, data: bytes) -> None:
 
 def _parse_client_ekt_ciphers(ssl, state: _SslState, data: bytes) -> None:
     """Server role: the ClientHello's offer; select the first of ours the client offered."""
-    try:
-        offered = decode_client_ekt_ciphers(data)
-    except EktError as e:
-        raise _Refusal("malformed supported_ekt_ciphers from peer: {}".format(e),
-                       False, _ALERT_DECODE_ERROR, _X509_APPLICATION)
+    offered = _decode_or_refuse(decode_client_ekt_ciphers, data, "supported_ekt_ciphers")
     for cipher in state.ekt_ciphers or ():
         if cipher in offered:
             state.ekt_cipher = cipher
@@ -651,11 +652,7 @@ def _parse_server_ekt_cipher(ssl, state: _SslState, data: bytes) -> None:
     Client role: the ServerHello's selection.  (OpenSSL itself refuses a
     ServerHello extension the client did not send.)
     """
-    try:
-        selected = decode_server_ekt_cipher(data)
-    except EktError as e:
-        raise _Refusal("malformed supported_ekt_ciphers from peer: {}".format(e),
-                       False, _ALERT_DECODE_ERROR, _X509_APPLICATION)
+    selected = _decode_or_refuse(decode_server_ekt_cipher, data, "supported_ekt_ciphers")
     if selected not in (state.ekt_ciphers or ()):
         raise _Refusal("rejected: server selected EKT cipher {}, which was not offered".format(
             selected), True, _ALERT_ILLEGAL_PARAMETER, _X509_APPLICATION)

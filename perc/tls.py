@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID, NameOID
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -56,6 +56,7 @@ __all__ = [
     "authorise_peer",
     "Authoriser",
     "PeerAuthorisationMixin",
+    "handshake_failure_reason",
 ]
 
 log = Logger()
@@ -474,6 +475,40 @@ class PeerAuthorisationMixin:
 
     def peerRefused(self, identity: str, reason: str) -> None:
         """The peer failed authorisation; the connection is already being aborted."""
+
+
+def handshake_failure_reason(transport, error: SSL.Error) -> str:
+    """
+    One line for a TLS handshake on ``transport`` that failed with
+    ``error``: OpenSSL's error queue ("peer did not return a certificate"),
+    followed, when verifying the peer's certificate failed, by why
+    ("certificate verify failed (certificate has expired)").
+    """
+    try:
+        reason = "; ".join(entry[2] for entry in error.args[0] if entry[2]) or str(error)
+    except (IndexError, TypeError):
+        reason = str(error)
+    verify = _verify_error(transport)
+    if verify:
+        reason = "{} ({})".format(reason, verify)
+    return " ".join(reason.split())
+
+
+def _verify_error(transport) -> str | None:
+    """The X.509 verification error of the TLS connection under ``transport``, if any."""
+    try:
+        from OpenSSL._util import ffi, lib
+
+        connection = transport.getHandle()
+        if not isinstance(connection, SSL.Connection):
+            return None
+        code = lib.SSL_get_verify_result(connection._ssl)
+        if code == lib.X509_V_OK:
+            return None
+        return ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+    except Exception:
+        # Not a pyOpenSSL connection, or bindings without these calls.
+        return None
 
 
 def _address(transport) -> str:

@@ -29,9 +29,12 @@ def split_messages(data: bytes) -> list:
 class MediaDistributorStandIn:
     """One tunnel to a KeyDistributor, seen from the Media Distributor's side."""
 
-    def __init__(self, distributor, profiles=(0x0009, 0x000A), identity="md.test", hello=True):
+    def __init__(self, distributor, profiles=(0x0009, 0x000A), identity="md.test", hello=True,
+                 transport=None):
+        """``transport`` defaults to a new StringTransport."""
         self.tunnel = KeyDistributorTunnel(distributor)
-        self.transport = StringTransport()
+        self.transport = transport if transport is not None else StringTransport()
+        self.transport.protocol = self.tunnel
         self.tunnel.makeConnection(self.transport)
         self.tunnel.identity = identity
         self.log = []  # every message received, in order

@@ -386,6 +386,141 @@ class BadRequestTests(APITestsBase):
             response, _ = yield self.assertRefused(405, method, "/v1/conferences/conf/endpoints", {"fingerprint": FP2})
             self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"GET"])
 
+    @defer.inlineCallbacks
+    def test_malformed_conference_on_every_endpoint_route(self):
+        for conference in ("bad conf", "-x", "x" * 256, "\u00e9", "a\x00b", "..", "a/b"):
+            for method in (b"GET", b"DELETE", b"PUT"):
+                _, answer = yield self.assertRefused(
+                    400, method, endpoint_path(conference, TLS_A), {"fingerprint": FP2})
+                self.assertIn("conference", answer["error"])
+
+    @defer.inlineCallbacks
+    def test_malformed_tls_id_bytes(self):
+        for tls_id in ("x" * 19, "endpoint-a-tls-id-01234567\x00", "endpoint-a-tls-id-\u00e9123",
+                       TLS_A + " ", "%" + TLS_A):
+            for method in (b"PUT", b"GET", b"DELETE"):
+                yield self.assertRefused(400, method, endpoint_path("conf", tls_id),
+                                         {"fingerprint": FP2})
+
+    @defer.inlineCallbacks
+    def test_non_utf8_path_on_every_method(self):
+        for method in (b"PUT", b"GET", b"DELETE"):
+            yield self.assertRefused(400, method, "/v1/conferences/conf/endpoints/%FF" + "a" * 20,
+                                     {"fingerprint": FP2})
+            yield self.assertRefused(400, method, "/v1/conferences/%C3%28/endpoints/" + TLS_A,
+                                     {"fingerprint": FP2})
+
+    @defer.inlineCallbacks
+    def test_token_checked_before_anything_else(self):
+        """Without the token every request is 401, whatever else is wrong with it."""
+        big = json.dumps({"fingerprint": FP2, "padding": "x" * MAX_BODY}).encode()
+        cases = [(b"PUT", endpoint_path("conf", TLS_B), big),             # too large
+                 (b"PUT", endpoint_path("conf", TLS_B), b"{"),             # not JSON
+                 (b"PUT", endpoint_path("conf", "short"), {"fingerprint": FP2}),
+                 (b"PUT", endpoint_path("bad conf", TLS_B), {"fingerprint": FP2}),
+                 (b"PUT", "/v1/conferences/%FF/endpoints/" + TLS_B, {"fingerprint": FP2}),
+                 (b"PUT", endpoint_path("other", TLS_A), {"fingerprint": FP2}),  # a conflict
+                 (b"PATCH", endpoint_path("conf", TLS_A), {"fingerprint": FP2}),
+                 (b"DELETE", endpoint_path("conf", TLS_A), None),
+                 (b"POST", "/v1/conferences/conf/rekey", None)]
+        for kwargs in (dict(token=None), dict(token="wrong")):
+            for method, path, body in cases:
+                yield self.assertRefused(401, method, path, body, **kwargs)
+
+
+class StatusTests(APITestsBase):
+    def serve(self, roster):
+        self.status_calls = 0
+
+        def status():
+            self.status_calls += 1
+            return {"associations": 0, "counters": {}}
+
+        site = make_api_site(roster, TOKEN, status=status)
+        self.base, self.stop_serving = serve_site(self, site)
+
+    @defer.inlineCallbacks
+    def test_status(self):
+        yield self.put("conf", TLS_A, FP1)
+        response, answer = yield self.request(b"GET", "/v1/status")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(answer, {"associations": 0, "counters": {}, "registrations": 1})
+        for method in (b"PUT", b"DELETE", b"POST"):
+            response, answer = yield self.request(method, "/v1/status", {})
+            self.assertError(response, answer, 405)
+            self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"GET"])
+        response, answer = yield self.request(b"GET", "/v1/status", token=None)
+        self.assertError(response, answer, 401)
+        self.assertEqual(self.status_calls, 1)
+
+    @defer.inlineCallbacks
+    def test_no_status_route_without_a_source(self):
+        yield self.stop_serving()
+        APITestsBase.serve(self, self.roster)
+        response, answer = yield self.request(b"GET", "/v1/status")
+        self.assertError(response, answer, 404)
+
+
+class RekeyRouteTests(APITestsBase):
+    """``POST /v1/conferences/{conference}/rekey``: refused requests rekey nothing."""
+
+    def serve(self, roster):
+        self.rekeyed = []
+
+        def rekey(conference):
+            from perc.ekt import EktKey
+            self.rekeyed.append(conference)
+            return EktKey(b"k" * 16, b"s" * 14, len(self.rekeyed), 3600), 0
+
+        site = make_api_site(roster, TOKEN, rekey)
+        self.base, self.stop_serving = serve_site(self, site)
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.put("conf", TLS_A, FP1)
+        self.before = self.stored()
+
+    @defer.inlineCallbacks
+    def assertRefused(self, code, method, path, body=None, **kwargs):
+        response, answer = yield self.request(method, path, body, **kwargs)
+        self.assertError(response, answer, code)
+        self.assertEqual(self.rekeyed, [])
+        self.assertEqual(self.stored(), self.before)
+        return response, answer
+
+    @defer.inlineCallbacks
+    def test_rekey(self):
+        response, answer = yield self.request(b"POST", "/v1/conferences/conf/rekey")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(answer, {"conference": "conf", "ekt_spi": 1, "endpoints": 0})
+        self.assertEqual(self.rekeyed, ["conf"])
+
+    @defer.inlineCallbacks
+    def test_without_token(self):
+        for kwargs in (dict(token=None), dict(token="wrong"), dict(authorization=b"Bearer")):
+            response, _ = yield self.assertRefused(
+                401, b"POST", "/v1/conferences/conf/rekey", **kwargs)
+            self.assertTrue(response.headers.getRawHeaders(b"www-authenticate")[0]
+                            .startswith(b"Bearer"))
+
+    @defer.inlineCallbacks
+    def test_wrong_methods(self):
+        for method in (b"GET", b"PUT", b"DELETE", b"PATCH"):
+            response, _ = yield self.assertRefused(405, method, "/v1/conferences/conf/rekey", {})
+            self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"POST"])
+
+    @defer.inlineCallbacks
+    def test_malformed_conference(self):
+        for conference in ("bad%20conf", "-x", "x" * 256, "%C3%A9", "%FF", ""):
+            yield self.assertRefused(400, b"POST", "/v1/conferences/{}/rekey".format(conference))
+
+    @defer.inlineCallbacks
+    def test_unknown_paths(self):
+        for path in ("/v1/conferences/conf/rekey/", "/v1/conferences/conf/rekey/x",
+                     "/v1/conferences/rekey", "/v1/rekey"):
+            yield self.assertRefused(404, b"POST", path)
+
 
 class StorageLimitTests(APITestsBase):
     @defer.inlineCallbacks

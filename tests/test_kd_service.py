@@ -7,8 +7,9 @@ DTLS from a client-role engine relayed through a test Media Distributor, and
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
+import socket
 import uuid
 
 from twisted.internet import defer, protocol, reactor
@@ -26,6 +27,7 @@ from perc.profiles import by_id
 from perc.register_cli import register_with_key_distributor
 from perc.tls import TlsCredentials
 
+from tests import tlshelpers
 from tests.test_dtls_interop import EXPORT, KEYING_MATERIAL, OPENSSL, OpenSSLProcess, material
 
 CONFERENCE = "e2e"
@@ -234,6 +236,153 @@ class KeyDistributorServiceTests(KeyDistributorServiceMixin, TestCase):
         registration = self.service.roster.lookup(TLS_ID)
         self.assertEqual(registration.kd_tls_id, kd_tls_id)
         self.assertEqual(registration.fingerprint, endpoint.fingerprint)
+
+
+class TlsRefusalTests(KeyDistributorServiceMixin, TestCase):
+    """
+    Every kind of Media Distributor the tunnel listener must refuse: refused
+    in the TLS handshake (or right after it, for the allow-list), one log
+    event with the reason, and nothing kept.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.start("--allow-md", "md.test")
+        self.other = pki.dev_pki_paths(os.path.join(self.dir, "other-pki"))
+
+    @defer.inlineCallbacks
+    def assertRefused(self, credentials, reason):
+        factory = self.service.tunnelFactory
+        distributor = self.service.distributor
+        built = []
+        build = factory.buildProtocol
+
+        def recording(address):
+            tunnel = build(address)
+            built.append(tunnel)
+            return tunnel
+        factory.buildProtocol = recording
+        self.addCleanup(setattr, factory, "buildProtocol", build)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        peer = yield tlshelpers.connect_with(self.tunnel_port, credentials, self.pki)
+        yield peer.lost.addTimeout(WAIT, reactor)
+        yield eventually(lambda: not factory.connections and tlshelpers.reasoned(events))
+        yield deferLater(0.2)  # time for anything else to be logged
+        [event] = tlshelpers.reasoned(events)
+        self.assertTrue(event["log_format"].startswith("Refusing tunnel from"), event)
+        self.assertIn(reason, event["reason"])
+        self.assertNotIn("\n", event["reason"])
+        # No state: no connection, tunnel, association, timer or producer.
+        [tunnel] = built
+        self.assertEqual(factory.connections, set())
+        self.assertEqual(distributor.tunnels, set())
+        self.assertEqual(len(distributor), 0)
+        self.assertFalse(tunnel.up)
+        self.assertIsNone(tunnel._firstMessageTimer)
+        self.assertFalse(tunnel._producerRegistered)
+        self.assertEqual(tunnel.associations, set())
+
+    def test_no_certificate(self):
+        return self.assertRefused(None, "peer did not return a certificate")
+
+    def test_certificate_from_another_ca(self):
+        return self.assertRefused(tlshelpers.issued(self.other, ["md.test"], trust=self.pki),
+                                  "certificate verify failed (unable to get local issuer "
+                                  "certificate)")
+
+    def test_expired_certificate(self):
+        return self.assertRefused(tlshelpers.expired(self.pki, ["md.test"]),
+                                  "certificate verify failed (certificate has expired)")
+
+    def test_certificate_not_yet_valid(self):
+        return self.assertRefused(tlshelpers.not_yet_valid(self.pki, ["md.test"]),
+                                  "certificate verify failed (certificate is not yet valid")
+
+    def test_identity_not_in_allow_list(self):
+        return self.assertRefused(
+            tlshelpers.issued(self.pki, ["evil.test", "127.0.0.1"]),
+            "none of the peer's DNS names (evil.test) is in the allow-list (md.test)")
+
+    def test_key_distributor_certificate(self):
+        # Issued by the right CA, valid, but for the Key Distributor.
+        return self.assertRefused(TlsCredentials.from_pki_dir(self.pki.directory, "kd"),
+                                  "is in the allow-list (md.test)")
+
+    @defer.inlineCallbacks
+    def test_listed_media_distributor_accepted(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        md = yield self.tunnel()
+        yield eventually(lambda: self.service.distributor.tunnels)
+        self.assertEqual(tlshelpers.reasoned(events), [])
+        self.assertFalse(md.lost.called)
+
+
+class BackpressureOverTcpTests(KeyDistributorServiceMixin, TestCase):
+    """A real TLS tunnel whose Media Distributor stops reading from its socket."""
+
+    timeout = 90
+    BOUND = 32 * 1024
+
+    @defer.inlineCallbacks
+    def test_media_distributor_that_stops_reading_is_dropped(self):
+        distributor = self.service.distributor
+        distributor.limits = dataclasses.replace(
+            distributor.limits, tunnel_max_paused_octets=self.BOUND, tunnel_grace=0.5)
+        # Small kernel buffers at both ends (accepted sockets inherit the
+        # listener's), so that the transport's own buffer fills quickly.
+        self.service._ports[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        endpoint = dtls.Credentials.self_signed("endpoint")
+        kd_tls_id = yield self.register(endpoint.fingerprint)
+        md = yield self.tunnel()
+        client = dtls.ClientAssociation(
+            endpoint, [by_id(0x0009)], tls_id=TLS_ID.encode(),
+            expected_peer_tls_id=kd_tls_id.encode())
+        aid = uuid.uuid4()
+        yield self.relay(md, client, aid)
+        self.assertTrue(distributor.association(aid).established)
+        [tunnel] = self.service.tunnelFactory.connections
+
+        # The Media Distributor stops reading; it keeps sending ClientHellos,
+        # each of which the Key Distributor answers with a HelloVerifyRequest.
+        tcp = md.transport.transport
+        tcp.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        tcp.pauseProducing()
+        hello = dtls.ClientAssociation(
+            dtls.Credentials.self_signed("flood"), [by_id(0x0009)],
+            tls_id=b"FloodTlsId-0123456789").start(0).datagrams[0]
+        sent = 0
+        while tunnel.closeReason is None:
+            # Without the bound the Key Distributor would buffer for ever.
+            self.assertLess(sent, 100000, "the Key Distributor never dropped the tunnel")
+            for _ in range(100):
+                md.sendMessage(wire.TunneledDtls(uuid.uuid4(), hello))
+            sent += 100
+            yield deferLater(0.001)
+        self.assertIn("while the Media Distributor was not reading (bound {})".format(self.BOUND),
+                      tunnel.closeReason)
+        yield eventually(lambda: not self.service.tunnelFactory.connections
+                         and not distributor.tunnels)
+        drops = [e for e in events if e.get("log_namespace") == "perc.kd.tunnel.KeyDistributorTunnel"
+                 and e.get("log_format", "").startswith("Dropping tunnel")]
+        self.assertEqual([e["reason"] for e in drops], [tunnel.closeReason])
+        # Its association waits for the Media Distributor to come back, then goes.
+        self.assertIsNone(distributor.association(aid).tunnel)
+        yield eventually(lambda: distributor.association(aid) is None)
+        tcp.resumeProducing()
+        yield md.lost.addTimeout(WAIT, reactor)
+        self.assertGreater(sent, 0)
 
 
 @defer.inlineCallbacks

@@ -339,6 +339,32 @@ class BadRequestTests(APITestsBase):
         self.assertEqual(response.code, 201)
 
 
+    @defer.inlineCallbacks
+    def test_token_checked_before_anything_else(self):
+        """Without the token every request is 401, whatever else is wrong with it."""
+        big = json.dumps({"padding": "x" * MAX_BODY}).encode()
+        cases = [(b"PUT", endpoint_path("conf", TLS_B), big),              # too large
+                 (b"PUT", endpoint_path("conf", TLS_B), b"{"),              # not JSON
+                 (b"PUT", endpoint_path("conf", "short"), {}),
+                 (b"PUT", endpoint_path("bad conf", TLS_B), {}),
+                 (b"PUT", "/v1/conferences/%FF/endpoints/" + TLS_B, {}),
+                 (b"PUT", endpoint_path("other", TLS_A), {}),               # a move
+                 (b"PATCH", endpoint_path("conf", TLS_A), {}),
+                 (b"DELETE", endpoint_path("conf", TLS_A), None),
+                 (b"DELETE", endpoint_path("bad conf", TLS_A), None)]
+        for kwargs in (dict(token=None), dict(token="wrong")):
+            for method, path, body in cases:
+                yield self.assertRefused(401, method, path, body, **kwargs)
+
+    @defer.inlineCallbacks
+    def test_malformed_tls_id_bytes(self):
+        for tls_id in ("endpoint-a-tls-id-01234567\x00", "endpoint-a-tls-id-\u00e9123",
+                       TLS_A + " ", "%" + TLS_A):
+            for method in (b"PUT", b"GET", b"DELETE"):
+                yield self.assertRefused(400, method, endpoint_path("conf", tls_id), {})
+        for method in (b"GET", b"DELETE"):
+            yield self.assertRefused(400, method, "/v1/conferences/%C3%28/endpoints/" + TLS_A)
+
 class FullTableTests(APITestsBase):
     max_entries = 1
 

@@ -7,11 +7,13 @@ with a hand-driven endpoint, the pool, and real TLS over loopback.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from perc import pki, wire
@@ -26,6 +28,7 @@ from perc.md.tunnel import (
 from perc.netutil import tls_client_endpoint, tls_server_factory
 from perc.tls import TlsCredentials
 
+from tests import tlshelpers
 from tests.mdtunnelhelpers import (
     ClosingTransport,
     FakeTlsTransport,
@@ -657,3 +660,94 @@ class LoopbackTlsTests(TestCase):
         yield first.lost
         yield manager.stopService()
         yield second.lost
+
+
+class ListenRefusalTests(TestCase):
+    """
+    Key Distributors dialling in to ``--tunnel-listen`` (the pool's listen
+    factory behind the TLS a Media Distributor service puts in front of it)
+    with certificates it must refuse: refused in the TLS handshake, one log
+    event with the reason, and nothing kept.  (This port has no allow-list:
+    any certificate from the trusted CA is a Key Distributor.)
+    """
+
+    timeout = 60
+
+    def setUp(self):
+        directory = self.mktemp()
+        self.pki = pki.create_dev_pki(os.path.join(directory, "pki"))
+        self.other = pki.create_dev_pki(os.path.join(directory, "other-pki"))
+        self.owner = RecordingOwner()
+        self.pool = TunnelPool(PROFILES, self.owner, clock=reactor)
+        credentials = TlsCredentials.from_pki_dir(self.pki.directory, "md")
+        self.built = []
+        build = self.pool.listenFactory.buildProtocol
+
+        def recording(address):
+            tunnel = build(address)
+            self.built.append(tunnel)
+            return tunnel
+        self.pool.listenFactory.buildProtocol = recording
+        port = reactor.listenTCP(0, tls_server_factory(credentials, self.pool.listenFactory),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.port = port.getHost().port
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    @defer.inlineCallbacks
+    def assertRefused(self, credentials, reason):
+        peer = yield tlshelpers.connect_with(self.port, credentials, self.pki)
+        yield peer.lost.addTimeout(tlshelpers.WAIT, reactor)
+        yield eventually(lambda: not self.pool.listenFactory.tunnels
+                         and tlshelpers.reasoned(self.events))
+        yield deferLater(reactor, 0.2, lambda: None)  # time for anything else to be logged
+        [event] = tlshelpers.reasoned(self.events)
+        self.assertEqual(event["log_format"], "Tunnel with {peer} refused: {reason}")
+        self.assertIn(reason, event["reason"])
+        self.assertNotIn("\n", event["reason"])
+        [tunnel] = self.built
+        self.assertEqual(tunnel.closeReason, None)
+        self.assertFalse(tunnel.up)
+        self.assertIsNone(tunnel._pausedTimer)
+        self.assertFalse(tunnel._producerRegistered)
+        self.assertEqual(self.pool.listenFactory.tunnels, set())
+        self.assertEqual(self.pool.tunnels, [])
+        self.assertIsNone(self.pool.pick())
+        self.assertEqual(self.owner.events, [])
+
+    def test_no_certificate(self):
+        return self.assertRefused(None, "peer did not return a certificate")
+
+    def test_certificate_from_another_ca(self):
+        return self.assertRefused(
+            tlshelpers.issued(self.other, ["kd.test", "127.0.0.1"], trust=self.pki),
+            "certificate verify failed (unable to get local issuer certificate)")
+
+    def test_expired_certificate(self):
+        return self.assertRefused(tlshelpers.expired(self.pki, ["kd.test"]),
+                                  "certificate verify failed (certificate has expired)")
+
+    def test_certificate_not_yet_valid(self):
+        return self.assertRefused(tlshelpers.not_yet_valid(self.pki, ["kd.test"]),
+                                  "certificate verify failed (certificate is not yet valid")
+
+    @defer.inlineCallbacks
+    def test_key_distributor_certificate_accepted(self):
+        peer = yield tlshelpers.connect_with(
+            self.port, TlsCredentials.from_pki_dir(self.pki.directory, "kd"), self.pki)
+        yield eventually(lambda: self.pool.tunnels)
+        self.assertEqual(tlshelpers.reasoned(self.events), [])
+        self.assertEqual(self.owner.names(), ["tunnelUp"])
+        yield self.pool.stopService()
+        yield peer.lost
+
+
+@defer.inlineCallbacks
+def eventually(predicate, timeout=tlshelpers.WAIT):
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not reached within {} s".format(timeout))
+        yield deferLater(reactor, 0.02, lambda: None)

@@ -130,7 +130,8 @@ class KeyDistributorService(service.MultiService):
             self.distributor, self.authorise)
         self._tunnelGate.open(factory)
         if self._api_token is not None:
-            self._apiGate.open(make_api_site(roster, self._api_token, self.distributor.rekey))
+            self._apiGate.open(make_api_site(roster, self._api_token, self.distributor.rekey,
+                                             self.distributor.status))
         for endpoint in self._connect:
             client = internet.ClientService(endpoint, factory, clock=self.reactor)
             client.setServiceParent(self)
@@ -149,12 +150,15 @@ class KeyDistributorService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        # Close the tunnels first: a ClientService would call the transport's
+        # loseConnection(), which a TLS transport holds back while the tunnel
+        # is registered as its producer.
+        if self.tunnelFactory is not None:
+            self.tunnelFactory.closeAll()
         yield super().stopService()
         for port in self._ports:
             yield port.stopListening()
         self._ports = []
-        if self.tunnelFactory is not None:
-            self.tunnelFactory.closeAll()
         if self.distributor is not None:
             self.distributor.stop()
         if self.roster is not None:

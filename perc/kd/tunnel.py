@@ -4,6 +4,13 @@ The Key Distributor's side of a tunnel (RFC 9185 sections 5.4, 5.5, 6).
 One :class:`KeyDistributorTunnel` per TLS connection, whichever side opened
 it.  It enforces the message rules of the tunnel and hands DTLS to the
 :class:`perc.kd.associations.KeyDistributor`, which owns the associations.
+
+A tunnel registers itself with its transport as a streaming producer, to
+bound what it buffers for a Media Distributor that stops reading
+(:mod:`perc.backpressure`).  A TLS transport with a registered producer
+holds back ``loseConnection()`` until the producer is unregistered, so close
+a tunnel with :meth:`KeyDistributorTunnel.close` or
+:meth:`KeyDistributorTunnel.abort`, never through its transport.
 """
 
 from __future__ import annotations
@@ -14,48 +21,60 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from perc import wire
+from perc import tls, wire
+from perc.backpressure import BoundedWrites
 from perc.framing import TunnelFramingProtocol
 
 __all__ = ["KeyDistributorTunnel", "KeyDistributorTunnelFactory"]
 
 
-def _ssl_reason(error: SSL.Error) -> str:
-    """OpenSSL's error queue as short text ('tlsv13 alert certificate required')."""
-    try:
-        return "; ".join(entry[2] for entry in error.args[0] if entry[2]) or str(error)
-    except (IndexError, TypeError):
-        return str(error)
-
-
 @implementer(IHandshakeListener)
-class KeyDistributorTunnel(TunnelFramingProtocol):
+class KeyDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
     """
     States: waiting for SupportedProfiles, then up.  The first message must
     be SupportedProfiles of version 0; another version gets
     UnsupportedVersion(0) and the connection is closed.  After that the Media
     Distributor may send TunneledDtls and EndpointDisconnect, and may repeat
     SupportedProfiles only with the same list.
+
+    Backpressure (:class:`perc.backpressure.BoundedWrites`): while the
+    transport has paused this producer, at most ``maxPausedOctets`` may be
+    written and the pause may last at most ``maxPausedSeconds``; past either
+    the tunnel is aborted, and its associations are handled as for any lost
+    tunnel (:meth:`perc.kd.associations.KeyDistributor.tunnelLost`).
     """
 
     log = Logger()
+    silentPeer = "the Media Distributor"
 
     #: (identity, transport, text) of the last peerDescription().
     _description = None
 
-    def __init__(self, distributor, authorise=None):
+    def __init__(self, distributor, authorise=None, *, maxPausedOctets: int | None = None,
+                 maxPausedSeconds: float | None = None):
         """
-        ``distributor`` is the KeyDistributor.  ``authorise``, if given, is
-        called with the TLS transport once the handshake is done and returns
-        ``(authorised, identity, reason)``.
+        ``distributor`` is the KeyDistributor; its ``clock`` drives the
+        timers and its ``limits`` give the backpressure bounds unless
+        ``maxPausedOctets`` / ``maxPausedSeconds`` are given.  ``authorise``,
+        if given, is called with the TLS transport once the handshake is done
+        and returns ``(authorised, identity, reason)``.
         """
         self.distributor = distributor
         self._authorise = authorise
+        self.clock = distributor.clock
+        limits = distributor.limits
+        self.maxPausedOctets = (limits.tunnel_max_paused_octets if maxPausedOctets is None
+                                else maxPausedOctets)
+        self.maxPausedSeconds = (limits.tunnel_max_paused_seconds if maxPausedSeconds is None
+                                 else maxPausedSeconds)
         self.identity: str | None = None
         #: The profile ids the Media Distributor sent; None until it did.
         self.media_distributor_profiles: tuple[int, ...] | None = None
         self.associations: set = set()
+        #: Why this side closed the connection; None if it did not.
+        self.closeReason: str | None = None
         self._up = False
+        self._closing = False
         self._firstMessageTimer = None
 
     # Connection life
@@ -64,14 +83,14 @@ class KeyDistributorTunnel(TunnelFramingProtocol):
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory.connections.add(self)
-        clock = self.distributor.clock
+        self.startBoundingWrites()
         # A peer that never says SupportedProfiles must not hold a
         # connection (and a TLS session) for ever.
-        self._firstMessageTimer = clock.callLater(
+        self._firstMessageTimer = self.clock.callLater(
             self.distributor.first_message_timeout, self._firstMessageTimedOut)
 
     def handshakeCompleted(self) -> None:
-        if self._authorise is None:
+        if self._authorise is None or self._closing:
             return
         authorised, identity, reason = self._authorise(self.transport)
         self.identity = identity
@@ -79,25 +98,84 @@ class KeyDistributorTunnel(TunnelFramingProtocol):
             self.log.warn(
                 "Refusing tunnel from {peer}: {reason}",
                 peer=self.peerDescription(), reason=reason)
-            self._failed = True
-            self.transport.abortConnection()
+            self.abort("not authorised: " + reason, log=False)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory.connections.discard(self)
         self._cancelFirstMessageTimer()
+        self.boundingWritesLost()
+        self._closing = True
         if self._up:
             self._up = False
+            why = self.closeReason
+            if why is None and reason is not None and reason.check(SSL.Error):
+                why = "TLS: " + tls.handshake_failure_reason(self.transport, reason.value)
+            elif why is None:
+                why = reason.getErrorMessage() if reason is not None else "connection lost"
             self.log.info(
-                "Tunnel with {peer} closed ({associations} associations)",
-                peer=self.peerDescription(), associations=len(self.associations))
+                "Tunnel with {peer} closed: {why} ({associations} associations)",
+                peer=self.peerDescription(), why=why, associations=len(self.associations))
             self.distributor.tunnelLost(self)
         elif not self._failed and reason is not None and reason.check(SSL.Error):
             # Refused during the TLS handshake (no client certificate, another
             # CA, an expired one): one line with OpenSSL's reason.
             self.log.warn("Refusing tunnel from {peer}: TLS handshake failed: {reason}",
-                          peer=self.peerDescription(), reason=_ssl_reason(reason.value))
+                          peer=self.peerDescription(),
+                          reason=tls.handshake_failure_reason(self.transport, reason.value))
+
+    def close(self, reason: str = "closed by the Key Distributor") -> None:
+        """
+        Close the connection cleanly (TLS close_notify); nothing more is
+        sent or delivered.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self._failed = True  # the framing delivers nothing more
+        if self.closeReason is None:
+            self.closeReason = reason
+        self.stopBoundingWrites()
+        self.transport.loseConnection()
+
+    def abort(self, reason: str, log: bool = True) -> None:
+        """Drop the connection at once, logging ``reason`` (unless ``log`` is false)."""
+        if self._closing:
+            return
+        if log:
+            self.log.warn("Dropping tunnel with {peer}: {reason}",
+                          peer=self.peerDescription(), reason=reason)
+        self._closing = True
+        self._failed = True
+        if self.closeReason is None:
+            self.closeReason = reason
+        self.stopBoundingWrites()
+        self.transport.abortConnection()
+
+    def writeBoundExceeded(self, reason: str) -> None:
+        self.abort(reason)
+
+    def protocolError(self, reason: str) -> None:
+        if self._failed or self._closing:
+            return
+        self._closing = True
+        if self.closeReason is None:
+            self.closeReason = "protocol error: " + reason
+        self.stopBoundingWrites()
+        super().protocolError(reason)
+
+    def sendMessage(self, message: wire.Message) -> bool:
+        """
+        Write one message; False (nothing written) once the tunnel is
+        closing.  Aborts the tunnel when the backpressure bound is passed.
+        """
+        if self._closing:
+            return False
+        data = message.encode()
+        self.transport.write(data)
+        self.countWrite(len(data))
+        return True
 
     def peerDescription(self) -> str:
         # Asked for by every association's log lines: the text is kept for
@@ -156,9 +234,8 @@ class KeyDistributorTunnel(TunnelFramingProtocol):
                 "UnsupportedVersion({highest}) and closing",
                 peer=self.peerDescription(), version=message.version,
                 highest=wire.PROTOCOL_VERSION)
-            self._failed = True
             self.sendMessage(wire.UnsupportedVersion(wire.PROTOCOL_VERSION))
-            self.transport.loseConnection()
+            self.close("the Media Distributor asked for version {}".format(message.version))
             return
         self.media_distributor_profiles = message.profiles
         self._up = True
@@ -190,7 +267,7 @@ class KeyDistributorTunnelFactory(protocol.Factory):
     def closeAll(self) -> None:
         """Close every tunnel (service shutdown)."""
         for tunnel in list(self.connections):
-            tunnel.transport.loseConnection()
+            tunnel.close("Key Distributor stopping")
 
     def buildProtocol(self, addr):
         tunnel = KeyDistributorTunnel(self.distributor, self.authorise)

@@ -16,12 +16,13 @@ Three layers, each the next one's owner:
   chooses the tunnel for a new association.
 
 Closing: a tunnel registers itself with its transport as a streaming
-producer (that is how it learns about write backpressure).  A TLS transport
-(``TLSMemoryBIOProtocol``) with a registered producer does not shut down on
-``loseConnection()`` until the producer is unregistered, so always close a
-tunnel with :meth:`MediaDistributorTunnel.close` or
-:meth:`MediaDistributorTunnel.abort`, never through its transport.  The
-manager and the pool do so before their ``ClientService`` or listener would.
+producer (that is how it learns about write backpressure, see
+:mod:`perc.backpressure`).  A TLS transport (``TLSMemoryBIOProtocol``) with
+a registered producer does not shut down on ``loseConnection()`` until the
+producer is unregistered, so always close a tunnel with
+:meth:`MediaDistributorTunnel.close` or :meth:`MediaDistributorTunnel.abort`,
+never through its transport.  The manager and the pool do so before their
+``ClientService`` or listener would.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ from __future__ import annotations
 import collections
 import uuid
 
+from OpenSSL import SSL
 from twisted.application import internet, service
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from perc import tls, wire
+from perc.backpressure import DEFAULT_MAX_PAUSED_OCTETS, DEFAULT_MAX_PAUSED_SECONDS, BoundedWrites
 from perc.framing import TunnelFramingProtocol
 
 __all__ = [
@@ -49,16 +52,6 @@ __all__ = [
     "DEFAULT_MAX_PAUSED_OCTETS",
     "DEFAULT_MAX_PAUSED_SECONDS",
 ]
-
-#: Octets the Media Distributor may write to a tunnel while its transport
-#: has asked it to pause (the transport's own buffer, 64 KiB for TCP, comes
-#: on top).  Past this the tunnel is aborted.
-DEFAULT_MAX_PAUSED_OCTETS = 1 << 20
-
-#: Seconds a tunnel's transport may stay paused before the tunnel is
-#: aborted.  A TLS transport also pauses its producer while the handshake
-#: is incomplete, so this bounds the handshake too.
-DEFAULT_MAX_PAUSED_SECONDS = 30.0
 
 #: Octets that identify UnsupportedVersion whatever follows them (RFC 9185
 #: section 5.6): type (1), length (2), highest_version (1).
@@ -130,8 +123,8 @@ def _default_clock(clock):
     return reactor
 
 
-@implementer(IHandshakeListener, IPushProducer)
-class MediaDistributorTunnel(TunnelFramingProtocol):
+@implementer(IHandshakeListener)
+class MediaDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
     """
     One tunnel to a Key Distributor, whichever side opened the TLS connection.
 
@@ -148,12 +141,15 @@ class MediaDistributorTunnel(TunnelFramingProtocol):
     that, MediaKeys, TunneledDtls and EndpointDisconnect go to the owner; a
     SupportedProfiles or a later UnsupportedVersion is a protocol error.
 
-    Backpressure: while the transport has paused this producer, at most
-    ``maxPausedOctets`` may be written and the pause may last at most
-    ``maxPausedSeconds``; past either the tunnel is aborted.
+    Backpressure (:class:`perc.backpressure.BoundedWrites`): while the
+    transport has paused this producer, at most ``maxPausedOctets`` may be
+    written and the pause may last at most ``maxPausedSeconds``; past either
+    the tunnel is aborted.
     """
 
     log = Logger()
+    silentPeer = "the Key Distributor"
+    _refusalLogged = False
 
     def __init__(self, owner, profiles, version: int = wire.PROTOCOL_VERSION, *,
                  authorise=None, clock=None,
@@ -193,10 +189,6 @@ class MediaDistributorTunnel(TunnelFramingProtocol):
         self._closing = False
         self._aborted = False
         self._connected = False
-        self._registered = False
-        self._paused = False
-        self._pausedOctets = 0
-        self._pausedTimer = None
         self._sniffing = True
         self._sniffed = bytearray()
         self._closedWaiters: list[defer.Deferred] | None = []
@@ -208,14 +200,10 @@ class MediaDistributorTunnel(TunnelFramingProtocol):
         factory = getattr(self, "factory", None)
         if factory is not None and hasattr(factory, "tunnels"):
             factory.tunnels.add(self)
-        self._registered = True
-        self.transport.registerProducer(self, True)
+        self.startBoundingWrites()
+        # Logged once up: a connection refused in the TLS handshake is one
+        # line, its refusal.
         self.sendMessage(wire.SupportedProfiles(self.version, self.profiles))
-        self.log.info(
-            "Tunnel connection with {peer}: sent SupportedProfiles version {version}, "
-            "profiles {profiles}",
-            peer=self.peerDescription(), version=self.version,
-            profiles=", ".join("0x{:04X}".format(p) for p in self.profiles))
         if not self._isTls():
             self._becomeUp()
 
@@ -233,6 +221,7 @@ class MediaDistributorTunnel(TunnelFramingProtocol):
         if not authorised:
             self.log.warn("Refusing tunnel with Key Distributor {peer}: {reason}",
                           peer=self.peerDescription(), reason=reason)
+            self._refusalLogged = True
             self.abort("Key Distributor not authorised: " + reason, log=False)
             return
         if not self._up:
@@ -241,27 +230,38 @@ class MediaDistributorTunnel(TunnelFramingProtocol):
     def _becomeUp(self) -> None:
         self._up = True
         self.connectedSince = self.clock.seconds()
-        self.log.info("Tunnel with {peer} up (version {version})",
-                      peer=self.peerDescription(), version=self.version)
+        self.log.info("Tunnel with {peer} up: sent SupportedProfiles version {version}, "
+                      "profiles {profiles}",
+                      peer=self.peerDescription(), version=self.version,
+                      profiles=", ".join("0x{:04X}".format(p) for p in self.profiles))
         self._tell("tunnelUp", self)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._connected = False
-        self._cancelPausedTimer()
-        self._registered = False
-        self._paused = False
+        self.boundingWritesLost()
         self._closing = True
         factory = getattr(self, "factory", None)
         if factory is not None and hasattr(factory, "tunnels"):
             factory.tunnels.discard(self)
         why = self.closeReason
-        if why is None:
-            why = reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
         was_up, self._up = self._up, False
-        self.log.info(
-            "Tunnel with {peer} closed: {reason} ({associations} associations, was up: {wasUp})",
-            peer=self.peerDescription(), reason=why, associations=len(self.associations),
-            wasUp=was_up)
+        tls_failure = why is None and isinstance(reason, Failure) and reason.check(SSL.Error)
+        if tls_failure:
+            # OpenSSL's reason as one line, not the repr of its error queue.
+            why = "TLS handshake failed: " + tls.handshake_failure_reason(
+                self.transport, reason.value)
+        if tls_failure and not was_up:
+            # Refused in the TLS handshake, by either side (no or an expired
+            # certificate, another CA, a wrong name): one line.
+            self.log.warn("Tunnel with {peer} refused: {reason}",
+                          peer=self.peerDescription(), reason=why)
+        elif not self._refusalLogged:
+            if why is None:
+                why = reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
+            self.log.info(
+                "Tunnel with {peer} closed: {reason} ({associations} associations, "
+                "was up: {wasUp})", peer=self.peerDescription(), reason=why,
+                associations=len(self.associations), wasUp=was_up)
         self._tell("tunnelDown", self, why)
         waiters, self._closedWaiters = self._closedWaiters, None
         for waiter in waiters or ():
@@ -296,7 +296,7 @@ class MediaDistributorTunnel(TunnelFramingProtocol):
         self._failed = True  # the framing delivers nothing more
         if self.closeReason is None:
             self.closeReason = reason
-        self._unregisterProducer()
+        self.stopBoundingWrites()
         self.transport.loseConnection()
 
     def abort(self, reason: str, log: bool = True) -> None:
@@ -311,7 +311,7 @@ class MediaDistributorTunnel(TunnelFramingProtocol):
         self._failed = True
         if self.closeReason is None:
             self.closeReason = reason
-        self._unregisterProducer()
+        self.stopBoundingWrites()
         self.transport.abortConnection()
 
     def protocolError(self, reason: str) -> None:
@@ -320,50 +320,15 @@ class MediaDistributorTunnel(TunnelFramingProtocol):
         self._closing = True
         if self.closeReason is None:
             self.closeReason = "protocol error: " + reason
-        self._unregisterProducer()
+        self.stopBoundingWrites()
         super().protocolError(reason)
 
     def peerDescription(self) -> str:
         address = super().peerDescription()
         return "{} ({})".format(self.identity, address) if self.identity else address
 
-    # Backpressure (IPushProducer: called by the transport)
-
-    def pauseProducing(self) -> None:
-        if self._paused or not self._registered:
-            return
-        self._paused = True
-        self._pausedOctets = 0
-        self._pausedTimer = self.clock.callLater(self.maxPausedSeconds, self._pausedTooLong)
-
-    def resumeProducing(self) -> None:
-        if not self._paused:
-            return
-        self._paused = False
-        self._pausedOctets = 0
-        self._cancelPausedTimer()
-
-    def stopProducing(self) -> None:
-        # The connection is ending; connectionLost follows.
-        self._paused = False
-        self._cancelPausedTimer()
-
-    def _cancelPausedTimer(self) -> None:
-        if self._pausedTimer is not None and self._pausedTimer.active():
-            self._pausedTimer.cancel()
-        self._pausedTimer = None
-
-    def _pausedTooLong(self) -> None:
-        self._pausedTimer = None
-        self.abort("the Key Distributor has not read from the tunnel for {} seconds".format(
-            self.maxPausedSeconds))
-
-    def _unregisterProducer(self) -> None:
-        self._cancelPausedTimer()
-        self._paused = False
-        if self._registered:
-            self._registered = False
-            self.transport.unregisterProducer()
+    def writeBoundExceeded(self, reason: str) -> None:
+        self.abort(reason)
 
     # Receiving
 
@@ -448,11 +413,7 @@ class MediaDistributorTunnel(TunnelFramingProtocol):
         data = message.encode()
         self.transport.write(data)
         self.messagesSent[type(message).__name__] += 1
-        if self._paused:
-            self._pausedOctets += len(data)
-            if self._pausedOctets > self.maxPausedOctets:
-                self.abort("{} octets written while the Key Distributor was not reading "
-                           "(bound {})".format(self._pausedOctets, self.maxPausedOctets))
+        self.countWrite(len(data))
         return True
 
     def sendDtls(self, association_id: uuid.UUID, data: bytes) -> bool:

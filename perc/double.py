@@ -478,6 +478,16 @@ class DoubleSender:
         return "<DoubleSender {} ssrcs={} (keys hidden)>".format(
             self.profile.name, sorted(self._streams))
 
+    def set_hop_by_hop(self, hbh_key: bytes, hbh_salt: bytes) -> None:
+        """
+        Protect the outer layer with new hop-by-hop keys from now on (a new
+        DTLS association with the Key Distributor); the inner key and every
+        SSRC's inner sequence state stay as they are.
+        """
+        _check_lengths(self.profile, hbh_key, hbh_salt, "hop-by-hop")
+        self._outer = _outer_session(self.profile, hbh_key, hbh_salt,
+                                     pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
+
     def roc(self, ssrc: int) -> int:
         """The inner ROC of ``ssrc`` now (what a FullEKTField announces)."""
         stream = self._streams.get(ssrc)
@@ -626,6 +636,15 @@ class DoubleReceiver:
         self._senders[ssrc] = _Sender(
             _InnerCipher(bytes(inner_master_key), bytes(inner_master_salt)),
             _Stream(roc, self.replay_window), fingerprint)
+
+    def set_hop_by_hop(self, hbh_key: bytes, hbh_salt: bytes) -> None:
+        """
+        Check the outer layer with new hop-by-hop keys from now on; the
+        senders' inner keys and replay state stay as they are.
+        """
+        _check_lengths(self.profile, hbh_key, hbh_salt, "hop-by-hop")
+        self._outer = _outer_session(self.profile, hbh_key, hbh_salt,
+                                     pylibsrtp.Policy.SSRC_ANY_INBOUND)
 
     def remove_sender(self, ssrc: int) -> None:
         """Forget ``ssrc``'s inner key and state (no error if unknown)."""

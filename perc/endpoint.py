@@ -5,22 +5,64 @@ Key Distributor, sends double-encrypted synthetic media announcing its own
 end-to-end key in EKT fields, and verifies everyone else's media end to end.
 
 Usable as a library (tests, ``perc demo``) and as ``perc endpoint``.
+
+Faults (README, "The reference endpoint under faults"): a handshake that
+times out is retried with a fresh ClientHello after an exponential backoff;
+a refusal (the endpoint's own identity checks of the Key Distributor, or a
+fatal alert from it) is final.  Once joined, the endpoint asks the Key
+Distributor for the EKTKey every ``keepalive`` seconds; when no answer comes
+back within ``keepalive_timeout`` (a restarted Media Distributor has
+forgotten the association, a restarted Key Distributor no longer knows it)
+it joins again, and keeps sending with its old keys until the new
+association has its own.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import struct
 from dataclasses import dataclass, field
 
+from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
 from perc import dtls, rtp
-from perc.double import DoubleError, DoubleReceiver, DoubleSender, UnknownSenderError
+from perc.double import (
+    DoubleError,
+    DoubleReceiver,
+    DoubleSender,
+    OuterAuthenticationError,
+    ReplayError,
+    UnknownSenderError,
+)
 from perc.ekt import EktCipher, EktError, EktKey, EktReceiver, EktSender
 
-__all__ = ["DtlsClientProtocol", "ReferenceEndpoint", "SenderStats"]
+__all__ = ["DtlsClientProtocol", "ReferenceEndpoint", "SenderStats", "backoff"]
+
+#: DTLS record content type of alerts (RFC 5246 section 6.2.1).
+_CONTENT_ALERT = 21
+
+
+def _holds_alert(datagram: bytes) -> bool:
+    """True if any DTLS record in ``datagram`` is an alert (plaintext or not)."""
+    return any(len(record) > 13 and record[0] == _CONTENT_ALERT
+               for record in dtls.split_records(datagram))
+
+
+def backoff(initial: float = 1.0, maximum: float = 30.0, factor: float = 2.0,
+            rng: random.Random | None = None):
+    """
+    Seconds to wait before handshake attempt ``n + 1`` after ``n`` failed
+    ones in a row: ``initial * factor ** n`` capped at ``maximum``, plus up
+    to ``initial`` of jitter so that endpoints that lost the same server do
+    not come back in step.  (Twisted's ``backoffPolicy``, as ClientService
+    uses.)
+    """
+    uniform = (rng or random).uniform
+    return backoffPolicy(initialDelay=initial, maxDelay=maximum, factor=factor,
+                         jitter=lambda: uniform(0, initial))
 
 #: Synthetic payload: magic, sender SSRC, sequence, send time (seconds).
 _PAYLOAD = struct.Struct("!4sIId")
@@ -32,7 +74,13 @@ class DtlsClientProtocol(protocol.DatagramProtocol):
     Drives a client-role :class:`perc.dtls.ClientAssociation` over UDP with
     timers on ``clock``.  Subclasses get ``handshakeComplete``,
     ``applicationData``, ``closed`` and ``mediaReceived`` (SRTP/SRTCP).
+
+    When ``closed`` runs, ``closedByAlert`` tells whether the datagram that
+    ended the association held an alert record (the peer refused or closed
+    it) rather than the association giving up on its own timer.
     """
+
+    closedByAlert = False
 
     def __init__(self, association: dtls.ClientAssociation, server, clock):
         self.association = association
@@ -46,19 +94,35 @@ class DtlsClientProtocol(protocol.DatagramProtocol):
     def stopProtocol(self):
         self._cancelTimer()
 
+    def startAssociation(self, association: dtls.ClientAssociation) -> None:
+        """Abandon the current association (see :meth:`abandonAssociation`) and start this one."""
+        self.abandonAssociation()
+        self.association = association
+        self._handle(association.start(self.clock.seconds()))
+
+    def abandonAssociation(self) -> None:
+        """
+        End the current association here without a word to the peer (no
+        close_notify): a path believed dead, or one being replaced while the
+        old keys are still in use, must not be torn down from this side.
+        """
+        self._cancelTimer()
+        self.association.close(self.clock.seconds(), "abandoned")
+
     def datagramReceived(self, data, address):
         if address != self.server or not data:
             return
         kind = rtp.classify(data)
         if kind is rtp.Kind.DTLS:
-            self._handle(self.association.receive(data, self.clock.seconds()))
+            self._handle(self.association.receive(data, self.clock.seconds()), data)
         elif kind is rtp.Kind.RTP or kind is rtp.Kind.RTCP:
             self.mediaReceived(data, kind is rtp.Kind.RTCP)
 
     def sendApplicationData(self, data: bytes) -> None:
         self._handle(self.association.send_application_data(data))
 
-    def _handle(self, output: dtls.Output) -> None:
+    def _handle(self, output: dtls.Output, received: bytes | None = None) -> None:
+        association = self.association
         for datagram in output.datagrams:
             self.transport.write(datagram, self.server)
         for event in output.events:
@@ -67,7 +131,10 @@ class DtlsClientProtocol(protocol.DatagramProtocol):
             elif isinstance(event, dtls.ApplicationData):
                 self.applicationData(event.data)
             elif isinstance(event, dtls.Closed):
+                self.closedByAlert = received is not None and _holds_alert(received)
                 self.closed(event)
+        if self.association is not association:
+            return  # a handler started another association, with its own timer
         self._cancelTimer()
         due = self.association.next_timeout(self.clock.seconds())
         if due is not None:
@@ -97,16 +164,26 @@ class DtlsClientProtocol(protocol.DatagramProtocol):
 
 @dataclass
 class SenderStats:
-    """What one endpoint saw of one other sender (by SSRC)."""
+    """
+    What one endpoint saw of one other sender (by SSRC).  ``received``
+    counts packets that passed the hop-by-hop layer from a sender whose key
+    was known; of those, ``verified`` passed the end-to-end layer,
+    ``failed`` did not, and ``undecryptable`` did not while the sender was
+    announcing an EKTKey this endpoint does not hold (yet): a new one after
+    a Key Distributor restart, until this endpoint has joined again.
+    """
 
     ssrc: int
     received: int = 0
     verified: int = 0
     failed: int = 0
+    undecryptable: int = 0
     first_sequence: int | None = None
     highest_sequence: int | None = None
     jitter: float = 0.0
     _last_transit: float | None = field(default=None, repr=False)
+    #: The sender's latest FullEKTField was under an EKTKey not held.
+    awaiting_key: bool = field(default=False, repr=False)
 
     @property
     def lost(self) -> int:
@@ -130,35 +207,80 @@ class SenderStats:
 class ReferenceEndpoint(DtlsClientProtocol):
     """
     One PERC endpoint.  ``joined`` fires with the handshake time (seconds)
-    once it has hop-by-hop keys and the EKTKey; ``failed`` (a Deferred) fires
-    with the reason if the association ends before or while it runs.
+    once it has hop-by-hop keys and the EKTKey for the first time;
+    ``failed`` (a Deferred) fires with the reason when it gives up for good
+    (``joined`` errbacks if that happens first).
+
+    A handshake that does not complete within ``handshake_timeout`` is
+    retried with a new ClientHello after ``retry_policy(n)`` seconds (``n``
+    failed attempts in a row so far; default :func:`backoff`), for as
+    long as the endpoint runs.  A refusal is final: the Key Distributor
+    failing this endpoint's checks (wrong tls-id or certificate fingerprint,
+    no EKT) or answering with a fatal alert.
+
+    Liveness: every ``keepalive`` seconds (0 turns it off) the endpoint asks
+    the Key Distributor for the EKTKey (application data 0x01, which the Key
+    Distributor answers at a bounded rate), again every ``EKT_KEY_RETRY``
+    seconds until an EKTKey record arrives; none within
+    ``keepalive_timeout`` means the association is lost, and the endpoint
+    joins again.  It does the same right after each handshake (the EKTKey
+    record that follows the final flight may be lost) and at once when a
+    sender announces an EKTKey it does not hold.  During a rejoin, media
+    keeps going out with the old keys; the new association's hop-by-hop keys
+    replace them when its handshake completes, and the end-to-end key stays
+    unless the EKTKey changed (a new one means a new master key, as for a
+    rekey).
     """
 
     log = Logger()
+
+    #: After the handshake, or after a liveness probe, ask again this often
+    #: until an EKTKey record arrives.
+    EKT_KEY_RETRY = 0.5
+    EKT_KEY_REQUEST = b"\x01"
 
     def __init__(self, *, name: str, credentials: dtls.Credentials, tls_id: str, server,
                  profile, clock, expected_kd_tls_id: str | None = None,
                  expected_kd_fingerprint: str | None = None, rate: float = 50.0,
                  payload_size: int = 160, ssrc: int | None = None,
-                 ekt_ciphers=(EktCipher.AESKW_128,)):
-        association = dtls.ClientAssociation(
-            credentials, [profile], tls_id=tls_id.encode("ascii"),
-            expected_peer_tls_id=None if expected_kd_tls_id is None
-            else expected_kd_tls_id.encode("ascii"),
-            expected_peer_fingerprint=expected_kd_fingerprint,
-            ekt_ciphers=tuple(int(c) for c in ekt_ciphers))
-        super().__init__(association, server, clock)
-        self.name = name
+                 ekt_ciphers=(EktCipher.AESKW_128,), handshake_timeout: float = 10.0,
+                 retry_policy=None, keepalive: float = 5.0,
+                 keepalive_timeout: float = 5.0):
+        self._credentials = credentials
+        self._tls_id = tls_id.encode("ascii")
+        self._expected_kd_tls_id = (None if expected_kd_tls_id is None
+                                    else expected_kd_tls_id.encode("ascii"))
+        self._expected_kd_fingerprint = expected_kd_fingerprint
+        self._ekt_ciphers = tuple(int(c) for c in ekt_ciphers)
         self.profile = profile
+        self.handshake_timeout = handshake_timeout
+        super().__init__(self._newAssociation(), server, clock)
+        self.name = name
         self.rate = rate
         self.payload_size = max(payload_size, _PAYLOAD.size)
         self.ssrc = ssrc if ssrc is not None else struct.unpack("!I", os.urandom(4))[0]
+        self.retry_policy = retry_policy if retry_policy is not None else backoff()
+        self.keepalive = keepalive
+        self.keepalive_timeout = keepalive_timeout
         self.joined = defer.Deferred()
         self.failed = defer.Deferred()
         self.stats: dict[int, SenderStats] = {}
         self.sent = 0
         self.undecodable = 0
+        #: Packets that failed the hop-by-hop layer (not from our Media
+        #: Distributor's current keys for us: stale around a rejoin, or forged).
+        self.hop_failed = 0
         self.rekeys = 0
+        #: Handshakes started, retries included.
+        self.attempts = 0
+        #: Associations found lost by the liveness check.
+        self.lost = 0
+        #: Handshakes completed after the first one.
+        self.rejoins = 0
+        self._failures = 0  # failed attempts in a row
+        self._retry = None
+        self._keyed = False  # the current association has delivered an EKTKey
+        self._handshaken = False  # the current association completed its handshake
         self._sequence = 0
         self._started_at = None
         self._hbh = None
@@ -167,36 +289,100 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self._ekt_sender: EktSender | None = None
         self._receiver: DoubleReceiver | None = None
         self._ekt_receiver: EktReceiver | None = None
-        self._askForEktKey = None
+        self._liveness = None  # the next probe or request
+        self._asking_until = None  # asking for the EKTKey; lost at this time
+        self._last_key_wanted = None
         self._sending = task.LoopingCall(self.sendOne)
         self._sending.clock = clock
 
+    def _newAssociation(self) -> dtls.ClientAssociation:
+        return dtls.ClientAssociation(
+            self._credentials, [self.profile], tls_id=self._tls_id,
+            expected_peer_tls_id=self._expected_kd_tls_id,
+            expected_peer_fingerprint=self._expected_kd_fingerprint,
+            ekt_ciphers=self._ekt_ciphers, handshake_timeout=self.handshake_timeout)
+
     # -- joining --------------------------------------------------------
+
+    @property
+    def keyed(self) -> bool:
+        """True while the current association has its keys and has delivered an EKTKey."""
+        return self._keyed
 
     def startProtocol(self):
         self._started_at = self.clock.seconds()
+        self.attempts += 1
         super().startProtocol()
 
     def handshakeComplete(self, event: dtls.HandshakeComplete) -> None:
         if event.ekt_cipher is None:
             self._fail("the Key Distributor did not negotiate EKT (extension 39)")
             return
-        self._cipher = EktCipher(event.ekt_cipher)
-        self._hbh = event.profile.hbh_keys(event.keys)
-        self._receiver = DoubleReceiver(self.profile, self._hbh.server_key, self._hbh.server_salt)
-        self._ekt_receiver = EktReceiver(self._cipher)
-        self._askForEktKey = self.clock.callLater(self.EKT_KEY_RETRY, self._requestEktKey)
+        self._failures = 0
+        self._handshaken = True
+        cipher = EktCipher(event.ekt_cipher)
+        hbh = event.profile.hbh_keys(event.keys)
+        if self._hbh is not None:
+            self.rejoins += 1
+            self.log.info("{name}: joined again (attempt {attempt})", name=self.name,
+                          attempt=self.attempts)
+        self._hbh = hbh
+        if self._receiver is None:
+            self._receiver = DoubleReceiver(self.profile, hbh.server_key, hbh.server_salt)
+        else:
+            self._receiver.set_hop_by_hop(hbh.server_key, hbh.server_salt)
+        if self._sender is not None:
+            self._sender.set_hop_by_hop(hbh.client_key, hbh.client_salt)
+        if cipher != self._cipher:
+            # First join, or another EKT cipher: the EKT state starts afresh.
+            self._cipher = cipher
+            self._ekt_receiver = EktReceiver(cipher)
+            self._ekt_sender = None
+        self._startAsking(at_once=False)
 
-    #: The Key Distributor's EKTKey record is DTLS application data, which is
-    #: never retransmitted: without it after this long, ask again.
-    EKT_KEY_RETRY = 0.5
-    EKT_KEY_REQUEST = b"\x01"
+    def _startAsking(self, at_once: bool) -> None:
+        """
+        Ask for the EKTKey (now if ``at_once``, else after EKT_KEY_RETRY)
+        and every EKT_KEY_RETRY after that; without an EKTKey record within
+        ``keepalive_timeout`` the association is lost.
+        """
+        self._stopLiveness()
+        self._asking_until = self.clock.seconds() + self.keepalive_timeout
+        if at_once:
+            self._ask()
+        else:
+            self._liveness = self.clock.callLater(
+                min(self.EKT_KEY_RETRY, self.keepalive_timeout), self._ask)
 
-    def _requestEktKey(self) -> None:
-        self._askForEktKey = None
-        if self._ekt_sender is None and not self.failed.called:
-            self.sendApplicationData(self.EKT_KEY_REQUEST)
-            self._askForEktKey = self.clock.callLater(self.EKT_KEY_RETRY, self._requestEktKey)
+    def _ask(self) -> None:
+        self._liveness = None
+        now = self.clock.seconds()
+        if now >= self._asking_until:
+            self._associationLost("no EKTKey record from the Key Distributor within {} s".format(
+                self.keepalive_timeout))
+            return
+        self.sendApplicationData(self.EKT_KEY_REQUEST)
+        if not self.association.established:
+            return  # the request ended it: closed() has taken over
+        self._liveness = self.clock.callLater(
+            min(self.EKT_KEY_RETRY, self._asking_until - now), self._ask)
+
+    def _probeLater(self) -> None:
+        self._stopLiveness()
+        if self.keepalive > 0:
+            self._liveness = self.clock.callLater(self.keepalive, self._startAsking, True)
+
+    def _stopLiveness(self) -> None:
+        if self._liveness is not None and self._liveness.active():
+            self._liveness.cancel()
+        self._liveness = None
+        self._asking_until = None
+
+    def _associationLost(self, reason: str) -> None:
+        self.lost += 1
+        self._keyed = False
+        self.abandonAssociation()
+        self._retryLater("association lost: " + reason)
 
     def applicationData(self, data: bytes) -> None:
         if self._cipher is None:
@@ -206,11 +392,16 @@ class ReferenceEndpoint(DtlsClientProtocol):
         except EktError as error:
             self._fail("unusable EKTKey from the Key Distributor: {}".format(error.reason))
             return
+        # An answer, whatever it holds: the association reaches the Key
+        # Distributor.
+        self._keyed = True
+        self._probeLater()
         now = self.clock.seconds()
         if self._ekt_sender is not None and key.ekt_spi == self._ekt_sender.spi:
-            # The same EKTKey again (we asked while it was on its way):
-            # nothing changes.  A different key under the SPI in use would
-            # break every receiver's view of us, so it is refused.
+            # The same EKTKey again (an answer, or a rejoin through a Key
+            # Distributor that kept it): nothing changes.  A different key
+            # under the SPI in use would break every receiver's view of us,
+            # so it is refused.
             if key != self._ekt_sender.ekt_key:
                 self.log.warn("{name}: ignoring a different EKTKey under SPI {spi} in use",
                               name=self.name, spi=key.ekt_spi)
@@ -228,7 +419,6 @@ class ReferenceEndpoint(DtlsClientProtocol):
                                     self._hbh.client_salt)
         self._sender.set_roc(self.ssrc, roc)
         if self._ekt_sender is None:
-            self._stopAsking()
             self._ekt_sender = EktSender(key, self._cipher, self.ssrc, master_key,
                                          lambda: self._sender.roc(self.ssrc), received_at=now)
             if not self.joined.called:
@@ -239,21 +429,49 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self.log.info("{name}: EKTKey SPI {spi} received", name=self.name, spi=key.ekt_spi)
 
     def closed(self, event: dtls.Closed) -> None:
-        self._fail(event.reason)
+        self._stopLiveness()
+        was_keyed, self._keyed = self._keyed, False
+        if event.rejected or (self.closedByAlert and not self._handshaken):
+            # Our own checks refused the Key Distributor, or it refused us
+            # (a fatal alert during the handshake): trying again cannot help.
+            self._fail(event.reason)
+            return
+        self._retryLater(("association ended: " if was_keyed else "") + event.reason)
+
+    def _retryLater(self, reason: str) -> None:
+        if self.failed.called or (self._retry is not None and self._retry.active()):
+            return
+        delay = self.retry_policy(self._failures)
+        self._failures += 1
+        self.log.warn("{name}: {reason}; new handshake in {delay:.2f} s (attempt {attempt})",
+                      name=self.name, reason=reason, delay=delay, attempt=self.attempts + 1)
+        self._retry = self.clock.callLater(delay, self._attempt)
+
+    def _attempt(self) -> None:
+        self._retry = None
+        self.attempts += 1
+        self._handshaken = False
+        self.startAssociation(self._newAssociation())
 
     def stopProtocol(self):
-        self._stopAsking()
+        self._stopLiveness()
+        self._cancelRetry()
         self.stopSending()
         super().stopProtocol()
 
-    def _stopAsking(self) -> None:
-        if self._askForEktKey is not None and self._askForEktKey.active():
-            self._askForEktKey.cancel()
-        self._askForEktKey = None
+    def _cancelRetry(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
 
     def _fail(self, reason: str) -> None:
-        self._stopAsking()
+        self._stopLiveness()
+        self._cancelRetry()
         self.stopSending()
+        self._keyed = False
+        self.log.warn("{name}: giving up: {reason}", name=self.name, reason=reason)
+        if not self.association.closed:
+            self.abandonAssociation()
         if not self.joined.called:
             self.joined.errback(RuntimeError(reason))
         if not self.failed.called:
@@ -270,6 +488,8 @@ class ReferenceEndpoint(DtlsClientProtocol):
             self._sending.stop()
 
     def sendOne(self) -> None:
+        if self._ekt_sender is None:
+            return  # no EKTKey since the EKT cipher changed: nothing to announce with
         now = self.clock.seconds()
         self._sequence = (self._sequence + 1) & 0xFFFF
         payload = _PAYLOAD.pack(_MAGIC, self.ssrc, self._sequence, now)
@@ -281,7 +501,7 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self.sent += 1
 
     def mediaReceived(self, data: bytes, rtcp_packet: bool) -> None:
-        if rtcp_packet or self._receiver is None:
+        if rtcp_packet or self._receiver is None or self._ekt_receiver is None:
             return
         now = self.clock.seconds()
         try:
@@ -290,27 +510,46 @@ class ReferenceEndpoint(DtlsClientProtocol):
         except (rtp.EktFieldError, struct.error):
             self.undecodable += 1
             return
-        stats = self.stats.get(ssrc)
-        if stats is None:
-            stats = self.stats[ssrc] = SenderStats(ssrc)
-        stats.received += 1
         # The EKT field first: it may carry the key this very packet needs.
+        awaiting = None
         try:
             sender_key = self._ekt_receiver.process(ekt_field, ssrc, now)
         except EktError:
             sender_key = None
+            awaiting = self._unheldSpi(ekt_field)
         if sender_key is not None:
+            awaiting = False
             self._receiver.add_sender_key(
                 ssrc, sender_key.master_key,
                 sender_key.master_salt[:self.profile.salt_length // 2], roc=sender_key.roc)
+        if awaiting:
+            self._keyWanted(now)
         try:
             result = self._receiver.unprotect(srtp)
         except UnknownSenderError:
             # Not yet announced: a late joiner waits for the next FullEKTField.
-            stats.received -= 1
             return
+        except OuterAuthenticationError:
+            self.hop_failed += 1
+            return
+        except ReplayError as error:
+            if error.layer == "outer":
+                self.hop_failed += 1
+                return
+            result = None
         except DoubleError:
-            stats.failed += 1
+            result = None
+        stats = self.stats.get(ssrc)
+        if stats is None:
+            stats = self.stats[ssrc] = SenderStats(ssrc)
+        if awaiting is not None:
+            stats.awaiting_key = awaiting
+        stats.received += 1
+        if result is None:
+            if stats.awaiting_key:
+                stats.undecryptable += 1
+            else:
+                stats.failed += 1
             return
         try:
             magic, claimed_ssrc, sequence, sent_at = _PAYLOAD.unpack_from(result.media)
@@ -321,6 +560,30 @@ class ReferenceEndpoint(DtlsClientProtocol):
             return
         stats.verifiedPacket(sequence, sent_at, now)
 
+    def _unheldSpi(self, ekt_field: bytes) -> bool:
+        """True for a well-formed FullEKTField under an SPI this endpoint holds no EKTKey for."""
+        try:
+            spi = rtp.parse_full_ekt_field(ekt_field).spi
+        except rtp.EktFieldError:
+            return False
+        return spi not in self._ekt_receiver.spis
+
+    def _keyWanted(self, now: float) -> None:
+        """
+        A sender announces an EKTKey this endpoint does not hold: a rekey
+        whose record was lost, or a Key Distributor that restarted with a new
+        one.  Ask now (the answer is the current EKTKey; no answer means the
+        association is lost), at most once per ``keepalive_timeout`` so that
+        forged fields cannot make it ask faster.
+        """
+        if not self._keyed or self._asking_until is not None:
+            return
+        if self._last_key_wanted is not None and \
+                now - self._last_key_wanted < max(self.keepalive_timeout, self.EKT_KEY_RETRY):
+            return
+        self._last_key_wanted = now
+        self._startAsking(at_once=True)
+
     @property
     def hbh_keys(self):
         """The hop-by-hop keys (what the Media Distributor also has); None before the handshake."""
@@ -329,7 +592,10 @@ class ReferenceEndpoint(DtlsClientProtocol):
     def summary(self) -> dict:
         return {
             "name": self.name, "ssrc": self.ssrc, "sent": self.sent, "rekeys": self.rekeys,
+            "attempts": self.attempts, "rejoins": self.rejoins, "lost": self.lost,
+            "hop_failed": self.hop_failed,
             "senders": {ssrc: {"received": s.received, "verified": s.verified,
-                               "failed": s.failed, "lost": s.lost, "jitter_s": s.jitter}
+                               "failed": s.failed, "undecryptable": s.undecryptable,
+                               "lost": s.lost, "jitter_s": s.jitter}
                         for ssrc, s in self.stats.items()},
         }

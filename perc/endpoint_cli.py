@@ -10,7 +10,7 @@ from twisted.internet import defer, task
 from twisted.python import usage
 
 from perc import dtls, pki, profiles
-from perc.endpoint import ReferenceEndpoint
+from perc.endpoint import ReferenceEndpoint, backoff
 from perc.errors import ConfigError
 from perc.kd.roster import InvalidRegistration, validate_tls_id
 from perc.tls import load_certificates, load_private_key
@@ -35,7 +35,11 @@ class EndpointOptions(usage.Options):
                 "Distributor (tls-id in extension 56, EKT in extension 39), then send "
                 "double-encrypted synthetic media and verify everyone else's end to end. "
                 "Prints a per-sender summary; exits non-zero when fewer than --expect-senders "
-                "senders were verified or any packet failed verification.")
+                "senders were verified or any packet failed verification.  A handshake that "
+                "times out is retried with exponential backoff (a refusal is final); once "
+                "joined, the endpoint asks the Key Distributor for the EKTKey every "
+                "--keepalive seconds and joins again when no answer comes back within "
+                "--keepalive-timeout (a restarted Media or Key Distributor).")
     optParameters = [
         ["media", None, None, "The Media Distributor's UDP address, HOST:PORT.", _address],
         ["cert", None, None, "PEM certificate of this endpoint (its fingerprint is registered)."],
@@ -50,7 +54,18 @@ class EndpointOptions(usage.Options):
         ["profile", None, "DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM", "Double profile to offer."],
         ["rate", None, 50.0, "Packets per second.", float],
         ["duration", None, 5.0, "Seconds of media.", float],
-        ["join-timeout", None, 15.0, "Seconds to wait for keys.", float],
+        ["join-timeout", None, 30.0, "Seconds to wait for keys, retries included.", float],
+        ["handshake-timeout", None, 10.0,
+         "Seconds one DTLS handshake may take before it is given up and retried.", float],
+        ["retry-delay", None, 1.0,
+         "Seconds before the first retry; doubled after each failed attempt in a row "
+         "(plus up to this much jitter).", float],
+        ["retry-max-delay", None, 30.0, "Cap on the delay between retries.", float],
+        ["keepalive", None, 5.0,
+         "Seconds between liveness probes (EKTKey requests) once joined; 0 for none.", float],
+        ["keepalive-timeout", None, 5.0,
+         "Seconds without an answer (the request is repeated every 0.5 s) before the "
+         "association counts as lost and the endpoint joins again.", float],
         ["expect-senders", None, 0, "How many other senders must be verified.", int],
     ]
 
@@ -67,6 +82,13 @@ class EndpointOptions(usage.Options):
             raise usage.UsageError("--profile must be a double profile")
         if not (0 < self["rate"] <= 1000 and 0 < self["duration"] and self["join-timeout"] > 0):
             raise usage.UsageError("--rate must be 0..1000, --duration and --join-timeout positive")
+        for name in ("handshake-timeout", "retry-delay", "keepalive-timeout"):
+            if not self[name] > 0:
+                raise usage.UsageError("--{} must be positive".format(name))
+        if not self["retry-max-delay"] >= self["retry-delay"]:
+            raise usage.UsageError("--retry-max-delay must be at least --retry-delay")
+        if not self["keepalive"] >= 0:
+            raise usage.UsageError("--keepalive must be 0 (none) or positive")
 
     def _endpoint(self, reactor) -> ReferenceEndpoint:
         try:
@@ -83,7 +105,9 @@ class EndpointOptions(usage.Options):
             name=self["name"], credentials=dtls.Credentials(certificate, key), tls_id=tls_id,
             server=self["media"], profile=self["profile"], clock=reactor,
             expected_kd_tls_id=self["expect-kd-tls-id"], expected_kd_fingerprint=fingerprint,
-            rate=self["rate"])
+            rate=self["rate"], handshake_timeout=self["handshake-timeout"],
+            retry_policy=backoff(initial=self["retry-delay"], maximum=self["retry-max-delay"]),
+            keepalive=self["keepalive"], keepalive_timeout=self["keepalive-timeout"])
 
     @defer.inlineCallbacks
     def _run(self, reactor, out):
@@ -120,6 +144,8 @@ class EndpointOptions(usage.Options):
             failed += stats.failed
         print("sent {}; verified {} senders (expected {}); {} failed verification".format(
             endpoint.sent, verified_senders, self["expect-senders"], failed), file=out)
+        print("handshakes {}; associations lost {}; joined again {}".format(
+            endpoint.attempts, endpoint.lost, endpoint.rejoins), file=out)
         return 0 if verified_senders >= self["expect-senders"] and not failed else 1
 
     def run(self):

@@ -837,6 +837,33 @@ class SenderKeyTests(SynchronousTestCase):
                           keys.sender().protect(rtp_packet(sequence=2)))
         receiver.remove_sender(0x11223344)  # no error
 
+    def test_new_hop_by_hop_keys_keep_inner_state(self):
+        """
+        A rejoin gives new hop-by-hop keys: the outer layer switches, the
+        inner key and both sides' sequence and replay state carry on.
+        """
+        old, new = Keys(P128, seed=0x7B), Keys(P128, seed=0x7C)
+        sender, receiver = old.sender(), old.receiver(ssrcs=[0x11223344])
+        first = sender.protect(rtp_packet(sequence=1))
+        receiver.unprotect(first)
+        sender.set_hop_by_hop(new.hbh_key, new.hbh_salt)
+        wire = sender.protect(rtp_packet(sequence=2))
+        # The old outer key no longer opens it; the new one does.
+        self.assertRaises(OuterAuthenticationError, receiver.unprotect, wire)
+        receiver.set_hop_by_hop(new.hbh_key, new.hbh_salt)
+        self.assertEqual(receiver.unprotect(wire).packet, rtp_packet(sequence=2))
+        # Inner replay state survived the switch: packet 1 again, under the
+        # new outer key, is refused by the inner layer.
+        md = MediaDistributor(P128, (new.hbh_key, new.hbh_salt), (new.hbh_key, new.hbh_salt))
+        inner_only = MediaDistributor(P128, (old.hbh_key, old.hbh_salt),
+                                      (new.hbh_key, new.hbh_salt))
+        replayed = md.seal(relay_rewrite(inner_only.open(first), new_seq=500))
+        with self.assertRaises(ReplayError) as caught:
+            receiver.unprotect(replayed)
+        self.assertEqual(caught.exception.layer, "inner")
+        self.assertRaises(ValueError, sender.set_hop_by_hop, b"k" * 32, new.hbh_salt)
+        self.assertRaises(ValueError, receiver.set_hop_by_hop, new.hbh_key, b"s" * 14)
+
     def test_key_validation(self):
         keys = Keys(P256)
         receiver = keys.receiver()

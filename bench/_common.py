@@ -133,9 +133,20 @@ class Distributors:
         with open(self.pki.kd_certificate, "rb") as f:
             return pki.fingerprint(x509.load_pem_x509_certificate(f.read()))
 
-    def stop(self) -> None:
-        self.md.stop()
-        self.kd.stop()
+    def stop(self, timeout: float = 15.0) -> None:
+        self.md.stop(timeout)
+        self.kd.stop(timeout)
+
+    def problems(self) -> list:
+        """What went wrong with the daemons so far: one exited, or one logged a traceback."""
+        found = []
+        for name, daemon in (("perc-kd", self.kd), ("perc-md", self.md)):
+            if daemon.process.poll() is not None:
+                found.append("{} exited (status {}); its output ends:\n{}".format(
+                    name, daemon.process.poll(), daemon.output()[-3000:]))
+            elif "Traceback" in daemon.output():
+                found.append("{} logged a traceback (see {})".format(name, daemon.log_path))
+        return found
 
 
 def start_distributors(directory: str, md_args=(), kd_args=(), timeout: float = 30.0,
@@ -241,13 +252,17 @@ def print_json_last(document: dict) -> None:
 __all__ += ["rss_kib", "percentile", "format_table"]
 
 
-def rss_kib(pid: int) -> int:
-    """Resident set size of process ``pid`` in KiB (``VmRSS`` of ``/proc/PID/status``)."""
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """
+    Resident set size of process ``pid`` in KiB (``VmRSS`` of
+    ``/proc/PID/status``; ``field="VmHWM"`` for its peak so far).
+    """
+    prefix = field + ":"
     with open("/proc/{}/status".format(pid)) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(prefix):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS for process {}".format(pid))
+    raise RuntimeError("no {} for process {}".format(field, pid))
 
 
 def percentile(values, fraction: float) -> float:
@@ -277,15 +292,130 @@ __all__ += ["udp_drops"]
 
 def udp_drops(port: int, host: str = "127.0.0.1") -> int:
     """Datagrams dropped so far by the IPv4 UDP socket(s) bound to ``host:port`` (/proc/net/udp)."""
+    return loopback_ports_drops([(host, port)])
+
+
+# --------------------------------------------------------------------------
+# Added for bench/flood.py and bench/load.py (generic).
+
+__all__ += ["MemorySampler", "status", "md_drop_counters", "loopback_ports_drops"]
+
+
+class MemorySampler:
+    """
+    Reads ``VmRSS`` of some processes every ``interval`` seconds in a
+    thread of its own, from :meth:`start` until :meth:`stop`; ``VmHWM``
+    (the kernel's own peak) is read at :meth:`stop`.  ``pids`` maps a name
+    to a process id.
+    """
+
+    def __init__(self, pids: dict, interval: float = 0.1):
+        import threading
+
+        self.pids = dict(pids)
+        self.interval = interval
+        self.samples = {name: [] for name in self.pids}  # (monotonic seconds, KiB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def start(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            for name, pid in self.pids.items():
+                try:
+                    self.samples[name].append((now, rss_kib(pid)))
+                except (OSError, RuntimeError):
+                    pass
+            if self._stop.wait(self.interval):
+                return
+
+    def stop(self) -> dict:
+        """Per name: first, peak and last sampled VmRSS and VmHWM, in KiB."""
+        self._stop.set()
+        self._thread.join()
+        figures = {}
+        for name, pid in self.pids.items():
+            samples = [kib for _, kib in self.samples[name]]
+            try:
+                hwm = rss_kib(pid, "VmHWM")
+            except (OSError, RuntimeError):
+                hwm = None
+            figures[name] = {
+                "rss_first_kib": samples[0] if samples else None,
+                "rss_peak_kib": max(samples) if samples else None,
+                "rss_last_kib": samples[-1] if samples else None,
+                "vm_hwm_kib": hwm,
+                "samples": len(samples),
+            }
+        return figures
+
+    def at(self, name: str, when: float):
+        """The last VmRSS sample of ``name`` taken at or before ``when`` (monotonic), or None."""
+        found = None
+        for t, kib in self.samples[name]:
+            if t > when:
+                break
+            found = kib
+        return found
+
+
+def status(distributors: Distributors, which: str) -> dict:
+    """``GET /v1/status`` of the ``"kd"`` or ``"md"`` control API (``{}`` if it fails)."""
+    base, token = ((distributors.kd_api, distributors.kd_token) if which == "kd"
+                   else (distributors.md_api, distributors.md_token))
+    try:
+        code, document = http_json("GET", base + "/v1/status", token, timeout=10)
+    except OSError:
+        return {}
+    return document if code == 200 and isinstance(document, dict) else {}
+
+
+def md_drop_counters(md_status: dict) -> dict:
+    """The Media Distributor's counters of what it dropped, refused or evicted."""
+    return {name: value for name, value in sorted(md_status.get("counters", {}).items())
+            if name.startswith(("dropped", "refused", "evicted"))}
+
+
+def loopback_ports_drops(addresses) -> int:
+    """Datagrams dropped so far by the IPv4 UDP sockets bound to ``addresses`` ((host, port))."""
     import ipaddress
 
-    local = "{:08X}:{:04X}".format(
+    wanted = {"{:08X}:{:04X}".format(
         int.from_bytes(ipaddress.IPv4Address(host).packed, "little"), port)
+        for host, port in addresses}
     drops = 0
     with open("/proc/net/udp") as f:
         next(f)
         for line in f:
             fields = line.split()
-            if fields[1] == local:
+            if fields[1] in wanted:
                 drops += int(fields[-1])
     return drops
+
+
+__all__ += ["bench_main"]
+
+
+def bench_main(name: str, run, args, failures=(RuntimeError,)) -> int:
+    """
+    ``run(args)`` and the ending every benchmark has: its figures as the
+    last line with ``"ok": true`` (exit status 0), or, for one of
+    ``failures``, a line ``FAILED: ...`` and ``{"benchmark": name, "ok":
+    false, "error": ...}`` (exit status 1), with the figures measured so far
+    when the exception carries them (a ``figures`` attribute).
+    """
+    try:
+        figures = run(args)
+    except failures as error:
+        print("FAILED: {}".format(error))
+        document = dict(getattr(error, "figures", None) or {})
+        document.update({"benchmark": name, "ok": False, "error": str(error)})
+        print_json_last(document)
+        return 1
+    figures["ok"] = True
+    print_json_last(figures)
+    return 0

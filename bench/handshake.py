@@ -174,14 +174,15 @@ def check_common_options(parser, args):
 class Joiner:
     """One endpoint: its credentials, socket, DTLS client engine and timestamps."""
 
-    __slots__ = ("index", "credentials", "tls_id", "kd_tls_id", "sock", "association",
-                 "started", "handshake_done", "keyed", "closed", "ekt_cipher", "due",
-                 "ekt_requests", "hbh")
+    __slots__ = ("index", "credentials", "tls_id", "conference", "kd_tls_id", "sock",
+                 "association", "started", "handshake_done", "keyed", "closed", "ekt_cipher",
+                 "due", "ekt_requests", "hbh")
 
-    def __init__(self, index, credentials, tls_id):
+    def __init__(self, index, credentials, tls_id, conference=CONFERENCE):
         self.index = index
         self.credentials = credentials
         self.tls_id = tls_id
+        self.conference = conference
         self.kd_tls_id = None
         self.sock = None
         self.association = None
@@ -203,6 +204,12 @@ class Worker:
     the joins of endpoints[first:end] and prints ``{"state": "joined",
     ...}``.  Associations stay up (sockets open) until end of input, so
     that the benchmark can look at the daemons while they hold them.
+
+    Optional configuration (for bench/load.py): ``first_index`` numbers the
+    endpoints from there; ``conference_size`` puts each run of that many
+    (by number) in a conference of its own instead of all in
+    :data:`CONFERENCE`; ``hosts`` gives each endpoint its own loopback
+    address to bind to (instead of 127.0.0.1).
     """
 
     def __init__(self, config):
@@ -212,9 +219,14 @@ class Worker:
         self.config = config
         self.profile = by_id(config["profile_id"])
         count = config["endpoints"]
+        first = config.get("first_index", 0)
+        size = config.get("conference_size")
         prefix = "Bench-{}-".format(uuid.uuid4().hex[:12])
-        self.endpoints = [Joiner(i, dtls.Credentials.self_signed("endpoint-{}".format(i)),
-                                 "{}{:06d}-TlsId".format(prefix, i)) for i in range(count)]
+        self.endpoints = [
+            Joiner(i, dtls.Credentials.self_signed("endpoint-{}".format(i)),
+                   "{}{:06d}-TlsId".format(prefix, i),
+                   "{}-{:05d}".format(CONFERENCE, i // size) if size else CONFERENCE)
+            for i in range(first, first + count)]
 
     # -- registration ---------------------------------------------------
 
@@ -230,30 +242,34 @@ class Worker:
             for e in self.endpoints:
                 e.kd_tls_id = roster.new_kd_tls_id()
                 roster._insert(cursor, roster.Registration(
-                    CONFERENCE, e.tls_id, e.credentials.fingerprint, e.kd_tls_id))
+                    e.conference, e.tls_id, e.credentials.fingerprint, e.kd_tls_id))
             connection.commit()
         finally:
             connection.close()
 
-    def register_api(self, info, also_md):
-        kd = _KeepAlive(info["kd_api"], info["kd_token"])
+    def register_api(self, info, also_md, kd=True):
+        """PUT every endpoint on the Key Distributor's API (unless not ``kd``), and the MD's."""
+        kd = _KeepAlive(info["kd_api"], info["kd_token"]) if kd else None
         md = _KeepAlive(info["md_api"], info["md_token"]) if also_md else None
         try:
             for e in self.endpoints:
                 path = "/v1/conferences/{}/endpoints/{}".format(
-                    quote(CONFERENCE, safe=""), quote(e.tls_id, safe=""))
-                status, answer = kd.request("PUT", path, {"fingerprint": e.credentials.fingerprint})
-                if status not in (200, 201):
-                    raise BenchFailure("Key Distributor API refused {}: {} {}".format(
-                        e.tls_id, status, answer))
-                e.kd_tls_id = answer["kd_tls_id"]
+                    quote(e.conference, safe=""), quote(e.tls_id, safe=""))
+                if kd is not None:
+                    status, answer = kd.request("PUT", path,
+                                                {"fingerprint": e.credentials.fingerprint})
+                    if status not in (200, 201):
+                        raise BenchFailure("Key Distributor API refused {}: {} {}".format(
+                            e.tls_id, status, answer))
+                    e.kd_tls_id = answer["kd_tls_id"]
                 if md is not None:
                     status, answer = md.request("PUT", path, {})
                     if status not in (200, 201):
                         raise BenchFailure("Media Distributor API refused {}: {} {}".format(
                             e.tls_id, status, answer))
         finally:
-            kd.close()
+            if kd is not None:
+                kd.close()
             if md is not None:
                 md.close()
 
@@ -263,10 +279,11 @@ class Worker:
         from perc import dtls
         from perc.ekt import EktCipher
 
-        for e in self.endpoints:
+        hosts = self.config.get("hosts")
+        for n, e in enumerate(self.endpoints):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ENDPOINT_RCVBUF)
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((hosts[n] if hosts else "127.0.0.1", 0))
             sock.setblocking(False)
             e.sock = sock
             e.association = dtls.ClientAssociation(
@@ -770,15 +787,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         return run_worker(args.worker)
-    try:
-        figures = run(args)
-    except BenchFailure as error:
-        print("FAILED: {}".format(error))
-        _common.print_json_last({"benchmark": "handshake", "ok": False, "error": str(error)})
-        return 1
-    figures["ok"] = True
-    _common.print_json_last(figures)
-    return 0
+    return _common.bench_main("handshake", run, args, (BenchFailure,))
 
 
 if __name__ == "__main__":

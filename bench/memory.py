@@ -229,15 +229,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        figures = run(args)
-    except handshake.BenchFailure as error:
-        print("FAILED: {}".format(error))
-        _common.print_json_last({"benchmark": "memory", "ok": False, "error": str(error)})
-        return 1
-    figures["ok"] = True
-    _common.print_json_last(figures)
-    return 0
+    return _common.bench_main("memory", run, args, (handshake.BenchFailure,))
 
 
 if __name__ == "__main__":

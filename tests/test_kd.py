@@ -10,6 +10,7 @@ import uuid
 
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from perc import dtls, wire
@@ -18,6 +19,7 @@ from perc.kd.roster import Roster
 from perc.profiles import DEFAULT_PROFILES, by_id
 
 from tests.kdhelpers import MediaDistributorStandIn, relay_handshake
+from tests.mdtunnelhelpers import ClosingTransport
 
 CONFERENCE = "conf-1"
 TLS_ID = "EndpointTlsId-0123456789"
@@ -254,6 +256,28 @@ class HandshakeTests(KeyDistributorTestCase):
         self.clock.advance(self.limits.tunnel_grace + 0.1)
         self.assertIsNone(self.kd.association(aid))
 
+    def test_internal_error_ends_only_that_association(self):
+        md = MediaDistributorStandIn(self.kd)
+        broken, healthy = uuid.uuid4(), uuid.uuid4()
+        relay_handshake(md, self.client(), broken, self.clock)
+        relay_handshake(md, self.client(), healthy, self.clock)
+        md.received()
+
+        def fail(*args):
+            raise RuntimeError("a bug")
+
+        self.kd.association(broken).engine.receive = fail
+        md.send(wire.TunneledDtls(broken, b"\x17\xfe\xfd" + bytes(30)))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(md.received(), [wire.EndpointDisconnect(broken)])
+        self.assertIsNone(self.kd.association(broken))
+        self.assertEqual(self.kd.counters["internal-error"], 1)
+        # The tunnel and its other association go on; new ones still join.
+        self.assertFalse(md.transport.disconnecting)
+        self.assertIsNotNone(self.kd.association(healthy))
+        events = relay_handshake(md, self.client(), uuid.uuid4(), self.clock)
+        self.assertTrue([e for e in events if isinstance(e, dtls.HandshakeComplete)])
+
     def test_other_media_distributor_cannot_touch_association(self):
         md = MediaDistributorStandIn(self.kd, identity="md-a.test")
         other = MediaDistributorStandIn(self.kd, identity="md-b.test")
@@ -372,6 +396,36 @@ class EktTests(KeyDistributorTestCase):
             md.send(wire.TunneledDtls(aid, datagram))
         self.assertEqual(md.received(), [])
 
+    def test_requests_answered_at_a_bounded_rate_for_the_whole_life(self):
+        """
+        The endpoint asks for the EKTKey as a liveness probe every few
+        seconds for as long as it runs: every request within the rate is
+        answered, however long the association lives, and a flood of them
+        gets no more than the burst and then the rate.
+        """
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        client = self.ekt_client()
+        [key] = self.keys_in(relay_handshake(md, client, aid, self.clock))
+
+        def ask(times):
+            for _ in range(times):
+                for datagram in client.send_application_data(b"\x01").datagrams:
+                    md.send(wire.TunneledDtls(aid, datagram))
+            return self.keys_in(self.deliver(md, client, aid))
+
+        burst = self.limits.ekt_key_request_burst
+        self.assertEqual(ask(burst + 5), [key] * burst)
+        self.assertEqual(self.kd.counters["ekt-key-request-rate-limited"], 5)
+        self.clock.advance(3 / self.limits.ekt_key_requests_per_second)
+        self.assertEqual(len(ask(5)), 3)
+        # Ten minutes of probes every five seconds: each one answered.
+        for _ in range(120):
+            self.clock.advance(5)
+            self.assertEqual(ask(1), [key])
+        self.assertEqual(self.kd.counters["ekt-key-resent"], burst + 3 + 120)
+        self.assertEqual(self.kd.counters["ekt-key-request-rate-limited"], 7)
+
     def test_rekey_sends_a_new_spi(self):
         md = MediaDistributorStandIn(self.kd)
         aid = uuid.uuid4()
@@ -390,3 +444,154 @@ class EktTests(KeyDistributorTestCase):
         [done] = [e for e in events if isinstance(e, dtls.HandshakeComplete)]
         self.assertIsNone(done.ekt_cipher)
         self.assertEqual(self.keys_in(events), [])
+
+
+class BackpressureTests(KeyDistributorTestCase):
+    """
+    A Media Distributor that stops reading its tunnel: the Key Distributor
+    bounds what it writes while its transport is paused, then drops that
+    tunnel, whose associations go the way of any lost tunnel's.
+    """
+
+    limits = Limits(tunnel_max_paused_octets=2000, tunnel_max_paused_seconds=10.0,
+                    tunnel_grace=5.0)
+
+    def standIn(self):
+        """A stand-in on a transport that reports the end of the connection on the clock."""
+        md = MediaDistributorStandIn(self.kd, transport=ClosingTransport(self.clock))
+        md.tunnel.logged = []
+        md.tunnel.log = Logger(observer=md.tunnel.logged.append)
+        return md
+
+    def established(self, md):
+        aid = uuid.uuid4()
+        relay_handshake(md, self.client(), aid, self.clock)
+        self.assertTrue(self.kd.association(aid).established)
+        return aid
+
+    def hello(self):
+        return self.client().start(self.clock.seconds()).datagrams[0]
+
+    def drops(self, md):
+        return [event for event in md.tunnel.logged
+                if event["log_format"].startswith("Dropping tunnel")]
+
+    def assertReleasedAfterGrace(self, md, aid):
+        self.clock.advance(0)  # the aborted connection ends
+        self.assertNotIn(md.tunnel, self.kd.tunnels)
+        association = self.kd.association(aid)
+        self.assertIsNone(association.tunnel)  # waiting for the Media Distributor to come back
+        self.clock.advance(self.limits.tunnel_grace + 0.1)
+        self.assertIsNone(self.kd.association(aid))
+        self.assertEqual(md.tunnel.associations, set())
+
+    def test_registered_as_streaming_producer(self):
+        md = self.standIn()
+        self.assertIs(md.transport.producer, md.tunnel)
+        self.assertTrue(md.transport.streaming)
+
+    def test_octets_written_while_paused_bounded(self):
+        md = self.standIn()
+        aid = self.established(md)
+        md.transport.producer.pauseProducing()
+        hello = self.hello()
+        # Every ClientHello gets a HelloVerifyRequest back.
+        sent = 0
+        while not md.transport.disconnecting and sent < 100:
+            md.send(wire.TunneledDtls(uuid.uuid4(), hello))
+            sent += 1
+        self.assertTrue(md.transport.aborted)
+        written = len(md.transport.value())
+        # At most the bound plus the message that passed it.
+        self.assertLessEqual(written, 2000 + 3 + 16 + 2 + 255)
+        self.assertGreater(written, 2000)
+        self.assertIsNone(md.transport.producer)
+        [drop] = self.drops(md)
+        self.assertIn("written while the Media Distributor was not reading (bound 2000)",
+                      drop["reason"])
+        self.assertEqual(md.tunnel.closeReason, drop["reason"])
+        # Nothing more is written or delivered once it is dropped.
+        md.send(wire.TunneledDtls(uuid.uuid4(), hello))
+        self.assertEqual(len(md.transport.value()), written)
+        self.assertReleasedAfterGrace(md, aid)
+        closed = [event for event in md.tunnel.logged
+                  if event["log_format"].startswith("Tunnel with")]
+        self.assertEqual([event["why"] for event in closed], [drop["reason"]])
+
+    def test_writes_while_not_paused_unbounded(self):
+        md = self.standIn()
+        hello = self.hello()
+        for _ in range(100):
+            md.send(wire.TunneledDtls(uuid.uuid4(), hello))
+        self.assertGreater(len(md.transport.value()), 2000)
+        self.assertFalse(md.transport.disconnecting)
+
+    def test_resume_resets_the_count(self):
+        md = self.standIn()
+        hello = self.hello()
+        for _ in range(10):
+            md.tunnel.pauseProducing()
+            for _ in range(15):
+                md.send(wire.TunneledDtls(uuid.uuid4(), hello))
+            md.tunnel.resumeProducing()
+        self.assertGreater(len(md.transport.value()), 5 * 2000)
+        self.assertFalse(md.transport.disconnecting)
+
+    def test_paused_too_long(self):
+        md = self.standIn()
+        aid = self.established(md)
+        md.tunnel.pauseProducing()
+        self.clock.advance(9.9)
+        self.assertFalse(md.transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(md.transport.aborted)
+        [drop] = self.drops(md)
+        self.assertEqual(drop["reason"],
+                         "the Media Distributor has not read from the tunnel for 10.0 seconds")
+        self.assertReleasedAfterGrace(md, aid)
+
+    def test_resumed_in_time(self):
+        md = self.standIn()
+        md.tunnel.pauseProducing()
+        self.clock.advance(9)
+        md.tunnel.resumeProducing()
+        self.clock.advance(60)
+        self.assertFalse(md.transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_protocol_error_unregisters_the_producer(self):
+        # Otherwise a TLS transport would hold back its shutdown for ever.
+        md = self.standIn()
+        md.tunnel.pauseProducing()
+        md.send(wire.MediaKeys(uuid.uuid4(), 9, b"", b"k", b"k", b"s", b"s"))
+        self.assertTrue(md.transport.disconnecting)
+        self.assertFalse(md.transport.aborted)
+        self.assertIsNone(md.transport.producer)
+        self.assertEqual(self.clock.getDelayedCalls()[0].func, md.tunnel.connectionLost)
+        self.clock.advance(0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_unsupported_version_unregisters_the_producer(self):
+        md = MediaDistributorStandIn(self.kd, hello=False, transport=ClosingTransport(self.clock))
+        md.send(wire.SupportedProfiles(1, (9,)))
+        self.assertEqual(md.received(), [wire.UnsupportedVersion(0)])
+        self.assertTrue(md.transport.disconnecting)
+        self.assertIsNone(md.transport.producer)
+
+    def test_close_all_unregisters_the_producers(self):
+        from perc.kd.tunnel import KeyDistributorTunnelFactory
+        factory = KeyDistributorTunnelFactory(self.kd)
+        transports = []
+        for _ in range(2):
+            tunnel = factory.buildProtocol(None)
+            transport = ClosingTransport(self.clock)
+            transport.protocol = tunnel
+            tunnel.makeConnection(transport)
+            transports.append(transport)
+        self.assertEqual(len(factory.connections), 2)
+        factory.closeAll()
+        for transport in transports:
+            self.assertTrue(transport.disconnecting)
+            self.assertIsNone(transport.producer)
+        self.clock.advance(0)
+        self.assertEqual(factory.connections, set())

@@ -45,6 +45,10 @@ class DistributorsMixin:
     """A Key Distributor and a Media Distributor service on loopback."""
 
     endpoint_timeout = "30"
+    #: More perc-kd options (e.g. a short --tunnel-grace).
+    kd_options = ()
+    #: More perc-md options, for subclasses.
+    md_options: tuple = ()
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -59,7 +63,7 @@ class DistributorsMixin:
         config.parseOptions([
             "--pki", self.pki.directory, "--kd", "tcp:127.0.0.1:{}".format(self.kd_port),
             "--media-port", "0", "--media-interface", "127.0.0.1", "--api", "none",
-            "--endpoint-timeout", self.endpoint_timeout])
+            "--endpoint-timeout", self.endpoint_timeout] + list(self.md_options))
         self.md = MediaDistributorService.fromOptions(config, reactor)
         self.md.privilegedStartService()
         self.md.startService()
@@ -72,7 +76,7 @@ class DistributorsMixin:
         config = kd_tap.Options()
         config.parseOptions([
             "--pki", self.pki.directory, "--tunnel-listen", listen, "--api", "none",
-            "--db", os.path.join(self.dir, "kd.sqlite3")])
+            "--db", os.path.join(self.dir, "kd.sqlite3"), *self.kd_options])
         self.kd = KeyDistributorService.fromOptions(config, reactor)
         self.kd.privilegedStartService()
         self.kd.startService()
@@ -164,6 +168,14 @@ class ConferenceTests(DistributorsMixin, TestCase):
         a.send_rtp(packet)
         protected = yield self.receive(b)
         self.assertEqual(b.inbound.unprotect(protected), packet)
+        # The Media Distributor keeps trying, with backoff: a few attempts
+        # in three seconds, not one per refused connection.
+        [link] = self.md.pool.managers
+        before = link.status()["connection_attempts"]
+        yield sleep(3.0)
+        attempts = link.status()["connection_attempts"] - before
+        self.assertGreaterEqual(attempts, 1)
+        self.assertLessEqual(attempts, 4)
         yield self.startKeyDistributor("tcp:{}:interface=127.0.0.1".format(self.kd_port))
         # The tunnel comes back by itself and says SupportedProfiles again:
         # the new Key Distributor has an up tunnel, which only that makes.
@@ -171,6 +183,9 @@ class ConferenceTests(DistributorsMixin, TestCase):
         self.assertFalse(old_tunnels & self.kd.distributor.tunnels)
         [tunnel] = self.kd.distributor.tunnels
         self.assertEqual(tunnel.media_distributor_profiles, (0x0009, 0x000A))
+        status = link.status()
+        self.assertEqual(status["connections"], 2)
+        self.assertEqual(status["messages_sent"]["SupportedProfiles"], 2)
         # A new endpoint can join through the new tunnel; the old ones still talk.
         c = yield self.join("carol")
         packet = rtp_packet(0x0A, 2, b"after the restart\x00")

@@ -455,9 +455,15 @@ class NewAssociationTests(RelayTestCase):
 class AssociationLimitTests(RelayTestCase):
     limits = RelayLimits(max_associations=3, new_associations_per_address_per_second=100)
 
+    def answered(self, association_id):
+        """The Key Distributor answers past the cookie exchange (it keeps state now)."""
+        self.relay.tunneledDtlsReceived(self.tunnel, association_id, server_hello(None))
+
     def test_total_association_limit(self):
         ids = [self.open(("192.0.2.{}".format(n), 5000), TLS_A) for n in range(3)]
         self.key(ids[0], ("192.0.2.0", 5000))  # keyed ones count as well as pending ones
+        for association_id in ids[1:]:
+            self.answered(association_id)
         self.relay.datagramReceived(client_hello(TLS_A), ("192.0.2.9", 5000))
         self.assertEqual(self.counted("refused-association-limit"), 1)
         self.assertEqual(len(self.tunnel.sent), 3)
@@ -466,6 +472,35 @@ class AssociationLimitTests(RelayTestCase):
         self.relay.endpointDisconnectReceived(self.tunnel, ids[0])
         self.open(("192.0.2.9", 5000), TLS_A)
         self.assertEqual(self.relay.status()["associations"], 3)
+
+    def test_full_table_evicts_oldest_cookieless_handshake(self):
+        """
+        At the limit, a new ClientHello evicts the oldest association the Key
+        Distributor answered only with a HelloVerifyRequest (it keeps nothing
+        for those), silently: a flood cannot lock legitimate endpoints out.
+        """
+        ids = [self.open(("192.0.2.{}".format(n), 5000), TLS_A) for n in range(3)]
+        hvr = bytes.fromhex("16feff0000000000000000001f") + b"\x03" + bytes(30)
+        self.relay.tunneledDtlsReceived(self.tunnel, ids[0], hvr)  # still unverified
+        self.answered(ids[1])
+        newest = self.open(("192.0.2.9", 5000), TLS_A)
+        self.assertIsNone(self.relay.endpoint(ids[0]))
+        self.assertEqual(self.counted("evicted-unverified"), 1)
+        self.assertEqual(self.counted("refused-association-limit"), 0)
+        self.assertEqual(self.tunnel.disconnects, [])  # the Key Distributor holds nothing
+        self.assertIn(ids[0], self.tunnel.forgotten)
+        # Next the other cookieless one; never the one past its cookie exchange.
+        self.open(("192.0.2.10", 5000), TLS_A)
+        self.assertIsNone(self.relay.endpoint(ids[2]))
+        self.answered(newest)
+        self.relay.datagramReceived(client_hello(TLS_A), ("192.0.2.11", 5000))
+        self.assertIsNotNone(self.relay.endpoint(ids[1]))
+        self.assertIsNotNone(self.relay.endpoint(newest))
+        self.assertEqual(self.counted("evicted-unverified"), 3)
+        self.assertEqual(self.relay.status()["associations"], 3)
+        # Evictions are logged as one count at the sweep.
+        self.clock.advance(self.limits.sweep_interval)
+        self.assertEqual(self.relay._evicted_since_sweep, 0)
 
 
 class TunnelMessageTests(RelayTestCase):
@@ -1051,6 +1086,57 @@ class PendingHelloTests(RelayTestCase):
         self.assertEqual(self.relay.endpoint(pending).conference, "conf")
         self.relay.datagramReceived(client_hello(TLS_C), ADDR_C)
         self.assertEqual(self.tunnel.sent[-1], (pending, client_hello(TLS_C)))
+
+    def test_restarted_handshake_gets_a_new_association(self):
+        """
+        The same endpoint giving up on its handshake and starting again (a
+        new first ClientHello: new random, no cookie) gets a new association;
+        the ClientHello that returns the cookie stays in the first one.
+        """
+        self.memberships.put("conf", TLS_C)
+        client = dtls.ClientAssociation(_credentials(), [by_id(DOUBLE_128)],
+                                        tls_id=TLS_C.encode("ascii"))
+        first = client.start(0.0).datagrams[0]
+        self.relay.datagramReceived(first, ADDR_C)
+        pending, _ = self.tunnel.sent[-1]
+        listener = dtls.ServerListener(_credentials(), [by_id(DOUBLE_128)])
+        [verify_request], _ = listener.listen(pending.bytes, first, 0.0)
+        [with_cookie] = client.receive(verify_request, 0.0).datagrams
+        self.assertFalse(hello.parse_client_hello(with_cookie).cookie_empty)
+        self.relay.datagramReceived(with_cookie, ADDR_C)
+        self.relay.datagramReceived(first, ADDR_C)  # a late retransmission
+        self.assertEqual(self.tunnel.sent[-2:], [(pending, with_cookie), (pending, first)])
+        self.assertEqual(self.tunnel.disconnects, [])
+        # Timed out; a new handshake from the same address and tls-id.
+        again = client_hello(TLS_C)
+        self.relay.datagramReceived(again, ADDR_C)
+        restarted, data = self.tunnel.sent[-1]
+        self.assertEqual(data, again)
+        self.assertNotEqual(restarted, pending)
+        self.assertIsNone(self.relay.endpoint(pending))
+        self.assertEqual(self.tunnel.disconnects, [pending])
+        self.assertEqual(self.relay.endpoint(restarted).conference, "conf")
+
+    def test_malformed_dtls_from_pending_address_dropped(self):
+        """
+        Broken record framing (truncated, or a length past the datagram) from
+        an address mid-handshake is no handshake: dropped and counted, not
+        tunnelled, and the handshake goes on.
+        """
+        pending = self.open(ADDR_C, TLS_C, "conf")
+        sent = len(self.tunnel.sent)
+        first = client_hello(TLS_C)
+        record = dtls_application_data()
+        broken = [first[:n] for n in range(1, len(first))] + [
+            record[:-1], record[:12], record[:11] + b"\xff\xff" + record[13:],
+            record + record[:20]]
+        for datagram in broken:
+            self.relay.datagramReceived(datagram, ADDR_C)
+        self.assertEqual(len(self.tunnel.sent), sent)
+        self.assertEqual(self.counted("dropped-malformed-hello"), len(broken))
+        self.assertEqual(self.tunnel.disconnects, [])
+        self.relay.datagramReceived(record, ADDR_C)
+        self.assertEqual(self.tunnel.sent[-1], (pending, record))
 
 
 class MembershipRemovalTests(RelayTestCase):

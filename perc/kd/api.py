@@ -21,6 +21,9 @@ containing ``/`` is sent as ``%2F``):
 ``GET /v1/conferences/{conference}/endpoints``
     200 with ``{"conference": ..., "endpoints": [registration, ...]}``
     ordered by tls-id; an empty list for a conference nobody registered in.
+``GET /v1/status``
+    200 with ``{"associations", "established", "tunnels", "counters",
+    "dtls_objects", "registrations"}``: what the Key Distributor holds now.
 
 Errors have a JSON body ``{"error": "<one line>"}``:
 
@@ -97,12 +100,16 @@ class ControlAPI(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, roster, token: str, rekey=None):
-        """``rekey(conference) -> (EktKey, endpoints)`` serves the rekey route."""
+    def __init__(self, roster, token: str, rekey=None, status=None):
+        """
+        ``rekey(conference) -> (EktKey, endpoints)`` serves the rekey route,
+        ``status() -> dict`` the status route.
+        """
         super().__init__()
         self._roster = roster
         self._token = token
         self._rekey = rekey
+        self._status = status
 
     _json = staticmethod(json_response)
     _error = staticmethod(error_response)
@@ -119,6 +126,13 @@ class ControlAPI(resource.Resource):
             segments = [s.decode("utf-8") for s in request.postpath]
         except UnicodeDecodeError:
             return self._error(request, http.BAD_REQUEST, "path is not UTF-8")
+
+        if segments == ["v1", "status"] and self._status is not None:
+            if request.method != b"GET":
+                return self._not_allowed(request, b"GET")
+            document = self._status()
+            document["registrations"] = len(self._roster)
+            return self._json(request, http.OK, document)
 
         if (len(segments) == 4 and segments[:2] == ["v1", "conferences"]
                 and segments[3] == "rekey" and self._rekey is not None):
@@ -296,6 +310,6 @@ class ControlAPI(resource.Resource):
         return server.NOT_DONE_YET
 
 
-def make_api_site(roster, token: str, rekey=None) -> server.Site:
+def make_api_site(roster, token: str, rekey=None, status=None) -> server.Site:
     """A ``Site`` serving the control API for ``roster``, guarded by ``token``."""
-    return make_site(ControlAPI(roster, token, rekey))
+    return make_site(ControlAPI(roster, token, rekey, status))

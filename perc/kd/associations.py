@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from perc import dtls, wire
+from perc.backpressure import DEFAULT_MAX_PAUSED_OCTETS, DEFAULT_MAX_PAUSED_SECONDS
 from perc.profiles import Profile
 
 __all__ = ["KeyDistributor", "Limits"]
@@ -31,6 +32,16 @@ class Limits:
     handshake_timeout: float = 30.0
     tunnel_grace: float = 10.0
     first_message_timeout: float = 10.0
+    #: Octets written to a tunnel whose Media Distributor stopped reading,
+    #: and seconds it may stay so, before the tunnel is dropped.
+    tunnel_max_paused_octets: int = DEFAULT_MAX_PAUSED_OCTETS
+    tunnel_max_paused_seconds: float = DEFAULT_MAX_PAUSED_SECONDS
+    #: EKTKey requests (application data 0x01) answered per association: a
+    #: burst of this many, then this many per second.  The endpoint asks when
+    #: the EKTKey record was lost and, as a liveness probe, every few seconds
+    #: for the association's whole life; beyond the rate it is ignored.
+    ekt_key_request_burst: int = 10
+    ekt_key_requests_per_second: float = 1.0
 
 
 @dataclass(eq=False)
@@ -43,7 +54,8 @@ class _Association:
     registration: object | None = None
     established: bool = False
     ekt: bool = False
-    ekt_resends: int = 0
+    ekt_tokens: float = 0.0  # EKTKey requests it may still have answered
+    ekt_tokens_at: float | None = None
     timer: object | None = None
     grace_timer: object | None = None
     counted_on: object | None = field(default=None)
@@ -94,6 +106,18 @@ class KeyDistributor:
     def association(self, association_id: uuid.UUID):
         """The live association record with this id, or None (for tests and status)."""
         return self._associations.get(association_id)
+
+    def status(self) -> dict:
+        """Association and tunnel counts and counters (``GET /v1/status``)."""
+        return {
+            "associations": len(self._associations),
+            "established": sum(1 for a in self._associations.values() if a.established),
+            "tunnels": len(self.tunnels),
+            "counters": dict(self.counters),
+            # OpenSSL objects the DTLS callbacks know: associations plus
+            # any listen() in progress, so flat when nothing is kept.
+            "dtls_objects": dtls.callback_registry_size(),
+        }
 
     def profilesFor(self, tunnel) -> tuple[Profile, ...]:
         """This Key Distributor's profiles that the tunnel's Media Distributor supports."""
@@ -154,6 +178,14 @@ class KeyDistributor:
         self._forget(association)
 
     def tunneledDtlsReceived(self, tunnel, association_id: uuid.UUID, data: bytes) -> None:
+        try:
+            self._tunneledDtls(tunnel, association_id, data)
+        except Exception:
+            # A bug met by one association must not end the tunnel, and
+            # with it every other association it carries.
+            self._internalError(tunnel, association_id)
+
+    def _tunneledDtls(self, tunnel, association_id: uuid.UUID, data: bytes) -> None:
         now = self.clock.seconds()
         association = self._associations.get(association_id)
         if association is not None:
@@ -164,6 +196,23 @@ class KeyDistributor:
             self._process(association, association.engine.receive(data, now))
             return
         self._newAssociation(tunnel, association_id, data, now)
+
+    def _internalError(self, tunnel, association_id: uuid.UUID) -> None:
+        """Log the failure, then end only that association (the tunnel stays)."""
+        self._count("internal-error")
+        self.log.failure("Internal error handling association {association_id} from {peer}; "
+                         "ending that association", association_id=association_id,
+                         peer=tunnel.peerDescription())
+        association = self._associations.get(association_id)
+        if association is None or not self._sameMediaDistributor(association, tunnel):
+            return
+        try:
+            association.engine.close(self.clock.seconds(), "internal error")
+        except Exception:
+            pass  # already failing: forgetting it below is what matters
+        self._forget(association)
+        if association.tunnel is not None:
+            association.tunnel.sendMessage(wire.EndpointDisconnect(association_id))
 
     def _sameMediaDistributor(self, association: _Association, tunnel) -> bool:
         """
@@ -330,19 +379,41 @@ class KeyDistributor:
         return self._sendEktKey(association, key, log=False).datagrams
 
     #: An endpoint that got its keys but not the EKTKey record (application
-    #: data is never retransmitted by DTLS) asks again with this one octet.
+    #: data is never retransmitted by DTLS) asks again with this one octet;
+    #: the reference endpoint also asks every few seconds to learn that its
+    #: association still reaches this Key Distributor (README, "liveness").
     EKT_KEY_REQUEST = b"\x01"
-    MAX_EKT_KEY_RESENDS = 10
 
     def _applicationData(self, association: _Association, data: bytes) -> tuple:
-        if (data != self.EKT_KEY_REQUEST or not association.ekt
-                or association.ekt_resends >= self.MAX_EKT_KEY_RESENDS):
+        if data != self.EKT_KEY_REQUEST or not association.ekt:
             self._count("endpoint-application-data-ignored")
             return ()
-        association.ekt_resends += 1
+        if not self._takeEktToken(association):
+            self._count("ekt-key-request-rate-limited")
+            return ()
         self._count("ekt-key-resent")
         return self._sendEktKey(association, self.conference_keys.key_for(
-            association.registration.conference)).datagrams
+            association.registration.conference), log=False).datagrams
+
+    def _takeEktToken(self, association: _Association) -> bool:
+        """
+        A token bucket per association (``ekt_key_request_burst`` tokens,
+        refilled at ``ekt_key_requests_per_second``): True if this request
+        may be answered.
+        """
+        now = self.clock.seconds()
+        burst = self.limits.ekt_key_request_burst
+        if association.ekt_tokens_at is None:
+            tokens = float(burst)
+        else:
+            tokens = min(float(burst), association.ekt_tokens + (
+                now - association.ekt_tokens_at) * self.limits.ekt_key_requests_per_second)
+        association.ekt_tokens_at = now
+        if tokens < 1.0:
+            association.ekt_tokens = tokens
+            return False
+        association.ekt_tokens = tokens - 1.0
+        return True
 
     def _sendEktKey(self, association: _Association, key, log: bool = True) -> dtls.Output:
         """

@@ -33,6 +33,15 @@ _RTCP = rtp.Kind.RTCP
 _DTLS = rtp.Kind.DTLS
 
 
+def _hello_verify_request(data: bytes) -> bool:
+    """
+    True for an epoch-0 handshake record that holds a HelloVerifyRequest:
+    the Key Distributor's stateless answer to a ClientHello without a valid
+    cookie (RFC 6347 section 4.2.1).
+    """
+    return len(data) > 13 and data[0] == 22 and data[3] == 0 and data[4] == 0 and data[13] == 3
+
+
 @dataclass(frozen=True)
 class RelayLimits:
     """Bounds on what endpoints can make the Media Distributor hold."""
@@ -59,6 +68,10 @@ class Endpoint:
     inbound: pylibsrtp.Session | None = field(default=None, repr=False)
     outbound: pylibsrtp.Session | None = field(default=None, repr=False)
     ekt: bool = False
+    #: The random of the ClientHello that started it: a first ClientHello
+    #: with another random is a new handshake (RFC 6347 section 4.2.1: the
+    #: ClientHello that returns the cookie keeps the random).
+    client_random: bytes | None = None
 
     @property
     def established(self) -> bool:
@@ -132,6 +145,15 @@ class MediaRelay(protocol.DatagramProtocol):
         self._by_id: dict[uuid.UUID, Endpoint] = {}
         self._established: dict[tuple, Endpoint] = {}
         self._pending: dict[tuple, Endpoint] = {}
+        # Associations the Key Distributor has answered with nothing but a
+        # HelloVerifyRequest so far (it keeps no state for them before the
+        # cookie exchange), oldest first.  When the table is full, a new
+        # ClientHello evicts the oldest of these rather than being refused:
+        # a flood of ClientHellos from addresses that never return the
+        # cookie cannot lock legitimate endpoints out.
+        self._unverified: dict[uuid.UUID, Endpoint] = {}
+        self._evicted_since_sweep = 0
+        self._unplaced_since_sweep = 0
         self._conferences: dict[str, set] = {}
         # Per conference, what forwarding needs of each member, built when
         # membership changes rather than per packet: (endpoint, address,
@@ -189,17 +211,25 @@ class MediaRelay(protocol.DatagramProtocol):
             try:
                 client_hello = hello.parse_client_hello(data)
             except hello.HelloError:
-                client_hello = None
-            if client_hello is not None and (client_hello.tls_id_malformed
-                                             or _tls_id(client_hello) != endpoint.tls_id):
+                # Broken record framing (truncated, or a length past the
+                # datagram) is no endpoint's handshake: a spoofer's, from an
+                # address with a handshake under way.
+                self._count("dropped-malformed-hello")
+                return
+            if client_hello is not None and (
+                    client_hello.tls_id_malformed or _tls_id(client_hello) != endpoint.tls_id
+                    or (client_hello.cookie_empty
+                        and client_hello.random != endpoint.client_random)):
                 # Another endpoint at this address (a restart, or a spoofed
-                # first ClientHello): it gets an association in its own
-                # conference, and only then is the other handshake dropped.
+                # first ClientHello), or the same one starting its handshake
+                # again (it gave up on this one, which the Key Distributor's
+                # engine would not restart): it gets an association in its
+                # own conference, and only then is the other handshake dropped.
                 replacement = self._newAssociation(address, client_hello)
                 if replacement is None:
                     return
                 self._drop(endpoint, notify=True,
-                           reason="a ClientHello with another tls-id came from its address")
+                           reason="a new ClientHello came from its address")
                 endpoint = replacement
         else:
             try:
@@ -227,7 +257,8 @@ class MediaRelay(protocol.DatagramProtocol):
         tunnel.sendDtls(endpoint.id, data)
 
     def _newAssociation(self, address, client_hello) -> Endpoint | None:
-        if len(self._by_id) >= self.limits.max_associations:
+        full = len(self._by_id) >= self.limits.max_associations
+        if full and not self._unverified:
             self._count("refused-association-limit")
             return None
         host = address[0]
@@ -242,23 +273,37 @@ class MediaRelay(protocol.DatagramProtocol):
         conference = self.memberships.conference_for(tls_id)
         if conference is None:
             self._count("refused-no-conference")
-            self.log.warn(
-                "Ignoring a ClientHello from {address}: tls-id {tls_id} is in no conference "
-                "and there is no default conference", address=address, tls_id=tls_id)
+            # One line per sweep interval, and a count of the others at the
+            # sweep: a flood of unknown tls-ids must not become a log flood.
+            if not self._unplaced_since_sweep:
+                self.log.warn(
+                    "Ignoring a ClientHello from {address}: tls-id {tls_id} is in no "
+                    "conference and there is no default conference",
+                    address=address, tls_id=tls_id)
+            self._unplaced_since_sweep += 1
             return None
         tunnel = self.pool.pick()
         if tunnel is None:
             self._count("refused-no-tunnel")
             return None
+        if getattr(tunnel, "writesPaused", False):
+            # The Key Distributor is not keeping up with what this tunnel
+            # carries: shed new handshakes (the endpoint retransmits) rather
+            # than queue them until the tunnel's write bound drops it, and
+            # every handshake with it.
+            self._count("refused-tunnel-busy")
+            return None
+        if full:
+            self._evictOldestUnverified()
         self._new_per_host[host] = recent + 1
         now = self.clock.seconds()
-        endpoint = Endpoint(uuid.uuid4(), address, tunnel, conference, tls_id, now, now)
+        endpoint = Endpoint(uuid.uuid4(), address, tunnel, conference, tls_id, now, now,
+                            client_random=client_hello.random)
         self._by_id[endpoint.id] = endpoint
         self._pending[address] = endpoint
-        self.log.info(
-            "New association {association_id} from {address} (tls-id {tls_id}, conference "
-            "{conference}) through {peer}", association_id=endpoint.id, address=address,
-            tls_id=tls_id, conference=conference, peer=tunnel.peerDescription())
+        self._unverified[endpoint.id] = endpoint
+        # Logged once the Key Distributor is past the cookie exchange
+        # (_verified): a line per ClientHello would let a flood fill the log.
         return endpoint
 
     def _media(self, data: bytes, address, rtcp_packet: bool) -> None:
@@ -348,6 +393,8 @@ class MediaRelay(protocol.DatagramProtocol):
         if endpoint is None:
             return
         if not endpoint.established:
+            if endpoint.id in self._unverified and not _hello_verify_request(data):
+                self._verified(endpoint, tunnel)
             try:
                 server_hello = hello.parse_server_hello(data)
             except hello.HelloError:
@@ -357,6 +404,18 @@ class MediaRelay(protocol.DatagramProtocol):
                 # whether every SRTP packet will end with an EKT field.
                 endpoint.ekt = server_hello.ekt_cipher is not None
         self.transport.write(data, endpoint.address)
+
+    def _verified(self, endpoint: Endpoint, tunnel) -> None:
+        """
+        The Key Distributor answered more than a HelloVerifyRequest: the
+        cookie came back and it keeps state for the association now.
+        """
+        del self._unverified[endpoint.id]
+        self.log.info(
+            "New association {association_id} from {address} (tls-id {tls_id}, conference "
+            "{conference}) through {peer}: past the cookie exchange",
+            association_id=endpoint.id, address=endpoint.address, tls_id=endpoint.tls_id,
+            conference=endpoint.conference, peer=tunnel.peerDescription())
 
     def mediaKeysReceived(self, tunnel, message) -> None:
         endpoint = self._fromItsTunnel(tunnel, message.association_id)
@@ -381,6 +440,7 @@ class MediaRelay(protocol.DatagramProtocol):
                           association_id=endpoint.id, reason=problem)
             self._drop(endpoint, notify=True, reason="MediaKeys refused")
             return
+        self._unverified.pop(endpoint.id, None)
         endpoint.profile = profile
         endpoint.inbound = _session(message.client_key, message.client_salt, profile,
                                     pylibsrtp.Policy.SSRC_ANY_INBOUND)
@@ -448,9 +508,21 @@ class MediaRelay(protocol.DatagramProtocol):
     def _membershipRemoved(self, tls_id: str, conference: str) -> None:
         self.disconnect(tls_id, "membership removed")
 
-    def _drop(self, endpoint: Endpoint, notify: bool, reason: str) -> None:
+    def _evictOldestUnverified(self) -> None:
+        """
+        End the oldest association the Key Distributor keeps no state for
+        (no EndpointDisconnect is owed).  Logged as a count at the next sweep,
+        not one line each: a flood would otherwise write two lines per datagram.
+        """
+        endpoint = next(iter(self._unverified.values()))
+        self._count("evicted-unverified")
+        self._evicted_since_sweep += 1
+        self._drop(endpoint, notify=False, reason="evicted", log=False)
+
+    def _drop(self, endpoint: Endpoint, notify: bool, reason: str, log: bool = True) -> None:
         if self._by_id.pop(endpoint.id, None) is None:
             return
+        self._unverified.pop(endpoint.id, None)
         if self._pending.get(endpoint.address) is endpoint:
             del self._pending[endpoint.address]
         if self._established.get(endpoint.address) is endpoint:
@@ -468,12 +540,24 @@ class MediaRelay(protocol.DatagramProtocol):
             tunnel.forgetAssociation(endpoint.id)
         # Drop the sessions (and their keys) now rather than at collection.
         endpoint.inbound = endpoint.outbound = None
-        self.log.info("Association {association_id} ended: {reason}",
-                      association_id=endpoint.id, reason=reason)
+        if log:
+            self.log.info("Association {association_id} ended: {reason}",
+                          association_id=endpoint.id, reason=reason)
 
     def _sweep(self) -> None:
         now = self.clock.seconds()
         self._new_per_host.clear()
+        if self._evicted_since_sweep:
+            self.log.warn(
+                "Association table full ({limit}): {count} handshakes that never returned "
+                "the Key Distributor's cookie were evicted for new ClientHellos",
+                limit=self.limits.max_associations, count=self._evicted_since_sweep)
+            self._evicted_since_sweep = 0
+        if self._unplaced_since_sweep > 1:
+            self.log.warn(
+                "Ignored {count} more ClientHellos whose tls-id is in no conference",
+                count=self._unplaced_since_sweep - 1)
+        self._unplaced_since_sweep = 0
         for endpoint in list(self._by_id.values()):
             if endpoint.established:
                 if now - endpoint.last_seen >= self.limits.endpoint_timeout:

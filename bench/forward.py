@@ -26,8 +26,9 @@ that the payload and EKT field are the ones sent.
 Baseline: a subprocess with one plain blocking UDP socket and, per endpoint,
 the same pylibsrtp sessions the Media Distributor has (same exported keys):
 per packet one unprotect, K-1 protects and K-1 sendto.  Same sender, same
-receivers, and like perc-md (Twisted's listenUDP) the system's default socket
-receive buffer, so that the ratio compares packet handling, not buffering.
+receivers, and the same socket receive buffer as perc-md's default
+(``--udp-receive-buffer``, 4 MiB), so that the ratio compares packet
+handling, not buffering.
 
 Measure: a full-speed run against each relay (30000 packets as fast as
 this process sends them) gives its delivered rate and loss when flooded;
@@ -78,6 +79,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
+from perc.md.tap import DEFAULT_UDP_RECEIVE_BUFFER  # noqa: E402
+from perc.netutil import set_receive_buffer  # noqa: E402
 
 CONFERENCE = "bench-forward"
 #: Every SAMPLE_EVERY-th packet a receiver gets is kept and verified.
@@ -175,6 +178,7 @@ def run_baseline_relay(config_path: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
+    set_receive_buffer(sock, DEFAULT_UDP_RECEIVE_BUFFER)
     srtp_profile = config["srtp_profile"]
 
     def session(key_hex, direction):
@@ -783,8 +787,9 @@ def run(args):
         print("  perc-md pid {} and baseline relay pid {} in their own processes; endpoints "
               "in this process (pid {}); {} joined through the MD in {:.2f} s".format(
                   distributors.md.pid, baseline.pid, os.getpid(), args.endpoints, join_seconds))
-        print("  CPU placement: {}; relay socket receive buffers: the system default ({} "
-              "octets)".format(placement or "not pinned", baseline.receive_buffer))
+        print("  CPU placement: {}; relay socket receive buffers: perc-md's default "
+              "--udp-receive-buffer ({} octets granted to the baseline)".format(
+                  placement or "not pinned", baseline.receive_buffer // 2))
         print()
         print("{:<18} {:<13} {:>9} {:>9} {:>9} {:>8} {:>6} {:>8} {:>6} {:>7}".format(
             "relay", "trial", "target/s", "offered/s", "deliv./s", "loss", "cpu", "us/fwd",

@@ -11,6 +11,10 @@ from perc.errors import ConfigError
 from perc.optiontypes import positive_float, positive_int, udp_port
 
 
+#: Octets of kernel receive buffer perc-md asks for on its UDP port.
+DEFAULT_UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
 class Options(usage.Options):
     longdesc = (
         "Run a PERC Media Distributor: one UDP port for endpoints, DTLS relayed "
@@ -34,7 +38,7 @@ class Options(usage.Options):
          "(explicit --cert/--key/--ca win)."],
         ["media-port", None, 5004, "UDP port for endpoints.", udp_port],
         ["media-interface", None, "0.0.0.0", "Address the UDP port binds to."],
-        ["udp-receive-buffer", None, 4 * 1024 * 1024,
+        ["udp-receive-buffer", None, DEFAULT_UDP_RECEIVE_BUFFER,
          "Octets of kernel receive buffer asked for on the UDP port; bursts beyond it are "
          "lost before perc-md sees them (capped by net.core.rmem_max unless privileged).",
          positive_int],

@@ -22,14 +22,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from perc import tls, wire
-from perc.backpressure import BoundedWrites
-from perc.framing import TunnelFramingProtocol
+from perc.tunnelconnection import TunnelConnection
 
 __all__ = ["KeyDistributorTunnel", "KeyDistributorTunnelFactory"]
 
 
 @implementer(IHandshakeListener)
-class KeyDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
+class KeyDistributorTunnel(TunnelConnection):
     """
     States: waiting for SupportedProfiles, then up.  The first message must
     be SupportedProfiles of version 0; another version gets
@@ -44,6 +43,7 @@ class KeyDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
     tunnel (:meth:`perc.kd.associations.KeyDistributor.tunnelLost`).
     """
 
+    closedLocally = "closed by the Key Distributor"
     log = Logger()
     silentPeer = "the Media Distributor"
 
@@ -71,10 +71,7 @@ class KeyDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
         #: The profile ids the Media Distributor sent; None until it did.
         self.media_distributor_profiles: tuple[int, ...] | None = None
         self.associations: set = set()
-        #: Why this side closed the connection; None if it did not.
-        self.closeReason: str | None = None
         self._up = False
-        self._closing = False
         self._firstMessageTimer = None
 
     # Connection life
@@ -83,7 +80,7 @@ class KeyDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory.connections.add(self)
-        self.startBoundingWrites()
+        self.connectionStarted()
         # A peer that never says SupportedProfiles must not hold a
         # connection (and a TLS session) for ever.
         self._firstMessageTimer = self.clock.callLater(
@@ -105,8 +102,7 @@ class KeyDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
         if factory is not None:
             factory.connections.discard(self)
         self._cancelFirstMessageTimer()
-        self.boundingWritesLost()
-        self._closing = True
+        self.connectionEnded()
         if self._up:
             self._up = False
             why = self.closeReason
@@ -124,46 +120,6 @@ class KeyDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
             self.log.warn("Refusing tunnel from {peer}: TLS handshake failed: {reason}",
                           peer=self.peerDescription(),
                           reason=tls.handshake_failure_reason(self.transport, reason.value))
-
-    def close(self, reason: str = "closed by the Key Distributor") -> None:
-        """
-        Close the connection cleanly (TLS close_notify); nothing more is
-        sent or delivered.
-        """
-        if self._closing:
-            return
-        self._closing = True
-        self._failed = True  # the framing delivers nothing more
-        if self.closeReason is None:
-            self.closeReason = reason
-        self.stopBoundingWrites()
-        self.transport.loseConnection()
-
-    def abort(self, reason: str, log: bool = True) -> None:
-        """Drop the connection at once, logging ``reason`` (unless ``log`` is false)."""
-        if self._closing:
-            return
-        if log:
-            self.log.warn("Dropping tunnel with {peer}: {reason}",
-                          peer=self.peerDescription(), reason=reason)
-        self._closing = True
-        self._failed = True
-        if self.closeReason is None:
-            self.closeReason = reason
-        self.stopBoundingWrites()
-        self.transport.abortConnection()
-
-    def writeBoundExceeded(self, reason: str) -> None:
-        self.abort(reason)
-
-    def protocolError(self, reason: str) -> None:
-        if self._failed or self._closing:
-            return
-        self._closing = True
-        if self.closeReason is None:
-            self.closeReason = "protocol error: " + reason
-        self.stopBoundingWrites()
-        super().protocolError(reason)
 
     def sendMessage(self, message: wire.Message) -> bool:
         """

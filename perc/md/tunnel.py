@@ -39,8 +39,8 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from perc import tls, wire
-from perc.backpressure import DEFAULT_MAX_PAUSED_OCTETS, DEFAULT_MAX_PAUSED_SECONDS, BoundedWrites
-from perc.framing import TunnelFramingProtocol
+from perc.backpressure import DEFAULT_MAX_PAUSED_OCTETS, DEFAULT_MAX_PAUSED_SECONDS
+from perc.tunnelconnection import TunnelConnection
 
 __all__ = [
     "ITunnelEvents",
@@ -124,7 +124,7 @@ def _default_clock(clock):
 
 
 @implementer(IHandshakeListener)
-class MediaDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
+class MediaDistributorTunnel(TunnelConnection):
     """
     One tunnel to a Key Distributor, whichever side opened the TLS connection.
 
@@ -146,6 +146,8 @@ class MediaDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
     written and the pause may last at most ``maxPausedSeconds``; past either
     the tunnel is aborted.
     """
+
+    closedLocally = "closed by the Media Distributor"
 
     log = Logger()
     silentPeer = "the Key Distributor"
@@ -181,14 +183,9 @@ class MediaDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
         self.messagesReceived: collections.Counter = collections.Counter()
         #: ``clock.seconds()`` when the tunnel came up; None until then.
         self.connectedSince: float | None = None
-        #: Why this side closed the connection; None if it did not.
-        self.closeReason: str | None = None
         #: The version from the Key Distributor's UnsupportedVersion, if any.
         self.rejectedVersion: int | None = None
         self._up = False
-        self._closing = False
-        self._aborted = False
-        self._connected = False
         self._sniffing = True
         self._sniffed = bytearray()
         self._closedWaiters: list[defer.Deferred] | None = []
@@ -196,11 +193,10 @@ class MediaDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
     # Connection life
 
     def connectionMade(self) -> None:
-        self._connected = True
         factory = getattr(self, "factory", None)
         if factory is not None and hasattr(factory, "tunnels"):
             factory.tunnels.add(self)
-        self.startBoundingWrites()
+        self.connectionStarted()
         # Logged once up: a connection refused in the TLS handshake is one
         # line, its refusal.
         self.sendMessage(wire.SupportedProfiles(self.version, self.profiles))
@@ -237,9 +233,7 @@ class MediaDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
         self._tell("tunnelUp", self)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self._connected = False
-        self.boundingWritesLost()
-        self._closing = True
+        self.connectionEnded()
         factory = getattr(self, "factory", None)
         if factory is not None and hasattr(factory, "tunnels"):
             factory.tunnels.discard(self)
@@ -285,50 +279,9 @@ class MediaDistributorTunnel(BoundedWrites, TunnelFramingProtocol):
         """Up and not closing: fit for a new association."""
         return self._up and not self._closing
 
-    def close(self, reason: str = "closed by the Media Distributor") -> None:
-        """
-        Close the connection cleanly (TLS close_notify); nothing more is
-        sent or delivered.
-        """
-        if self._closing or not self._connected:
-            return
-        self._closing = True
-        self._failed = True  # the framing delivers nothing more
-        if self.closeReason is None:
-            self.closeReason = reason
-        self.stopBoundingWrites()
-        self.transport.loseConnection()
-
-    def abort(self, reason: str, log: bool = True) -> None:
-        """Drop the connection at once, logging ``reason``."""
-        if not self._connected or self._aborted:
-            return
-        if log:
-            self.log.warn("Dropping tunnel with {peer}: {reason}",
-                          peer=self.peerDescription(), reason=reason)
-        self._aborted = True
-        self._closing = True
-        self._failed = True
-        if self.closeReason is None:
-            self.closeReason = reason
-        self.stopBoundingWrites()
-        self.transport.abortConnection()
-
-    def protocolError(self, reason: str) -> None:
-        if self._failed or self._closing:
-            return
-        self._closing = True
-        if self.closeReason is None:
-            self.closeReason = "protocol error: " + reason
-        self.stopBoundingWrites()
-        super().protocolError(reason)
-
     def peerDescription(self) -> str:
         address = super().peerDescription()
         return "{} ({})".format(self.identity, address) if self.identity else address
-
-    def writeBoundExceeded(self, reason: str) -> None:
-        self.abort(reason)
 
     # Receiving
 

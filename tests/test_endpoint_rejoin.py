@@ -8,7 +8,6 @@ can drop everything (a dead path) or be replaced (a restarted one).
 
 from __future__ import annotations
 
-import os
 import random
 import uuid
 
@@ -16,17 +15,16 @@ import pylibsrtp
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls, hello, pki, rtp, wire
 from perc.endpoint import ReferenceEndpoint, backoff
 from perc.endpoint_cli import EndpointOptions
-from perc.kd.associations import KeyDistributor, Limits
-from perc.kd.conference_keys import ConferenceKeys
-from perc.kd.roster import Roster
-from perc.profiles import DEFAULT_PROFILES, by_id
+from perc.kd.associations import Limits
+from perc.profiles import by_id
 
 from tests.kdhelpers import MediaDistributorStandIn
+from tests.test_kd import KeyDistributorTestCase
 
 CONFERENCE = "room"
 TLS_ID = "Rejoin-TlsId-0123456789abc"
@@ -101,21 +99,17 @@ class BackoffTests(SynchronousTestCase):
         self.assertLess(policy(10 ** 6), 4.5)
 
 
-class RejoinTestCase(TestCase):
+class RejoinTestCase(KeyDistributorTestCase):
     limits = Limits(tunnel_grace=12.0)
+    ekt = True
+    kd_credentials = _KD
+    endpoint_credentials = _ENDPOINT
+    conference = CONFERENCE
+    tls_id = TLS_ID
 
     @defer.inlineCallbacks
     def setUp(self):
-        directory = self.mktemp()
-        os.makedirs(directory)
-        self.roster = yield Roster.open(os.path.join(directory, "kd.sqlite3"))
-        self.addCleanup(self.roster.close)
-        self.registration, _ = yield self.roster.put(CONFERENCE, TLS_ID, _ENDPOINT.fingerprint)
-        self.clock = MemoryReactorClock()
-        self.kd = KeyDistributor(
-            roster=self.roster, credentials=_KD, profiles=DEFAULT_PROFILES, clock=self.clock,
-            limits=self.limits, conference_keys=ConferenceKeys())
-        self.addCleanup(self.kd.stop)
+        yield super().setUp()
         self.path = Path(self.kd)
 
     def endpoint(self, **kwargs):

@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from perc import dtls, wire
 from perc.kd.associations import KeyDistributor, Limits
+from perc.kd.conference_keys import ConferenceKeys
 from perc.kd.roster import Roster
 from perc.profiles import DEFAULT_PROFILES, by_id
 
@@ -30,8 +31,16 @@ _STRANGER = dtls.Credentials.self_signed("stranger")
 
 
 class KeyDistributorTestCase(TestCase):
+    """A KeyDistributor on a MemoryReactorClock with one endpoint registered."""
+
     limits = Limits()
     allow_missing_tls_id = False
+    #: Give the Key Distributor conference EKTKeys.
+    ekt = False
+    kd_credentials = _KD_CREDENTIALS
+    endpoint_credentials = _ENDPOINT
+    conference = CONFERENCE
+    tls_id = TLS_ID
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -39,12 +48,14 @@ class KeyDistributorTestCase(TestCase):
         os.makedirs(directory)
         self.roster = yield Roster.open(os.path.join(directory, "kd.sqlite3"))
         self.addCleanup(self.roster.close)
-        self.registration, _ = yield self.roster.put(CONFERENCE, TLS_ID, _ENDPOINT.fingerprint)
+        self.registration, _ = yield self.roster.put(
+            self.conference, self.tls_id, self.endpoint_credentials.fingerprint)
         self.clock = MemoryReactorClock()
         self.kd = KeyDistributor(
-            roster=self.roster, credentials=_KD_CREDENTIALS, profiles=DEFAULT_PROFILES,
+            roster=self.roster, credentials=self.kd_credentials, profiles=DEFAULT_PROFILES,
             clock=self.clock, limits=self.limits,
-            allow_missing_tls_id=self.allow_missing_tls_id)
+            allow_missing_tls_id=self.allow_missing_tls_id,
+            conference_keys=ConferenceKeys() if self.ekt else None)
         self.addCleanup(self.kd.stop)
 
     def client(self, credentials=_ENDPOINT, tls_id=TLS_ID, expected=None, profiles=DEFAULT_PROFILES):
@@ -348,15 +359,7 @@ class AllowMissingTlsIdTests(KeyDistributorTestCase):
 class EktTests(KeyDistributorTestCase):
     """The conference EKTKey: after the handshake, on request, and on rekey."""
 
-    @defer.inlineCallbacks
-    def setUp(self):
-        yield super().setUp()
-        from perc.kd.conference_keys import ConferenceKeys
-        self.kd.stop()
-        self.kd = KeyDistributor(
-            roster=self.roster, credentials=_KD_CREDENTIALS, profiles=DEFAULT_PROFILES,
-            clock=self.clock, limits=self.limits, conference_keys=ConferenceKeys())
-        self.addCleanup(self.kd.stop)
+    ekt = True
 
     def ekt_client(self):
         return dtls.ClientAssociation(

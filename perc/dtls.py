@@ -1351,14 +1351,14 @@ class DtlsAssociation:
                     # The peer's retransmitted Finished: it never got ours.
                     if self._final_flight_resends < self._max_retransmissions:
                         self._final_flight_resends += 1
-                        return Output(self._final_flight, self._take_events())
+                        return self._collect_with(self._final_flight)
                 # Anything else (a renegotiation attempt) is ignored, as
                 # OP_NO_RENEGOTIATION would have it.
         except Exception as e:  # never let the peer's bytes raise out of here
             return self._close_compacted(
                 Closed("internal error: {}: {}".format(type(e).__name__, e), False),
                 notify=False)
-        return Output((), self._take_events())
+        return self._collect()
 
     def _alert_received(self, plaintext: bytes) -> Optional[Output]:
         if len(plaintext) != 2:
@@ -1381,7 +1381,7 @@ class DtlsAssociation:
         except OverflowError as e:
             return self._close_compacted(Closed("association failed: {}".format(e), False),
                                          notify=False)
-        return Output((record,), self._take_events())
+        return self._collect_with((record,))
 
     def _close_compacted(self, event: Closed, notify: bool = True) -> Output:
         datagrams = ()
@@ -1394,13 +1394,12 @@ class DtlsAssociation:
         self._end(event)
         self._records = None
         self._final_flight = ()
-        output = self._collect()
-        return Output(datagrams + output.datagrams, output.events)
+        return self._collect_with(datagrams)
 
-    def _take_events(self) -> tuple:
-        events = tuple(self._events)
-        self._events = []
-        return events
+    def _collect_with(self, datagrams: tuple) -> Output:
+        """:meth:`_collect`, after ``datagrams`` sealed here rather than by OpenSSL."""
+        output = self._collect()
+        return Output(tuple(datagrams) + output.datagrams, output.events)
 
 
 class ClientAssociation(DtlsAssociation):

@@ -239,7 +239,7 @@ class InteropTests(OpenSSLTestCase):
 class CompactedServerInteropTests(OpenSSLTestCase):
     """
     After its handshake the server role leaves OpenSSL and protects records
-    itself (perc.dtls_records): s_client, a real and independent peer, must
+    itself (perc.dtls.records): s_client, a real and independent peer, must
     read what it sends, be read, and see its close_notify, for each AEAD
     suite family.
     """

@@ -1,5 +1,5 @@
 """
-Tests for perc.dtls_records: the TLS 1.2 PRF against a published vector and
+Tests for perc.dtls.records: the TLS 1.2 PRF against a published vector and
 OpenSSL's exporter, record sealing and opening, the replay window, and
 compacted server associations against OpenSSL clients in memory (the
 interop tests against ``openssl s_client`` are in test_dtls_interop).
@@ -15,7 +15,7 @@ from OpenSSL._util import lib as _lib
 from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls
-from perc.dtls_records import (
+from perc.dtls.records import (
     CONTENT_ALERT,
     CONTENT_APPLICATION_DATA,
     CONTENT_HANDSHAKE,

@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls, ekt, hello
+from perc.dtls import callbacks
 from perc.ekt import (
     EktCipher,
     EktError,
@@ -659,9 +660,9 @@ class Extension39Tests(SynchronousTestCase):
 
     def _patch_server_parser(self, handler):
         key = ("server", 39)
-        original = dtls._PARSERS[key]
-        dtls._PARSERS[key] = handler
-        self.addCleanup(dtls._PARSERS.__setitem__, key, original)
+        original = callbacks._PARSERS[key]
+        callbacks._PARSERS[key] = handler
+        self.addCleanup(callbacks._PARSERS.__setitem__, key, original)
 
     def test_client_rejects_unoffered_selection(self):
         def select_two(ssl, state, data):

@@ -7,7 +7,7 @@ for it, close_notify), yet an OpenSSL DTLS connection keeps about 80 KiB for
 its whole life (record buffers and the state of both epochs), which the
 bindings we have give no way to shrink.  The server role therefore hands an
 established association over to this module and frees the OpenSSL
-connection (see ``perc.dtls``).  Only the AEAD cipher suites are handled
+connection (see :mod:`perc.dtls.association`).  Only the AEAD cipher suites are handled
 (AES-GCM, RFC 5288/5289, and ChaCha20-Poly1305, RFC 7905), which is what
 DTLS-SRTP endpoints negotiate (RFC 8827 requires
 TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256); for any other suite the caller
@@ -31,6 +31,12 @@ from typing import Callable, Optional
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from perc.dtls.constants import (
+    CONTENT_ALERT,
+    CONTENT_APPLICATION_DATA,
+    CONTENT_CHANGE_CIPHER_SPEC,
+    CONTENT_HANDSHAKE,
+)
 
 __all__ = [
     "CONTENT_ALERT",
@@ -44,10 +50,6 @@ __all__ = [
     "tls12_prf",
 ]
 
-CONTENT_CHANGE_CIPHER_SPEC = 20
-CONTENT_ALERT = 21
-CONTENT_HANDSHAKE = 22
-CONTENT_APPLICATION_DATA = 23
 
 _DTLS_1_2 = b"\xfe\xfd"
 _HEADER = struct.Struct("!B2sH6sH")  # type, version, epoch, sequence (48 bits), length

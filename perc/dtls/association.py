@@ -1,0 +1,608 @@
+"""The association state machine, in the client role and the server role."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Iterable, Optional
+
+from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
+from perc import pki
+from perc.dtls import records
+from perc.dtls.callbacks import (
+    Refusal,
+    SslState,
+    check_profile,
+    register,
+    selected_profile_id,
+    ssl_address,
+    unregister,
+)
+from perc.dtls.constants import (
+    ALERT_CLOSE_NOTIFY,
+    ALERT_LEVEL_FATAL,
+    ALERT_LEVEL_WARNING,
+    CLIENT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_RETRANSMISSIONS,
+    DEFAULT_MTU,
+    EXPORTER_LABEL,
+    HANDSHAKE_FINISHED,
+    SERVER,
+)
+from perc.dtls.contexts import (
+    check_mtu,
+    context_for,
+    error_text,
+    new_connection,
+    normalise_profiles,
+)
+from perc.dtls.datagrams import pack_records, split_records
+from perc.dtls.events import (
+    EMPTY,
+    ApplicationData,
+    Closed,
+    DtlsStateError,
+    HandshakeComplete,
+    Output,
+)
+from perc.dtls.extensions import (
+    EXTERNAL_SESSION_ID,
+    SUPPORTED_EKT_CIPHERS,
+    ekt_cipher_value,
+    encode_external_session_id,
+    normalise_ekt_ciphers,
+    validate_tls_id,
+)
+from perc.dtls.identity import Credentials
+from perc.ekt import encode_client_ekt_ciphers
+from perc.profiles import Profile, by_id
+
+_HANDSHAKING = "handshaking"
+_ESTABLISHED = "established"
+_CLOSED = "closed"
+
+
+class DtlsAssociation:
+    """
+    One DTLS association; use :class:`ClientAssociation` or get a
+    :class:`ServerAssociation` from :meth:`ServerListener.listen`.
+
+    Every method returns an :class:`Output` (or a plain value) and never
+    raises because of what the peer sent.  After :class:`Closed` has been
+    emitted every method is a harmless no-op returning an empty Output.
+    Not thread-safe: drive an association from one thread (the reactor).
+    """
+
+    role: str = ""
+    #: Leave OpenSSL for perc.dtls.records once established (server role only).
+    _compact_when_established = False
+
+    def __init__(self, *, context: SSL.Context, connection: SSL.Connection,
+                 state: SslState, profiles: tuple, mtu: int,
+                 max_retransmissions: int, handshake_timeout: float) -> None:
+        if max_retransmissions < 0:
+            raise ValueError("max_retransmissions must be >= 0")
+        if handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive")
+        self._context = context
+        self._conn = connection
+        self._state = state
+        self._profiles = profiles
+        self._mtu = mtu
+        self._max_retransmissions = max_retransmissions
+        self._handshake_timeout = float(handshake_timeout)
+        self._phase = _HANDSHAKING
+        self._started = False
+        self._started_at: Optional[float] = None
+        self._retransmissions = 0
+        self._events: list = []
+        self._closing: Optional[Closed] = None
+        self.profile: Optional[Profile] = None
+        # Set once an established association has left OpenSSL (server role,
+        # see _compact): its record protection and the final flight to
+        # repeat if the peer shows it never got it.
+        self._records: Optional[records.RecordProtection] = None
+        self._final_flight: tuple = ()
+        self._final_flight_resends = 0
+        address = ssl_address(connection._ssl)
+        token = register(connection._ssl, state)
+        # Runs when the association is closed or garbage collected, whichever
+        # comes first; it holds nothing that refers back to the association.
+        self._finalizer = weakref.finalize(self, unregister, address, token)
+
+    # -- public state ------------------------------------------------------
+
+    @property
+    def mtu(self) -> int:
+        return self._mtu
+
+    @property
+    def closed(self) -> bool:
+        """True once Closed has been emitted (or is being emitted)."""
+        return self._phase == _CLOSED or self._closing is not None
+
+    @property
+    def established(self) -> bool:
+        """True between HandshakeComplete and Closed."""
+        return self._phase == _ESTABLISHED and self._closing is None
+
+    @property
+    def peer_tls_id(self) -> Optional[bytes]:
+        return self._state.peer_tls_id
+
+    @property
+    def peer_fingerprint(self) -> Optional[str]:
+        return self._state.peer_fingerprint
+
+    @property
+    def ekt_cipher(self) -> Optional[int]:
+        """The EKT cipher the ServerHello selected (as in HandshakeComplete), or None."""
+        value = self._state.ekt_cipher
+        return None if value is None else ekt_cipher_value(value)
+
+    @property
+    def retransmissions(self) -> int:
+        """Handshake flights retransmitted because of timeouts so far."""
+        return self._retransmissions
+
+    @property
+    def compacted(self) -> bool:
+        """True once the association runs on its own record layer, without OpenSSL."""
+        return self._records is not None
+
+    # -- driving -----------------------------------------------------------
+
+    def start(self, now: float) -> Output:
+        """
+        Client role: returns the ClientHello.  Server role: processes the
+        ClientHello that listen() accepted (the identity hook's hello stage
+        runs here) and returns the server's flight.  Later calls, and calls
+        after receive(), do nothing.
+        """
+        if self._started or self.closed:
+            return EMPTY
+        self._started = True
+        self._mark_started(now)
+        try:
+            _lib.ERR_clear_error()
+            self._drive()
+        except Exception as e:
+            self._fail("internal error: {}: {}".format(type(e).__name__, e))
+        return self._collect()
+
+    def receive(self, datagram: bytes, now: float) -> Output:
+        """
+        Feed one datagram (one or more DTLS records).  Junk that DTLS
+        discards is ignored; a fatal condition ends in Closed.
+        """
+        if self.closed or not datagram:
+            return EMPTY
+        if self._records is not None:
+            return self._receive_compacted(datagram)
+        self._started = True
+        self._mark_started(now)
+        try:
+            _lib.ERR_clear_error()
+            self._conn.bio_write(bytes(datagram))
+            self._drive()
+        except Exception as e:  # never let the peer's bytes raise out of here
+            self._fail("internal error: {}: {}".format(type(e).__name__, e))
+        output = self._collect()
+        if self._phase == _ESTABLISHED and self._closing is None and self._conn is not None \
+                and self._compact_when_established:
+            self._compact(datagram, output)
+        return output
+
+    def next_timeout(self, now: float) -> Optional[float]:
+        """
+        Absolute time (caller's clock) at which :meth:`handle_timeout` should
+        be called, or None if no timer is running.
+        """
+        if self.closed or self._records is not None:
+            return None
+        deadline = None
+        if self._phase == _HANDSHAKING and self._started_at is not None:
+            deadline = self._started_at + self._handshake_timeout
+        try:
+            remaining = self._conn.DTLSv1_get_timeout()
+        except Exception:
+            remaining = None
+        if remaining is not None:
+            at = now + max(0.0, remaining)
+            deadline = at if deadline is None else min(deadline, at)
+        return deadline
+
+    def handle_timeout(self, now: float) -> Output:
+        """
+        Retransmit if OpenSSL's timer expired; give up (Closed) once the
+        retransmission or total-time bound is exceeded.  Calling it early
+        does nothing.
+        """
+        if self.closed or self._records is not None:
+            return EMPTY
+        handshaking = self._phase == _HANDSHAKING
+        if handshaking and self._started_at is not None and \
+                now - self._started_at >= self._handshake_timeout:
+            self._fail("handshake gave up: not complete after {:g} s ({} retransmissions)".format(
+                self._handshake_timeout, self._retransmissions))
+            return self._collect()
+        try:
+            remaining = self._conn.DTLSv1_get_timeout()
+        except Exception:
+            remaining = None
+        if remaining is None or remaining > 0:
+            return EMPTY
+        if handshaking and self._retransmissions >= self._max_retransmissions:
+            self._fail("handshake gave up: no answer after {} retransmissions".format(
+                self._retransmissions))
+            return self._collect()
+        try:
+            _lib.ERR_clear_error()
+            if self._conn.DTLSv1_handle_timeout() and handshaking:
+                self._retransmissions += 1
+        except SSL.Error as e:
+            self._fail_from_error(e)
+        except Exception as e:
+            self._fail("internal error: {}: {}".format(type(e).__name__, e))
+        return self._collect()
+
+    def send_application_data(self, data: bytes) -> Output:
+        """
+        Send ``data`` as one application-data record.  Only after
+        HandshakeComplete (DtlsStateError before); a no-op after Closed.
+        Raises ValueError if the record would not fit the MTU.
+        """
+        if self.closed:
+            return EMPTY
+        if self._phase != _ESTABLISHED:
+            raise DtlsStateError("application data before the handshake completed")
+        if self._records is not None:
+            limit = self._records.max_plaintext(self._mtu)
+            if len(data) > limit:
+                raise ValueError("{} octets do not fit one record under MTU {} (limit {})".format(
+                    len(data), self._mtu, limit))
+            return self._send_compacted(records.CONTENT_APPLICATION_DATA, data) \
+                if data else EMPTY
+        limit = self._conn.get_cleartext_mtu()
+        if len(data) > limit:
+            raise ValueError("{} octets do not fit one record under MTU {} (limit {})".format(
+                len(data), self._mtu, limit))
+        if not data:
+            return EMPTY
+        try:
+            _lib.ERR_clear_error()
+            self._conn.send(bytes(data))
+        except SSL.Error as e:
+            self._fail_from_error(e)
+        return self._collect()
+
+    def close(self, now: float, reason: str = "closed locally") -> Output:
+        """
+        End the association: send close_notify if the handshake completed
+        (OpenSSL cannot send one mid-handshake) and emit Closed(reason).
+        """
+        if self.closed:
+            return EMPTY
+        if self._records is not None:
+            return self._close_compacted(Closed(reason, False))
+        if self._phase == _ESTABLISHED:
+            try:
+                _lib.ERR_clear_error()
+                self._conn.shutdown()
+            except Exception:
+                pass
+        self._end(Closed(reason, False))
+        return self._collect()
+
+    # -- internals ---------------------------------------------------------
+
+    def _mark_started(self, now: float) -> None:
+        if self._started_at is None:
+            self._started_at = now
+
+    def _drive(self) -> None:
+        if self._phase == _HANDSHAKING:
+            try:
+                self._conn.do_handshake()
+            except SSL.WantReadError:
+                return
+            except SSL.Error as e:
+                self._fail_from_error(e)
+                return
+            self._handshake_done()
+        if self._phase == _ESTABLISHED and self._closing is None:
+            self._read_application_data()
+
+    def _read_application_data(self) -> None:
+        while True:
+            try:
+                data = self._conn.recv(65536)
+            except SSL.WantReadError:
+                return
+            except SSL.ZeroReturnError:
+                try:
+                    # Answer close_notify with our own, as TLS asks.
+                    self._conn.shutdown()
+                except Exception:
+                    pass
+                self._end(Closed("peer closed the association (close_notify)", False))
+                return
+            except SSL.Error as e:
+                self._fail_from_error(e)
+                return
+            if data:
+                self._events.append(ApplicationData(data))
+
+    def _handshake_done(self) -> None:
+        state = self._state
+        try:
+            if state.failure is not None:
+                raise state.failure
+            if self._conn.get_protocol_version_name() != "DTLSv1.2":
+                raise Refusal("negotiated {} instead of DTLS 1.2".format(
+                    self._conn.get_protocol_version_name()), False, 0, 0)
+            check_profile(self._conn._ssl, state)
+            profile = by_id(selected_profile_id(self._conn._ssl))
+            # Fail closed if, for any reason, the certificate never went
+            # through our checks or is not the one OpenSSL kept.
+            certificate = self._conn.get_peer_certificate(as_cryptography=True)
+            if certificate is None or not state.certificate_verdict:
+                raise Refusal("peer certificate was not checked", False, 0, 0)
+            if pki.fingerprint(certificate) != state.peer_fingerprint:
+                raise Refusal("peer certificate changed during the handshake", False, 0, 0)
+            if state.role == SERVER and not state.hello_done:
+                raise Refusal("identity was not checked", False, 0, 0)
+            material = self._conn.export_keying_material(
+                EXPORTER_LABEL, profile.keying_material_length)
+            keys = profile.split(material)
+        except Refusal as refusal:
+            # Withhold whatever OpenSSL just wrote (for the server: its final
+            # flight), so the peer never completes; tell it we are done.
+            self._discard_output()
+            try:
+                self._conn.shutdown()
+            except Exception:
+                pass
+            self._end(Closed(refusal.reason, refusal.rejected))
+            return
+        self.profile = profile
+        self._phase = _ESTABLISHED
+        self._events.append(HandshakeComplete(
+            profile=profile,
+            keys=keys,
+            peer_fingerprint=state.peer_fingerprint,
+            peer_tls_id=state.peer_tls_id,
+            ekt_cipher=None if state.ekt_cipher is None else ekt_cipher_value(state.ekt_cipher),
+        ))
+
+    def _fail_from_error(self, error: Exception) -> None:
+        failure = self._state.failure
+        if failure is not None:
+            self._end(Closed(failure.reason, failure.rejected))
+            return
+        text = error_text(error)
+        prefix = "handshake failed" if self._phase == _HANDSHAKING else "association failed"
+        self._end(Closed("{}: {}".format(prefix, text), False))
+
+    def _fail(self, reason: str) -> None:
+        self._end(Closed(reason, False))
+
+    def _end(self, event: Closed) -> None:
+        if self._closing is None:
+            self._closing = event
+
+    def _discard_output(self) -> None:
+        self._read_bio()
+
+    def _read_bio(self) -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunk = self._conn.bio_read(65536)
+            except SSL.WantReadError:
+                break
+            except Exception:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _collect(self) -> Output:
+        data = self._read_bio() if self._conn is not None else b""
+        datagrams = tuple(pack_records(split_records(data), self._mtu)) if data else ()
+        events = self._events
+        self._events = []
+        if self._closing is not None and self._phase != _CLOSED:
+            events.append(self._closing)
+            self._release()
+        return Output(datagrams, tuple(events))
+
+    def _release(self) -> None:
+        self._phase = _CLOSED
+        self._finalizer()
+        # Dropping the connection frees the SSL object (and its keys) now
+        # rather than whenever the association itself goes away.
+        self._conn = None
+        self._context = None
+
+    # -- after the handshake, without OpenSSL (server role) ----------------
+
+    def _compact(self, datagram: bytes, output: Output) -> None:
+        """
+        Hand the just-established association to perc.dtls.records and free the
+        OpenSSL connection (about 80 KiB that would otherwise stay for the
+        association's life).  Kept on OpenSSL: suites perc.dtls.records does not
+        handle, and anything unexpected about the final flight.
+        """
+        conn = self._conn
+        suite = records.suite_for(conn.get_cipher_name())
+        if suite is None:
+            return
+        # The final flight (ChangeCipherSpec, Finished) is in this output;
+        # its Finished used the epoch's first sequence numbers.
+        epoch = None
+        next_sequence = 0
+        for record in split_records(b"".join(output.datagrams)):
+            header = records.record_epoch_and_sequence(record)
+            if header is not None and header[0] > 0:
+                epoch = header[0]
+                next_sequence = max(next_sequence, header[1] + 1)
+        if epoch is None:
+            return
+        try:
+            protection = records.RecordProtection.from_master_secret(
+                suite, server=True, master_secret=conn.master_key(),
+                client_random=conn.client_random(), server_random=conn.server_random(),
+                epoch=epoch, next_write_sequence=next_sequence)
+        except Exception:
+            return
+        # The peer's records OpenSSL just read (its Finished, perhaps data
+        # after it) enter the replay window, so they cannot be replayed.
+        for record in split_records(bytes(datagram)):
+            protection.open(record)
+        self._records = protection
+        self._final_flight = output.datagrams
+        state = self._state
+        state.peer_certificate = None
+        state.received = {}
+        state.send = {}
+        self._finalizer()
+        self._conn = None
+        self._context = None
+
+    def _receive_compacted(self, datagram: bytes) -> Output:
+        try:
+            for record in split_records(bytes(datagram)):
+                opened = self._records.open(record)
+                if opened is None:
+                    continue  # other epoch, forged, replayed: DTLS discards it
+                content_type, plaintext = opened
+                if content_type == records.CONTENT_APPLICATION_DATA:
+                    if plaintext:
+                        self._events.append(ApplicationData(plaintext))
+                elif content_type == records.CONTENT_ALERT:
+                    output = self._alert_received(plaintext)
+                    if output is not None:
+                        return output
+                elif content_type == records.CONTENT_HANDSHAKE and plaintext[:1] == \
+                        bytes((HANDSHAKE_FINISHED,)):
+                    # The peer's retransmitted Finished: it never got ours.
+                    if self._final_flight_resends < self._max_retransmissions:
+                        self._final_flight_resends += 1
+                        return self._collect_with(self._final_flight)
+                # Anything else (a renegotiation attempt) is ignored, as
+                # OP_NO_RENEGOTIATION would have it.
+        except Exception as e:  # never let the peer's bytes raise out of here
+            return self._close_compacted(
+                Closed("internal error: {}: {}".format(type(e).__name__, e), False),
+                notify=False)
+        return self._collect()
+
+    def _alert_received(self, plaintext: bytes) -> Optional[Output]:
+        if len(plaintext) != 2:
+            return self._close_compacted(Closed("association failed: malformed alert", False),
+                                         notify=False)
+        level, description = plaintext
+        if description == ALERT_CLOSE_NOTIFY:
+            # Answer close_notify with our own, as TLS asks.
+            return self._close_compacted(
+                Closed("peer closed the association (close_notify)", False))
+        if level == ALERT_LEVEL_FATAL:
+            return self._close_compacted(Closed(
+                "association failed: peer sent fatal alert {}".format(description), False),
+                notify=False)
+        return None
+
+    def _send_compacted(self, content_type: int, plaintext: bytes) -> Output:
+        try:
+            record = self._records.seal(content_type, plaintext)
+        except OverflowError as e:
+            return self._close_compacted(Closed("association failed: {}".format(e), False),
+                                         notify=False)
+        return self._collect_with((record,))
+
+    def _close_compacted(self, event: Closed, notify: bool = True) -> Output:
+        datagrams = ()
+        if notify:
+            try:
+                datagrams = (self._records.seal(records.CONTENT_ALERT,
+                                                bytes((ALERT_LEVEL_WARNING, ALERT_CLOSE_NOTIFY))),)
+            except OverflowError:
+                pass
+        self._end(event)
+        self._records = None
+        self._final_flight = ()
+        return self._collect_with(datagrams)
+
+    def _collect_with(self, datagrams: tuple) -> Output:
+        """:meth:`_collect`, after ``datagrams`` sealed here rather than by OpenSSL."""
+        output = self._collect()
+        return Output(tuple(datagrams) + output.datagrams, output.events)
+
+
+class ClientAssociation(DtlsAssociation):
+    """
+    The endpoint side: a DTLS client offering ``profiles`` (in order of
+    preference), sending ``tls_id`` in extension 56 if given, and checking
+    the server against ``expected_peer_fingerprint`` (``"sha-256 AB:..."``,
+    RFC 5763/8122) and ``expected_peer_tls_id`` when they are not None.
+    ``credentials`` may be None only to test a server's refusal.
+
+    ``ekt_ciphers`` (EKT cipher values, most preferred first) is offered
+    in extension 39 (supported_ekt_ciphers); None offers no EKT.  A server
+    selecting a cipher that was not offered is rejected
+    (Closed(rejected=True)); HandshakeComplete.ekt_cipher tells what it
+    selected.
+
+    Call :meth:`start` to get the first flight.
+    """
+
+    role = CLIENT
+
+    def __init__(self, credentials: Optional[Credentials], profiles: Iterable[Profile], *,
+                 tls_id: Optional[bytes] = None,
+                 expected_peer_tls_id: Optional[bytes] = None,
+                 expected_peer_fingerprint: Optional[str] = None,
+                 ekt_ciphers: Optional[Iterable[int]] = None,
+                 mtu: int = DEFAULT_MTU,
+                 max_retransmissions: int = DEFAULT_MAX_RETRANSMISSIONS,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+        profiles = normalise_profiles(profiles)
+        check_mtu(mtu)
+        state = SslState(CLIENT)
+        state.allowed_profile_ids = frozenset(p.id for p in profiles)
+        if tls_id is not None:
+            state.send[EXTERNAL_SESSION_ID.ext_type] = encode_external_session_id(tls_id)
+        state.ekt_ciphers = normalise_ekt_ciphers(ekt_ciphers)
+        if state.ekt_ciphers is not None:
+            state.send[SUPPORTED_EKT_CIPHERS.ext_type] = encode_client_ekt_ciphers(
+                state.ekt_ciphers)
+        if expected_peer_tls_id is not None:
+            state.expected_peer_tls_id = validate_tls_id(expected_peer_tls_id)
+        if expected_peer_fingerprint is not None:
+            state.expected_peer_fingerprint = pki.normalise_fingerprint(expected_peer_fingerprint)
+        context = context_for(CLIENT, profiles, credentials)
+        connection = new_connection(context, mtu)
+        connection.set_connect_state()
+        super().__init__(context=context, connection=connection, state=state,
+                         profiles=profiles, mtu=mtu,
+                         max_retransmissions=max_retransmissions,
+                         handshake_timeout=handshake_timeout)
+
+
+class ServerAssociation(DtlsAssociation):
+    """
+    The Key Distributor side of one association; made by
+    :meth:`ServerListener.listen` once a ClientHello with a valid cookie
+    arrived.  Call :meth:`start` to process that ClientHello (the identity
+    hook's hello stage runs then) and get the server's flight.
+    """
+
+    role = SERVER
+
+    def __init__(self, *, association_id: bytes, compact: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.association_id = association_id
+        self._compact_when_established = compact

@@ -1,0 +1,486 @@
+"""
+OpenSSL's C callbacks (custom extensions, certificate verification,
+cookies) and the registry they consult.
+
+The callbacks are created once and shared by every context and SSL object;
+each finds the per-association :class:`SslState` by the ``SSL *`` address
+it is given.  The registry holds only weak references, so it never keeps an
+association alive.  The identity stages run inside these callbacks and
+raise :class:`Refusal` to refuse the peer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import weakref
+from typing import Optional
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+from perc import pki
+from perc.dtls.constants import (
+    ALERT_ACCESS_DENIED,
+    ALERT_DECODE_ERROR,
+    ALERT_HANDSHAKE_FAILURE,
+    ALERT_ILLEGAL_PARAMETER,
+    ALERT_INTERNAL_ERROR,
+    CLIENT,
+    SERVER,
+)
+from perc.dtls.extensions import (
+    EXTENSIONS,
+    EXTERNAL_SESSION_ID,
+    SUPPORTED_EKT_CIPHERS,
+    ExtensionError,
+    decode_external_session_id,
+    encode_external_session_id,
+)
+from perc.dtls.identity import (
+    ACCEPT_ALL,
+    STAGE_CERTIFICATE,
+    STAGE_HELLO,
+    Accept,
+    Decision,
+    IdentityQuery,
+    Reject,
+)
+from perc.ekt import (
+    EktError,
+    decode_client_ekt_ciphers,
+    decode_server_ekt_cipher,
+    encode_server_ekt_cipher,
+)
+
+# Verification errors whose alerts (bad_certificate, handshake_failure) fit
+# an identity rejection and a negotiation failure respectively.
+_X509_V_OK = _lib.X509_V_OK
+_X509_REJECTED = getattr(_lib, "X509_V_ERR_CERT_REJECTED", 28)
+_X509_APPLICATION = getattr(_lib, "X509_V_ERR_APPLICATION_VERIFICATION", 50)
+
+
+# --------------------------------------------------------------------------
+# Per-SSL state and the registry the C callbacks consult
+
+
+class Refusal(Exception):
+    """Raised inside callback helpers to refuse the handshake."""
+
+    def __init__(self, reason: str, rejected: bool, alert: int, x509_error: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.rejected = rejected
+        self.alert = alert
+        self.x509_error = x509_error
+
+
+def _reject(reason: str) -> Refusal:
+    return Refusal("rejected: " + reason, True, ALERT_ACCESS_DENIED, _X509_REJECTED)
+
+
+class SslState:
+    """
+    What the module-level callbacks need for one SSL object.  It holds no
+    reference to its association or connection, so the registry (which only
+    holds weak references to these) never keeps an association alive.
+    """
+
+    __slots__ = (
+        "role",
+        "association_id",
+        "cookie",
+        "send",
+        "received",
+        "buffers",
+        "identity_hook",
+        "default_tls_id",
+        "expected_peer_tls_id",
+        "expected_peer_fingerprint",
+        "allowed_profile_ids",
+        "ekt_ciphers",
+        "ekt_cipher",
+        "hello_done",
+        "peer_tls_id",
+        "peer_fingerprint",
+        "peer_certificate",
+        "certificate_verdict",
+        "failure",
+        "__weakref__",
+    )
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.association_id = b""
+        self.cookie = None
+        self.send = {}
+        self.received = {}
+        # Buffers handed to OpenSSL by the add callback, kept alive until the
+        # free callback runs.
+        self.buffers = {}
+        self.identity_hook = None
+        self.default_tls_id = None
+        self.expected_peer_tls_id = None
+        self.expected_peer_fingerprint = None
+        self.allowed_profile_ids = frozenset()
+        # EKT ciphers offered (client) or supported (server), None = no EKT;
+        # ekt_cipher is the one the ServerHello selected.
+        self.ekt_ciphers = None
+        self.ekt_cipher = None
+        self.hello_done = False
+        self.peer_tls_id = None
+        self.peer_fingerprint = None
+        self.peer_certificate = None
+        self.certificate_verdict = None
+        self.failure = None  # a Refusal, once something refused the peer
+
+
+#: ``SSL *`` address -> weak reference to its SslState.
+_registry: dict = {}
+
+
+def ssl_address(ssl) -> int:
+    return int(_ffi.cast("uintptr_t", ssl))
+
+
+def register(ssl, state: SslState):
+    """Register ``state`` for ``ssl``; returns the token :func:`unregister` needs."""
+    token = weakref.ref(state)
+    # An address can only be reused once the previous SSL is freed, so an
+    # existing entry here is stale and may be replaced.
+    _registry[ssl_address(ssl)] = token
+    return token
+
+
+def unregister(address: int, token) -> None:
+    # Only remove our own entry: the address may already belong to a newer
+    # SSL object whose association registered after ours was freed.
+    if _registry.get(address) is token:
+        del _registry[address]
+
+
+def lookup(ssl) -> Optional[SslState]:
+    token = _registry.get(ssl_address(ssl))
+    return None if token is None else token()
+
+
+def callback_registry_size() -> int:
+    """How many SSL objects the callbacks currently know (diagnostics, tests)."""
+    return len(_registry)
+
+
+def _callback_error(exc_type, exc_value, traceback) -> None:
+    # Last line of defence: cffi returns the callback's declared error value.
+    # The bodies below catch everything themselves, so this is not expected.
+    return None
+
+
+# --------------------------------------------------------------------------
+# Identity stages (run inside callbacks; they raise Refusal to refuse)
+
+
+def selected_profile_id(ssl) -> Optional[int]:
+    selected = _lib.SSL_get_selected_srtp_profile(ssl)
+    if selected == _ffi.NULL:
+        return None
+    return int(selected.id)
+
+
+def check_profile(ssl, state: SslState) -> None:
+    profile_id = selected_profile_id(ssl)
+    if profile_id is None or profile_id not in state.allowed_profile_ids:
+        raise Refusal(
+            "no common SRTP protection profile",
+            False,
+            ALERT_HANDSHAKE_FAILURE,
+            _X509_APPLICATION,
+        )
+
+
+def _ask_hook(state: SslState, stage: str) -> Decision:
+    hook = state.identity_hook or ACCEPT_ALL
+    query = IdentityQuery(
+        association_id=state.association_id,
+        stage=stage,
+        peer_tls_id=state.peer_tls_id,
+        peer_fingerprint=state.peer_fingerprint,
+        peer_certificate=state.peer_certificate,
+    )
+    try:
+        decision = hook(query)
+    except Exception as e:
+        raise _reject("identity hook failed at {} stage: {}: {}".format(
+            stage, type(e).__name__, e))
+    if isinstance(decision, Reject):
+        raise _reject(str(decision.reason))
+    if not isinstance(decision, Accept):
+        raise _reject("identity hook returned {!r}, not Accept or Reject".format(
+            type(decision).__name__))
+    return decision
+
+
+def _server_hello_stage(ssl, state: SslState) -> None:
+    """After the ClientHello: profile negotiated?  identity hook; server tls-id."""
+    if state.hello_done:
+        return
+    state.hello_done = True
+    check_profile(ssl, state)
+    decision = _ask_hook(state, STAGE_HELLO)
+    tls_id = decision.tls_id if decision.tls_id is not None else state.default_tls_id
+    if tls_id is not None:
+        try:
+            state.send[EXTERNAL_SESSION_ID.ext_type] = encode_external_session_id(tls_id)
+        except ExtensionError as e:
+            raise Refusal("own tls-id unusable: {}".format(e), False,
+                           ALERT_INTERNAL_ERROR, _X509_APPLICATION)
+
+
+def _client_hello_stage(ssl, state: SslState) -> None:
+    """After the ServerHello (checked when the server certificate arrives)."""
+    if state.hello_done:
+        return
+    state.hello_done = True
+    check_profile(ssl, state)
+    expected = state.expected_peer_tls_id
+    if expected is not None and state.peer_tls_id != expected:
+        if state.peer_tls_id is None:
+            raise _reject("server sent no tls-id (external_session_id)")
+        raise _reject("server tls-id does not match the expected one")
+
+
+def _certificate_stage(ssl, state: SslState, certificate: x509.Certificate) -> None:
+    state.peer_fingerprint = pki.fingerprint(certificate)
+    state.peer_certificate = certificate
+    if state.role == SERVER:
+        _server_hello_stage(ssl, state)
+        _ask_hook(state, STAGE_CERTIFICATE)
+    else:
+        _client_hello_stage(ssl, state)
+        expected = state.expected_peer_fingerprint
+        if expected is not None:
+            hash_name = expected.split()[0]
+            if pki.fingerprint(certificate, hash_name) != expected:
+                raise _reject("server certificate fingerprint does not match the expected one")
+
+
+def _decode_or_refuse(decode, data: bytes, name: str):
+    """``decode(data)``; a malformed extension refuses the peer with decode_error."""
+    try:
+        return decode(data)
+    except (ExtensionError, EktError) as e:
+        raise Refusal("malformed {} from peer: {}".format(name, e),
+                       False, ALERT_DECODE_ERROR, _X509_APPLICATION)
+
+
+def _parse_external_session_id(ssl, state: SslState, data: bytes) -> None:
+    tls_id = _decode_or_refuse(decode_external_session_id, data, "external_session_id")
+    state.peer_tls_id = tls_id
+    if state.role == SERVER:
+        # Custom extensions are parsed after use_srtp, so the profile is
+        # already chosen here and the hook can run as early as possible.
+        _server_hello_stage(ssl, state)
+    elif state.expected_peer_tls_id is not None and tls_id != state.expected_peer_tls_id:
+        state.hello_done = True
+        raise _reject("server tls-id does not match the expected one")
+
+
+def _parse_client_ekt_ciphers(ssl, state: SslState, data: bytes) -> None:
+    """Server role: the ClientHello's offer; select the first of ours the client offered."""
+    offered = _decode_or_refuse(decode_client_ekt_ciphers, data, "supported_ekt_ciphers")
+    for cipher in state.ekt_ciphers or ():
+        if cipher in offered:
+            state.ekt_cipher = cipher
+            state.send[SUPPORTED_EKT_CIPHERS.ext_type] = encode_server_ekt_cipher(cipher)
+            return
+
+
+def _parse_server_ekt_cipher(ssl, state: SslState, data: bytes) -> None:
+    """
+    Client role: the ServerHello's selection.  (OpenSSL itself refuses a
+    ServerHello extension the client did not send.)
+    """
+    selected = _decode_or_refuse(decode_server_ekt_cipher, data, "supported_ekt_ciphers")
+    if selected not in (state.ekt_ciphers or ()):
+        raise Refusal("rejected: server selected EKT cipher {}, which was not offered".format(
+            selected), True, ALERT_ILLEGAL_PARAMETER, _X509_APPLICATION)
+    state.ekt_cipher = selected
+
+
+#: (role, extension type) -> handler(ssl, state, data); raises Refusal.
+_PARSERS = {
+    (SERVER, EXTERNAL_SESSION_ID.ext_type): _parse_external_session_id,
+    (CLIENT, EXTERNAL_SESSION_ID.ext_type): _parse_external_session_id,
+    (SERVER, SUPPORTED_EKT_CIPHERS.ext_type): _parse_client_ekt_ciphers,
+    (CLIENT, SUPPORTED_EKT_CIPHERS.ext_type): _parse_server_ekt_cipher,
+}
+
+
+# --------------------------------------------------------------------------
+# Module-level C callbacks: created once, shared by every context and SSL.
+
+_ADD_CB = _ffi.typeof(_lib.SSL_CTX_add_client_custom_ext).args[2]
+_FREE_CB = _ffi.typeof(_lib.SSL_CTX_add_client_custom_ext).args[3]
+_PARSE_CB = _ffi.typeof(_lib.SSL_CTX_add_client_custom_ext).args[5]
+_VERIFY_CB = _ffi.typeof(_lib.SSL_CTX_set_verify).args[2]
+_COOKIE_GEN_CB = _ffi.typeof(_lib.SSL_CTX_set_cookie_generate_cb).args[1]
+_COOKIE_VERIFY_CB = _ffi.typeof(_lib.SSL_CTX_set_cookie_verify_cb).args[1]
+
+
+def _record_failure(state: Optional[SslState], failure: Refusal) -> None:
+    if state is not None and state.failure is None:
+        state.failure = failure
+
+
+def _internal(e: BaseException) -> Refusal:
+    return Refusal("internal error in DTLS callback: {}: {}".format(type(e).__name__, e),
+                    False, ALERT_INTERNAL_ERROR, _X509_APPLICATION)
+
+
+@_ffi.callback(_ADD_CB, error=-1, onerror=_callback_error)
+def _ext_add(ssl, ext_type, out, outlen, al, add_arg):
+    state = None
+    try:
+        state = lookup(ssl)
+        if state is None or state.failure is not None:
+            return 0
+        value = state.send.get(ext_type)
+        if value is None:
+            return 0
+        buffer = _ffi.new("unsigned char[]", max(len(value), 1))
+        _ffi.memmove(buffer, value, len(value))
+        state.buffers[ext_type] = buffer
+        out[0] = buffer
+        outlen[0] = len(value)
+        return 1
+    except Exception as e:
+        _record_failure(state, _internal(e))
+        al[0] = ALERT_INTERNAL_ERROR
+        return -1
+
+
+@_ffi.callback(_FREE_CB, onerror=_callback_error)
+def _ext_free(ssl, ext_type, out, add_arg):
+    try:
+        state = lookup(ssl)
+        if state is not None:
+            state.buffers.pop(ext_type, None)
+    except Exception:
+        pass
+
+
+@_ffi.callback(_PARSE_CB, error=0, onerror=_callback_error)
+def _ext_parse(ssl, ext_type, data, size, al, parse_arg):
+    state = None
+    try:
+        state = lookup(ssl)
+        if state is None:
+            al[0] = ALERT_INTERNAL_ERROR
+            return 0
+        if state.failure is not None:
+            al[0] = state.failure.alert
+            return 0
+        raw = bytes(_ffi.buffer(data, size)) if size else b""
+        state.received[ext_type] = raw
+        handler = _PARSERS.get((state.role, ext_type))
+        if handler is not None:
+            handler(ssl, state, raw)
+        return 1
+    except Refusal as refusal:
+        _record_failure(state, refusal)
+        al[0] = refusal.alert
+        return 0
+    except Exception as e:
+        _record_failure(state, _internal(e))
+        al[0] = ALERT_INTERNAL_ERROR
+        return 0
+
+
+@_ffi.callback(_VERIFY_CB, error=0, onerror=_callback_error)
+def _verify(preverify_ok, store_ctx):
+    state = None
+    try:
+        ssl = _lib.X509_STORE_CTX_get_ex_data(
+            store_ctx, _lib.SSL_get_ex_data_X509_STORE_CTX_idx()
+        )
+        state = lookup(ssl)
+        if state is None:
+            return 0
+        if _lib.X509_STORE_CTX_get_error_depth(store_ctx) != 0:
+            # Identity is the leaf's fingerprint, not a CA chain: whatever
+            # the chain above the leaf looks like is irrelevant.
+            _lib.X509_STORE_CTX_set_error(store_ctx, _X509_V_OK)
+            return 1
+        if state.certificate_verdict is None:
+            # OpenSSL may call us several times for the leaf (once per
+            # error); decide once.
+            state.certificate_verdict = False
+            if state.failure is None:
+                raw = _lib.X509_STORE_CTX_get_current_cert(store_ctx)
+                _lib.X509_up_ref(raw)
+                certificate = crypto.X509._from_raw_x509_ptr(raw).to_cryptography()
+                ssl_ptr = _ffi.cast("SSL *", ssl)
+                _certificate_stage(ssl_ptr, state, certificate)
+                state.certificate_verdict = True
+        if state.certificate_verdict and state.failure is None:
+            _lib.X509_STORE_CTX_set_error(store_ctx, _X509_V_OK)
+            return 1
+        failure = state.failure
+        _lib.X509_STORE_CTX_set_error(
+            store_ctx, failure.x509_error if failure is not None else _X509_REJECTED
+        )
+        return 0
+    except Refusal as refusal:
+        _record_failure(state, refusal)
+        _lib.X509_STORE_CTX_set_error(store_ctx, refusal.x509_error)
+        return 0
+    except Exception as e:
+        _record_failure(state, _internal(e))
+        return 0
+
+
+@_ffi.callback(_COOKIE_GEN_CB, error=0, onerror=_callback_error)
+def _cookie_generate(ssl, out, outlen):
+    try:
+        state = lookup(ssl)
+        if state is None or state.cookie is None:
+            return 0
+        cookie = state.cookie
+        _ffi.memmove(out, cookie, len(cookie))
+        outlen[0] = len(cookie)
+        return 1
+    except Exception:
+        return 0
+
+
+@_ffi.callback(_COOKIE_VERIFY_CB, error=0, onerror=_callback_error)
+def _cookie_verify(ssl, cookie, length):
+    try:
+        state = lookup(ssl)
+        if state is None or state.cookie is None:
+            return 0
+        received = bytes(_ffi.buffer(cookie, length))
+        return 1 if hmac.compare_digest(received, state.cookie) else 0
+    except Exception:
+        return 0
+
+
+def install_callbacks(context: SSL.Context, role: str) -> None:
+    """
+    Put the shared callbacks on a new context: certificate verification
+    (the peer must present one; its fingerprint is the identity), the
+    custom extensions, and, for the server role, the cookie exchange.
+    """
+    raw = context._context
+    if role == SERVER:
+        mode = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        _lib.SSL_CTX_set_cookie_generate_cb(raw, _cookie_generate)
+        _lib.SSL_CTX_set_cookie_verify_cb(raw, _cookie_verify)
+        add_extension = _lib.SSL_CTX_add_server_custom_ext
+    else:
+        mode = SSL.VERIFY_PEER
+        add_extension = _lib.SSL_CTX_add_client_custom_ext
+    _lib.SSL_CTX_set_verify(raw, mode, _verify)
+    for spec in EXTENSIONS:
+        if add_extension(raw, spec.ext_type, _ext_add, _ext_free,
+                         _ffi.NULL, _ext_parse, _ffi.NULL) != 1:
+            raise RuntimeError("OpenSSL refused custom extension {}".format(spec.ext_type))

@@ -412,6 +412,14 @@ class EktTests(KeyDistributorTestCase):
                 events.extend(client.receive(message.dtls_message, self.clock.seconds()).events)
         return events
 
+    def test_ttl_zero_refused_where_configured(self):
+        # RFC 8870: a TTL-0 EKTKey is expired on arrival; this KD never makes one.
+        for ttl in (0, -1, 1 << 24, True, 1.5):
+            self.assertRaises(ValueError, ConferenceKeys, ttl=ttl)
+        keys = ConferenceKeys(ttl=1)
+        self.assertEqual(keys.key_for(CONFERENCE).ekt_ttl, 1)
+        self.assertEqual(keys.rekey(CONFERENCE).ekt_ttl, 1)
+
     def test_key_follows_the_final_flight_and_is_resent_on_request(self):
         md = MediaDistributorStandIn(self.kd)
         aid = uuid.uuid4()

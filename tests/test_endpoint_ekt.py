@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 from twisted.logger import Logger
 
 from perc.double import DoubleSender
-from perc.ekt import EktSender
+from perc.ekt import EktKey, EktSender
 from perc.profiles import by_id
 from perc.rtp import full_ekt_field
 
@@ -89,9 +89,8 @@ class HostileSenderTests(RejoinTestCase):
     def test_unknown_spi_discards_the_packet(self):
         # Step 2: no parameter set, an authentication failure.  The packet is
         # otherwise fine (known sender, its current key).
-        stranger = EktSender(self.good.key.__class__(os.urandom(16), os.urandom(12),
-                                                     (self.good.key.ekt_spi + 1) & 0xFFFF, 60),
-                             1, GOOD, self.good.master, lambda: 0)
+        unheld = EktKey(os.urandom(16), os.urandom(12), (self.good.key.ekt_spi + 1) & 0xFFFF, 60)
+        stranger = EktSender(unheld, 1, GOOD, self.good.master, lambda: 0)
         self.deliver(self.good.packet(stranger.full_field()))
         self.assertEqual(self.receiver.ekt_discarded, {"unknown-spi": 1})
         self.assertEqual(self.stats(GOOD), (1, 1))

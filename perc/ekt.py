@@ -53,6 +53,7 @@ __all__ = [
     "MAX_MASTER_KEY_LENGTH",
     "MAX_TTL",
     "EktError",
+    "EktFieldRejected",
     "EktCipher",
     "ekt_cipher",
     "ekt_encrypt",
@@ -96,6 +97,30 @@ class EktError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class EktFieldRejected(EktError):
+    """
+    A FullEKTField that RFC 8870 section 4.3.2 refuses.  ``kind`` names why,
+    for counters: ``malformed``, ``unknown-spi``, ``expired-spi`` (step 2:
+    no usable parameter set), ``unwrap-failed`` (step 3), ``bad-plaintext``
+    (step 4), ``ssrc-mismatch`` (step 5), ``wrong-key-length`` (step 6).
+    ``discard_packet`` is True where EKT processing is aborted and the whole
+    packet is to be discarded as an authentication failure (every kind but
+    ``ssrc-mismatch``, after which the rest of the packet may be processed).
+    """
+
+    def __init__(self, reason: str, kind: str, discard_packet: bool = True) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.discard_packet = discard_packet
+
+
+def _check_usable(ekt_key: "EktKey") -> None:
+    # RFC 8870 section 5.2.2: the key must not be used after its TTL, so a
+    # TTL of 0 is expired on arrival (Linphone sends 0 for "no limit").
+    if ekt_key.ekt_ttl == 0:
+        raise EktError("EKTKey SPI {} has TTL 0: expired on arrival".format(ekt_key.ekt_spi))
 
 
 # --------------------------------------------------------------------------
@@ -214,7 +239,9 @@ class EktKey:
     :meth:`check_cipher`).  ``srtp_master_salt`` is the conference-wide
     end-to-end salt (12 octets for the double AEAD profiles; a longer one
     is truncated by its user, RFC 8870 section 4.3.2 step 4).  ``ekt_ttl``
-    is in seconds.  repr hides the key and the salt.
+    is in seconds; 0 decodes, but means expired on arrival (RFC 8870), so
+    :class:`EktSender` and :class:`EktReceiver` refuse such a key.  repr
+    hides the key and the salt.
     """
 
     ekt_key_value: bytes
@@ -369,7 +396,8 @@ class EktSender:
 
     ``received_at`` (when the EKTKey arrived, caller's clock) makes the
     EKTKey's TTL count: after ``received_at + ekt_ttl`` :meth:`field`
-    raises EktError, as the key must no longer be used.
+    raises EktError, as the key must no longer be used.  An EKTKey with TTL
+    0 is refused (EktError): it is expired on arrival.
 
     Which master key the SRTP layer protects with, and when it switches
     after announcing a new one (RFC 8870 section 4.3.1 suggests 250 ms),
@@ -384,6 +412,7 @@ class EktSender:
         if not isinstance(ekt_key, EktKey):
             raise TypeError("ekt_key must be an EktKey")
         self._cipher = ekt_key.check_cipher(cipher)
+        _check_usable(ekt_key)
         self._ssrc = _uint(ssrc, _MAX_U32, "SSRC")
         if not callable(roc_source):
             raise TypeError("roc_source must be callable")
@@ -460,6 +489,7 @@ class EktSender:
         if not isinstance(ekt_key, EktKey):
             raise TypeError("ekt_key must be an EktKey")
         ekt_key.check_cipher(self._cipher)
+        _check_usable(ekt_key)
         if ekt_key.ekt_spi == self._ekt_key.ekt_spi:
             raise EktError("a new EKTKey needs a new SPI (SPI {} is in use)".format(
                 ekt_key.ekt_spi))
@@ -599,11 +629,13 @@ class EktReceiver:
         Make ``ekt_key`` current; the previous current one stays usable.
         ``now`` (caller's clock) starts its TTL.  Adding the current key
         again changes nothing; reusing a held SPI for another key is an
-        EktError (each parameter set has its own SPI, RFC 8870 section 4.2).
+        EktError (each parameter set has its own SPI, RFC 8870 section 4.2),
+        and so is a key with TTL 0 (expired on arrival).
         """
         if not isinstance(ekt_key, EktKey):
             raise TypeError("ekt_key must be an EktKey")
         ekt_key.check_cipher(self._cipher)
+        _check_usable(ekt_key)
         spi = ekt_key.ekt_spi
         held = self._keys.get(spi)
         if held is not None:
@@ -630,17 +662,19 @@ class EktReceiver:
         ``packet_ssrc`` (RFC 8870 section 4.3.2):
 
         - ShortEKTField: None.
-        - FullEKTField under an SPI not held, or whose key's TTL ran out
-          (with ``now``): EktError.
+        - Every refusal is an :class:`EktFieldRejected` whose
+          ``discard_packet`` says what to do with the packet.  A malformed
+          field, an SPI not held, or one whose key's TTL ran out (with
+          ``now``), ciphertext that does not authenticate, a malformed
+          plaintext, or a master key of the wrong length: EKT processing is
+          aborted and the packet discarded (steps 2, 3, 4, 6).  An SSRC in
+          the plaintext other than ``packet_ssrc``: the field is discarded,
+          the rest of the packet may be processed (step 5).
         - Older than what was accepted for this SSRC -- a lower epoch
           under the same SPI, any epoch under an older SPI, or the same
           epoch with another master key (an epoch may carry one key only):
           ignored, None.  These checks use the cleartext SPI and epoch, so
           a forged field can only make itself ignored.
-        - Ciphertext that does not authenticate, a malformed plaintext, an
-          SSRC in it other than ``packet_ssrc``, or a master key of the
-          wrong length: EktError (discard the field; RFC 8870 lets the rest
-          of the packet be processed).
         - Otherwise the :class:`SenderKey`.  A field identical to the one
           last accepted for this SSRC returns that SenderKey without
           decrypting again.
@@ -655,14 +689,14 @@ class EktReceiver:
         try:
             full = parse_full_ekt_field(ekt_field)
         except EktFieldError as e:
-            raise EktError("malformed EKT field: {}".format(e)) from None
+            raise EktFieldRejected("malformed EKT field: {}".format(e), "malformed") from None
         parameters = self._keys.get(full.spi)
         if parameters is None:
-            raise EktError("unknown SPI {}".format(full.spi))
+            raise EktFieldRejected("unknown SPI {}".format(full.spi), "unknown-spi")
         if now is not None and parameters.expires_at is not None \
                 and now >= parameters.expires_at:
-            raise EktError("EKTKey SPI {} expired: its TTL of {} s ran out".format(
-                full.spi, parameters.key.ekt_ttl))
+            raise EktFieldRejected("EKTKey SPI {} expired: its TTL of {} s ran out".format(
+                full.spi, parameters.key.ekt_ttl), "expired-spi")
         source = self._sources.get(packet_ssrc)
         if source is not None:
             if source.generation > parameters.generation or (
@@ -673,15 +707,22 @@ class EktReceiver:
             if (source.generation == parameters.generation and full.epoch == source.epoch
                     and source.ciphertext == full.ciphertext):
                 return source.sender_key
-        plaintext = EktPlaintext.decode(ekt_decrypt(
-            self._cipher, parameters.key.ekt_key_value, full.ciphertext))
+        try:
+            unwrapped = ekt_decrypt(self._cipher, parameters.key.ekt_key_value, full.ciphertext)
+        except EktError as e:
+            raise EktFieldRejected(e.reason, "unwrap-failed") from None
+        try:
+            plaintext = EktPlaintext.decode(unwrapped)
+        except EktError as e:
+            raise EktFieldRejected(e.reason, "bad-plaintext") from None
         if plaintext.ssrc != packet_ssrc:
-            raise EktError("SSRC 0x{:08X} in the EKTPlaintext is not the packet's 0x{:08X}".format(
-                plaintext.ssrc, packet_ssrc))
+            raise EktFieldRejected(
+                "SSRC 0x{:08X} in the EKTPlaintext is not the packet's 0x{:08X}".format(
+                    plaintext.ssrc, packet_ssrc), "ssrc-mismatch", discard_packet=False)
         if self._master_key_length is not None \
                 and len(plaintext.master_key) != self._master_key_length:
-            raise EktError("SRTP master key of {} octets, {} expected".format(
-                len(plaintext.master_key), self._master_key_length))
+            raise EktFieldRejected("SRTP master key of {} octets, {} expected".format(
+                len(plaintext.master_key), self._master_key_length), "wrong-key-length")
         if (source is not None and source.generation == parameters.generation
                 and full.epoch == source.epoch
                 and not hmac.compare_digest(plaintext.master_key,

@@ -19,6 +19,7 @@ association has its own.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import struct
@@ -37,7 +38,7 @@ from perc.double import (
     ReplayError,
     UnknownSenderError,
 )
-from perc.ekt import EktCipher, EktError, EktKey, EktReceiver, EktSender
+from perc.ekt import EktCipher, EktError, EktFieldRejected, EktKey, EktReceiver, EktSender
 
 __all__ = ["DtlsClientProtocol", "ReferenceEndpoint", "SenderStats", "backoff"]
 
@@ -271,6 +272,14 @@ class ReferenceEndpoint(DtlsClientProtocol):
         #: Distributor's current keys for us: stale around a rejoin, or forged).
         self.hop_failed = 0
         self.rekeys = 0
+        #: FullEKTFields refused (RFC 8870 section 4.3.2), by
+        #: :attr:`perc.ekt.EktFieldRejected.kind`; all but ``ssrc-mismatch``
+        #: discarded their packet, as did ``unusable-key``.
+        self.ekt_discarded: collections.Counter = collections.Counter()
+        #: EKTKeys with TTL 0 received: expired on arrival, never used.
+        self.expired_ekt_keys = 0
+        #: Packets not sent because the EKTKey's TTL had run out.
+        self.unsent_key_expired = 0
         #: Handshakes started, retries included.
         self.attempts = 0
         #: Associations found lost by the liveness check.
@@ -336,7 +345,8 @@ class ReferenceEndpoint(DtlsClientProtocol):
         if cipher != self._cipher:
             # First join, or another EKT cipher: the EKT state starts afresh.
             self._cipher = cipher
-            self._ekt_receiver = EktReceiver(cipher)
+            self._ekt_receiver = EktReceiver(
+                cipher, master_key_length=self.profile.key_length // 2)
             self._ekt_sender = None
         self._startAsking(at_once=False)
 
@@ -392,6 +402,8 @@ class ReferenceEndpoint(DtlsClientProtocol):
         except EktError as error:
             self._fail("unusable EKTKey from the Key Distributor: {}".format(error.reason))
             return
+        if self._expiredOnArrival(key):
+            return
         # An answer, whatever it holds: the association reaches the Key
         # Distributor.
         self._keyed = True
@@ -427,6 +439,21 @@ class ReferenceEndpoint(DtlsClientProtocol):
             self._ekt_sender.rekey(key, master_key, now)
             self.rekeys += 1
         self.log.info("{name}: EKTKey SPI {spi} received", name=self.name, spi=key.ekt_spi)
+
+    def _expiredOnArrival(self, key: EktKey) -> bool:
+        """
+        True for an EKTKey with TTL 0, which RFC 8870 makes expired on
+        arrival (Linphone means "no limit" by it): counted, logged once, and
+        not an answer, so the endpoint keeps asking for a usable key (and,
+        none coming, joins again) while it protects with the one it has.
+        """
+        if key.ekt_ttl:
+            return False
+        self.expired_ekt_keys += 1
+        if self.expired_ekt_keys == 1:
+            self.log.warn("{name}: ignoring EKTKey SPI {spi} with TTL 0 (expired on arrival, "
+                          "RFC 8870); asking for a usable one", name=self.name, spi=key.ekt_spi)
+        return True
 
     def closed(self, event: dtls.Closed) -> None:
         self._stopLiveness()
@@ -491,6 +518,10 @@ class ReferenceEndpoint(DtlsClientProtocol):
         if self._ekt_sender is None:
             return  # no EKTKey since the EKT cipher changed: nothing to announce with
         now = self.clock.seconds()
+        if self._ekt_sender.expired(now):
+            # Never protect under an EKTKey past its TTL (RFC 8870 5.2.2).
+            self.unsent_key_expired += 1
+            return
         self._sequence = (self._sequence + 1) & 0xFFFF
         payload = _PAYLOAD.pack(_MAGIC, self.ssrc, self._sequence, now)
         payload += bytes(self.payload_size - len(payload))
@@ -510,20 +541,28 @@ class ReferenceEndpoint(DtlsClientProtocol):
         except (rtp.EktFieldError, struct.error):
             self.undecodable += 1
             return
-        # The EKT field first: it may carry the key this very packet needs.
+        # The EKT field first (RFC 8870 section 4.3.2): it may carry the key
+        # this very packet needs, and its failures may discard the packet.
         awaiting = None
         try:
             sender_key = self._ekt_receiver.process(ekt_field, ssrc, now)
-        except EktError:
+        except EktFieldRejected as rejected:
+            self.ekt_discarded[rejected.kind] += 1
+            if rejected.kind == "unknown-spi":
+                self._unheldSpi(ssrc, now)
+            if rejected.discard_packet:
+                return
             sender_key = None
-            awaiting = self._unheldSpi(ekt_field)
         if sender_key is not None:
+            try:
+                self._receiver.add_sender_key(
+                    ssrc, sender_key.master_key,
+                    sender_key.master_salt[:self.profile.salt_length // 2], roc=sender_key.roc)
+            except ValueError:
+                # A salt the profile cannot use (the EKTKey's): abort EKT too.
+                self.ekt_discarded["unusable-key"] += 1
+                return
             awaiting = False
-            self._receiver.add_sender_key(
-                ssrc, sender_key.master_key,
-                sender_key.master_salt[:self.profile.salt_length // 2], roc=sender_key.roc)
-        if awaiting:
-            self._keyWanted(now)
         try:
             result = self._receiver.unprotect(srtp)
         except UnknownSenderError:
@@ -560,13 +599,18 @@ class ReferenceEndpoint(DtlsClientProtocol):
             return
         stats.verifiedPacket(sequence, sent_at, now)
 
-    def _unheldSpi(self, ekt_field: bytes) -> bool:
-        """True for a well-formed FullEKTField under an SPI this endpoint holds no EKTKey for."""
-        try:
-            spi = rtp.parse_full_ekt_field(ekt_field).spi
-        except rtp.EktFieldError:
-            return False
-        return spi not in self._ekt_receiver.spis
+    def _unheldSpi(self, ssrc: int, now: float) -> None:
+        """
+        ``ssrc`` announced its key under an EKTKey this endpoint does not
+        hold.  Its packet is gone; what it sends meanwhile under that key
+        counts as ``undecryptable``, not ``failed`` (for a sender already
+        seen: no state for SSRCs never authenticated), and the endpoint asks
+        for the EKTKey.
+        """
+        stats = self.stats.get(ssrc)
+        if stats is not None:
+            stats.awaiting_key = True
+        self._keyWanted(now)
 
     def _keyWanted(self, now: float) -> None:
         """
@@ -594,6 +638,10 @@ class ReferenceEndpoint(DtlsClientProtocol):
             "name": self.name, "ssrc": self.ssrc, "sent": self.sent, "rekeys": self.rekeys,
             "attempts": self.attempts, "rejoins": self.rejoins, "lost": self.lost,
             "hop_failed": self.hop_failed,
+            "ekt_discarded": dict(self.ekt_discarded),
+            "ekt_ignored": 0 if self._ekt_receiver is None else self._ekt_receiver.ignored,
+            "expired_ekt_keys": self.expired_ekt_keys,
+            "unsent_key_expired": self.unsent_key_expired,
             "senders": {ssrc: {"received": s.received, "verified": s.verified,
                                "failed": s.failed, "undecryptable": s.undecryptable,
                                "lost": s.lost, "jitter_s": s.jitter}

@@ -34,6 +34,14 @@ def _fixtures():
     return _STATE
 
 
+def _supported_profiles(version: int, profiles: tuple):
+    """SupportedProfiles, or a newer version's with a version-0-like body."""
+    message = wire.SupportedProfiles(wire.PROTOCOL_VERSION, profiles)
+    if version == wire.PROTOCOL_VERSION:
+        return message
+    return wire.NewerSupportedProfiles(version, message.encode()[4:])
+
+
 def random_stream(rng: random.Random, messages: int = 20) -> bytes:
     """
     A stream a fuzzing peer might send: mostly well-formed messages with
@@ -43,12 +51,12 @@ def random_stream(rng: random.Random, messages: int = 20) -> bytes:
     ids = [uuid.UUID(int=rng.getrandbits(128)) for _ in range(3)]
     parts = []
     if rng.random() < 0.8:
-        parts.append(wire.SupportedProfiles(rng.choice((0, 0, 0, 1)), (9, 10)).encode())
+        parts.append(_supported_profiles(rng.choice((0, 0, 0, 1)), (9, 10)).encode())
     for _ in range(rng.randrange(messages)):
         kind = rng.randrange(8)
         aid = rng.choice(ids)
         if kind == 0:
-            message = wire.SupportedProfiles(rng.randrange(3), tuple(
+            message = _supported_profiles(rng.randrange(3), tuple(
                 rng.randrange(12) for _ in range(1 + rng.randrange(4))))
         elif kind == 1:
             message = wire.UnsupportedVersion(rng.randrange(256))

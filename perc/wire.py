@@ -27,6 +27,7 @@ __all__ = [
     "MessageType",
     "WireError",
     "SupportedProfiles",
+    "NewerSupportedProfiles",
     "UnsupportedVersion",
     "MediaKeys",
     "TunneledDtls",
@@ -128,7 +129,10 @@ def _uuid_from_bytes(value: bytes) -> uuid.UUID:
 
 @dataclass(frozen=True)
 class SupportedProfiles:
-    """The Media Distributor's first message on every tunnel connection."""
+    """
+    The Media Distributor's first message on every tunnel connection, in
+    the one version this codec speaks (``version`` is PROTOCOL_VERSION).
+    """
 
     version: int
     profiles: tuple[int, ...]
@@ -136,7 +140,10 @@ class SupportedProfiles:
     msg_type = MessageType.SUPPORTED_PROFILES
 
     def __post_init__(self) -> None:
-        _check_uint("version", self.version, 8)
+        # A version-0 body under another number would lie to the peer.
+        if self.version != PROTOCOL_VERSION:
+            raise WireError("SupportedProfiles version {!r}: this codec only speaks "
+                            "version {}".format(self.version, PROTOCOL_VERSION))
         if not isinstance(self.profiles, tuple):
             raise WireError("profiles must be a tuple of profile ids")
         for profile in self.profiles:
@@ -152,6 +159,35 @@ class SupportedProfiles:
         return (_HEADER.pack(self.msg_type, 3 + 2 * count)
                 + bytes((self.version, (2 * count) >> 8, (2 * count) & 0xFF))
                 + _profiles_struct(count).pack(*self.profiles))
+
+
+@dataclass(frozen=True)
+class NewerSupportedProfiles:
+    """
+    A SupportedProfiles of a version this codec does not speak (any but
+    PROTOCOL_VERSION, so a newer one).  Only its version octet is decoded:
+    ``rest`` is the remainder of the body, in that version's format, never
+    interpreted (RFC 9185 section 5.3: the answer is UnsupportedVersion
+    whatever follows).
+    """
+
+    version: int
+    rest: bytes = b""
+
+    msg_type = MessageType.SUPPORTED_PROFILES
+
+    def __post_init__(self) -> None:
+        _check_uint("version", self.version, 8)
+        if self.version == PROTOCOL_VERSION:
+            raise WireError("version {} is SupportedProfiles itself".format(PROTOCOL_VERSION))
+        _check_vector("rest", self.rest, 0, MAX_BODY_LENGTH - 1)
+
+    def __repr__(self) -> str:
+        return "NewerSupportedProfiles(version={}, {} more octets)".format(
+            self.version, len(self.rest))
+
+    def encode(self) -> bytes:
+        return _frame(self.msg_type, bytes((self.version,)) + self.rest)
 
 
 @dataclass(frozen=True)
@@ -257,7 +293,7 @@ class EndpointDisconnect:
                                               self.association_id.bytes)
 
 
-Message = SupportedProfiles | UnsupportedVersion | MediaKeys | TunneledDtls | EndpointDisconnect
+Message = SupportedProfiles | NewerSupportedProfiles | UnsupportedVersion | MediaKeys | TunneledDtls | EndpointDisconnect
 
 
 class _Reader:
@@ -293,14 +329,23 @@ class _Reader:
     def uuid(self) -> uuid.UUID:
         return uuid.UUID(bytes=self.take(_UUID_LENGTH, "association_id"))
 
+    def rest(self) -> bytes:
+        """Every octet not consumed yet."""
+        value = self._body[self._offset:]
+        self._offset = len(self._body)
+        return value
+
     def finish(self) -> None:
         extra = len(self._body) - self._offset
         if extra:
             raise WireError("{} trailing octets after the last field".format(extra))
 
 
-def _decode_supported_profiles(reader: _Reader) -> SupportedProfiles:
+def _decode_supported_profiles(reader: _Reader) -> SupportedProfiles | NewerSupportedProfiles:
+    # The version first: the rest of the body is laid out as that version says.
     version = reader.uint8("version")
+    if version != PROTOCOL_VERSION:
+        return NewerSupportedProfiles(version, reader.rest())
     length = reader.uint16("protection_profiles length")
     if length < 2 or length % 2:
         raise WireError("protection_profiles length {} is not an even number "
@@ -344,7 +389,7 @@ def _decode_endpoint_disconnect(reader: _Reader) -> EndpointDisconnect:
 
 def _fast_supported_profiles(body: bytes):
     length = len(body) - 3
-    if length < 2 or length & 1 or (body[1] << 8 | body[2]) != length:
+    if length < 2 or length & 1 or body[0] or (body[1] << 8 | body[2]) != length:
         return None
     message = _object_new(SupportedProfiles)
     _object_setattr(message, "version", body[0])

@@ -17,6 +17,7 @@ from perc.dtls import callbacks
 from perc.ekt import (
     EktCipher,
     EktError,
+    EktFieldRejected,
     EktKey,
     EktPlaintext,
     EktReceiver,
@@ -440,6 +441,52 @@ class SenderReceiverTests(SynchronousTestCase):
         # Without a clock the TTL is not enforced.
         self.assertIsNotNone(receiver(key).process(field, SSRC, now=1e9))
 
+    def test_ttl_zero_is_expired_on_arrival(self):
+        # RFC 8870: never used after its TTL; Linphone means "no limit".
+        expired = ekt_key(spi=2, ttl=0)
+        self.assertEqual(EktKey.decode(expired.encode()), expired)
+        with self.assertRaises(EktError) as caught:
+            sender(expired)
+        self.assertIn("expired on arrival", caught.exception.reason)
+        source = sender(ekt_key(spi=1))
+        self.assertRaises(EktError, source.rekey, expired, OTHER_MASTER)
+        self.assertEqual(source.spi, 1)
+        rx = receiver(ekt_key(spi=1))
+        self.assertRaises(EktError, rx.add_key, expired, 0.0)
+        self.assertEqual(rx.spis, (1,))
+
+    def assertRejected(self, rx, field, ssrc, kind, discard_packet=True, now=None):
+        with self.assertRaises(EktFieldRejected) as caught:
+            rx.process(field, ssrc, now)
+        self.assertEqual((caught.exception.kind, caught.exception.discard_packet),
+                         (kind, discard_packet))
+
+    def test_rejections_say_what_happens_to_the_packet(self):
+        """RFC 8870 section 4.3.2: which failures abort EKT and discard the packet."""
+        key = ekt_key(spi=1)
+        rx = receiver(key, master_key_length=16)
+        good = sender(key).field(0.0)
+        # Step 2: no parameter set for the SPI, or an expired one.
+        self.assertRejected(rx, sender(ekt_key(spi=9)).field(0.0), SSRC, "unknown-spi")
+        timed = EktReceiver(1)
+        timed.add_key(ekt_key(spi=1, ttl=5), now=0.0)
+        self.assertRejected(timed, good, SSRC, "expired-spi", now=5.0)
+        # Step 3: the ciphertext does not authenticate.
+        forged = bytearray(good)
+        forged[0] ^= 1
+        self.assertRejected(rx, bytes(forged), SSRC, "unwrap-failed")
+        # Step 4: authenticates, but is no EKTPlaintext.
+        garbage = full_ekt_field(aes_key_wrap_with_padding(KEY128, b"\x05abc"), 1, 0)
+        self.assertRejected(rx, garbage, SSRC, "bad-plaintext")
+        # Step 5: another stream's field: only the field goes.
+        self.assertRejected(rx, good, SSRC2, "ssrc-mismatch", discard_packet=False)
+        # Step 6: a 32-octet key where the transform takes 16.
+        self.assertRejected(rx, sender(key, master=bytes(32)).field(0.0), SSRC,
+                            "wrong-key-length")
+        # Malformed framing.
+        self.assertRejected(rx, b"\x00\x01\x02", SSRC, "malformed")
+        self.assertEqual(rx.process(good, SSRC).master_key, MASTER)
+
     def test_ciphertext_cached(self):
         roc = Roc(0)
         source = sender(roc=roc)
@@ -553,7 +600,7 @@ class FuzzTests(SynchronousTestCase):
     @settings(max_examples=200, deadline=None)
     @given(st.binary(min_size=1, max_size=64), st.integers(0, 0xFFFFFFFF),
            st.integers(0, 0xFFFFFFFF), st.binary(min_size=1, max_size=256),
-           st.integers(0, 0xFFFF), st.integers(0, ekt.MAX_TTL))
+           st.integers(0, 0xFFFF), st.integers(1, ekt.MAX_TTL))
     def test_round_trips(self, master, ssrc, roc, salt, spi, ttl):
         plaintext = EktPlaintext(master, ssrc, roc)
         self.assertEqual(EktPlaintext.decode(plaintext.encode()), plaintext)

@@ -68,12 +68,47 @@ class KeyDistributorTestCase(TestCase):
 
 
 class TunnelRuleTests(KeyDistributorTestCase):
-    def test_unsupported_version(self):
+    def assertVersionRefused(self, first: bytes):
         md = MediaDistributorStandIn(self.kd, hello=False)
-        md.send(wire.SupportedProfiles(1, (9,)))
+        md.tunnel.dataReceived(first)
         self.assertEqual(md.received(), [wire.UnsupportedVersion(0)])
         self.assertTrue(md.transport.disconnecting)
         self.assertNotIn(md.tunnel, self.kd.tunnels)
+        self.assertEqual(md.tunnel.closeReason, "the Media Distributor asked for version {}".format(
+            first[3]))
+
+    def test_unsupported_version(self):
+        # Version 1 with a version-0 body.
+        self.assertVersionRefused(bytes.fromhex("010007" "01" "00040009000A"))
+
+    def test_newer_version_whose_body_has_more_fields(self):
+        # A newer Media Distributor's body, with a field version 0 does not
+        # have: it must hear UnsupportedVersion(0), not be closed unanswered.
+        self.assertVersionRefused(bytes.fromhex("01000B" "02" "00040009000A" "FFEE0102"))
+
+    def test_newer_version_with_only_the_version_octet(self):
+        self.assertVersionRefused(bytes.fromhex("010001" "07"))
+
+    def test_newer_version_split_across_reads(self):
+        md = MediaDistributorStandIn(self.kd, hello=False)
+        for octet in bytes.fromhex("010003" "05" "ABCD"):
+            md.tunnel.dataReceived(bytes([octet]))
+        self.assertEqual(md.received(), [wire.UnsupportedVersion(0)])
+        self.assertTrue(md.transport.disconnecting)
+
+    def test_empty_supported_profiles_is_malformed(self):
+        md = MediaDistributorStandIn(self.kd, hello=False)
+        md.tunnel.dataReceived(bytes.fromhex("010000"))
+        self.assertEqual(md.received(), [])
+        self.assertTrue(md.transport.disconnecting)
+        self.assertIn("body ends inside version", md.tunnel.closeReason)
+
+    def test_newer_version_after_version_0_is_a_protocol_error(self):
+        md = MediaDistributorStandIn(self.kd)
+        md.send(wire.NewerSupportedProfiles(1, bytes.fromhex("00040009000A")))
+        self.assertEqual(md.received(), [])
+        self.assertTrue(md.transport.disconnecting)
+        self.assertIn("changed the profile list or version", md.tunnel.closeReason)
 
     def test_first_message_must_be_supported_profiles(self):
         md = MediaDistributorStandIn(self.kd, hello=False)
@@ -377,6 +412,14 @@ class EktTests(KeyDistributorTestCase):
                 events.extend(client.receive(message.dtls_message, self.clock.seconds()).events)
         return events
 
+    def test_ttl_zero_refused_where_configured(self):
+        # RFC 8870: a TTL-0 EKTKey is expired on arrival; this KD never makes one.
+        for ttl in (0, -1, 1 << 24, True, 1.5):
+            self.assertRaises(ValueError, ConferenceKeys, ttl=ttl)
+        keys = ConferenceKeys(ttl=1)
+        self.assertEqual(keys.key_for(CONFERENCE).ekt_ttl, 1)
+        self.assertEqual(keys.rekey(CONFERENCE).ekt_ttl, 1)
+
     def test_key_follows_the_final_flight_and_is_resent_on_request(self):
         md = MediaDistributorStandIn(self.kd)
         aid = uuid.uuid4()
@@ -576,7 +619,7 @@ class BackpressureTests(KeyDistributorTestCase):
 
     def test_unsupported_version_unregisters_the_producer(self):
         md = MediaDistributorStandIn(self.kd, hello=False, transport=ClosingTransport(self.clock))
-        md.send(wire.SupportedProfiles(1, (9,)))
+        md.send(wire.NewerSupportedProfiles(1, bytes.fromhex("00020009")))
         self.assertEqual(md.received(), [wire.UnsupportedVersion(0)])
         self.assertTrue(md.transport.disconnecting)
         self.assertIsNone(md.transport.producer)

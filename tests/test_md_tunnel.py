@@ -76,12 +76,11 @@ class FirstMessageTests(TunnelTestCase):
         self.assertEqual(tunnel.transport.value(), bytes.fromhex("0100070000040009000A"))
         self.assertEqual(HELLO, bytes.fromhex("0100070000040009000A"))
 
-    def test_configured_version_and_profiles(self):
-        tunnel = MediaDistributorTunnel(self.owner, (0x0001, 0x0007, 0x0009), version=3,
-                                        clock=self.clock)
+    def test_configured_profiles(self):
+        tunnel = MediaDistributorTunnel(self.owner, (0x0001, 0x0007, 0x0009), clock=self.clock)
         transport = connect(tunnel, ClosingTransport(self.clock))
         self.assertEqual(split_messages(transport.value()),
-                         [wire.SupportedProfiles(3, (0x0001, 0x0007, 0x0009))])
+                         [wire.SupportedProfiles(0, (0x0001, 0x0007, 0x0009))])
 
     def test_profile_objects_accepted(self):
         from perc.profiles import by_id
@@ -422,25 +421,75 @@ class ManagerTests(ManagerTestCase):
         self.assertIn("refused", status["last_error"])
         self.assertEqual(status["state"], "connecting")
 
+    def recordLog(self) -> list:
+        events = []
+        self.manager.log = Logger(observer=events.append)
+        return events
+
+    def errors(self, events) -> list:
+        return [e for e in events if e["log_level"].name == "error"]
+
     def _rejectAndReconnect(self, *chunks):
+        events = self.recordLog()
         self.manager.startService()
         first = self.endpoint.succeed()
         for chunk in chunks:
             first.protocol.dataReceived(chunk)
         self.assertTrue(first.disconnecting)
-        self.assertEqual(self.manager.version, 3)
         self.clock.advance(0)  # the connection ends
         self.assertEqual(self.manager.state, "connecting")
         self.clock.advance(retry_policy(1))
         second = self.endpoint.succeed()
-        self.assertEqual(split_messages(second.value()), [wire.SupportedProfiles(3, PROFILES)])
-        self.assertEqual(self.manager.status()["version"], 3)
+        # Still version 0, the only one implemented: never a version-0 body
+        # under the number the Key Distributor named.
+        self.assertEqual(second.value(), HELLO)
+        status = self.manager.status()
+        self.assertEqual((status["version"], status["rejected_version"]), (0, 3))
+        [error] = self.errors(events)
+        self.assertEqual((error["version"], error["ours"]), (3, 0))
+        self.assertIn("UnsupportedVersion", error["log_format"])
 
-    def test_unsupported_version_used_on_next_attempt(self):
+    def test_unsupported_version_keeps_version_0(self):
         self._rejectAndReconnect(wire.UnsupportedVersion(3).encode() + b"\xff\xfe garbage")
 
-    def test_unsupported_version_split_used_on_next_attempt(self):
+    def test_unsupported_version_split_keeps_version_0(self):
         self._rejectAndReconnect(b"\x02\x00", b"\x01\x03")
+
+    def rejectNext(self, version: int = 3):
+        transport = self.endpoint.succeed()
+        self.assertEqual(transport.value(), HELLO)
+        transport.protocol.dataReceived(wire.UnsupportedVersion(version).encode())
+        self.clock.advance(0)
+        return transport
+
+    def assertNextAttemptAfter(self, delay: float) -> None:
+        attempts = len(self.endpoint.attempts)
+        self.clock.advance(delay - 0.1)
+        self.assertEqual(len(self.endpoint.attempts), attempts)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.endpoint.attempts), attempts + 1)
+
+    def test_refused_version_retried_with_growing_backoff_and_one_error(self):
+        events = self.recordLog()
+        self.manager.startService()
+        # ClientService alone would wait retry_policy(1) after each of these
+        # connections, which were all made.
+        for delay in (2, 4, 8, 16):
+            self.rejectNext()
+            self.assertNextAttemptAfter(delay)
+        self.assertEqual(len(self.errors(events)), 1)
+        self.assertEqual(self.manager.status()["rejected_version"], 3)
+        # Another version named: a new error.
+        self.rejectNext(version=1)
+        self.assertNextAttemptAfter(32)
+        self.assertEqual([e["version"] for e in self.errors(events)], [3, 1])
+        # A Key Distributor that takes version 0 again (upgraded or
+        # replaced): the next loss starts the backoff afresh.
+        transport = self.endpoint.succeed()
+        self.assertEqual(self.manager.state, "up")
+        transport.peerCloses()
+        self.assertNextAttemptAfter(2)
+        self.assertIsNone(self.manager.status()["rejected_version"])
 
     def test_messages_forwarded_to_owner(self):
         self.manager.startService()
@@ -480,7 +529,7 @@ class ManagerTests(ManagerTestCase):
         status = self.manager.status()
         self.assertEqual(json.loads(json.dumps(status)), status)
         self.assertEqual(set(status), {
-            "name", "state", "version", "connected_since", "peer", "associations",
+            "name", "state", "version", "rejected_version", "connected_since", "peer", "associations",
             "connection_attempts", "connect_failures", "connections", "last_error",
             "last_close_reason", "messages_sent", "messages_received"})
         self.assertEqual(status["name"], "kd-1")
@@ -550,12 +599,17 @@ class PoolTests(TestCase):
         self.assertEqual(self.owner.names(), ["tunnelUp", "mediaKeysReceived", "tunnelDown"])
         self.assertTrue(all(event[1] is accepted for event in self.owner.events))
 
-    def test_accepted_tunnels_remember_the_version(self):
-        first = self.accept()
-        first.dataReceived(wire.UnsupportedVersion(4).encode())
-        self.assertEqual(self.pool.listenFactory.version, 4)
+    def test_accepted_tunnels_keep_version_0(self):
+        events = []
+        self.pool.log = Logger(observer=events.append)
+        for _ in range(2):
+            rejected = self.accept()
+            rejected.dataReceived(wire.UnsupportedVersion(4).encode())
+            self.assertTrue(rejected.transport.disconnecting)
+        self.assertEqual([e["version"] for e in events if e["log_level"].name == "error"], [4])
+        self.assertEqual(self.pool.status()["listen_rejected_version"], 4)
         second = self.accept()
-        self.assertEqual(split_messages(second.transport.value()), [wire.SupportedProfiles(4, PROFILES)])
+        self.assertEqual(second.transport.value(), HELLO)
 
     def test_managers_and_accepted_tunnels_together(self):
         endpoint = ManualEndpoint(self.clock)
@@ -647,19 +701,26 @@ class LoopbackTlsTests(TestCase):
 
     @defer.inlineCallbacks
     def test_unsupported_version_over_tls(self):
-        server = RecordingServerFactory(
-            expected=len(HELLO),
-            replies={0: wire.UnsupportedVersion(5).encode() + b"\xee\xff newer format"})
+        refusal = wire.UnsupportedVersion(5).encode() + b"\xee\xff newer format"
+        server = RecordingServerFactory(expected=len(HELLO), replies={0: refusal, 1: refusal})
+        events = []
         manager = self.manager(self.serve(server), RecordingOwner(),
                                retryPolicy=lambda attempt: 0.01)
-        first = yield server.whenReceived(0)
-        self.assertEqual(first.received, HELLO)
-        second = yield server.whenReceived(1)
-        self.assertEqual(split_messages(second.received), [wire.SupportedProfiles(5, PROFILES)])
-        self.assertEqual(manager.version, 5)
-        yield first.lost
+        manager.log = Logger(observer=events.append)
+        connections = []
+        for index in range(3):
+            connection = yield server.whenReceived(index)
+            connections.append(connection)
+        # Every attempt says version 0, the only version implemented.
+        for connection in connections:
+            self.assertEqual(connection.received, HELLO)
+        self.assertEqual(manager.version, 0)
+        self.assertEqual(manager.status()["rejected_version"], 5)
+        self.assertEqual(len([e for e in events if e["log_level"].name == "error"]), 1)
+        yield connections[0].lost
+        yield connections[1].lost
         yield manager.stopService()
-        yield second.lost
+        yield connections[2].lost
 
 
 class ListenRefusalTests(TestCase):

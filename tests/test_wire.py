@@ -17,8 +17,9 @@ uuids = st.builds(lambda b: uuid.UUID(bytes=b), st.binary(min_size=16, max_size=
 keys = st.binary(min_size=1, max_size=255)
 
 messages = st.one_of(
-    st.builds(wire.SupportedProfiles, st.integers(0, 255),
+    st.builds(wire.SupportedProfiles, st.just(0),
               st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=64).map(tuple)),
+    st.builds(wire.NewerSupportedProfiles, st.integers(1, 255), st.binary(max_size=64)),
     st.builds(wire.UnsupportedVersion, st.integers(0, 255)),
     st.builds(wire.MediaKeys, uuids, st.integers(0, 0xFFFF), st.binary(max_size=255),
               keys, keys, keys, keys),
@@ -39,6 +40,14 @@ class TestVectors(SynchronousTestCase):
     def test_rfc_supported_profiles_vector(self):
         """The test vector of draft -05 and RFC 9185."""
         self.assertBothWays(wire.SupportedProfiles(0, (0x0009, 0x000A)), "0100070000040009000A")
+
+    def test_newer_supported_profiles(self):
+        """Any version but 0: only the version octet is read, whatever follows."""
+        # A newer version's body with a field version 0 does not have.
+        self.assertBothWays(wire.NewerSupportedProfiles(1, bytes.fromhex("00040009000AFFEE")),
+                            "01000901" "00040009000AFFEE")
+        self.assertBothWays(wire.NewerSupportedProfiles(1), "01000101")
+        self.assertBothWays(wire.NewerSupportedProfiles(255, b"\x00"), "010002FF00")
 
     def test_unsupported_version(self):
         self.assertBothWays(wire.UnsupportedVersion(0), "02000100")
@@ -104,6 +113,9 @@ class DecodeErrors(SynchronousTestCase):
         self.assertReason(1, "0000040009000AFF", "1 trailing octets")
         self.assertReason(2, "0000", "1 trailing octets")
         self.assertReason(5, AID_HEX + "00", "1 trailing octets")
+
+    def test_empty_supported_profiles(self):
+        self.assertReason(1, "", "body ends inside version")
 
     def test_empty_unsupported_version(self):
         self.assertReason(2, "", "body ends inside highest_version")
@@ -192,9 +204,17 @@ class EncodeRefusals(SynchronousTestCase):
 
     def test_version_range(self):
         with self.assertRaises(wire.WireError):
-            wire.SupportedProfiles(256, (9,))
+            wire.NewerSupportedProfiles(256)
+        with self.assertRaises(wire.WireError):
+            wire.NewerSupportedProfiles(0, b"\x00\x02\x00\x09")
         with self.assertRaises(wire.WireError):
             wire.UnsupportedVersion(-1)
+
+    def test_supported_profiles_is_version_0_only(self):
+        # A version-0 body under another number would lie about its format.
+        for version in (1, 255):
+            with self.assertRaises(wire.WireError):
+                wire.SupportedProfiles(version, (9,))
 
     def test_association_id_type(self):
         with self.assertRaises(wire.WireError):

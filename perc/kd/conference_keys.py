@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 
-from perc.ekt import EktCipher, EktKey
+from perc.ekt import MAX_TTL, EktCipher, EktKey
 
 __all__ = ["ConferenceKeys", "CONFERENCE_SALT_LENGTH", "DEFAULT_EKT_TTL"]
 
@@ -21,10 +21,17 @@ DEFAULT_EKT_TTL = 24 * 3600
 
 
 class ConferenceKeys:
-    """conference -> its current EKTKey, bounded by ``max_conferences``."""
+    """
+    conference -> its current EKTKey, bounded by ``max_conferences``.
+    ``ttl`` (seconds) is 1 to 2^24 - 1: RFC 8870 forbids using an EKTKey
+    after its TTL, so a TTL of 0 would be expired on arrival (ValueError).
+    """
 
     def __init__(self, cipher: EktCipher = EktCipher.AESKW_128, ttl: int = DEFAULT_EKT_TTL,
                  max_conferences: int = 100000):
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_TTL:
+            raise ValueError("EKTKey TTL must be 1 to {} seconds, not {!r} (a TTL of 0 is "
+                             "expired on arrival)".format(MAX_TTL, ttl))
         self.cipher = EktCipher(cipher)
         self.ttl = ttl
         self.max_conferences = max_conferences

@@ -32,7 +32,8 @@ class KeyDistributorTunnel(TunnelConnection):
     """
     States: waiting for SupportedProfiles, then up.  The first message must
     be SupportedProfiles of version 0; another version gets
-    UnsupportedVersion(0) and the connection is closed.  After that the Media
+    UnsupportedVersion(0) and the connection is closed, whatever its body
+    holds (:class:`perc.wire.NewerSupportedProfiles`).  After that the Media
     Distributor may send TunneledDtls and EndpointDisconnect, and may repeat
     SupportedProfiles only with the same list.
 
@@ -169,9 +170,8 @@ class KeyDistributorTunnel(TunnelConnection):
             self.distributor.tunneledDtlsReceived(self, message.association_id, message.dtls_message)
         elif isinstance(message, wire.EndpointDisconnect):
             self.distributor.endpointDisconnectReceived(self, message.association_id)
-        elif isinstance(message, wire.SupportedProfiles):
-            if (message.version, message.profiles) != (wire.PROTOCOL_VERSION,
-                                                       self.media_distributor_profiles):
+        elif isinstance(message, (wire.SupportedProfiles, wire.NewerSupportedProfiles)):
+            if getattr(message, "profiles", None) != self.media_distributor_profiles:
                 self.protocolError("SupportedProfiles changed the profile list or version "
                                    "during the connection")
         else:
@@ -180,11 +180,7 @@ class KeyDistributorTunnel(TunnelConnection):
 
     def _firstMessage(self, message: wire.Message) -> None:
         self._cancelFirstMessageTimer()
-        if not isinstance(message, wire.SupportedProfiles):
-            self.protocolError("first message must be SupportedProfiles, got {}".format(
-                type(message).__name__))
-            return
-        if message.version != wire.PROTOCOL_VERSION:
+        if isinstance(message, wire.NewerSupportedProfiles):
             self.log.warn(
                 "Tunnel with {peer} asked for version {version}; answering "
                 "UnsupportedVersion({highest}) and closing",
@@ -192,6 +188,10 @@ class KeyDistributorTunnel(TunnelConnection):
                 highest=wire.PROTOCOL_VERSION)
             self.sendMessage(wire.UnsupportedVersion(wire.PROTOCOL_VERSION))
             self.close("the Media Distributor asked for version {}".format(message.version))
+            return
+        if not isinstance(message, wire.SupportedProfiles):
+            self.protocolError("first message must be SupportedProfiles, got {}".format(
+                type(message).__name__))
             return
         self.media_distributor_profiles = message.profiles
         self._up = True

@@ -9,8 +9,8 @@ Three layers, each the next one's owner:
   message rules, and hands what the Key Distributor sends to its owner
   (:class:`ITunnelOwner`).
 - :class:`TunnelManager`: keeps one configured Key Distributor tunnel up
-  with a ``ClientService`` (backoff between attempts) and remembers the
-  version learnt from UnsupportedVersion for the next attempt.
+  with a ``ClientService`` (backoff between attempts, growing while the Key
+  Distributor answers UnsupportedVersion).
 - :class:`TunnelPool`: every manager (one per ``--kd``) plus the tunnels Key
   Distributors dial in to ``--tunnel-listen``; :meth:`TunnelPool.pick`
   chooses the tunnel for a new association.
@@ -106,8 +106,8 @@ class ITunnelOwner(ITunnelEvents):
     def versionRejected(tunnel, version):
         """
         The Key Distributor answered UnsupportedVersion: it speaks at most
-        ``version``.  Use that version on the next connection attempt.  The
-        tunnel is already closing.
+        ``version``.  The tunnel is already closing.  (This Media
+        Distributor implements version 0 only, so it cannot switch.)
         """
 
 
@@ -129,7 +129,8 @@ class MediaDistributorTunnel(TunnelConnection):
     One tunnel to a Key Distributor, whichever side opened the TLS connection.
 
     On connection it registers itself with the transport as a streaming
-    producer and writes SupportedProfiles(``version``, ``profiles``).  It is
+    producer and writes SupportedProfiles(0, ``profiles``): version 0 is the
+    only one this implementation speaks, whatever a Key Distributor asks for.  It is
     *up* at once on a plain transport, or on TLS (a transport with
     ``getPeerCertificate``) once the handshake is done and ``authorise``,
     if given, accepted the Key Distributor.
@@ -153,14 +154,15 @@ class MediaDistributorTunnel(TunnelConnection):
     silentPeer = "the Key Distributor"
     _refusalLogged = False
 
-    def __init__(self, owner, profiles, version: int = wire.PROTOCOL_VERSION, *,
-                 authorise=None, clock=None,
+    #: The tunnel version sent: the only one implemented.
+    version = wire.PROTOCOL_VERSION
+
+    def __init__(self, owner, profiles, *, authorise=None, clock=None,
                  maxPausedOctets: int = DEFAULT_MAX_PAUSED_OCTETS,
                  maxPausedSeconds: float = DEFAULT_MAX_PAUSED_SECONDS):
         """
         ``owner`` provides :class:`ITunnelOwner`.  ``profiles`` are profile
-        ids (or :class:`perc.profiles.Profile`), sent in SupportedProfiles
-        with ``version``.  ``authorise``, if given, is called with the TLS
+        ids (or :class:`perc.profiles.Profile`), sent in SupportedProfiles.  ``authorise``, if given, is called with the TLS
         transport once the handshake is done and returns ``(authorised,
         identity, reason)``.  ``clock`` is an ``IReactorTime`` (default: the
         global reactor).
@@ -168,8 +170,7 @@ class MediaDistributorTunnel(TunnelConnection):
         self.owner = owner
         self.profiles = _profile_ids(profiles)
         # Refuse an unrepresentable list now, not on connection.
-        wire.SupportedProfiles(version, self.profiles)
-        self.version = version
+        wire.SupportedProfiles(self.version, self.profiles)
         self._authorise = authorise
         self.clock = _default_clock(clock)
         self.maxPausedOctets = maxPausedOctets
@@ -319,11 +320,10 @@ class MediaDistributorTunnel(TunnelConnection):
         self.rejectedVersion = version
         self.messagesReceived["UnsupportedVersion"] += 1
         self.closeReason = "Key Distributor answered UnsupportedVersion({})".format(version)
-        self.log.warn(
-            "Key Distributor {peer} does not speak tunnel version {sent}: it answered "
-            "UnsupportedVersion({version}); the next attempt will use version {version} "
-            "(body length {length}, {trailing} octets ignored)",
-            peer=self.peerDescription(), sent=self.version, version=version,
+        # The owner logs the error, once; this is the detail.
+        self.log.debug(
+            "UnsupportedVersion({version}) from {peer} (body length {length}, {trailing} "
+            "octets ignored)", peer=self.peerDescription(), version=version,
             length=length, trailing=trailing)
         self._tell("versionRejected", self, version)
         self.close(self.closeReason)
@@ -410,21 +410,17 @@ class MediaDistributorTunnelFactory(protocol.Factory):
     Builds :class:`MediaDistributorTunnel` for an owner: the factory a
     :class:`TunnelManager` connects with, and the one for
     ``--tunnel-listen`` (wrap it with :func:`perc.netutil.tls_server_factory`).
-    ``version`` is read for every new tunnel, so an owner updates it after
-    UnsupportedVersion.  ``tunnels`` holds the tunnels whose connection is
-    live.
+    ``tunnels`` holds the tunnels whose connection is live.
     """
 
     noisy = False
 
-    def __init__(self, owner, profiles, version: int = wire.PROTOCOL_VERSION, *,
-                 authorise=None, clock=None,
+    def __init__(self, owner, profiles, *, authorise=None, clock=None,
                  maxPausedOctets: int = DEFAULT_MAX_PAUSED_OCTETS,
                  maxPausedSeconds: float = DEFAULT_MAX_PAUSED_SECONDS):
         self.owner = owner
         self.profiles = _profile_ids(profiles)
-        wire.SupportedProfiles(version, self.profiles)
-        self.version = version
+        wire.SupportedProfiles(wire.PROTOCOL_VERSION, self.profiles)
         self.authorise = authorise
         self.clock = _default_clock(clock)
         self.maxPausedOctets = maxPausedOctets
@@ -433,7 +429,7 @@ class MediaDistributorTunnelFactory(protocol.Factory):
 
     def buildProtocol(self, addr):
         tunnel = MediaDistributorTunnel(
-            self.owner, self.profiles, self.version, authorise=self.authorise,
+            self.owner, self.profiles, authorise=self.authorise,
             clock=self.clock, maxPausedOctets=self.maxPausedOctets,
             maxPausedSeconds=self.maxPausedSeconds)
         tunnel.factory = self
@@ -458,6 +454,39 @@ class _ObservedEndpoint:
         return repr(self._endpoint)
 
 
+class _VersionRejections:
+    """
+    What an owner of tunnels does with UnsupportedVersion.  This Media
+    Distributor implements version 0 only, so it never takes up the version
+    a Key Distributor names (version 0 bodies under another number would
+    be a lie): it logs one error per version named, counts the rejections
+    in a row, and keeps trying with version 0.  A tunnel that ends without
+    UnsupportedVersion clears both.
+    """
+
+    log = Logger()
+    #: The version the last UnsupportedVersion named; None once a tunnel worked.
+    rejectedVersion: int | None = None
+    #: UnsupportedVersion answers in a row.
+    versionRejections = 0
+
+    def versionRejected(self, tunnel, version) -> None:
+        self.versionRejections += 1
+        if version == self.rejectedVersion:
+            return
+        self.rejectedVersion = version
+        self.log.error(
+            "Key Distributor {peer} refuses tunnel version {ours}, the only version this "
+            "Media Distributor implements (it answered UnsupportedVersion({version})): no "
+            "tunnel with it until one of them is upgraded; retrying with version {ours}",
+            peer=tunnel.peerDescription(), ours=wire.PROTOCOL_VERSION, version=version)
+
+    def _tunnelEnded(self, tunnel) -> None:
+        if tunnel.rejectedVersion is None:
+            self.rejectedVersion = None
+            self.versionRejections = 0
+
+
 class _PassMessagesOn:
     """The message events an owner-of-tunnels hands straight to its own ``owner``."""
 
@@ -477,14 +506,16 @@ class _PassMessagesOn:
 
 
 @implementer(ITunnelOwner)
-class TunnelManager(_PassMessagesOn, service.MultiService):
+class TunnelManager(_VersionRejections, _PassMessagesOn, service.MultiService):
     """
     Keeps one configured Key Distributor tunnel up: a ``ClientService``
     connects ``endpoint`` (normally from
     :func:`perc.netutil.tls_client_endpoint`) and reconnects after every
     failure or loss, waiting ``retryPolicy(attempt)`` seconds (default:
-    ClientService's exponential backoff).  After UnsupportedVersion the next
-    attempt uses the version the Key Distributor named.
+    ClientService's exponential backoff).  UnsupportedVersion answers in a
+    row count as failed attempts, so the backoff grows against a Key
+    Distributor that refuses version 0 (ClientService alone starts again
+    from attempt 1 after every connection that was made).
 
     Events from its tunnel go on to ``owner`` (:class:`ITunnelEvents`,
     normally a :class:`TunnelPool`; may be set after construction).
@@ -496,7 +527,6 @@ class TunnelManager(_PassMessagesOn, service.MultiService):
 
     def __init__(self, endpoint, profiles, owner=None, *, name: str | None = None,
                  clock=None, retryPolicy=None, authorise=None,
-                 version: int = wire.PROTOCOL_VERSION,
                  maxPausedOctets: int = DEFAULT_MAX_PAUSED_OCTETS,
                  maxPausedSeconds: float = DEFAULT_MAX_PAUSED_SECONDS):
         super().__init__()
@@ -504,11 +534,13 @@ class TunnelManager(_PassMessagesOn, service.MultiService):
         self.name = name if name is not None else repr(endpoint)
         self.clock = _default_clock(clock)
         self.factory = MediaDistributorTunnelFactory(
-            self, profiles, version, authorise=authorise, clock=self.clock,
+            self, profiles, authorise=authorise, clock=self.clock,
             maxPausedOctets=maxPausedOctets, maxPausedSeconds=maxPausedSeconds)
+        policy = retryPolicy if retryPolicy is not None else internet.backoffPolicy()
         self.client = internet.ClientService(
             _ObservedEndpoint(endpoint, self), self.factory,
-            retryPolicy=retryPolicy, clock=self.clock)
+            retryPolicy=lambda attempt: policy(attempt + max(0, self.versionRejections - 1)),
+            clock=self.clock)
         self.client.setServiceParent(self)
         self._attempts = 0
         self._connectFailures = 0
@@ -519,10 +551,8 @@ class TunnelManager(_PassMessagesOn, service.MultiService):
         self._sentBefore: collections.Counter = collections.Counter()
         self._receivedBefore: collections.Counter = collections.Counter()
 
-    @property
-    def version(self) -> int:
-        """The version the next (or current) connection sends."""
-        return self.factory.version
+    #: The version every connection sends.
+    version = wire.PROTOCOL_VERSION
 
     @property
     def tunnel(self) -> MediaDistributorTunnel | None:
@@ -567,6 +597,7 @@ class TunnelManager(_PassMessagesOn, service.MultiService):
             "name": self.name,
             "state": self.state,
             "version": self.version,
+            "rejected_version": self.rejectedVersion,
             "connected_since": tunnel.connectedSince if up else None,
             "peer": tunnel.peerDescription() if tunnel is not None else None,
             "associations": len(tunnel.associations) if tunnel is not None else 0,
@@ -590,16 +621,13 @@ class TunnelManager(_PassMessagesOn, service.MultiService):
         self._sentBefore.update(tunnel.messagesSent)
         self._receivedBefore.update(tunnel.messagesReceived)
         self._lastCloseReason = reason
+        self._tunnelEnded(tunnel)
         if self.owner is not None:
             self.owner.tunnelDown(tunnel, reason)
 
-    def versionRejected(self, tunnel, version) -> None:
-        self.factory.version = version
-
-
 
 @implementer(ITunnelOwner)
-class TunnelPool(_PassMessagesOn, service.MultiService):
+class TunnelPool(_VersionRejections, _PassMessagesOn, service.MultiService):
     """
     Every Key Distributor tunnel of this Media Distributor: one
     :class:`TunnelManager` per configured Key Distributor
@@ -608,8 +636,9 @@ class TunnelPool(_PassMessagesOn, service.MultiService):
     ``owner`` (:class:`ITunnelEvents`; may be set after construction);
     ``tunnelUp``/``tunnelDown`` only in pairs.
 
-    Accepted tunnels share one version, remembered from the last
-    UnsupportedVersion received on any of them.
+    UnsupportedVersion on an accepted tunnel is logged once per version
+    named (:class:`_VersionRejections`); the Key Distributor that dialled in
+    decides when to try again.
     """
 
     log = Logger()
@@ -679,7 +708,8 @@ class TunnelPool(_PassMessagesOn, service.MultiService):
         """A JSON-serialisable summary of every tunnel."""
         return {
             "up": len(self._up),
-            "listen_version": self.listenFactory.version,
+            "listen_version": wire.PROTOCOL_VERSION,
+            "listen_rejected_version": self.rejectedVersion,
             "key_distributors": [manager.status() for manager in self.managers],
             "accepted": [tunnel.status() for tunnel in
                          sorted(self.listenFactory.tunnels,
@@ -695,12 +725,11 @@ class TunnelPool(_PassMessagesOn, service.MultiService):
             self.owner.tunnelUp(tunnel)
 
     def tunnelDown(self, tunnel, reason) -> None:
+        if getattr(tunnel, "factory", None) is self.listenFactory:
+            self._tunnelEnded(tunnel)
         if tunnel not in self._up:
             return
         self._up.remove(tunnel)
         if self.owner is not None:
             self.owner.tunnelDown(tunnel, reason)
-
-    def versionRejected(self, tunnel, version) -> None:
-        self.listenFactory.version = version
 

@@ -523,6 +523,23 @@ class IdentityTests(SynchronousTestCase):
         for bad in (b"", CLIENT_TLS_ID, b"\x05" + CLIENT_TLS_ID):
             self.assertRaises(dtls.ExtensionError, dtls.decode_external_session_id, bad)
 
+    def test_trailing_newline_refused(self):
+        """A "$" match would accept these; an oversize one then broke every handshake."""
+        for bad in (CLIENT_TLS_ID + b"\n", b"x" * 255 + b"\n"):
+            self.assertRaises(dtls.ExtensionError, dtls.validate_tls_id, bad)
+            self.assertRaises(dtls.ExtensionError, dtls.encode_external_session_id, bad)
+            self.assertRaises(dtls.ExtensionError, dtls.decode_external_session_id,
+                              bytes([len(bad) % 256]) + bad)
+            self.assertRaises(dtls.ExtensionError, dtls.ClientAssociation, _CLIENT, [P9],
+                              tls_id=bad)
+            self.assertRaises(dtls.ExtensionError, dtls.ServerListener, _SERVER, [P9],
+                              tls_id=bad)
+            listener = dtls.ServerListener(_SERVER, [P9])
+            client = dtls.ClientAssociation(_CLIENT, [P9])
+            [datagram] = client.start(0.0).datagrams
+            self.assertRaises(dtls.ExtensionError, listener.listen, AID, datagram, 0.0,
+                              tls_id=bad)
+
 
 class ProfileTests(SynchronousTestCase):
 

@@ -172,7 +172,8 @@ class ClientHelloTests(SynchronousTestCase):
         self.assertIsNone(hello.parse_client_hello(encrypted_epoch))
 
     def test_malformed_tls_id_is_flagged(self):
-        for bad in (b"", b"\x05short", b"\x03" + CLIENT_TLS_ID, b"\x14" + b"!" * 20):
+        for bad in (b"", b"\x05short", b"\x03" + CLIENT_TLS_ID, b"\x14" + b"!" * 20,
+                    bytes([len(CLIENT_TLS_ID) + 1]) + CLIENT_TLS_ID + b"\n"):
             info = hello.parse_client_hello(rewrite(first_client_hello(), replacing(56, bad)))
             self.assertIsNone(info.tls_id)
             self.assertTrue(info.tls_id_malformed)

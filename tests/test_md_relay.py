@@ -811,12 +811,23 @@ class EktTests(RelayTestCase):
                          sorted(peer.address for peer in receivers))
         for peer in receivers:
             (data,) = [d for d, address in written if address == peer.address]
-            if ekt_field:
+            # C negotiated no EKT: it gets the SRTP packet alone, which its
+            # session authenticates as it stands.
+            if ekt_field and peer is not self.c:
                 packet, field = rtp.split_ekt_field(data)
                 self.assertEqual(field, ekt_field)
             else:
                 packet = data
             self.assertEqual(peer.receiver.unprotect(packet), plain)
+
+    def test_receiver_without_ekt_gets_no_field(self):
+        field = rtp.full_ekt_field(os.urandom(24), spi=1, epoch=0)
+        plain = self.a.rtp()
+        written = dict((address, data) for data, address in
+                       self.send(self.a, self.a.protect(plain) + field))
+        self.assertEqual(self.c.receiver.unprotect(written[ADDR_C]), plain)
+        self.assertTrue(written[ADDR_B].endswith(field))
+        self.assertEqual(len(written[ADDR_B]), len(written[ADDR_C]) + len(field))
 
     def test_negotiation_seen_in_server_hello(self):
         self.assertTrue(self.relay.endpoint(self.a.association_id).ekt)

@@ -344,7 +344,7 @@ class MediaRelay(protocol.DatagramProtocol):
         if send is None:
             send = self.transport.write
         forwarded = 0
-        for other, other_address, protect in members:
+        for other, other_address, protect, other_ekt in members:
             if other is endpoint:
                 continue
             try:
@@ -354,7 +354,9 @@ class MediaRelay(protocol.DatagramProtocol):
                 # buffer (1500 octets less the largest trailer).
                 self._count("dropped-protect-failed")
                 continue
-            if ekt_field:
+            if ekt_field and other_ekt:
+                # Only a receiver that negotiated EKT expects (and can
+                # authenticate past) a trailing EKT field.
                 out += ekt_field
             try:
                 send(out, other_address)
@@ -374,7 +376,7 @@ class MediaRelay(protocol.DatagramProtocol):
         self._fanout.pop(conference, None)
 
     def _buildFanout(self, conference: str):
-        """The (endpoint, address, protect) tables for RTP and RTCP, or None."""
+        """The (endpoint, address, protect, ekt) tables for RTP and RTCP, or None."""
         members = self._conferences.get(conference)
         if not members:
             return None
@@ -382,8 +384,8 @@ class MediaRelay(protocol.DatagramProtocol):
         # order iterating the set gives.
         ordered = tuple(members)
         fanout = self._fanout[conference] = (
-            tuple((m, m.address, m.outbound.protect) for m in ordered),
-            tuple((m, m.address, m.outbound.protect_rtcp) for m in ordered))
+            tuple((m, m.address, m.outbound.protect, m.ekt) for m in ordered),
+            tuple((m, m.address, m.outbound.protect_rtcp, False) for m in ordered))
         return fanout
 
     # -- messages from tunnels ------------------------------------------

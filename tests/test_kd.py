@@ -811,3 +811,36 @@ class ConferenceProfileWithoutTlsIdTests(ConferenceProfileTests):
         # offers the conference's profile alone, or first among ours, fits.
         third = self.join(md, dtls.ClientAssociation(_SECOND, (P10,)))
         self.assertEqual(third.complete().profile, P10)
+
+
+class FragmentedClientHelloTests(KeyDistributorTestCase):
+    """A ClientHello split across datagrams (small MTU, long tls-id) gets through the cookie exchange."""
+
+    tls_id = "L" * 255
+
+    def fragmenting_client(self):
+        return dtls.ClientAssociation(
+            _ENDPOINT, DEFAULT_PROFILES, tls_id=self.tls_id.encode(), mtu=256,
+            expected_peer_tls_id=self.registration.kd_tls_id.encode(),
+            expected_peer_fingerprint=_KD_CREDENTIALS.fingerprint)
+
+    def test_real_handshake(self):
+        md = MediaDistributorStandIn(self.kd)
+        shuttle = Shuttle(md, self.fragmenting_client(), self.clock)
+        self.assertEqual(len(shuttle.pending), 2)
+        run(md, shuttle)
+        self.assertIsNotNone(shuttle.complete())
+        self.assertEqual(self.kd.counters["hello-reassembled"], 2)  # with and without cookie
+        self.assertEqual(len([m for m in md.log if isinstance(m, wire.MediaKeys)]), 1)
+
+    def test_incomplete_hello_keeps_no_association(self):
+        md = MediaDistributorStandIn(self.kd)
+        shuttle = Shuttle(md, self.fragmenting_client(), self.clock)
+        shuttle.pending = shuttle.pending[:1]
+        shuttle.send()
+        self.assertEqual(md.received(), [])
+        self.assertEqual(len(self.kd), 0)
+        self.clock.advance(10)
+        # Expired on the next ClientHello piece anyone sends.
+        Shuttle(md, self.fragmenting_client(), self.clock).send()
+        self.assertEqual(self.kd.counters["hello-fragments-timed-out"], 1)

@@ -1213,3 +1213,27 @@ class StopTests(RelayTestCase):
         self.assertEqual(self.relay.status()["conferences"], {})
         self.assertEqual(self.tunnel.disconnects, [])
         self.assertEqual(len(self.tunnel.forgotten), 2)
+
+
+class FragmentedClientHelloTests(RelayTestCase):
+    def test_placed_once_whole_and_forwarded_whole(self):
+        from tests.test_hello import fragmented_client_hello
+        first, second = fragmented_client_hello()
+        self.memberships.put("conf", "F" * 255)
+        self.relay.datagramReceived(first, ADDR_A)
+        self.assertEqual(self.tunnel.sent, [])
+        self.relay.datagramReceived(second, ADDR_A)
+        [(association_id, data)] = self.tunnel.sent
+        self.assertEqual(hello.parse_client_hello(data).tls_id, b"F" * 255)
+        self.assertEqual(self.relay.endpoint(association_id).tls_id, "F" * 255)
+        self.assertEqual(self.counted("hello-reassembled"), 1)
+
+    def test_refused_pieces_counted(self):
+        from tests.test_hello import fragmented_client_hello
+        first, second = fragmented_client_hello()
+        self.memberships.put("conf", "F" * 255)
+        self.relay.datagramReceived(first, ADDR_A)
+        self.relay.datagramReceived(first[:-1] + bytes([first[-1] ^ 1]), ADDR_A)
+        self.relay.datagramReceived(second, ADDR_A)
+        self.assertEqual(self.tunnel.sent, [])
+        self.assertEqual(self.counted("hello-fragments-inconsistent"), 1)

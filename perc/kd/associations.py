@@ -100,6 +100,8 @@ class KeyDistributor:
             ekt_ciphers=None if conference_keys is None else (int(conference_keys.cipher),))
         #: Counters by reason, for status and tests.
         self.counters: dict[str, int] = {}
+        # OpenSSL's cookie exchange needs the whole ClientHello in one record.
+        self._helloFragments = hello.ClientHelloReassembler(count=self._count)
         #: profilesFor's answers by the Media Distributor's profile list.
         self._commonProfiles: dict[tuple, tuple] = {}
         #: conference -> [its SRTP profile, live associations holding it].
@@ -292,6 +294,9 @@ class KeyDistributor:
                 association.grace_timer = None
 
     def _newAssociation(self, tunnel, association_id: uuid.UUID, data: bytes, now: float) -> None:
+        data = self._helloFragments.feed(association_id, data, now)
+        if data is None:
+            return  # a piece of a ClientHello, kept (or refused and counted)
         if len(self._associations) >= self.limits.max_associations:
             self._refuseNew(tunnel, association_id, "total association limit reached")
             return

@@ -161,6 +161,9 @@ class MediaRelay(protocol.DatagramProtocol):
         self._fanout: dict[str, tuple[tuple, tuple]] = {}
         self._sendto = None
         self._new_per_host: dict[str, int] = {}
+        # A ClientHello split into fragments names its endpoint only once
+        # whole; the Key Distributor then gets it whole too.
+        self._helloFragments = hello.ClientHelloReassembler(count=self._count)
         self._sweeper = task.LoopingCall(self._sweep)
         self._sweeper.clock = clock
         memberships.add_removal_observer(self._membershipRemoved)
@@ -206,6 +209,9 @@ class MediaRelay(protocol.DatagramProtocol):
             self._count("dropped-" + kind.name.lower())
 
     def _dtls(self, data: bytes, address) -> None:
+        data = self._helloFragments.feed(address, data, self.clock.seconds())
+        if data is None:
+            return  # a piece of a ClientHello, kept (or refused and counted)
         endpoint = self._pending.get(address)
         if endpoint is not None:
             try:

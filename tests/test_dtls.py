@@ -480,6 +480,7 @@ class IdentityTests(SynchronousTestCase):
         harness = handshake(client_credentials=None)
         closed = harness.event("server", dtls.Closed)
         self.assertIsNotNone(closed)
+        self.assertIn((2, 40), alerts(harness.server_outputs[-1].datagrams))
         self.assertIn("certificate", closed.reason)
         self.assertIsNone(harness.event("server", dtls.HandshakeComplete))
         self.assertIsNone(harness.event("client", dtls.HandshakeComplete))

@@ -10,8 +10,8 @@ Sans-I/O and Twisted-free.  Contract of both parsers:
 
 - ``None``: the datagram holds no whole, unfragmented hello of that kind in
   an epoch-0 handshake record.  A hello split into fragments also gives
-  None: a stateless reader cannot reassemble it, and a fragment cannot say
-  who the endpoint is.
+  None: a fragment cannot say who the endpoint is.  Put a
+  :class:`ClientHelloReassembler` in front to read fragmented ClientHellos.
 - :class:`HelloError` (a ValueError): the DTLS record framing is broken, or
   a hello is there but its fields do not add up (every length is checked),
   or its use_srtp / supported_ekt_ciphers data is malformed.  A malformed
@@ -24,7 +24,7 @@ Sans-I/O and Twisted-free.  Contract of both parsers:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from perc.dtls import ExtensionError, decode_external_session_id
 
@@ -34,6 +34,7 @@ __all__ = [
     "ServerHelloInfo",
     "parse_client_hello",
     "parse_server_hello",
+    "ClientHelloReassembler",
     "MAX_RECORDS",
     "MAX_MESSAGES",
     "EXT_USE_SRTP",
@@ -356,3 +357,196 @@ def _server_hello(body: bytes, message_seq: int) -> ServerHelloInfo:
         srtp_mki=mki,
         ekt_cipher=ekt_cipher,
     )
+
+
+# --------------------------------------------------------------------------
+# Fragmented ClientHellos (RFC 6347 section 4.2.3)
+
+
+class _Partial:
+    """One ClientHello being put together from its fragments."""
+
+    __slots__ = ("started", "message_seq", "length", "version", "record_seq",
+                 "body", "ranges", "fragments")
+
+    def __init__(self, started: float, message_seq: int, length: int, version: bytes) -> None:
+        self.started = started
+        self.message_seq = message_seq
+        self.length = length
+        self.version = version
+        self.record_seq: Optional[bytes] = None
+        self.body = bytearray(length)
+        self.ranges: list = []  # (start, end) received, possibly overlapping
+        self.fragments = 0
+
+    def covered(self) -> bool:
+        reached = 0
+        for start, end in sorted(self.ranges):
+            if start > reached:
+                return False
+            reached = max(reached, end)
+        return reached >= self.length
+
+
+class ClientHelloReassembler:
+    """
+    Puts a ClientHello split across records and datagrams back together,
+    within bounds, so that who sent it can be read (the Media Distributor)
+    and OpenSSL's cookie exchange, which needs the whole message in one
+    record, can answer it (the Key Distributor).  Sans-I/O: ``now`` is the
+    caller's clock.
+
+    :meth:`feed` returns the datagram itself when it holds no partial
+    ClientHello fragment, None while one is incomplete or once it was
+    refused, and, when the last piece arrives, a new datagram of one
+    epoch-0 record holding the whole ClientHello as if it had never been
+    fragmented (which is how the handshake transcript hashes it, so feeding
+    it to a DTLS stack is transparent).
+
+    Bounds: a message of at most ``max_octets``, at most ``max_fragments``
+    fragments, ``timeout`` seconds from the first fragment, and at most
+    ``max_pending`` messages in progress (the oldest is dropped for a new
+    one).  Refusals (too big, too many fragments, a fragment that
+    contradicts an earlier one, timeout, eviction) drop what was gathered
+    and are counted through ``count(reason)``.
+    """
+
+    def __init__(self, *, max_octets: int = 4096, max_fragments: int = 8,
+                 timeout: float = 5.0, max_pending: int = 64,
+                 count: Optional[Callable[[str], None]] = None) -> None:
+        self.max_octets = max_octets
+        self.max_fragments = max_fragments
+        self.timeout = timeout
+        self.max_pending = max_pending
+        self.counters: dict = {}
+        self._count = count if count is not None else self._own_count
+        # Insertion order is age order: a restarted message moves to the end.
+        self._pending: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def _own_count(self, reason: str) -> None:
+        self.counters[reason] = self.counters.get(reason, 0) + 1
+
+    def feed(self, key, datagram, now: float):
+        """See the class docstring; ``key`` says whose message it is (an address, an id)."""
+        self._expire(now)
+        try:
+            fragments = _client_hello_fragments(datagram)
+        except HelloError:
+            return datagram  # broken framing: the caller's parser counts it
+        if fragments is None:
+            return datagram
+        for fragment in fragments:
+            result = self._add(key, fragment, now)
+            if result is not None:
+                return result
+        return None
+
+    def _expire(self, now: float) -> None:
+        while self._pending:
+            key, partial = next(iter(self._pending.items()))
+            if now - partial.started < self.timeout:
+                return
+            del self._pending[key]
+            self._count("hello-fragments-timed-out")
+
+    def _refuse(self, key, reason: str) -> None:
+        self._pending.pop(key, None)
+        self._count("hello-fragments-" + reason)
+
+    def _add(self, key, fragment, now: float):
+        version, record_seq, length, message_seq, offset, data = fragment
+        if length > self.max_octets:
+            self._refuse(key, "too-big")
+            return None
+        partial = self._pending.get(key)
+        if partial is not None and partial.message_seq != message_seq:
+            # A new ClientHello (the one returning the cookie, or a restart).
+            del self._pending[key]
+            partial = None
+        if partial is None:
+            if len(self._pending) >= self.max_pending:
+                del self._pending[next(iter(self._pending))]
+                self._count("hello-fragments-evicted")
+            partial = self._pending[key] = _Partial(now, message_seq, length, version)
+        elif partial.length != length:
+            self._refuse(key, "inconsistent")
+            return None
+        partial.fragments += 1
+        if partial.fragments > self.max_fragments:
+            self._refuse(key, "too-many")
+            return None
+        end = offset + len(data)
+        for start, stop in partial.ranges:
+            low, high = max(start, offset), min(stop, end)
+            if low < high and partial.body[low:high] != data[low - offset:high - offset]:
+                self._refuse(key, "inconsistent")
+                return None
+        partial.body[offset:end] = data
+        partial.ranges.append((offset, end))
+        if partial.record_seq is None or record_seq < partial.record_seq:
+            # The first record's number: OpenSSL answers a ClientHello
+            # with a HelloVerifyRequest under the ClientHello's number and
+            # starts its own flight at 1, which a client drops as a replay
+            # if the HelloVerifyRequest already used 1.
+            partial.record_seq = record_seq
+        if not partial.covered():
+            return None
+        del self._pending[key]
+        self._count("hello-reassembled")
+        message = (bytes([_CLIENT_HELLO]) + length.to_bytes(3, "big")
+                   + message_seq.to_bytes(2, "big") + b"\x00\x00\x00"
+                   + length.to_bytes(3, "big") + bytes(partial.body))
+        return (bytes([_CONTENT_HANDSHAKE]) + partial.version + b"\x00\x00"
+                + partial.record_seq + len(message).to_bytes(2, "big") + message)
+
+
+def _client_hello_fragments(datagram):
+    """
+    The partial ClientHello fragments of ``datagram``'s epoch-0 handshake
+    records as ``(version, record_seq, msg_length, message_seq, offset,
+    data)``, or None when it holds none or holds a whole ClientHello.
+    """
+    data = bytes(datagram)
+    total = len(data)
+    offset = 0
+    records = 0
+    found = []
+    while offset < total and records < MAX_RECORDS:
+        records += 1
+        if total - offset < _RECORD_HEADER:
+            raise HelloError("truncated DTLS record header")
+        length = (data[offset + 11] << 8) | data[offset + 12]
+        start = offset + _RECORD_HEADER
+        end = start + length
+        if end > total:
+            raise HelloError("DTLS record of {} octets overruns the datagram".format(length))
+        header = data[offset:start]
+        offset = end
+        if header[0] != _CONTENT_HANDSHAKE or header[3:5] != b"\x00\x00":
+            continue
+        position = start
+        while position < end and len(found) < MAX_MESSAGES:
+            if end - position < _HANDSHAKE_HEADER:
+                raise HelloError("truncated handshake header")
+            msg_type = data[position]
+            msg_length = int.from_bytes(data[position + 1:position + 4], "big")
+            message_seq = (data[position + 4] << 8) | data[position + 5]
+            fragment_offset = int.from_bytes(data[position + 6:position + 9], "big")
+            fragment_length = int.from_bytes(data[position + 9:position + 12], "big")
+            body = position + _HANDSHAKE_HEADER
+            if body + fragment_length > end:
+                raise HelloError("handshake fragment overruns its record")
+            if fragment_offset + fragment_length > msg_length:
+                raise HelloError("handshake fragment lies beyond its message length")
+            position = body + fragment_length
+            if msg_type != _CLIENT_HELLO:
+                continue
+            if fragment_offset == 0 and fragment_length == msg_length:
+                return None
+            if fragment_length:
+                found.append((header[1:3], header[5:11], msg_length, message_seq,
+                              fragment_offset, data[body:position]))
+    return found or None

@@ -421,7 +421,7 @@ class IdentityTests(SynchronousTestCase):
         hook, queries = self.registered_hook(CLIENT_TLS_ID, _CLIENT.fingerprint)
         harness = handshake(client_kwargs=dict(tls_id=b"SomebodyElse01234567890"),
                             listener_kwargs=dict(identity_hook=hook))
-        closed = self.assertRejected(harness, "server", 49)  # access_denied
+        closed = self.assertRejected(harness, "server", 40)  # handshake_failure (RFC 8844)
         self.assertIn("unknown tls-id", closed.reason)
         self.assertEqual([q.stage for q in queries], [dtls.STAGE_HELLO])
         # The client learns it through the alert and closes too.
@@ -434,7 +434,9 @@ class IdentityTests(SynchronousTestCase):
         """A client without extension 56 reaches the hook with tls-id None."""
         hook, queries = self.registered_hook(CLIENT_TLS_ID, _CLIENT.fingerprint)
         harness = handshake(listener_kwargs=dict(identity_hook=hook))
-        self.assertRejected(harness, "server", 42)
+        # Decided in the verify callback: the verification error chosen
+        # still makes OpenSSL send handshake_failure.
+        self.assertRejected(harness, "server", 40)
         self.assertEqual(queries[0].stage, dtls.STAGE_HELLO)
         self.assertIsNone(queries[0].peer_tls_id)
 
@@ -451,16 +453,16 @@ class IdentityTests(SynchronousTestCase):
         harness = handshake(client_kwargs=dict(tls_id=CLIENT_TLS_ID,
                                                expected_peer_tls_id=b"NotTheServer0123456789"),
                             listener_kwargs=dict(tls_id=SERVER_TLS_ID))
-        closed = self.assertRejected(harness, "client", 49)
+        closed = self.assertRejected(harness, "client", 40)  # RFC 8844
         self.assertIn("tls-id", closed.reason)
         self.assertIsNotNone(harness.event("server", dtls.Closed))
 
     def test_client_rejects_missing_server_tls_id(self):
         harness = handshake(client_kwargs=dict(tls_id=CLIENT_TLS_ID,
                                                expected_peer_tls_id=SERVER_TLS_ID))
-        # Noticed when the server certificate arrives: OpenSSL maps a refusal
-        # in the verify callback to bad_certificate.
-        closed = self.assertRejected(harness, "client", 42)
+        # Noticed when the server certificate arrives, in the verify
+        # callback: still handshake_failure on the wire.
+        closed = self.assertRejected(harness, "client", 40)
         self.assertIn("no tls-id", closed.reason)
 
     def test_client_rejects_wrong_server_fingerprint(self):
@@ -478,6 +480,7 @@ class IdentityTests(SynchronousTestCase):
         harness = handshake(client_credentials=None)
         closed = harness.event("server", dtls.Closed)
         self.assertIsNotNone(closed)
+        self.assertIn((2, 40), alerts(harness.server_outputs[-1].datagrams))
         self.assertIn("certificate", closed.reason)
         self.assertIsNone(harness.event("server", dtls.HandshakeComplete))
         self.assertIsNone(harness.event("client", dtls.HandshakeComplete))
@@ -489,13 +492,13 @@ class IdentityTests(SynchronousTestCase):
 
         harness = handshake(client_kwargs=dict(tls_id=CLIENT_TLS_ID),
                             listener_kwargs=dict(identity_hook=hook))
-        closed = self.assertRejected(harness, "server", 49)
+        closed = self.assertRejected(harness, "server", 80)  # internal_error
         self.assertIn("KeyError", closed.reason)
 
     def test_hook_bad_return_rejects(self):
         harness = handshake(client_kwargs=dict(tls_id=CLIENT_TLS_ID),
                             listener_kwargs=dict(identity_hook=lambda q: True))
-        self.assertRejected(harness, "server", 49)
+        self.assertRejected(harness, "server", 80)
 
     def test_per_association_overrides(self):
         """listen() may override the hook and the server tls-id per association."""
@@ -522,6 +525,23 @@ class IdentityTests(SynchronousTestCase):
             dtls.encode_external_session_id(CLIENT_TLS_ID)), CLIENT_TLS_ID)
         for bad in (b"", CLIENT_TLS_ID, b"\x05" + CLIENT_TLS_ID):
             self.assertRaises(dtls.ExtensionError, dtls.decode_external_session_id, bad)
+
+    def test_trailing_newline_refused(self):
+        """A "$" match would accept these; an oversize one then broke every handshake."""
+        for bad in (CLIENT_TLS_ID + b"\n", b"x" * 255 + b"\n"):
+            self.assertRaises(dtls.ExtensionError, dtls.validate_tls_id, bad)
+            self.assertRaises(dtls.ExtensionError, dtls.encode_external_session_id, bad)
+            self.assertRaises(dtls.ExtensionError, dtls.decode_external_session_id,
+                              bytes([len(bad) % 256]) + bad)
+            self.assertRaises(dtls.ExtensionError, dtls.ClientAssociation, _CLIENT, [P9],
+                              tls_id=bad)
+            self.assertRaises(dtls.ExtensionError, dtls.ServerListener, _SERVER, [P9],
+                              tls_id=bad)
+            listener = dtls.ServerListener(_SERVER, [P9])
+            client = dtls.ClientAssociation(_CLIENT, [P9])
+            [datagram] = client.start(0.0).datagrams
+            self.assertRaises(dtls.ExtensionError, listener.listen, AID, datagram, 0.0,
+                              tls_id=bad)
 
 
 class ProfileTests(SynchronousTestCase):

@@ -172,7 +172,8 @@ class ClientHelloTests(SynchronousTestCase):
         self.assertIsNone(hello.parse_client_hello(encrypted_epoch))
 
     def test_malformed_tls_id_is_flagged(self):
-        for bad in (b"", b"\x05short", b"\x03" + CLIENT_TLS_ID, b"\x14" + b"!" * 20):
+        for bad in (b"", b"\x05short", b"\x03" + CLIENT_TLS_ID, b"\x14" + b"!" * 20,
+                    bytes([len(CLIENT_TLS_ID) + 1]) + CLIENT_TLS_ID + b"\n"):
             info = hello.parse_client_hello(rewrite(first_client_hello(), replacing(56, bad)))
             self.assertIsNone(info.tls_id)
             self.assertTrue(info.tls_id_malformed)
@@ -412,3 +413,110 @@ class RobustnessTests(SynchronousTestCase):
         _, handshake_header, body, _ = first_record(exchange()[which])
         assertOnlyHelloError(self, record(handshake(handshake_header[0],
                                                     mutate(body, changes))))
+
+
+def fragmented_client_hello():
+    """A real ClientHello OpenSSL split in two datagrams (MTU 256, a 255-character tls-id)."""
+    client = dtls.ClientAssociation(dtls.Credentials.self_signed("ep"), [by_id(9), by_id(7)],
+                                    tls_id=b"F" * 255, mtu=256, ekt_ciphers=(1, 2))
+    datagrams = client.start(0.0).datagrams
+    assert len(datagrams) == 2
+    return datagrams
+
+
+def split_fragment(datagram, at):
+    """One fragment record cut in two at ``at`` octets of its data (RFC 6347 4.2.3)."""
+    header, message = datagram[:13], datagram[13:]
+    offset = int.from_bytes(message[6:9], "big")
+    data = message[12:]
+    out = []
+    for start, piece in ((0, data[:at]), (at, data[at:])):
+        handshake_header = (message[:6] + (offset + start).to_bytes(3, "big")
+                            + len(piece).to_bytes(3, "big"))
+        out.append(header[:11] + (12 + len(piece)).to_bytes(2, "big") + handshake_header + piece)
+    return out
+
+
+class ReassemblyTests(SynchronousTestCase):
+
+    def test_fragments_give_the_whole_client_hello(self):
+        first, second = fragmented_client_hello()
+        self.assertIsNone(hello.parse_client_hello(first))
+        for order in ((first, second), (second, first)):
+            reassembler = hello.ClientHelloReassembler()
+            self.assertIsNone(reassembler.feed("a", order[0], 0.0))
+            whole = reassembler.feed("a", order[1], 0.1)
+            info = hello.parse_client_hello(whole)
+            self.assertEqual(info.tls_id, b"F" * 255)
+            self.assertEqual(info.srtp_profiles, (9, 7))
+            self.assertEqual(info.ekt_ciphers, (1, 2))
+            self.assertEqual(len(reassembler), 0)
+            self.assertEqual(reassembler.counters, {"hello-reassembled": 1})
+            # One record, one unfragmented message.
+            self.assertEqual(len(dtls.split_records(whole)), 1)
+
+    def test_overlapping_and_duplicate_fragments(self):
+        first, second = fragmented_client_hello()
+        reassembler = hello.ClientHelloReassembler()
+        a, b = split_fragment(first, 50)
+        for datagram in (a, a, second):
+            self.assertIsNone(reassembler.feed("a", datagram, 0.0))
+        whole = reassembler.feed("a", first, 0.0)  # overlaps a, same octets
+        self.assertEqual(hello.parse_client_hello(whole).tls_id, b"F" * 255)
+
+    def test_whole_hellos_and_other_datagrams_pass_unchanged(self):
+        reassembler = hello.ClientHelloReassembler()
+        for datagram in (first_client_hello(), server_flight(), b"\x17\xfe\xfd" + bytes(30),
+                         b"\x16\xfe"):
+            self.assertIs(reassembler.feed("a", datagram, 0.0), datagram)
+        self.assertEqual(reassembler.counters, {})
+
+    def test_too_big_refused(self):
+        first, second = fragmented_client_hello()
+        reassembler = hello.ClientHelloReassembler(max_octets=300)
+        self.assertIsNone(reassembler.feed("a", first, 0.0))
+        self.assertIsNone(reassembler.feed("a", second, 0.0))
+        self.assertEqual(reassembler.counters, {"hello-fragments-too-big": 2})
+        self.assertEqual(len(reassembler), 0)
+
+    def test_too_many_fragments_refused(self):
+        first, second = fragmented_client_hello()
+        reassembler = hello.ClientHelloReassembler(max_fragments=2)
+        a, b = split_fragment(first, 50)
+        for datagram in (a, b, second):
+            self.assertIsNone(reassembler.feed("a", datagram, 0.0))
+        self.assertEqual(reassembler.counters, {"hello-fragments-too-many": 1})
+        self.assertEqual(len(reassembler), 0)
+
+    def test_contradicting_fragments_refused(self):
+        first, second = fragmented_client_hello()
+        reassembler = hello.ClientHelloReassembler()
+        self.assertIsNone(reassembler.feed("a", first, 0.0))
+        tampered = first[:-1] + bytes([first[-1] ^ 1])
+        self.assertIsNone(reassembler.feed("a", tampered, 0.0))
+        self.assertEqual(reassembler.counters, {"hello-fragments-inconsistent": 1})
+        # Nothing of it is kept: the second fragment alone completes nothing.
+        self.assertIsNone(reassembler.feed("a", second, 0.0))
+        self.assertEqual(len(reassembler), 1)
+        other_length = second[:14] + (int.from_bytes(second[14:17], "big") + 1).to_bytes(
+            3, "big") + second[17:]
+        self.assertIsNone(reassembler.feed("a", other_length, 0.0))
+        self.assertEqual(reassembler.counters["hello-fragments-inconsistent"], 2)
+
+    def test_timeout(self):
+        first, second = fragmented_client_hello()
+        reassembler = hello.ClientHelloReassembler(timeout=5.0)
+        self.assertIsNone(reassembler.feed("a", first, 0.0))
+        self.assertIsNone(reassembler.feed("a", second, 5.0))
+        self.assertEqual(reassembler.counters["hello-fragments-timed-out"], 1)
+        self.assertEqual(len(reassembler), 1)  # the second one, started anew
+
+    def test_bounded_number_in_progress(self):
+        first, second = fragmented_client_hello()
+        reassembler = hello.ClientHelloReassembler(max_pending=4)
+        for key in range(100):
+            self.assertIsNone(reassembler.feed(key, first, 0.0))
+        self.assertEqual(len(reassembler), 4)
+        self.assertEqual(reassembler.counters, {"hello-fragments-evicted": 96})
+        self.assertIsNotNone(reassembler.feed(99, second, 0.0))
+        self.assertIsNone(reassembler.feed(0, second, 0.0))

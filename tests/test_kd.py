@@ -641,3 +641,249 @@ class BackpressureTests(KeyDistributorTestCase):
             self.assertIsNone(transport.producer)
         self.clock.advance(0)
         self.assertEqual(factory.connections, set())
+
+
+_SECOND = dtls.Credentials.self_signed("second")
+SECOND_TLS_ID = "SecondEndpointTlsId-0123456789"
+P9, P10, P7 = by_id(0x0009), by_id(0x000A), by_id(0x0007)
+
+
+def wire_alerts(datagrams):
+    """(level, description) of every plaintext (epoch 0) alert record in ``datagrams``."""
+    found = []
+    for datagram in datagrams:
+        for record in dtls.split_records(datagram):
+            if record[0] == 21 and record[3:5] == b"\x00\x00" and len(record) >= 15:
+                found.append((record[13], record[14]))
+    return found
+
+
+class Shuttle:
+    """One endpoint's datagrams through a MediaDistributorStandIn, a flight at a time."""
+
+    def __init__(self, md, client, clock):
+        self.md, self.client, self.clock = md, client, clock
+        self.aid = uuid.uuid4()
+        self.events = []
+        self.sent = []      # what the endpoint sent
+        self.received = []  # what the Key Distributor sent it
+        self.pending = list(client.start(clock.seconds()).datagrams)
+
+    def send(self, rewrite=None):
+        for datagram in self.pending:
+            if rewrite is not None:
+                datagram = rewrite(datagram)
+            self.sent.append(datagram)
+            self.md.send(wire.TunneledDtls(self.aid, datagram))
+        self.pending = []
+
+    def deliver(self, messages):
+        for message in messages:
+            if isinstance(message, wire.TunneledDtls) and message.association_id == self.aid:
+                self.received.append(message.dtls_message)
+                output = self.client.receive(message.dtls_message, self.clock.seconds())
+                self.pending.extend(output.datagrams)
+                self.events.extend(output.events)
+
+    def complete(self):
+        done = [e for e in self.events if isinstance(e, dtls.HandshakeComplete)]
+        return done[0] if done else None
+
+
+def run(md, *shuttles, rewrite=None):
+    for _ in range(20):
+        if not any(s.pending for s in shuttles):
+            return
+        for shuttle in shuttles:
+            shuttle.send(rewrite)
+        messages = md.received()
+        for shuttle in shuttles:
+            shuttle.deliver(messages)
+
+
+class AlertTests(KeyDistributorTestCase):
+    """The alert each refusal puts on the wire (README, Key Distributor: alerts)."""
+
+    def refused(self, client, rewrite=None, profiles=(0x0009, 0x000A)):
+        md = MediaDistributorStandIn(self.kd, profiles=profiles)
+        shuttle = Shuttle(md, client, self.clock)
+        run(md, shuttle, rewrite=rewrite)
+        self.assertIsNone(shuttle.complete())
+        self.assertEqual(md.log[-1], wire.EndpointDisconnect(shuttle.aid))
+        self.assertFalse([m for m in md.log if isinstance(m, wire.MediaKeys)])
+        return shuttle
+
+    def assertKdAlert(self, shuttle, description):
+        self.assertEqual(wire_alerts(shuttle.received), [(2, description)])
+
+    def test_unregistered_tls_id_is_handshake_failure(self):
+        shuttle = self.refused(self.client(tls_id="Unregistered-0123456789"))
+        self.assertKdAlert(shuttle, 40)
+
+    def test_missing_tls_id_is_handshake_failure(self):
+        self.assertKdAlert(self.refused(self.client(tls_id=None)), 40)
+
+    def test_wrong_fingerprint_is_bad_certificate(self):
+        self.assertKdAlert(self.refused(self.client(credentials=_STRANGER)), 42)
+
+    def test_no_common_profile_is_handshake_failure(self):
+        self.assertKdAlert(self.refused(self.client(profiles=(P7,))), 40)
+
+    def test_malformed_extension_56_is_decode_error(self):
+        from tests.test_hello import replacing, rewrite
+
+        def malformed(datagram):
+            # The ClientHello that returns the cookie, with a length prefix
+            # that does not match its tls-id.
+            if datagram[13] == 1 and datagram[13 + 12 + 2 + 32 + 1] != 0:
+                return rewrite(datagram, replacing(56, b"\x05" + TLS_ID.encode()))
+            return datagram
+
+        self.assertKdAlert(self.refused(self.client(), rewrite=malformed), 50)
+
+    def test_internal_error(self):
+        def broken(association_id, query):
+            raise RuntimeError("a bug in the identity check")
+
+        self.patch(self.kd, "_decide", broken)
+        self.assertKdAlert(self.refused(self.client()), 80)
+
+    def test_client_refuses_kd_tls_id_mismatch_with_handshake_failure(self):
+        md = MediaDistributorStandIn(self.kd)
+        shuttle = Shuttle(md, self.client(expected="SomethingElse-0123456789"), self.clock)
+        run(md, shuttle)
+        self.assertIsNone(shuttle.complete())
+        self.assertEqual(wire_alerts(shuttle.sent), [(2, 40)])
+
+
+class ConferenceProfileTests(KeyDistributorTestCase):
+    """Every member of a conference uses the SRTP profile of the first one."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self.second, _ = yield self.roster.put(CONFERENCE, SECOND_TLS_ID, _SECOND.fingerprint)
+        self.logged = []
+        self.kd.log = Logger(observer=self.logged.append)
+
+    def second_client(self, profiles):
+        return dtls.ClientAssociation(
+            _SECOND, profiles, tls_id=SECOND_TLS_ID.encode(),
+            expected_peer_tls_id=self.second.kd_tls_id.encode(),
+            expected_peer_fingerprint=_KD_CREDENTIALS.fingerprint)
+
+    def join(self, md, client):
+        shuttle = Shuttle(md, client, self.clock)
+        run(md, shuttle)
+        return shuttle
+
+    def test_later_member_gets_the_conference_profile(self):
+        md = MediaDistributorStandIn(self.kd)
+        first = self.join(md, self.client(profiles=(P10,)))
+        self.assertEqual(first.complete().profile, P10)
+        # The Key Distributor prefers 0x0009, and the second member offers it first.
+        second = self.join(md, self.second_client((P9, P10)))
+        self.assertEqual(second.complete().profile, P10)
+        [keys] = [m for m in md.log if isinstance(m, wire.MediaKeys)
+                  and m.association_id == second.aid]
+        self.assertEqual(keys.profile, 0x000A)
+
+    def test_member_without_the_profile_refused(self):
+        md = MediaDistributorStandIn(self.kd)
+        self.join(md, self.client(profiles=(P10,)))
+        second = self.join(md, self.second_client((P9,)))
+        self.assertIsNone(second.complete())
+        self.assertEqual(wire_alerts(second.received), [(2, 40)])
+        self.assertEqual(md.log[-1], wire.EndpointDisconnect(second.aid))
+        self.assertIsNone(self.kd.association(second.aid))
+        self.assertEqual(self.kd.counters["conference-profile-not-offered"], 1)
+        [line] = [e for e in self.logged if "does not offer" in e["log_format"]]
+        self.assertEqual(line["profile"], P10.name)
+        self.assertEqual(line["conference"], CONFERENCE)
+
+    def test_members_joining_concurrently_agree(self):
+        for first_offer, second_offer, expected in (((P10,), (P9, P10), P10),
+                                                    ((P9, P10), (P10, P9), P9)):
+            md = MediaDistributorStandIn(self.kd)
+            first = Shuttle(md, self.client(profiles=first_offer), self.clock)
+            second = Shuttle(md, self.second_client(second_offer), self.clock)
+            # Both past the cookie exchange, then both mid-handshake at once.
+            for _ in range(2):
+                first.send()
+                first.deliver(md.received())
+                second.send()
+                second.deliver(md.received())
+            self.assertIsNotNone(self.kd.association(first.aid))
+            self.assertIsNotNone(self.kd.association(second.aid))
+            run(md, first, second)
+            self.assertEqual(first.complete().profile, expected)
+            self.assertEqual(second.complete().profile, expected)
+            for shuttle in (first, second):
+                md.send(wire.EndpointDisconnect(shuttle.aid))
+            self.assertIsNone(self.kd.conferenceProfile(CONFERENCE))
+
+    def test_profile_forgotten_when_the_conference_empties(self):
+        md = MediaDistributorStandIn(self.kd)
+        first = self.join(md, self.client(profiles=(P10,)))
+        self.assertEqual(self.kd.conferenceProfile(CONFERENCE), P10)
+        md.send(wire.EndpointDisconnect(first.aid))
+        self.assertIsNone(self.kd.conferenceProfile(CONFERENCE))
+        self.assertEqual(self.join(md, self.second_client((P9,))).complete().profile, P9)
+
+    def test_refused_handshake_releases_the_profile(self):
+        md = MediaDistributorStandIn(self.kd)
+        refused = self.join(md, self.client(credentials=_STRANGER, profiles=(P10,)))
+        self.assertIsNone(refused.complete())
+        self.assertIsNone(self.kd.conferenceProfile(CONFERENCE))
+
+
+class ConferenceProfileWithoutTlsIdTests(ConferenceProfileTests):
+    allow_missing_tls_id = True
+
+    def test_member_without_tls_id_must_match(self):
+        md = MediaDistributorStandIn(self.kd)
+        self.join(md, self.client(profiles=(P10,)))
+        second = self.join(md, dtls.ClientAssociation(_SECOND, (P9,)))
+        self.assertIsNone(second.complete())
+        self.assertEqual(wire_alerts(second.received), [(2, 40)])
+        [ended] = [e for e in self.logged if e.get("association_id") == second.aid
+                   and "reason" in e]
+        self.assertIn(P10.name, ended["reason"])
+        # Without a tls-id OpenSSL picks before the conference is known
+        # (the Key Distributor's first choice), so only an endpoint that
+        # offers the conference's profile alone, or first among ours, fits.
+        third = self.join(md, dtls.ClientAssociation(_SECOND, (P10,)))
+        self.assertEqual(third.complete().profile, P10)
+
+
+class FragmentedClientHelloTests(KeyDistributorTestCase):
+    """A ClientHello split across datagrams (small MTU, long tls-id) gets through the cookie exchange."""
+
+    tls_id = "L" * 255
+
+    def fragmenting_client(self):
+        return dtls.ClientAssociation(
+            _ENDPOINT, DEFAULT_PROFILES, tls_id=self.tls_id.encode(), mtu=256,
+            expected_peer_tls_id=self.registration.kd_tls_id.encode(),
+            expected_peer_fingerprint=_KD_CREDENTIALS.fingerprint)
+
+    def test_real_handshake(self):
+        md = MediaDistributorStandIn(self.kd)
+        shuttle = Shuttle(md, self.fragmenting_client(), self.clock)
+        self.assertEqual(len(shuttle.pending), 2)
+        run(md, shuttle)
+        self.assertIsNotNone(shuttle.complete())
+        self.assertEqual(self.kd.counters["hello-reassembled"], 2)  # with and without cookie
+        self.assertEqual(len([m for m in md.log if isinstance(m, wire.MediaKeys)]), 1)
+
+    def test_incomplete_hello_keeps_no_association(self):
+        md = MediaDistributorStandIn(self.kd)
+        shuttle = Shuttle(md, self.fragmenting_client(), self.clock)
+        shuttle.pending = shuttle.pending[:1]
+        shuttle.send()
+        self.assertEqual(md.received(), [])
+        self.assertEqual(len(self.kd), 0)
+        self.clock.advance(10)
+        # Expired on the next ClientHello piece anyone sends.
+        Shuttle(md, self.fragmenting_client(), self.clock).send()
+        self.assertEqual(self.kd.counters["hello-fragments-timed-out"], 1)

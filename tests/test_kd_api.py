@@ -397,7 +397,7 @@ class BadRequestTests(APITestsBase):
     @defer.inlineCallbacks
     def test_malformed_tls_id_bytes(self):
         for tls_id in ("x" * 19, "endpoint-a-tls-id-01234567\x00", "endpoint-a-tls-id-\u00e9123",
-                       TLS_A + " ", "%" + TLS_A):
+                       TLS_A + " ", TLS_A + "\n", "%" + TLS_A):
             for method in (b"PUT", b"GET", b"DELETE"):
                 yield self.assertRefused(400, method, endpoint_path("conf", tls_id),
                                          {"fingerprint": FP2})

@@ -91,3 +91,28 @@ class DaemonTests(SynchronousTestCase):
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         self.assertTrue(os.path.exists(os.path.join(self.dir, "perc-kd.sqlite3")))
+
+    def test_unusable_stored_tls_id_one_line(self):
+        """
+        A Key Distributor tls-id in the database that is no tls-id (here a
+        trailing newline, which a "$" match would let through into every
+        ServerHello) stops the daemon with one line, not a traceback.
+        """
+        import sqlite3
+        connection = sqlite3.connect(os.path.join(self.dir, "perc-kd.sqlite3"))
+        connection.execute(
+            "CREATE TABLE registrations (tls_id TEXT PRIMARY KEY NOT NULL, conference TEXT "
+            "NOT NULL, fingerprint TEXT NOT NULL, kd_tls_id TEXT NOT NULL)")
+        endpoint = pki.self_signed_certificate("endpoint")[0]
+        connection.execute("INSERT INTO registrations VALUES (?, ?, ?, ?)", (
+            "DaemonTestTlsId-0123456789", "conf", pki.fingerprint(endpoint),
+            "KdTlsId-0123456789abcdef\n"))
+        connection.commit()
+        connection.close()
+        result = self.twistd("--pki", self.pki.directory, "--api", "none",
+                             "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(free_port()))
+        output = result.stdout + result.stderr
+        self.assertNotIn("Traceback", output)
+        [line] = [line for line in output.splitlines() if "unusable row" in line]
+        self.assertIn("perc-kd: ", line)
+        self.assertIn("tls-id", line)

@@ -195,6 +195,27 @@ class ConferenceTests(DistributorsMixin, TestCase):
             self.assertEqual(receiver.inbound.unprotect(protected), packet)
 
 
+class FragmentedClientHelloTests(DistributorsMixin, TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_fragmented_client_hello_joins(self):
+        """A ClientHello OpenSSL splits over two datagrams (MTU 256) through both distributors."""
+        credentials = dtls.Credentials.self_signed("big")
+        tls_id = "B" * 255
+        registration, _ = yield self.kd.roster.put(CONFERENCE, tls_id, credentials.fingerprint)
+        self.md.memberships.put(CONFERENCE, tls_id)
+        association = dtls.ClientAssociation(
+            credentials, [by_id(0x0009)], tls_id=tls_id.encode(), mtu=256,
+            expected_peer_tls_id=registration.kd_tls_id.encode(),
+            expected_peer_fingerprint=self.kd_fingerprint)
+        endpoint = UdpEndpoint(association, self.media_address)
+        port = reactor.listenUDP(0, endpoint, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        yield endpoint.handshake.addTimeout(WAIT, reactor)
+        self.assertGreaterEqual(self.md.relay.counters.get("hello-reassembled", 0), 2)
+
+
 class TimeoutTests(DistributorsMixin, TestCase):
     timeout = 60
     endpoint_timeout = "1"

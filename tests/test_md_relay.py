@@ -811,12 +811,23 @@ class EktTests(RelayTestCase):
                          sorted(peer.address for peer in receivers))
         for peer in receivers:
             (data,) = [d for d, address in written if address == peer.address]
-            if ekt_field:
+            # C negotiated no EKT: it gets the SRTP packet alone, which its
+            # session authenticates as it stands.
+            if ekt_field and peer is not self.c:
                 packet, field = rtp.split_ekt_field(data)
                 self.assertEqual(field, ekt_field)
             else:
                 packet = data
             self.assertEqual(peer.receiver.unprotect(packet), plain)
+
+    def test_receiver_without_ekt_gets_no_field(self):
+        field = rtp.full_ekt_field(os.urandom(24), spi=1, epoch=0)
+        plain = self.a.rtp()
+        written = dict((address, data) for data, address in
+                       self.send(self.a, self.a.protect(plain) + field))
+        self.assertEqual(self.c.receiver.unprotect(written[ADDR_C]), plain)
+        self.assertTrue(written[ADDR_B].endswith(field))
+        self.assertEqual(len(written[ADDR_B]), len(written[ADDR_C]) + len(field))
 
     def test_negotiation_seen_in_server_hello(self):
         self.assertTrue(self.relay.endpoint(self.a.association_id).ekt)
@@ -1202,3 +1213,27 @@ class StopTests(RelayTestCase):
         self.assertEqual(self.relay.status()["conferences"], {})
         self.assertEqual(self.tunnel.disconnects, [])
         self.assertEqual(len(self.tunnel.forgotten), 2)
+
+
+class FragmentedClientHelloTests(RelayTestCase):
+    def test_placed_once_whole_and_forwarded_whole(self):
+        from tests.test_hello import fragmented_client_hello
+        first, second = fragmented_client_hello()
+        self.memberships.put("conf", "F" * 255)
+        self.relay.datagramReceived(first, ADDR_A)
+        self.assertEqual(self.tunnel.sent, [])
+        self.relay.datagramReceived(second, ADDR_A)
+        [(association_id, data)] = self.tunnel.sent
+        self.assertEqual(hello.parse_client_hello(data).tls_id, b"F" * 255)
+        self.assertEqual(self.relay.endpoint(association_id).tls_id, "F" * 255)
+        self.assertEqual(self.counted("hello-reassembled"), 1)
+
+    def test_refused_pieces_counted(self):
+        from tests.test_hello import fragmented_client_hello
+        first, second = fragmented_client_hello()
+        self.memberships.put("conf", "F" * 255)
+        self.relay.datagramReceived(first, ADDR_A)
+        self.relay.datagramReceived(first[:-1] + bytes([first[-1] ^ 1]), ADDR_A)
+        self.relay.datagramReceived(second, ADDR_A)
+        self.assertEqual(self.tunnel.sent, [])
+        self.assertEqual(self.counted("hello-fragments-inconsistent"), 1)

@@ -143,6 +143,7 @@ class RegisterInProcessTests(RegisterTestsBase):
     @defer.inlineCallbacks
     def test_invalid_inputs_refused_before_sending(self):
         for overrides, fragment in (({"tls-id": "short"}, "tls-id"),
+                                    ({"tls-id": TLS_A + "\n"}, "tls-id"),
                                     ({"conference": "bad conf"}, "conference"),
                                     ({"fingerprint": "sha-256 AB"}, "fingerprint"),
                                     ({"kd-api": "ftp://host/"}, "--kd-api"),
@@ -161,6 +162,8 @@ class RegisterInProcessTests(RegisterTestsBase):
     def test_unusable_answers(self):
         for code, body, fragment in ((200, b"not json", "unusable answer"),
                                      (201, b'{"kd_tls_id": "short"}', "tls-id"),
+                                     (201, b'{"kd_tls_id": "KdTlsId-0123456789abcdef\\n"}',
+                                      "tls-id"),
                                      (200, b"[]", "not a JSON object"),
                                      (502, b"<html>bad gateway</html>", "502"),
                                      (400, b'{"error": "line one\\nline two"}', "line one line two")):

@@ -21,7 +21,7 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from perc import pki
 from perc.dtls.constants import (
-    ALERT_ACCESS_DENIED,
+    ALERT_BAD_CERTIFICATE,
     ALERT_DECODE_ERROR,
     ALERT_HANDSHAKE_FAILURE,
     ALERT_ILLEGAL_PARAMETER,
@@ -53,11 +53,20 @@ from perc.ekt import (
     encode_server_ekt_cipher,
 )
 
-# Verification errors whose alerts (bad_certificate, handshake_failure) fit
-# an identity rejection and a negotiation failure respectively.
+# A refusal inside the verify callback cannot name its alert: OpenSSL maps
+# the verification error to one.  These three map to bad_certificate,
+# handshake_failure and internal_error.
 _X509_V_OK = _lib.X509_V_OK
 _X509_REJECTED = getattr(_lib, "X509_V_ERR_CERT_REJECTED", 28)
 _X509_APPLICATION = getattr(_lib, "X509_V_ERR_APPLICATION_VERIFICATION", 50)
+_X509_OUT_OF_MEM = getattr(_lib, "X509_V_ERR_OUT_OF_MEM", 17)
+
+#: alert description -> the verification error OpenSSL turns into it.
+_X509_ERROR_FOR_ALERT = {
+    ALERT_BAD_CERTIFICATE: _X509_REJECTED,
+    ALERT_HANDSHAKE_FAILURE: _X509_APPLICATION,
+    ALERT_INTERNAL_ERROR: _X509_OUT_OF_MEM,
+}
 
 
 # --------------------------------------------------------------------------
@@ -75,8 +84,15 @@ class Refusal(Exception):
         self.x509_error = x509_error
 
 
-def _reject(reason: str) -> Refusal:
-    return Refusal("rejected: " + reason, True, ALERT_ACCESS_DENIED, _X509_REJECTED)
+def _reject(reason: str, alert: int = ALERT_HANDSHAKE_FAILURE) -> Refusal:
+    """
+    The peer is refused (Closed.rejected).  The alert table (README, Key
+    Distributor): handshake_failure for a tls-id that is missing or does
+    not match (RFC 8844), bad_certificate for a certificate that is not the
+    signalled one (RFC 8122 fingerprint), internal_error for our own failure.
+    """
+    return Refusal("rejected: " + reason, True, alert,
+                   _X509_ERROR_FOR_ALERT.get(alert, _X509_APPLICATION))
 
 
 class SslState:
@@ -210,12 +226,16 @@ def _ask_hook(state: SslState, stage: str) -> Decision:
         decision = hook(query)
     except Exception as e:
         raise _reject("identity hook failed at {} stage: {}: {}".format(
-            stage, type(e).__name__, e))
+            stage, type(e).__name__, e), ALERT_INTERNAL_ERROR)
     if isinstance(decision, Reject):
-        raise _reject(str(decision.reason))
+        alert = decision.alert
+        if alert is None:
+            alert = ALERT_BAD_CERTIFICATE if stage == STAGE_CERTIFICATE \
+                else ALERT_HANDSHAKE_FAILURE
+        raise _reject(str(decision.reason), alert)
     if not isinstance(decision, Accept):
         raise _reject("identity hook returned {!r}, not Accept or Reject".format(
-            type(decision).__name__))
+            type(decision).__name__), ALERT_INTERNAL_ERROR)
     return decision
 
 
@@ -232,7 +252,7 @@ def _server_hello_stage(ssl, state: SslState) -> None:
             state.send[EXTERNAL_SESSION_ID.ext_type] = encode_external_session_id(tls_id)
         except ExtensionError as e:
             raise Refusal("own tls-id unusable: {}".format(e), False,
-                           ALERT_INTERNAL_ERROR, _X509_APPLICATION)
+                           ALERT_INTERNAL_ERROR, _X509_OUT_OF_MEM)
 
 
 def _client_hello_stage(ssl, state: SslState) -> None:
@@ -260,7 +280,8 @@ def _certificate_stage(ssl, state: SslState, certificate: x509.Certificate) -> N
         if expected is not None:
             hash_name = expected.split()[0]
             if pki.fingerprint(certificate, hash_name) != expected:
-                raise _reject("server certificate fingerprint does not match the expected one")
+                raise _reject("server certificate fingerprint does not match the expected one",
+                              ALERT_BAD_CERTIFICATE)
 
 
 def _decode_or_refuse(decode, data: bytes, name: str):
@@ -333,7 +354,7 @@ def _record_failure(state: Optional[SslState], failure: Refusal) -> None:
 
 def _internal(e: BaseException) -> Refusal:
     return Refusal("internal error in DTLS callback: {}: {}".format(type(e).__name__, e),
-                    False, ALERT_INTERNAL_ERROR, _X509_APPLICATION)
+                    False, ALERT_INTERNAL_ERROR, _X509_OUT_OF_MEM)
 
 
 @_ffi.callback(_ADD_CB, error=-1, onerror=_callback_error)

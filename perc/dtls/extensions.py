@@ -17,14 +17,15 @@ class ExtensionError(ValueError):
     """A TLS extension value that is malformed or out of range."""
 
 
-_TLS_ID = re.compile(rb"^[A-Za-z0-9+/\-_]{20,255}$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline.
+_TLS_ID = re.compile(rb"[A-Za-z0-9+/\-_]{20,255}")
 
 
 def validate_tls_id(tls_id: bytes) -> bytes:
     """Return ``tls_id`` if it is 20..255 characters of ``A-Za-z0-9+/-_``; else raise ExtensionError."""
     if not isinstance(tls_id, bytes):
         raise ExtensionError("tls-id must be bytes")
-    if not _TLS_ID.match(tls_id):
+    if not _TLS_ID.fullmatch(tls_id):
         raise ExtensionError(
             "tls-id must be 20 to 255 characters from A-Za-z0-9+/-_ (got {} octets)".format(
                 len(tls_id)

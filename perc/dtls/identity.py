@@ -51,9 +51,18 @@ class Accept:
 
 @dataclass(frozen=True)
 class Reject:
-    """Refuse the peer: the association ends with a fatal alert and Closed(rejected=True)."""
+    """
+    Refuse the peer: the association ends with a fatal alert and
+    Closed(rejected=True).  ``alert`` is the alert description (RFC 5246
+    section 7.2); None means the stage's own: ``handshake_failure`` (40) at
+    the hello stage (RFC 8844: a tls-id that does not match signalling),
+    ``bad_certificate`` (42) at the certificate stage.  At the certificate
+    stage OpenSSL chooses the alert from a verification error, so only 40,
+    42 and 80 (internal_error) can be sent there.
+    """
 
     reason: str
+    alert: Optional[int] = None
 
 
 Decision = Union[Accept, Reject]

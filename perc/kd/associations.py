@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
-from perc import dtls, wire
+from perc import dtls, hello, wire
 from perc.backpressure import DEFAULT_MAX_PAUSED_OCTETS, DEFAULT_MAX_PAUSED_SECONDS
+from perc.dtls.constants import ALERT_HANDSHAKE_FAILURE, ALERT_INTERNAL_ERROR
 from perc.profiles import Profile
 
 __all__ = ["KeyDistributor", "Limits"]
@@ -59,6 +60,11 @@ class _Association:
     timer: object | None = None
     grace_timer: object | None = None
     counted_on: object | None = field(default=None)
+    #: SRTP profile ids the ClientHello offered, in its order.
+    offered: tuple = ()
+    #: The conference whose SRTP profile this association holds (see
+    #: KeyDistributor._holdConferenceProfile), or None.
+    holds_profile_of: str | None = None
 
 
 class KeyDistributor:
@@ -94,8 +100,14 @@ class KeyDistributor:
             ekt_ciphers=None if conference_keys is None else (int(conference_keys.cipher),))
         #: Counters by reason, for status and tests.
         self.counters: dict[str, int] = {}
+        # OpenSSL's cookie exchange needs the whole ClientHello in one record.
+        self._helloFragments = hello.ClientHelloReassembler(count=self._count)
         #: profilesFor's answers by the Media Distributor's profile list.
         self._commonProfiles: dict[tuple, tuple] = {}
+        #: conference -> [its SRTP profile, live associations holding it].
+        #: The first member fixes the profile; it is forgotten once no live
+        #: association (handshaking or established) holds it.
+        self._conferenceProfiles: dict[str, list] = {}
         roster.add_removal_observer(self._registrationRemoved)
 
     # -- queries --------------------------------------------------------
@@ -132,6 +144,48 @@ class KeyDistributor:
 
     def _count(self, reason: str) -> None:
         self.counters[reason] = self.counters.get(reason, 0) + 1
+
+    def conferenceProfile(self, conference: str) -> Profile | None:
+        """The SRTP profile the live members of ``conference`` use, or None."""
+        held = self._conferenceProfiles.get(conference)
+        return None if held is None else held[0]
+
+    def _holdConferenceProfile(self, association: _Association, conference: str,
+                               profile: Profile) -> None:
+        """``association`` uses ``profile`` in ``conference``: fix it there while it lives."""
+        if association.holds_profile_of is not None:
+            return
+        held = self._conferenceProfiles.get(conference)
+        if held is None:
+            held = self._conferenceProfiles[conference] = [profile, 0]
+        held[1] += 1
+        association.holds_profile_of = conference
+
+    def _releaseConferenceProfile(self, association: _Association) -> None:
+        conference = association.holds_profile_of
+        if conference is None:
+            return
+        association.holds_profile_of = None
+        held = self._conferenceProfiles.get(conference)
+        if held is not None:
+            held[1] -= 1
+            if held[1] <= 0:
+                del self._conferenceProfiles[conference]
+
+    def _profileFor(self, conference: str, offered: tuple, profiles: tuple) -> Profile | None:
+        """
+        The profile an association into ``conference`` must use: the
+        conference's own if it has one, else the first of ``profiles`` (this
+        Key Distributor's, bounded by the Media Distributor's) the endpoint
+        offered; None when it offers none of those.
+        """
+        fixed = self.conferenceProfile(conference)
+        if fixed is not None:
+            return fixed
+        for profile in profiles:
+            if profile.id in offered:
+                return profile
+        return None
 
     # -- tunnel events --------------------------------------------------
 
@@ -240,6 +294,9 @@ class KeyDistributor:
                 association.grace_timer = None
 
     def _newAssociation(self, tunnel, association_id: uuid.UUID, data: bytes, now: float) -> None:
+        data = self._helloFragments.feed(association_id, data, now)
+        if data is None:
+            return  # a piece of a ClientHello, kept (or refused and counted)
         if len(self._associations) >= self.limits.max_associations:
             self._refuseNew(tunnel, association_id, "total association limit reached")
             return
@@ -250,12 +307,33 @@ class KeyDistributor:
         if not profiles:
             self._refuseNew(tunnel, association_id, "no SRTP profile in common with the tunnel")
             return
+        # OpenSSL picks the SRTP profile before it hands us extension 56, so
+        # the conference (and with it the profile its members use) is
+        # learnt from the cleartext ClientHello first.
+        try:
+            client_hello = hello.parse_client_hello(data)
+        except hello.HelloError:
+            client_hello = None
+        offered = () if client_hello is None else client_hello.srtp_profiles
+        registration = None
+        if client_hello is not None and client_hello.tls_id is not None:
+            registration = self.roster.lookup(client_hello.tls_id.decode("ascii"))
+        profile = None
+        if registration is not None:
+            profile = self._profileFor(registration.conference, offered, profiles)
+            fixed = self.conferenceProfile(registration.conference)
+            if fixed is not None and fixed not in profiles:
+                self._refuseNew(tunnel, association_id, "conference {} uses SRTP profile {}, "
+                                "which this Media Distributor does not support".format(
+                                    registration.conference, fixed.name))
+                return
+        listen_profiles = (profile,) if profile is not None else profiles
         # The hook finds the association by id: holding the record itself
         # would make a reference cycle through the engine.
         replies, engine = self._listener.listen(
             association_id.bytes, data, now,
             # The listener's own profiles need no second normalisation.
-            profiles=None if profiles == self.profiles else profiles,
+            profiles=None if listen_profiles == self.profiles else listen_profiles,
             identity_hook=functools.partial(self._decide, association_id))
         for datagram in replies:
             # HelloVerifyRequest: no state is kept until the cookie returns.
@@ -264,10 +342,24 @@ class KeyDistributor:
             if not replies:
                 self._count("dtls-not-client-hello")
             return
-        association = _Association(association_id, engine, tunnel, tunnel, profiles)
+        association = _Association(association_id, engine, tunnel, tunnel, listen_profiles,
+                                   offered=offered)
         self._associations[association_id] = association
         tunnel.associations.add(association_id)
         association.counted_on = tunnel
+        if profile is not None:
+            if profile.id in offered:
+                # Held from now, mid-handshake: a member joining meanwhile
+                # gets the same profile.
+                self._holdConferenceProfile(association, registration.conference, profile)
+            else:
+                self._count("conference-profile-not-offered")
+                self.log.warn(
+                    "Refusing association {association_id} from {peer}: tls-id {tls_id} does "
+                    "not offer SRTP profile {profile}, which conference {conference} uses",
+                    association_id=association_id, peer=tunnel.peerDescription(),
+                    tls_id=registration.tls_id, profile=profile.name,
+                    conference=registration.conference)
         self._process(association, engine.start(now))
 
     def _refuseNew(self, tunnel, association_id: uuid.UUID, reason: str) -> None:
@@ -285,7 +377,7 @@ class KeyDistributor:
         """
         association = self._associations.get(association_id)
         if association is None:
-            return dtls.Reject("association no longer exists")
+            return dtls.Reject("association no longer exists", alert=ALERT_INTERNAL_ERROR)
         if query.stage == dtls.STAGE_HELLO:
             if query.peer_tls_id is None:
                 if self.allow_missing_tls_id:
@@ -309,7 +401,19 @@ class KeyDistributor:
                 return dtls.Reject(
                     "no tls-id, and the certificate fingerprint matches {} registrations".format(
                         len(matches)))
-            association.registration = matches[0]
+            registration = association.registration = matches[0]
+            # Without a tls-id the conference is known only now, after
+            # OpenSSL chose the profile (the first of ours the client offered).
+            chosen = next((p for p in association.profiles if p.id in association.offered), None)
+            fixed = self.conferenceProfile(registration.conference)
+            if fixed is not None and chosen != fixed:
+                return dtls.Reject(
+                    "conference {} uses SRTP profile {}, not {}".format(
+                        registration.conference, fixed.name,
+                        chosen.name if chosen is not None else "(none)"),
+                    alert=ALERT_HANDSHAKE_FAILURE)
+            if chosen is not None:
+                self._holdConferenceProfile(association, registration.conference, chosen)
             return dtls.Accept()
         if query.peer_fingerprint is not None and registration.fingerprint.startswith("sha-256 "):
             # The engine's sha-256 fingerprint of this very certificate, in
@@ -478,6 +582,7 @@ class KeyDistributor:
             self._process(association, association.engine.handle_timeout(self.clock.seconds()))
 
     def _forget(self, association: _Association) -> None:
+        self._releaseConferenceProfile(association)
         for name in ("timer", "grace_timer"):
             timer = getattr(association, name)
             if timer is not None and timer.active():

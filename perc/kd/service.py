@@ -143,7 +143,12 @@ class KeyDistributorService(service.MultiService):
         self.ready.callback(self)
 
     def _startFailed(self, failure):
-        self.log.failure("Key Distributor could not start", failure)
+        if failure.check(ConfigError):
+            # Something a user must fix (an unusable registration database,
+            # e.g. a stored tls-id that is not one): one line, no traceback.
+            self.log.error("perc-kd: {error}", error=failure.getErrorMessage())
+        else:
+            self.log.failure("Key Distributor could not start", failure)
         self.ready.errback(failure)
         if self.reactor.running:
             self.reactor.stop()

@@ -161,6 +161,9 @@ class MediaRelay(protocol.DatagramProtocol):
         self._fanout: dict[str, tuple[tuple, tuple]] = {}
         self._sendto = None
         self._new_per_host: dict[str, int] = {}
+        # A ClientHello split into fragments names its endpoint only once
+        # whole; the Key Distributor then gets it whole too.
+        self._helloFragments = hello.ClientHelloReassembler(count=self._count)
         self._sweeper = task.LoopingCall(self._sweep)
         self._sweeper.clock = clock
         memberships.add_removal_observer(self._membershipRemoved)
@@ -206,6 +209,9 @@ class MediaRelay(protocol.DatagramProtocol):
             self._count("dropped-" + kind.name.lower())
 
     def _dtls(self, data: bytes, address) -> None:
+        data = self._helloFragments.feed(address, data, self.clock.seconds())
+        if data is None:
+            return  # a piece of a ClientHello, kept (or refused and counted)
         endpoint = self._pending.get(address)
         if endpoint is not None:
             try:
@@ -344,7 +350,7 @@ class MediaRelay(protocol.DatagramProtocol):
         if send is None:
             send = self.transport.write
         forwarded = 0
-        for other, other_address, protect in members:
+        for other, other_address, protect, other_ekt in members:
             if other is endpoint:
                 continue
             try:
@@ -354,7 +360,9 @@ class MediaRelay(protocol.DatagramProtocol):
                 # buffer (1500 octets less the largest trailer).
                 self._count("dropped-protect-failed")
                 continue
-            if ekt_field:
+            if ekt_field and other_ekt:
+                # Only a receiver that negotiated EKT expects (and can
+                # authenticate past) a trailing EKT field.
                 out += ekt_field
             try:
                 send(out, other_address)
@@ -374,7 +382,7 @@ class MediaRelay(protocol.DatagramProtocol):
         self._fanout.pop(conference, None)
 
     def _buildFanout(self, conference: str):
-        """The (endpoint, address, protect) tables for RTP and RTCP, or None."""
+        """The (endpoint, address, protect, ekt) tables for RTP and RTCP, or None."""
         members = self._conferences.get(conference)
         if not members:
             return None
@@ -382,8 +390,8 @@ class MediaRelay(protocol.DatagramProtocol):
         # order iterating the set gives.
         ordered = tuple(members)
         fanout = self._fanout[conference] = (
-            tuple((m, m.address, m.outbound.protect) for m in ordered),
-            tuple((m, m.address, m.outbound.protect_rtcp) for m in ordered))
+            tuple((m, m.address, m.outbound.protect, m.ekt) for m in ordered),
+            tuple((m, m.address, m.outbound.protect_rtcp, False) for m in ordered))
         return fanout
 
     # -- messages from tunnels ------------------------------------------

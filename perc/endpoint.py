@@ -37,7 +37,7 @@ from perc.double import (
     ReplayError,
     UnknownSenderError,
 )
-from perc.ekt import EktCipher, EktError, EktKey, EktReceiver, EktSender
+from perc.ekt import EktCipher, EktError, EktReceiver, EktSender
 
 __all__ = ["DtlsClientProtocol", "ReferenceEndpoint", "SenderStats", "backoff"]
 
@@ -73,7 +73,8 @@ class DtlsClientProtocol(protocol.DatagramProtocol):
     """
     Drives a client-role :class:`perc.dtls.ClientAssociation` over UDP with
     timers on ``clock``.  Subclasses get ``handshakeComplete``,
-    ``applicationData``, ``closed`` and ``mediaReceived`` (SRTP/SRTCP).
+    ``applicationData``, ``ektKeyReceived``, ``closed`` and ``mediaReceived``
+    (SRTP/SRTCP).
 
     When ``closed`` runs, ``closedByAlert`` tells whether the datagram that
     ended the association held an alert record (the peer refused or closed
@@ -130,6 +131,8 @@ class DtlsClientProtocol(protocol.DatagramProtocol):
                 self.handshakeComplete(event)
             elif isinstance(event, dtls.ApplicationData):
                 self.applicationData(event.data)
+            elif isinstance(event, dtls.EktKeyReceived):
+                self.ektKeyReceived(event)
             elif isinstance(event, dtls.Closed):
                 self.closedByAlert = received is not None and _holds_alert(received)
                 self.closed(event)
@@ -153,6 +156,9 @@ class DtlsClientProtocol(protocol.DatagramProtocol):
         pass
 
     def applicationData(self, data: bytes) -> None:
+        pass
+
+    def ektKeyReceived(self, event: dtls.EktKeyReceived) -> None:
         pass
 
     def closed(self, event: dtls.Closed) -> None:
@@ -384,18 +390,21 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self.abandonAssociation()
         self._retryLater("association lost: " + reason)
 
-    def applicationData(self, data: bytes) -> None:
+    def ektKeyReceived(self, event: dtls.EktKeyReceived) -> None:
+        """
+        The Key Distributor's ekt_key message, already checked against the
+        negotiated cipher and acknowledged by the engine (an unusable one
+        ends the association with an alert and Closed(rejected=True)).
+        """
         if self._cipher is None:
             return
-        try:
-            key = EktKey.decode(data, self._cipher)
-        except EktError as error:
-            self._fail("unusable EKTKey from the Key Distributor: {}".format(error.reason))
-            return
-        # An answer, whatever it holds: the association reaches the Key
+        # An answer, new or repeated: the association reaches the Key
         # Distributor.
         self._keyed = True
         self._probeLater()
+        if event.repeated:
+            return  # a message_seq already processed: nothing new
+        key = event.key
         now = self.clock.seconds()
         if self._ekt_sender is not None and key.ekt_spi == self._ekt_sender.spi:
             # The same EKTKey again (an answer, or a rejoin through a Key

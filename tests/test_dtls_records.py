@@ -43,7 +43,7 @@ class PrfTests(SynchronousTestCase):
 
     def test_matches_openssl_exporter(self):
         """RFC 5705 export is the PRF over client_random + server_random: OpenSSL agrees."""
-        harness = make()
+        harness = make(client_kwargs={"compact": False})
         harness.start()
         harness.run()
         connection = harness.client._conn
@@ -150,15 +150,15 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(repr(server), "<RecordProtection ECDHE-ECDSA-AES128-GCM-SHA256 epoch 1>")
 
 
-def established(cipher=None, **listener_kwargs):
+def established(cipher=None, client_kwargs=None, **listener_kwargs):
     """A handshake run to completion in memory; ``cipher`` restricts the client's offer."""
     if cipher is None:
-        harness = make(listener_kwargs=listener_kwargs or None)
+        harness = make(listener_kwargs=listener_kwargs or None, client_kwargs=client_kwargs)
     else:
         # Own credentials give the client its own SSL context, whose cipher
         # list may then be narrowed before the ClientHello (pyOpenSSL
         # refuses to change a context in use, hence the raw call).
-        harness = make(listener_kwargs=listener_kwargs or None,
+        harness = make(listener_kwargs=listener_kwargs or None, client_kwargs=client_kwargs,
                        client_credentials=dtls.Credentials.self_signed("cipher-test"))
         assert _lib.SSL_CTX_set_cipher_list(harness.client._context._context, cipher.encode())
     harness.start()
@@ -186,7 +186,7 @@ class CompactedAssociationTests(SynchronousTestCase):
     def test_established_server_leaves_openssl(self):
         before = len(SSL.Connection._reverse_mapping)
         registry = dtls.callback_registry_size()
-        harness = established()
+        harness = established(client_kwargs={"compact": False})
         gc.collect()
         self.assertTrue(harness.server.compacted)
         self.assertFalse(harness.client.compacted)
@@ -269,7 +269,7 @@ class CompactedAssociationTests(SynchronousTestCase):
             next_write_sequence=next_sequence)
 
     def test_fatal_alert_ends(self):
-        harness = established()
+        harness = established(client_kwargs={"compact": False})
         record = self.client_protection(harness).seal(CONTENT_ALERT, b"\x02\x50")
         output = harness.server.receive(record, 0.0)
         self.assertEqual(output.events, (dtls.Closed(
@@ -277,7 +277,7 @@ class CompactedAssociationTests(SynchronousTestCase):
         self.assertEqual(output.datagrams, ())
 
     def test_warning_alert_and_renegotiation_ignored(self):
-        harness = established()
+        harness = established(client_kwargs={"compact": False})
         client = self.client_protection(harness)
         self.assertEqual(harness.server.receive(client.seal(CONTENT_ALERT, b"\x01\x5a"), 0.0),
                          dtls.Output())

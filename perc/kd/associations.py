@@ -339,7 +339,7 @@ class KeyDistributor:
                 after = after + self._applicationData(association, event.data)
         tunnel = association.tunnel
         if tunnel is not None:
-            # The EKTKey record follows the server's final flight.
+            # The ekt_key message follows the server's final flight.
             for datagram in output.datagrams + after:
                 tunnel.sendMessage(wire.TunneledDtls(association.id, datagram))
         if closed is not None:
@@ -349,7 +349,7 @@ class KeyDistributor:
 
     def _handshakeComplete(self, association: _Association,
                            event: dtls.HandshakeComplete) -> tuple:
-        """Send MediaKeys; returns the datagrams of the EKTKey record, if any."""
+        """Send MediaKeys; returns the datagrams of the ekt_key message, if any."""
         association.established = True
         registration = association.registration
         profile = event.profile
@@ -378,10 +378,12 @@ class KeyDistributor:
             profile=profile.name, peer=self._peer(association), spi=key.ekt_spi)
         return self._sendEktKey(association, key, log=False).datagrams
 
-    #: An endpoint that got its keys but not the EKTKey record (application
-    #: data is never retransmitted by DTLS) asks again with this one octet;
-    #: the reference endpoint also asks every few seconds to learn that its
-    #: association still reaches this Key Distributor (README, "liveness").
+    #: An endpoint that has its keys but no EKTKey (the ekt_key message is
+    #: retransmitted until acknowledged, but only a few times) asks again
+    #: with this one octet of application data; the reference endpoint also
+    #: asks every few seconds to learn that its association still reaches
+    #: this Key Distributor (README, "liveness").  The answer is the current
+    #: ekt_key message again.
     EKT_KEY_REQUEST = b"\x01"
 
     def _applicationData(self, association: _Association, data: bytes) -> tuple:
@@ -417,10 +419,11 @@ class KeyDistributor:
 
     def _sendEktKey(self, association: _Association, key, log: bool = True) -> dtls.Output:
         """
-        The EKTKey as the first application-data record (the deviation from
-        RFC 8870's ekt_key handshake message documented in NOTES.md).
+        The EKTKey as RFC 8870's ekt_key handshake message; the engine
+        retransmits it until the endpoint's ACK (its timer is scheduled by
+        :meth:`_process`).
         """
-        output = association.engine.send_application_data(key.encode())
+        output = association.engine.send_ekt_key(key, self.clock.seconds())
         if log:
             self.log.info(
                 "EKTKey SPI {spi} sent to association {association_id} ({conference})",

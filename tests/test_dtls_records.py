@@ -15,15 +15,19 @@ from OpenSSL._util import lib as _lib
 from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from perc.dtls.records import (
     CONTENT_ALERT,
     CONTENT_APPLICATION_DATA,
     CONTENT_HANDSHAKE,
+    MAX_PLAINTEXT,
     RecordProtection,
+    _ReplayWindow,
     suite_for,
     tls12_prf,
 )
 from tests.test_dtls import P9, make
+from tests.test_dtls import tls12_prf as td_prf
 
 AES128 = suite_for("ECDHE-ECDSA-AES128-GCM-SHA256")
 AES256 = suite_for("ECDHE-ECDSA-AES256-GCM-SHA384")
@@ -325,3 +329,122 @@ class CompactedAssociationTests(SynchronousTestCase):
         harness = established()
         self.assertEqual(harness.server.profile, P9)
         self.assertIsNotNone(harness.server.peer_fingerprint)
+
+
+class ReplayWindowTests(SynchronousTestCase):
+    def test_huge_jump_resets_the_window(self):
+        """A jump of 2^47 (a shifted bitmap would need terabytes) leaves a fresh window."""
+        window = _ReplayWindow()
+        for sequence in (0, 1, 3):
+            window.mark(sequence)
+        window.mark(2 ** 47)
+        self.assertEqual((window.highest, window.bitmap), (2 ** 47, 1))
+        self.assertTrue(window.seen(2 ** 47))
+        self.assertFalse(window.seen(2 ** 47 - 1))
+        self.assertTrue(window.seen(3))  # far behind: outside the window
+        window.mark(2 ** 47 - 2)
+        self.assertEqual(window.bitmap, 0b101)
+        self.assertFalse(window.seen(2 ** 47 - 1))
+
+    def test_huge_jump_between_records(self):
+        secrets = dict(master_secret=bytes(range(48)), client_random=b"c" * 32,
+                       server_random=b"s" * 32, epoch=1)
+        server, client = pair(AES128)
+        early = server.seal(CONTENT_APPLICATION_DATA, b"early")
+        self.assertIsNotNone(client.open(early))
+        far = RecordProtection.from_master_secret(AES128, server=True,
+                                                  next_write_sequence=2 ** 47, **secrets)
+        self.assertEqual(client.open(far.seal(CONTENT_APPLICATION_DATA, b"far")),
+                         (CONTENT_APPLICATION_DATA, b"far"))
+        self.assertEqual(client.open(far.seal(CONTENT_APPLICATION_DATA, b"next")),
+                         (CONTENT_APPLICATION_DATA, b"next"))
+        self.assertIsNone(client.open(server.seal(CONTENT_APPLICATION_DATA, b"old")))
+
+    def test_mark_through(self):
+        window = _ReplayWindow()
+        window.mark_through(5)
+        self.assertTrue(all(window.seen(n) for n in range(6)))
+        self.assertFalse(window.seen(6))
+
+
+def independent_seal(sequence, plaintext, content_type=CONTENT_APPLICATION_DATA):
+    """A server record of pair(AES128), sealed from RFC 5246/5288 without perc.dtls.records."""
+    block = td_prf(bytes(range(48)), b"key expansion", b"s" * 32 + b"c" * 32, 40,
+                   hashlib.sha256)
+    server_key, server_iv = block[16:32], block[36:40]
+    explicit = (1).to_bytes(2, "big") + sequence.to_bytes(6, "big")
+    additional = explicit + bytes((content_type,)) + b"\xfe\xfd" + \
+        len(plaintext).to_bytes(2, "big")
+    body = explicit + AESGCM(server_key).encrypt(server_iv + explicit, plaintext, additional)
+    return bytes((content_type,)) + b"\xfe\xfd" + explicit + len(body).to_bytes(2, "big") + body
+
+
+class RecordSizeTests(SynchronousTestCase):
+    """RFC 5246 section 6.2.1: at most 2^14 octets of plaintext a record, whatever the MTU."""
+
+    def test_sealing_refuses_more(self):
+        server, client = pair(AES128)
+        self.assertRaises(ValueError, server.seal, CONTENT_APPLICATION_DATA,
+                          bytes(MAX_PLAINTEXT + 1))
+        record = server.seal(CONTENT_APPLICATION_DATA, bytes(MAX_PLAINTEXT))
+        self.assertEqual(client.open(record), (CONTENT_APPLICATION_DATA, bytes(MAX_PLAINTEXT)))
+        self.assertEqual(server.max_plaintext(65535), MAX_PLAINTEXT)
+
+    def test_opening_discards_more(self):
+        _, client = pair(AES128)
+        self.assertIsNone(client.open(independent_seal(0, bytes(MAX_PLAINTEXT + 1))))
+        self.assertEqual(client.open(independent_seal(1, bytes(MAX_PLAINTEXT))),
+                         (CONTENT_APPLICATION_DATA, bytes(MAX_PLAINTEXT)))
+
+    def test_engine_under_a_large_mtu(self):
+        harness = established(mtu=65535)
+        self.assertRaises(ValueError, harness.server.send_application_data,
+                          bytes(MAX_PLAINTEXT + 1))
+        self.assertEqual(server_data(harness, bytes(MAX_PLAINTEXT)),
+                         [dtls.ApplicationData(bytes(MAX_PLAINTEXT))])
+
+
+def epoch_of(record):
+    return int.from_bytes(record[3:5], "big")
+
+
+class HandOffReplayTests(SynchronousTestCase):
+    def test_earlier_finished_cannot_be_replayed_after_the_hand_off(self):
+        """
+        The client's Finished arrives alone (OpenSSL keeps it), the rest of
+        its flight completes the handshake: that earlier Finished must not
+        make the compacted server send its final flight again.
+        """
+        harness = make()
+        harness.start()
+        while not any(epoch_of(r) == 1 for d in harness.to_server
+                      for r in dtls.split_records(d)):
+            self.assertTrue(harness.step())
+        flight = [r for d in harness.to_server for r in dtls.split_records(d)]
+        harness.to_server = []
+        finished = b"".join(r for r in flight if epoch_of(r) == 1)
+        harness.deliver_to_server(finished)
+        self.assertFalse(harness.server.established)
+        harness.deliver_to_server(b"".join(r for r in flight if epoch_of(r) == 0))
+        self.assertTrue(harness.server.compacted)
+        harness.run()
+        self.assertTrue(harness.complete())
+        self.assertEqual(harness.server.receive(finished, 0.0), dtls.Output())
+        # A genuinely new record still gets through.
+        _, events = client_data(harness, b"fresh")
+        self.assertEqual(events, [dtls.ApplicationData(b"fresh")])
+
+    def test_forged_early_record_does_not_move_the_window(self):
+        """Only authentic early records prime the window: a forged far-ahead one does not."""
+        forged = bytes.fromhex("17fefd0001") + (2 ** 47).to_bytes(6, "big") + \
+            (40).to_bytes(2, "big") + bytes(40)
+        harness = make()
+        harness.start()
+        while harness.server is None or not harness.server.established:
+            if harness.server is not None:
+                harness.deliver_to_server(forged)
+            self.assertTrue(harness.step())
+        harness.run()
+        self.assertTrue(harness.server.compacted)
+        _, events = client_data(harness, b"after")
+        self.assertEqual(events, [dtls.ApplicationData(b"after")])

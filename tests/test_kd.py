@@ -367,14 +367,19 @@ class EktTests(KeyDistributorTestCase):
             expected_peer_tls_id=self.registration.kd_tls_id.encode(), ekt_ciphers=(1,))
 
     def keys_in(self, events):
-        from perc.ekt import EktKey
-        return [EktKey.decode(e.data, 1) for e in events if isinstance(e, dtls.ApplicationData)]
+        """The EKTKeys of the ekt_key messages (new or repeated) the client read."""
+        return [e.key for e in events if isinstance(e, dtls.EktKeyReceived)]
 
-    def deliver(self, md, client, aid):
+    def deliver(self, md, client, aid, drop_acks=False):
+        """The Key Distributor's datagrams to the client; its ACKs back unless dropped."""
         events = []
         for message in md.received():
             if isinstance(message, wire.TunneledDtls):
-                events.extend(client.receive(message.dtls_message, self.clock.seconds()).events)
+                output = client.receive(message.dtls_message, self.clock.seconds())
+                events.extend(output.events)
+                for datagram in output.datagrams:
+                    if not (drop_acks and datagram[0] == 26):
+                        md.send(wire.TunneledDtls(aid, datagram))
         return events
 
     def test_key_follows_the_final_flight_and_is_resent_on_request(self):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import random
 
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
@@ -16,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from perc.dtls.post_handshake import encode_handshake
 from perc.dtls.records import (
     CONTENT_ALERT,
     CONTENT_APPLICATION_DATA,
@@ -26,6 +28,7 @@ from perc.dtls.records import (
     suite_for,
     tls12_prf,
 )
+from perc.ekt import EktKey
 from tests.test_dtls import P9, make
 from tests.test_dtls import tls12_prf as td_prf
 
@@ -448,3 +451,212 @@ class HandOffReplayTests(SynchronousTestCase):
         self.assertTrue(harness.server.compacted)
         _, events = client_data(harness, b"after")
         self.assertEqual(events, [dtls.ApplicationData(b"after")])
+
+
+KEY = EktKey(bytes(range(16)), bytes(range(100, 112)), 0x1234, 3600)
+REKEY = EktKey(bytes(range(16, 32)), bytes(range(100, 112)), 0x1235, 3600)
+
+
+def ekt_established(compact=True, client_ciphers=(1,)):
+    harness = make(client_kwargs=dict(ekt_ciphers=client_ciphers, compact=compact),
+                   listener_kwargs=dict(ekt_ciphers=(1,)))
+    harness.start()
+    harness.run()
+    assert harness.complete(), "handshake did not complete"
+    return harness
+
+
+def independent_open(connection, record):
+    """
+    The plaintext of a server record (AES-GCM suites), with keys derived
+    here from the client's OpenSSL session (RFC 5246 6.3, RFC 5288 3).
+    """
+    name = connection.get_cipher_name()
+    k = 32 if "AES256" in name else 16
+    algorithm = hashlib.sha384 if name.endswith("SHA384") else hashlib.sha256
+    block = td_prf(connection.master_key(), b"key expansion",
+                   connection.server_random() + connection.client_random(), 2 * k + 8, algorithm)
+    server_key, server_iv = block[k:2 * k], block[2 * k + 4:2 * k + 8]
+    sealed = record[21:]
+    additional = record[3:11] + record[0:3] + (len(sealed) - 16).to_bytes(2, "big")
+    return AESGCM(server_key).decrypt(server_iv + record[13:21], sealed, additional)
+
+
+def only_record(output):
+    [datagram] = output.datagrams
+    [record] = dtls.split_records(datagram)
+    return record
+
+
+def sequence_of(record):
+    return int.from_bytes(record[5:11], "big")
+
+
+class EktKeyMessageTests(SynchronousTestCase):
+    """RFC 8870 section 5.2.2: the ekt_key handshake message, its ACK and retransmission."""
+
+    def test_record_bytes(self):
+        harness = ekt_established(compact=False)  # the client's session, for the decoder
+        connection = harness.client._conn
+        final = [r for o in harness.server_outputs for d in o.datagrams
+                 for r in dtls.split_records(d) if epoch_of(r) == 1 and r[0] == 22]
+        [finished] = [independent_open(connection, r) for r in final]
+        self.assertEqual(finished[0], 20)
+        finished_seq = int.from_bytes(finished[4:6], "big")
+        record = only_record(harness.server.send_ekt_key(KEY, 0.0))
+        self.assertEqual(record[:5], bytes.fromhex("16fefd0001"))  # handshake, DTLS 1.2, epoch 1
+        body = (b"\x00\x10" + bytes(range(16)) + b"\x00\x0c" + bytes(range(100, 112))
+                + b"\x12\x34" + (3600).to_bytes(3, "big"))
+        self.assertEqual(independent_open(connection, record),
+                         b"\x1a" + len(body).to_bytes(3, "big")
+                         + (finished_seq + 1).to_bytes(2, "big") + b"\x00\x00\x00"
+                         + len(body).to_bytes(3, "big") + body)
+        # The same key again is the same message in a new record.
+        again = only_record(harness.server.send_ekt_key(KEY, 0.5))
+        self.assertEqual(sequence_of(again), sequence_of(record) + 1)
+        self.assertEqual(independent_open(connection, again),
+                         independent_open(connection, record))
+        # A rekey is a new message: the next message_seq.
+        rekey = independent_open(connection, only_record(harness.server.send_ekt_key(REKEY, 1)))
+        self.assertEqual(rekey[4:6], (finished_seq + 2).to_bytes(2, "big"))
+        self.assertEqual(rekey[12:], REKEY.encode())
+
+    def test_client_reads_and_acknowledges(self):
+        harness = ekt_established()
+        self.assertTrue(harness.client.compacted)
+        output = harness.server.send_ekt_key(KEY, 0.0)
+        self.assertEqual(harness.server.next_timeout(0.0), 1.0)
+        received = harness.client.receive(output.datagrams[0], 0.1)
+        [event] = received.events
+        self.assertEqual((event.key, event.repeated), (KEY, False))
+        [ack] = received.datagrams
+        self.assertEqual(ack[0], 26)  # RFC 9147 ACK content type
+        self.assertEqual(harness.server.receive(ack, 0.2), dtls.Output())
+        self.assertTrue(harness.server.ekt_key_acknowledged)
+        self.assertIsNone(harness.server.next_timeout(0.2))
+        self.assertEqual(harness.server.handle_timeout(10.0), dtls.Output())
+
+    def test_retransmitted_until_acknowledged_then_stops(self):
+        harness = ekt_established()
+        first = only_record(harness.server.send_ekt_key(KEY, 10.0))
+        self.assertEqual(harness.server.handle_timeout(10.5), dtls.Output())  # not yet due
+        # The ACK is lost: the message goes again after 1 s, then 2 s.
+        harness.client.receive(first, 10.1)
+        retransmission = only_record(harness.server.handle_timeout(11.0))
+        self.assertGreater(sequence_of(retransmission), sequence_of(first))
+        self.assertEqual(harness.server.next_timeout(11.0), 13.0)
+        # The repeat is a duplicate by message_seq: not processed again, but acknowledged.
+        received = harness.client.receive(retransmission, 11.1)
+        [event] = received.events
+        self.assertEqual((event.key, event.repeated), (KEY, True))
+        [ack] = received.datagrams
+        harness.server.receive(ack, 11.2)
+        self.assertTrue(harness.server.ekt_key_acknowledged)
+        self.assertEqual(harness.server.handle_timeout(13.0), dtls.Output())
+
+    def test_retransmissions_bounded_and_doubling(self):
+        harness = ekt_established()
+        harness.server.send_ekt_key(KEY, 0.0)
+        due, sent = harness.server.next_timeout(0.0), []
+        while due is not None:
+            sent.append((due, len(harness.server.handle_timeout(due).datagrams)))
+            due = harness.server.next_timeout(due)
+        # 6 retransmissions (max_retransmissions), then the timer that gives up.
+        self.assertEqual(sent, [(1.0, 1), (3.0, 1), (7.0, 1), (15.0, 1), (31.0, 1), (63.0, 1),
+                                (123.0, 0)])  # the timer is capped at 60 s
+        self.assertTrue(harness.server.established)
+        # Asked again (the endpoint's request): sent again, with a fresh timer.
+        self.assertEqual(len(harness.server.send_ekt_key(KEY, 100.0).datagrams), 1)
+        self.assertEqual(harness.server.next_timeout(100.0), 101.0)
+
+    def test_rekey_is_a_new_message_and_stale_ones_are_dropped(self):
+        harness = ekt_established()
+        old = only_record(harness.server.send_ekt_key(KEY, 0.0))
+        new = only_record(harness.server.send_ekt_key(REKEY, 0.1))
+        [event] = harness.client.receive(new, 0.2).events
+        self.assertEqual((event.key, event.repeated), (REKEY, False))
+        # The old message arriving late does not take the client back.
+        [event] = harness.client.receive(old, 0.3).events
+        self.assertEqual((event.key, event.repeated), (REKEY, True))
+
+    def test_alert_ends_retransmission(self):
+        harness = ekt_established()
+        harness.server.send_ekt_key(KEY, 0.0)
+        alert = harness.client._records.seal(CONTENT_ALERT, b"\x01\x5a")  # warning
+        harness.server.receive(alert, 0.1)
+        self.assertIsNone(harness.server.next_timeout(0.1))
+
+    def test_unusable_messages_get_an_alert(self):
+        cases = [
+            (b"garbage", 50),  # decode_error
+            (EktKey(bytes(32), bytes(12), 1, 1).encode(), 47),  # a 256-bit key for AESKW-128
+        ]
+        for body, description in cases:
+            harness = ekt_established()
+            record = harness.server._records.seal(CONTENT_HANDSHAKE,
+                                                  encode_handshake(26, 9, body))
+            output = harness.client.receive(record, 0.0)
+            [closed] = output.events
+            self.assertTrue(closed.rejected)
+            self.assertIn("unusable ekt_key message", closed.reason)
+            [alert] = output.datagrams
+            self.assertEqual(harness.server._records.open(alert),
+                             (CONTENT_ALERT, bytes((2, description))))
+            self.assertTrue(harness.client.closed)
+
+    def test_fragment_and_unnegotiated_get_alerts(self):
+        harness = ekt_established()
+        body = KEY.encode()
+        fragment = b"\x1a" + (len(body) + 10).to_bytes(3, "big") + b"\x00\x05\x00\x00\x00" + \
+            len(body).to_bytes(3, "big") + body
+        output = harness.client.receive(
+            harness.server._records.seal(CONTENT_HANDSHAKE, fragment), 0.0)
+        self.assertEqual(harness.server._records.open(output.datagrams[0]),
+                         (CONTENT_ALERT, b"\x02\x32"))  # decode_error
+        harness = ekt_established(client_ciphers=None)
+        self.assertIsNone(harness.client.ekt_cipher)
+        output = harness.client.receive(
+            harness.server._records.seal(CONTENT_HANDSHAKE, encode_handshake(26, 5, body)), 0.0)
+        self.assertEqual(harness.server._records.open(output.datagrams[0]),
+                         (CONTENT_ALERT, b"\x02\x0a"))  # unexpected_message
+        self.assertTrue(output.events[0].rejected)
+
+    def test_random_handshake_records_never_raise(self):
+        rng = random.Random(8870)
+        harness = ekt_established()
+        for n in range(300):
+            if harness.client.closed:
+                harness = ekt_established()
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+            plaintext = encode_handshake(26, n, body) if n % 2 else body
+            output = harness.client.receive(
+                harness.server._records.seal(CONTENT_HANDSHAKE, plaintext), 0.0)
+            for event in output.events:
+                if isinstance(event, dtls.Closed):
+                    self.assertIn("unusable ekt_key message", event.reason)
+
+    def test_needs_the_own_record_layer(self):
+        harness = established(compact=False)
+        output = harness.server.send_ekt_key(KEY, 0.0)
+        [closed] = output.events
+        self.assertIn("not on the own record layer", closed.reason)
+        self.assertRaises(dtls.DtlsStateError, harness.client.send_ekt_key, KEY, 0.0)
+
+    def test_client_write_sequence_continues_after_a_retransmitted_finished(self):
+        """
+        The client's Finished flight went twice (its first copy lost): its
+        own record layer starts after both, so no (key, nonce) is used twice.
+        """
+        harness = make(client_kwargs=dict(ekt_ciphers=(1,)),
+                       listener_kwargs=dict(ekt_ciphers=(1,)))
+        harness.start()
+        while not any(epoch_of(r) == 1 for d in harness.to_server
+                      for r in dtls.split_records(d)):
+            self.assertTrue(harness.step())
+        harness.to_server = []  # the client's Finished flight is lost
+        harness.settle()  # its retransmission (a real wait of about a second) completes it
+        written = [sequence_of(r) for d in harness.client_sent for r in dtls.split_records(d)
+                   if epoch_of(r) == 1]
+        self.assertEqual(written, [0, 1])
+        record = dtls.split_records(harness.client.send_application_data(b"x").datagrams[0])[0]
+        self.assertEqual(sequence_of(record), 2)

@@ -229,8 +229,9 @@ class ReferenceEndpoint(DtlsClientProtocol):
     Distributor answers at a bounded rate), again every ``EKT_KEY_RETRY``
     seconds until an EKTKey record arrives; none within
     ``keepalive_timeout`` means the association is lost, and the endpoint
-    joins again.  It does the same right after each handshake (the EKTKey
-    record that follows the final flight may be lost) and at once when a
+    joins again.  It does the same right after each handshake (the ekt_key
+    message that follows the final flight may be lost more often than the
+    Key Distributor retransmits it) and at once when a
     sender announces an EKTKey it does not hold.  During a rejoin, media
     keeps going out with the old keys; the new association's hop-by-hop keys
     replace them when its handshake completes, and the end-to-end key stays

@@ -117,8 +117,8 @@ class DtlsAssociation:
         self._events: list = []
         self._closing: Optional[Closed] = None
         self.profile: Optional[Profile] = None
-        # Set once an established association has left OpenSSL (server role,
-        # see _compact): its record protection and the final flight to
+        # Set once an established association has left OpenSSL (see
+        # _compact): its record protection and the final flight to
         # repeat if the peer shows it never got it.
         self._records: Optional[records.RecordProtection] = None
         self._final_flight: tuple = ()

@@ -38,7 +38,7 @@ class Limits:
     tunnel_max_paused_seconds: float = DEFAULT_MAX_PAUSED_SECONDS
     #: EKTKey requests (application data 0x01) answered per association: a
     #: burst of this many, then this many per second.  The endpoint asks when
-    #: the EKTKey record was lost and, as a liveness probe, every few seconds
+    #: it has no EKTKey yet and, as a liveness probe, every few seconds
     #: for the association's whole life; beyond the rate it is ignored.
     ekt_key_request_burst: int = 10
     ekt_key_requests_per_second: float = 1.0

@@ -8,9 +8,8 @@ monotonic clock) in, bytes and values out.
   under a 128-bit (1) or 256-bit (2) EKTKey; :func:`ekt_encrypt` /
   :func:`ekt_decrypt`.
 - :class:`EktKey`: the EKTKey structure (key, conference-wide SRTP master
-  salt, SPI, TTL) the Key Distributor hands every endpoint.  RFC 8870 sends
-  it in an ``ekt_key`` handshake message; this project sends its encoding
-  as the first DTLS application-data record after the handshake.
+  salt, SPI, TTL) the Key Distributor hands every endpoint in RFC 8870's
+  ``ekt_key`` handshake message (:mod:`perc.dtls.post_handshake`).
 - :class:`EktPlaintext`: what a FullEKTField's ciphertext wraps.
 - :class:`EktSender`: an SSRC's FullEKTField / ShortEKTField, and when to
   send which.

@@ -38,7 +38,7 @@ from perc.double import (
     ReplayError,
     UnknownSenderError,
 )
-from perc.ekt import EktCipher, EktError, EktFieldRejected, EktKey, EktReceiver, EktSender
+from perc.ekt import EktCipher, EktFieldRejected, EktKey, EktReceiver, EktSender
 
 __all__ = ["DtlsClientProtocol", "ReferenceEndpoint", "SenderStats", "backoff"]
 
@@ -74,7 +74,8 @@ class DtlsClientProtocol(protocol.DatagramProtocol):
     """
     Drives a client-role :class:`perc.dtls.ClientAssociation` over UDP with
     timers on ``clock``.  Subclasses get ``handshakeComplete``,
-    ``applicationData``, ``closed`` and ``mediaReceived`` (SRTP/SRTCP).
+    ``applicationData``, ``ektKeyReceived``, ``closed`` and ``mediaReceived``
+    (SRTP/SRTCP).
 
     When ``closed`` runs, ``closedByAlert`` tells whether the datagram that
     ended the association held an alert record (the peer refused or closed
@@ -131,6 +132,8 @@ class DtlsClientProtocol(protocol.DatagramProtocol):
                 self.handshakeComplete(event)
             elif isinstance(event, dtls.ApplicationData):
                 self.applicationData(event.data)
+            elif isinstance(event, dtls.EktKeyReceived):
+                self.ektKeyReceived(event)
             elif isinstance(event, dtls.Closed):
                 self.closedByAlert = received is not None and _holds_alert(received)
                 self.closed(event)
@@ -154,6 +157,9 @@ class DtlsClientProtocol(protocol.DatagramProtocol):
         pass
 
     def applicationData(self, data: bytes) -> None:
+        pass
+
+    def ektKeyReceived(self, event: dtls.EktKeyReceived) -> None:
         pass
 
     def closed(self, event: dtls.Closed) -> None:
@@ -222,10 +228,11 @@ class ReferenceEndpoint(DtlsClientProtocol):
     Liveness: every ``keepalive`` seconds (0 turns it off) the endpoint asks
     the Key Distributor for the EKTKey (application data 0x01, which the Key
     Distributor answers at a bounded rate), again every ``EKT_KEY_RETRY``
-    seconds until an EKTKey record arrives; none within
+    seconds until an ekt_key message arrives; none within
     ``keepalive_timeout`` means the association is lost, and the endpoint
-    joins again.  It does the same right after each handshake (the EKTKey
-    record that follows the final flight may be lost) and at once when a
+    joins again.  It does the same right after each handshake (the ekt_key
+    message that follows the final flight may be lost more often than the
+    Key Distributor retransmits it) and at once when a
     sender announces an EKTKey it does not hold.  During a rejoin, media
     keeps going out with the old keys; the new association's hop-by-hop keys
     replace them when its handshake completes, and the end-to-end key stays
@@ -236,7 +243,7 @@ class ReferenceEndpoint(DtlsClientProtocol):
     log = Logger()
 
     #: After the handshake, or after a liveness probe, ask again this often
-    #: until an EKTKey record arrives.
+    #: until an ekt_key message arrives.
     EKT_KEY_RETRY = 0.5
     EKT_KEY_REQUEST = b"\x01"
 
@@ -353,7 +360,7 @@ class ReferenceEndpoint(DtlsClientProtocol):
     def _startAsking(self, at_once: bool) -> None:
         """
         Ask for the EKTKey (now if ``at_once``, else after EKT_KEY_RETRY)
-        and every EKT_KEY_RETRY after that; without an EKTKey record within
+        and every EKT_KEY_RETRY after that; without an ekt_key message within
         ``keepalive_timeout`` the association is lost.
         """
         self._stopLiveness()
@@ -368,7 +375,7 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self._liveness = None
         now = self.clock.seconds()
         if now >= self._asking_until:
-            self._associationLost("no EKTKey record from the Key Distributor within {} s".format(
+            self._associationLost("no ekt_key message from the Key Distributor within {} s".format(
                 self.keepalive_timeout))
             return
         self.sendApplicationData(self.EKT_KEY_REQUEST)
@@ -394,20 +401,23 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self.abandonAssociation()
         self._retryLater("association lost: " + reason)
 
-    def applicationData(self, data: bytes) -> None:
+    def ektKeyReceived(self, event: dtls.EktKeyReceived) -> None:
+        """
+        The Key Distributor's ekt_key message, already checked against the
+        negotiated cipher and acknowledged by the engine (an unusable one
+        ends the association with an alert and Closed(rejected=True)).
+        """
         if self._cipher is None:
             return
-        try:
-            key = EktKey.decode(data, self._cipher)
-        except EktError as error:
-            self._fail("unusable EKTKey from the Key Distributor: {}".format(error.reason))
-            return
+        key = event.key
         if self._expiredOnArrival(key):
             return
-        # An answer, whatever it holds: the association reaches the Key
+        # An answer, new or repeated: the association reaches the Key
         # Distributor.
         self._keyed = True
         self._probeLater()
+        if event.repeated:
+            return  # a message_seq already processed: nothing new
         now = self.clock.seconds()
         if self._ekt_sender is not None and key.ekt_spi == self._ekt_sender.spi:
             # The same EKTKey again (an answer, or a rejoin through a Key

@@ -222,7 +222,7 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(client.keys, server.keys)
         total = 2 * (key_length + salt_length)
         # The server has left OpenSSL by now (compacted); the client's
-        # session holds the same master secret and randoms.
+        # (kept on OpenSSL) session holds the same master secret and randoms.
         material = independent_export(harness.client, total)
         k, s = key_length, salt_length
         self.assertEqual(server.keys.client_key, material[0:k])
@@ -232,12 +232,14 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_double_profile_keys(self):
         """0x0009: both sides export the same 112 octets, split 32/32/24/24."""
-        harness = handshake(client_profiles=(P9,), server_profiles=(P9,))
+        harness = handshake(client_profiles=(P9,), server_profiles=(P9,),
+                            client_kwargs={"compact": False})
         self.assertKeys(harness, P9, 32, 24)
 
     def test_non_double_profile_keys(self):
         """0x0007: 56 octets, split 16/16/12/12."""
-        harness = handshake(client_profiles=(P7,), server_profiles=(P7,))
+        harness = handshake(client_profiles=(P7,), server_profiles=(P7,),
+                            client_kwargs={"compact": False})
         self.assertKeys(harness, P7, 16, 12)
 
     def test_identities_reported(self):
@@ -841,7 +843,7 @@ class RegistryTests(SynchronousTestCase):
         references = []
         for i in range(200):
             client = dtls.ClientAssociation(
-                _CLIENT, (P9,) if i % 2 else (P7,), tls_id=CLIENT_TLS_ID)
+                _CLIENT, (P9,) if i % 2 else (P7,), tls_id=CLIENT_TLS_ID, compact=False)
             # A hook that refers back to its association (as a Key
             # Distributor's might) must not keep it alive.
             holder = HookHolder()
@@ -866,7 +868,7 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual([r for r in references if r() is not None], [])
 
     def test_closed_association_unregisters_at_once(self):
-        harness = handshake()
+        harness = handshake(client_kwargs={"compact": False})
         before = dtls.callback_registry_size()
         harness.client.close(1.0)
         self.assertEqual(dtls.callback_registry_size(), before - 1)

@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import random
 
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
 from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from perc.dtls.post_handshake import encode_handshake
 from perc.dtls.records import (
     CONTENT_ALERT,
     CONTENT_APPLICATION_DATA,
     CONTENT_HANDSHAKE,
+    MAX_PLAINTEXT,
     RecordProtection,
+    _ReplayWindow,
     suite_for,
     tls12_prf,
 )
+from perc.ekt import EktKey
 from tests.test_dtls import P9, make
+from tests.test_dtls import tls12_prf as td_prf
 
 AES128 = suite_for("ECDHE-ECDSA-AES128-GCM-SHA256")
 AES256 = suite_for("ECDHE-ECDSA-AES256-GCM-SHA384")
@@ -43,7 +50,7 @@ class PrfTests(SynchronousTestCase):
 
     def test_matches_openssl_exporter(self):
         """RFC 5705 export is the PRF over client_random + server_random: OpenSSL agrees."""
-        harness = make()
+        harness = make(client_kwargs={"compact": False})
         harness.start()
         harness.run()
         connection = harness.client._conn
@@ -150,15 +157,15 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(repr(server), "<RecordProtection ECDHE-ECDSA-AES128-GCM-SHA256 epoch 1>")
 
 
-def established(cipher=None, **listener_kwargs):
+def established(cipher=None, client_kwargs=None, **listener_kwargs):
     """A handshake run to completion in memory; ``cipher`` restricts the client's offer."""
     if cipher is None:
-        harness = make(listener_kwargs=listener_kwargs or None)
+        harness = make(listener_kwargs=listener_kwargs or None, client_kwargs=client_kwargs)
     else:
         # Own credentials give the client its own SSL context, whose cipher
         # list may then be narrowed before the ClientHello (pyOpenSSL
         # refuses to change a context in use, hence the raw call).
-        harness = make(listener_kwargs=listener_kwargs or None,
+        harness = make(listener_kwargs=listener_kwargs or None, client_kwargs=client_kwargs,
                        client_credentials=dtls.Credentials.self_signed("cipher-test"))
         assert _lib.SSL_CTX_set_cipher_list(harness.client._context._context, cipher.encode())
     harness.start()
@@ -184,9 +191,10 @@ def server_data(harness, data):
 
 class CompactedAssociationTests(SynchronousTestCase):
     def test_established_server_leaves_openssl(self):
+        gc.collect()  # what earlier tests left must not be counted in "before"
         before = len(SSL.Connection._reverse_mapping)
         registry = dtls.callback_registry_size()
-        harness = established()
+        harness = established(client_kwargs={"compact": False})
         gc.collect()
         self.assertTrue(harness.server.compacted)
         self.assertFalse(harness.client.compacted)
@@ -269,7 +277,7 @@ class CompactedAssociationTests(SynchronousTestCase):
             next_write_sequence=next_sequence)
 
     def test_fatal_alert_ends(self):
-        harness = established()
+        harness = established(client_kwargs={"compact": False})
         record = self.client_protection(harness).seal(CONTENT_ALERT, b"\x02\x50")
         output = harness.server.receive(record, 0.0)
         self.assertEqual(output.events, (dtls.Closed(
@@ -277,7 +285,7 @@ class CompactedAssociationTests(SynchronousTestCase):
         self.assertEqual(output.datagrams, ())
 
     def test_warning_alert_and_renegotiation_ignored(self):
-        harness = established()
+        harness = established(client_kwargs={"compact": False})
         client = self.client_protection(harness)
         self.assertEqual(harness.server.receive(client.seal(CONTENT_ALERT, b"\x01\x5a"), 0.0),
                          dtls.Output())
@@ -325,3 +333,331 @@ class CompactedAssociationTests(SynchronousTestCase):
         harness = established()
         self.assertEqual(harness.server.profile, P9)
         self.assertIsNotNone(harness.server.peer_fingerprint)
+
+
+class ReplayWindowTests(SynchronousTestCase):
+    def test_huge_jump_resets_the_window(self):
+        """A jump of 2^47 (a shifted bitmap would need terabytes) leaves a fresh window."""
+        window = _ReplayWindow()
+        for sequence in (0, 1, 3):
+            window.mark(sequence)
+        window.mark(2 ** 47)
+        self.assertEqual((window.highest, window.bitmap), (2 ** 47, 1))
+        self.assertTrue(window.seen(2 ** 47))
+        self.assertFalse(window.seen(2 ** 47 - 1))
+        self.assertTrue(window.seen(3))  # far behind: outside the window
+        window.mark(2 ** 47 - 2)
+        self.assertEqual(window.bitmap, 0b101)
+        self.assertFalse(window.seen(2 ** 47 - 1))
+
+    def test_huge_jump_between_records(self):
+        secrets = dict(master_secret=bytes(range(48)), client_random=b"c" * 32,
+                       server_random=b"s" * 32, epoch=1)
+        server, client = pair(AES128)
+        early = server.seal(CONTENT_APPLICATION_DATA, b"early")
+        self.assertIsNotNone(client.open(early))
+        far = RecordProtection.from_master_secret(AES128, server=True,
+                                                  next_write_sequence=2 ** 47, **secrets)
+        self.assertEqual(client.open(far.seal(CONTENT_APPLICATION_DATA, b"far")),
+                         (CONTENT_APPLICATION_DATA, b"far"))
+        self.assertEqual(client.open(far.seal(CONTENT_APPLICATION_DATA, b"next")),
+                         (CONTENT_APPLICATION_DATA, b"next"))
+        self.assertIsNone(client.open(server.seal(CONTENT_APPLICATION_DATA, b"old")))
+
+    def test_mark_through(self):
+        window = _ReplayWindow()
+        window.mark_through(5)
+        self.assertTrue(all(window.seen(n) for n in range(6)))
+        self.assertFalse(window.seen(6))
+
+
+def independent_seal(sequence, plaintext, content_type=CONTENT_APPLICATION_DATA):
+    """A server record of pair(AES128), sealed from RFC 5246/5288 without perc.dtls.records."""
+    block = td_prf(bytes(range(48)), b"key expansion", b"s" * 32 + b"c" * 32, 40,
+                   hashlib.sha256)
+    server_key, server_iv = block[16:32], block[36:40]
+    explicit = (1).to_bytes(2, "big") + sequence.to_bytes(6, "big")
+    additional = explicit + bytes((content_type,)) + b"\xfe\xfd" + \
+        len(plaintext).to_bytes(2, "big")
+    body = explicit + AESGCM(server_key).encrypt(server_iv + explicit, plaintext, additional)
+    return bytes((content_type,)) + b"\xfe\xfd" + explicit + len(body).to_bytes(2, "big") + body
+
+
+class RecordSizeTests(SynchronousTestCase):
+    """RFC 5246 section 6.2.1: at most 2^14 octets of plaintext a record, whatever the MTU."""
+
+    def test_sealing_refuses_more(self):
+        server, client = pair(AES128)
+        self.assertRaises(ValueError, server.seal, CONTENT_APPLICATION_DATA,
+                          bytes(MAX_PLAINTEXT + 1))
+        record = server.seal(CONTENT_APPLICATION_DATA, bytes(MAX_PLAINTEXT))
+        self.assertEqual(client.open(record), (CONTENT_APPLICATION_DATA, bytes(MAX_PLAINTEXT)))
+        self.assertEqual(server.max_plaintext(65535), MAX_PLAINTEXT)
+
+    def test_opening_discards_more(self):
+        _, client = pair(AES128)
+        self.assertIsNone(client.open(independent_seal(0, bytes(MAX_PLAINTEXT + 1))))
+        self.assertEqual(client.open(independent_seal(1, bytes(MAX_PLAINTEXT))),
+                         (CONTENT_APPLICATION_DATA, bytes(MAX_PLAINTEXT)))
+
+    def test_engine_under_a_large_mtu(self):
+        harness = established(mtu=65535)
+        self.assertRaises(ValueError, harness.server.send_application_data,
+                          bytes(MAX_PLAINTEXT + 1))
+        self.assertEqual(server_data(harness, bytes(MAX_PLAINTEXT)),
+                         [dtls.ApplicationData(bytes(MAX_PLAINTEXT))])
+
+
+def epoch_of(record):
+    return int.from_bytes(record[3:5], "big")
+
+
+class HandOffReplayTests(SynchronousTestCase):
+    def test_earlier_finished_cannot_be_replayed_after_the_hand_off(self):
+        """
+        The client's Finished arrives alone (OpenSSL keeps it), the rest of
+        its flight completes the handshake: that earlier Finished must not
+        make the compacted server send its final flight again.
+        """
+        harness = make()
+        harness.start()
+        while not any(epoch_of(r) == 1 for d in harness.to_server
+                      for r in dtls.split_records(d)):
+            self.assertTrue(harness.step())
+        flight = [r for d in harness.to_server for r in dtls.split_records(d)]
+        harness.to_server = []
+        finished = b"".join(r for r in flight if epoch_of(r) == 1)
+        harness.deliver_to_server(finished)
+        self.assertFalse(harness.server.established)
+        harness.deliver_to_server(b"".join(r for r in flight if epoch_of(r) == 0))
+        self.assertTrue(harness.server.compacted)
+        harness.run()
+        self.assertTrue(harness.complete())
+        self.assertEqual(harness.server.receive(finished, 0.0), dtls.Output())
+        # A genuinely new record still gets through.
+        _, events = client_data(harness, b"fresh")
+        self.assertEqual(events, [dtls.ApplicationData(b"fresh")])
+
+    def test_forged_early_record_does_not_move_the_window(self):
+        """Only authentic early records prime the window: a forged far-ahead one does not."""
+        forged = bytes.fromhex("17fefd0001") + (2 ** 47).to_bytes(6, "big") + \
+            (40).to_bytes(2, "big") + bytes(40)
+        harness = make()
+        harness.start()
+        while harness.server is None or not harness.server.established:
+            if harness.server is not None:
+                harness.deliver_to_server(forged)
+            self.assertTrue(harness.step())
+        harness.run()
+        self.assertTrue(harness.server.compacted)
+        _, events = client_data(harness, b"after")
+        self.assertEqual(events, [dtls.ApplicationData(b"after")])
+
+
+KEY = EktKey(bytes(range(16)), bytes(range(100, 112)), 0x1234, 3600)
+REKEY = EktKey(bytes(range(16, 32)), bytes(range(100, 112)), 0x1235, 3600)
+
+
+def ekt_established(compact=True, client_ciphers=(1,)):
+    harness = make(client_kwargs=dict(ekt_ciphers=client_ciphers, compact=compact),
+                   listener_kwargs=dict(ekt_ciphers=(1,)))
+    harness.start()
+    harness.run()
+    assert harness.complete(), "handshake did not complete"
+    return harness
+
+
+def independent_open(connection, record):
+    """
+    The plaintext of a server record (AES-GCM suites), with keys derived
+    here from the client's OpenSSL session (RFC 5246 6.3, RFC 5288 3).
+    """
+    name = connection.get_cipher_name()
+    k = 32 if "AES256" in name else 16
+    algorithm = hashlib.sha384 if name.endswith("SHA384") else hashlib.sha256
+    block = td_prf(connection.master_key(), b"key expansion",
+                   connection.server_random() + connection.client_random(), 2 * k + 8, algorithm)
+    server_key, server_iv = block[k:2 * k], block[2 * k + 4:2 * k + 8]
+    sealed = record[21:]
+    additional = record[3:11] + record[0:3] + (len(sealed) - 16).to_bytes(2, "big")
+    return AESGCM(server_key).decrypt(server_iv + record[13:21], sealed, additional)
+
+
+def only_record(output):
+    [datagram] = output.datagrams
+    [record] = dtls.split_records(datagram)
+    return record
+
+
+def sequence_of(record):
+    return int.from_bytes(record[5:11], "big")
+
+
+class EktKeyMessageTests(SynchronousTestCase):
+    """RFC 8870 section 5.2.2: the ekt_key handshake message, its ACK and retransmission."""
+
+    def test_record_bytes(self):
+        harness = ekt_established(compact=False)  # the client's session, for the decoder
+        connection = harness.client._conn
+        final = [r for o in harness.server_outputs for d in o.datagrams
+                 for r in dtls.split_records(d) if epoch_of(r) == 1 and r[0] == 22]
+        [finished] = [independent_open(connection, r) for r in final]
+        self.assertEqual(finished[0], 20)
+        finished_seq = int.from_bytes(finished[4:6], "big")
+        record = only_record(harness.server.send_ekt_key(KEY, 0.0))
+        self.assertEqual(record[:5], bytes.fromhex("16fefd0001"))  # handshake, DTLS 1.2, epoch 1
+        body = (b"\x00\x10" + bytes(range(16)) + b"\x00\x0c" + bytes(range(100, 112))
+                + b"\x12\x34" + (3600).to_bytes(3, "big"))
+        self.assertEqual(independent_open(connection, record),
+                         b"\x1a" + len(body).to_bytes(3, "big")
+                         + (finished_seq + 1).to_bytes(2, "big") + b"\x00\x00\x00"
+                         + len(body).to_bytes(3, "big") + body)
+        # The same key again is the same message in a new record.
+        again = only_record(harness.server.send_ekt_key(KEY, 0.5))
+        self.assertEqual(sequence_of(again), sequence_of(record) + 1)
+        self.assertEqual(independent_open(connection, again),
+                         independent_open(connection, record))
+        # A rekey is a new message: the next message_seq.
+        rekey = independent_open(connection, only_record(harness.server.send_ekt_key(REKEY, 1)))
+        self.assertEqual(rekey[4:6], (finished_seq + 2).to_bytes(2, "big"))
+        self.assertEqual(rekey[12:], REKEY.encode())
+
+    def test_client_reads_and_acknowledges(self):
+        harness = ekt_established()
+        self.assertTrue(harness.client.compacted)
+        output = harness.server.send_ekt_key(KEY, 0.0)
+        self.assertEqual(harness.server.next_timeout(0.0), 1.0)
+        received = harness.client.receive(output.datagrams[0], 0.1)
+        [event] = received.events
+        self.assertEqual((event.key, event.repeated), (KEY, False))
+        [ack] = received.datagrams
+        self.assertEqual(ack[0], 26)  # RFC 9147 ACK content type
+        self.assertEqual(harness.server.receive(ack, 0.2), dtls.Output())
+        self.assertTrue(harness.server.ekt_key_acknowledged)
+        self.assertIsNone(harness.server.next_timeout(0.2))
+        self.assertEqual(harness.server.handle_timeout(10.0), dtls.Output())
+
+    def test_retransmitted_until_acknowledged_then_stops(self):
+        harness = ekt_established()
+        first = only_record(harness.server.send_ekt_key(KEY, 10.0))
+        self.assertEqual(harness.server.handle_timeout(10.5), dtls.Output())  # not yet due
+        # The ACK is lost: the message goes again after 1 s, then 2 s.
+        harness.client.receive(first, 10.1)
+        retransmission = only_record(harness.server.handle_timeout(11.0))
+        self.assertGreater(sequence_of(retransmission), sequence_of(first))
+        self.assertEqual(harness.server.next_timeout(11.0), 13.0)
+        # The repeat is a duplicate by message_seq: not processed again, but acknowledged.
+        received = harness.client.receive(retransmission, 11.1)
+        [event] = received.events
+        self.assertEqual((event.key, event.repeated), (KEY, True))
+        [ack] = received.datagrams
+        harness.server.receive(ack, 11.2)
+        self.assertTrue(harness.server.ekt_key_acknowledged)
+        self.assertEqual(harness.server.handle_timeout(13.0), dtls.Output())
+
+    def test_retransmissions_bounded_and_doubling(self):
+        harness = ekt_established()
+        harness.server.send_ekt_key(KEY, 0.0)
+        due, sent = harness.server.next_timeout(0.0), []
+        while due is not None:
+            sent.append((due, len(harness.server.handle_timeout(due).datagrams)))
+            due = harness.server.next_timeout(due)
+        # 6 retransmissions (max_retransmissions), then the timer that gives up.
+        self.assertEqual(sent, [(1.0, 1), (3.0, 1), (7.0, 1), (15.0, 1), (31.0, 1), (63.0, 1),
+                                (123.0, 0)])  # the timer is capped at 60 s
+        self.assertTrue(harness.server.established)
+        # Asked again (the endpoint's request): sent again, with a fresh timer.
+        self.assertEqual(len(harness.server.send_ekt_key(KEY, 100.0).datagrams), 1)
+        self.assertEqual(harness.server.next_timeout(100.0), 101.0)
+
+    def test_rekey_is_a_new_message_and_stale_ones_are_dropped(self):
+        harness = ekt_established()
+        old = only_record(harness.server.send_ekt_key(KEY, 0.0))
+        new = only_record(harness.server.send_ekt_key(REKEY, 0.1))
+        [event] = harness.client.receive(new, 0.2).events
+        self.assertEqual((event.key, event.repeated), (REKEY, False))
+        # The old message arriving late does not take the client back.
+        [event] = harness.client.receive(old, 0.3).events
+        self.assertEqual((event.key, event.repeated), (REKEY, True))
+
+    def test_alert_ends_retransmission(self):
+        harness = ekt_established()
+        harness.server.send_ekt_key(KEY, 0.0)
+        alert = harness.client._records.seal(CONTENT_ALERT, b"\x01\x5a")  # warning
+        harness.server.receive(alert, 0.1)
+        self.assertIsNone(harness.server.next_timeout(0.1))
+
+    def test_unusable_messages_get_an_alert(self):
+        cases = [
+            (b"garbage", 50),  # decode_error
+            (EktKey(bytes(32), bytes(12), 1, 1).encode(), 47),  # a 256-bit key for AESKW-128
+        ]
+        for body, description in cases:
+            harness = ekt_established()
+            record = harness.server._records.seal(CONTENT_HANDSHAKE,
+                                                  encode_handshake(26, 9, body))
+            output = harness.client.receive(record, 0.0)
+            [closed] = output.events
+            self.assertTrue(closed.rejected)
+            self.assertIn("unusable ekt_key message", closed.reason)
+            [alert] = output.datagrams
+            self.assertEqual(harness.server._records.open(alert),
+                             (CONTENT_ALERT, bytes((2, description))))
+            self.assertTrue(harness.client.closed)
+
+    def test_fragment_and_unnegotiated_get_alerts(self):
+        harness = ekt_established()
+        body = KEY.encode()
+        fragment = b"\x1a" + (len(body) + 10).to_bytes(3, "big") + b"\x00\x05\x00\x00\x00" + \
+            len(body).to_bytes(3, "big") + body
+        output = harness.client.receive(
+            harness.server._records.seal(CONTENT_HANDSHAKE, fragment), 0.0)
+        self.assertEqual(harness.server._records.open(output.datagrams[0]),
+                         (CONTENT_ALERT, b"\x02\x32"))  # decode_error
+        harness = ekt_established(client_ciphers=None)
+        self.assertIsNone(harness.client.ekt_cipher)
+        output = harness.client.receive(
+            harness.server._records.seal(CONTENT_HANDSHAKE, encode_handshake(26, 5, body)), 0.0)
+        self.assertEqual(harness.server._records.open(output.datagrams[0]),
+                         (CONTENT_ALERT, b"\x02\x0a"))  # unexpected_message
+        self.assertTrue(output.events[0].rejected)
+
+    def test_random_handshake_records_never_raise(self):
+        rng = random.Random(8870)
+        harness = ekt_established()
+        for n in range(300):
+            if harness.client.closed:
+                harness = ekt_established()
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+            plaintext = encode_handshake(26, n, body) if n % 2 else body
+            output = harness.client.receive(
+                harness.server._records.seal(CONTENT_HANDSHAKE, plaintext), 0.0)
+            for event in output.events:
+                if isinstance(event, dtls.Closed):
+                    self.assertIn("unusable ekt_key message", event.reason)
+
+    def test_needs_the_own_record_layer(self):
+        harness = established(compact=False)
+        output = harness.server.send_ekt_key(KEY, 0.0)
+        [closed] = output.events
+        self.assertIn("not on the own record layer", closed.reason)
+        self.assertRaises(dtls.DtlsStateError, harness.client.send_ekt_key, KEY, 0.0)
+
+    def test_client_write_sequence_continues_after_a_retransmitted_finished(self):
+        """
+        The client's Finished flight went twice (its first copy lost): its
+        own record layer starts after both, so no (key, nonce) is used twice.
+        """
+        harness = make(client_kwargs=dict(ekt_ciphers=(1,)),
+                       listener_kwargs=dict(ekt_ciphers=(1,)))
+        harness.start()
+        while not any(epoch_of(r) == 1 for d in harness.to_server
+                      for r in dtls.split_records(d)):
+            self.assertTrue(harness.step())
+        harness.to_server = []  # the client's Finished flight is lost
+        harness.settle()  # its retransmission (a real wait of about a second) completes it
+        written = [sequence_of(r) for d in harness.client_sent for r in dtls.split_records(d)
+                   if epoch_of(r) == 1]
+        self.assertEqual(written, [0, 1])
+        record = dtls.split_records(harness.client.send_application_data(b"x").datagrams[0])[0]
+        self.assertEqual(sequence_of(record), 2)

@@ -775,8 +775,8 @@ class Extension39Tests(SynchronousTestCase):
 
     def test_ekt_key_delivery_end_to_end(self):
         """
-        As this project runs it: the server sends the EKTKey as the first
-        application-data record; each client builds its sender from it, and
+        As this project runs it: the server sends the EKTKey in RFC 8870's
+        ekt_key handshake message; each client builds its sender from it, and
         one client's FullEKTField gives another its master key.
         """
         key = ekt_key(spi=77)
@@ -785,11 +785,10 @@ class Extension39Tests(SynchronousTestCase):
             harness = ekt_handshake(client=(1,), server=(1,),
                                     association_id=bytes([index + 1]) * 16)
             client, server = completions(harness)
-            for datagram in harness.server.send_application_data(key.encode()).datagrams:
+            for datagram in harness.server.send_ekt_key(key, 0.0).datagrams:
                 harness.deliver_to_client(datagram)
-            (data,) = [e.data for e in harness.client_events
-                       if isinstance(e, dtls.ApplicationData)]
-            received = EktKey.decode(data, cipher=client.ekt_cipher)
+            (received,) = [e.key for e in harness.client_events
+                           if isinstance(e, dtls.EktKeyReceived)]
             self.assertEqual(received, key)
             master = client.keys.client_key[:16]  # any fresh key will do here
             senders[ssrc] = EktSender(received, client.ekt_cipher, ssrc, master, Roc())

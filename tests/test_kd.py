@@ -402,14 +402,19 @@ class EktTests(KeyDistributorTestCase):
             expected_peer_tls_id=self.registration.kd_tls_id.encode(), ekt_ciphers=(1,))
 
     def keys_in(self, events):
-        from perc.ekt import EktKey
-        return [EktKey.decode(e.data, 1) for e in events if isinstance(e, dtls.ApplicationData)]
+        """The EKTKeys of the ekt_key messages (new or repeated) the client read."""
+        return [e.key for e in events if isinstance(e, dtls.EktKeyReceived)]
 
-    def deliver(self, md, client, aid):
+    def deliver(self, md, client, aid, drop_acks=False):
+        """The Key Distributor's datagrams to the client; its ACKs back unless dropped."""
         events = []
         for message in md.received():
             if isinstance(message, wire.TunneledDtls):
-                events.extend(client.receive(message.dtls_message, self.clock.seconds()).events)
+                output = client.receive(message.dtls_message, self.clock.seconds())
+                events.extend(output.events)
+                for datagram in output.datagrams:
+                    if not (drop_acks and datagram[0] == 26):
+                        md.send(wire.TunneledDtls(aid, datagram))
         return events
 
     def test_ttl_zero_refused_where_configured(self):
@@ -482,6 +487,50 @@ class EktTests(KeyDistributorTestCase):
         self.assertEqual(new.ekt_spi, (old.ekt_spi + 1) & 0xFFFF)
         self.assertNotEqual(new.ekt_key_value, old.ekt_key_value)
         self.assertEqual(self.keys_in(self.deliver(md, client, aid)), [new])
+
+    def test_ekt_key_retransmitted_until_acknowledged(self):
+        """
+        The ekt_key message goes again on the engine's timer (1 s, then 2 s,
+        ...) while the endpoint's ACKs are lost, and stops once one arrives.
+        """
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        client = self.ekt_client()
+        output = client.start(self.clock.seconds())
+        pending, events, acks_lost = list(output.datagrams), [], 0
+        for _ in range(20):
+            for datagram in pending:
+                if datagram[0] == 26:
+                    acks_lost += 1
+                else:
+                    md.send(wire.TunneledDtls(aid, datagram))
+            pending = []
+            for message in md.received():
+                if isinstance(message, wire.TunneledDtls):
+                    output = client.receive(message.dtls_message, self.clock.seconds())
+                    pending.extend(output.datagrams)
+                    events.extend(output.events)
+            if not pending:
+                break
+        key = self.kd.conference_keys.key_for(CONFERENCE)
+        self.assertEqual(self.keys_in(events), [key])
+        self.assertEqual(acks_lost, 1)
+        engine = self.kd.association(aid).engine
+        self.assertFalse(engine.ekt_key_acknowledged)
+        self.clock.advance(0.9)
+        self.assertEqual(md.received(), [])
+        self.clock.advance(0.1)
+        [event] = self.deliver(md, client, aid, drop_acks=True)
+        self.assertTrue(event.repeated)
+        self.clock.advance(2.0)
+        # This time the ACK gets through: no more retransmissions.
+        [event] = self.deliver(md, client, aid)
+        self.assertTrue(event.repeated)
+        self.assertTrue(engine.ekt_key_acknowledged)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(300)
+        self.assertEqual(md.received(), [])
+        self.assertTrue(self.kd.association(aid).established)
 
     def test_no_ekt_without_extension_39(self):
         md = MediaDistributorStandIn(self.kd)

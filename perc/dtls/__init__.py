@@ -26,9 +26,11 @@ identity hook (:class:`IdentityQuery` -> :class:`Accept` / :class:`Reject`);
 the client role checks an optional expected fingerprint and tls-id.
 
 Memory: an OpenSSL DTLS connection keeps about 80 KiB for its whole life.
-The server role frees it as soon as the association is established with an
-AEAD suite and protects the few later records itself
+Both roles free it as soon as the association is established with an
+AEAD suite and protect the few later records themselves
 (:mod:`perc.dtls.records`); see :class:`ServerListener`'s ``compact``.
+That layer also carries RFC 8870's ``ekt_key`` message (server to client,
+retransmitted until the client's ACK) which OpenSSL knows nothing of.
 
 Nothing here logs; key material only leaves through
 :class:`HandshakeComplete`, whose repr hides it.
@@ -44,6 +46,8 @@ The package, by job:
 - :mod:`~perc.dtls.contexts`: SSL contexts and connections.
 - :mod:`~perc.dtls.datagrams`: records in and out of datagrams.
 - :mod:`~perc.dtls.records`: the own post-handshake record layer.
+- :mod:`~perc.dtls.post_handshake`: handshake messages (``ekt_key``) and
+  ACKs on that layer.
 - :mod:`~perc.dtls.association`: the association state machine (both roles).
 - :mod:`~perc.dtls.listener`: the server role's stateless cookie exchange.
 """
@@ -62,6 +66,7 @@ from perc.dtls.events import (
     Closed,
     DtlsEvent,
     DtlsStateError,
+    EktKeyReceived,
     HandshakeComplete,
     Output,
 )
@@ -98,6 +103,7 @@ __all__ = [
     "DtlsAssociation",
     "DtlsEvent",
     "DtlsStateError",
+    "EktKeyReceived",
     "EXPORTER_LABEL",
     "EXTERNAL_SESSION_ID",
     "ExtensionError",

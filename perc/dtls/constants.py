@@ -35,3 +35,9 @@ ALERT_ILLEGAL_PARAMETER = 47
 ALERT_ACCESS_DENIED = 49
 ALERT_DECODE_ERROR = 50
 ALERT_INTERNAL_ERROR = 80
+
+# RFC 8870 section 5.2.2: the ekt_key handshake message, acknowledged with
+# DTLS 1.3's ACK record (RFC 9147 section 7), also under DTLS 1.2.
+HANDSHAKE_EKT_KEY = 26
+CONTENT_ACK = 26
+ALERT_UNEXPECTED_MESSAGE = 10

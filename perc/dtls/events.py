@@ -55,13 +55,30 @@ class ApplicationData(DtlsEvent):
 
 
 @dataclass(frozen=True)
+class EktKeyReceived(DtlsEvent):
+    """
+    Client role: the server's ``ekt_key`` handshake message (RFC 8870
+    section 5.2.2), decoded and acknowledged.  ``key`` is a
+    :class:`perc.ekt.EktKey` (its repr hides the key).  ``repeated`` is True
+    when the message's message_seq was processed before (a retransmission,
+    or the answer to a request): ``key`` is then the one processed last,
+    reported only so the caller knows the server is reachable.
+    """
+
+    key: object
+    message_seq: int
+    repeated: bool = False
+
+
+@dataclass(frozen=True)
 class Closed(DtlsEvent):
     """
     The association ended; it emits nothing after this.
 
     ``rejected`` is True when an identity check refused the peer (hook,
-    expected tls-id, expected fingerprint); ``reason`` then starts with
-    ``"rejected: "``.
+    expected tls-id, expected fingerprint; ``reason`` then starts with
+    ``"rejected: "``) or the peer sent an ekt_key message this side
+    cannot use: trying again with the same peer cannot help.
     """
 
     reason: str

@@ -43,6 +43,7 @@ __all__ = [
     "CONTENT_APPLICATION_DATA",
     "CONTENT_CHANGE_CIPHER_SPEC",
     "CONTENT_HANDSHAKE",
+    "MAX_PLAINTEXT",
     "RecordProtection",
     "Suite",
     "record_epoch_and_sequence",
@@ -57,6 +58,11 @@ _HEADER_LENGTH = _HEADER.size
 _SEQUENCE_LIMIT = 1 << 48
 _TAG_LENGTH = 16
 _REPLAY_WINDOW = 64
+_WINDOW_MASK = (1 << _REPLAY_WINDOW) - 1
+#: RFC 5246 section 6.2.1/6.2.3: a record's plaintext is at most 2^14
+#: octets and its protected fragment at most 2^14 + 2048, whatever the MTU.
+MAX_PLAINTEXT = 1 << 14
+_MAX_FRAGMENT = MAX_PLAINTEXT + 2048
 
 
 @dataclass(frozen=True)
@@ -132,10 +138,21 @@ class _ReplayWindow:
     def mark(self, sequence: int) -> None:
         if sequence > self.highest:
             shift = sequence - self.highest
-            self.bitmap = ((self.bitmap << shift) | 1) & ((1 << _REPLAY_WINDOW) - 1)
+            # The peer chooses the jump (up to 2^48): shifting by it would
+            # build an integer that large before the mask cuts it down.
+            if shift >= _REPLAY_WINDOW:
+                self.bitmap = 1
+            else:
+                self.bitmap = ((self.bitmap << shift) | 1) & _WINDOW_MASK
             self.highest = sequence
-        else:
+        elif self.highest - sequence < _REPLAY_WINDOW:
             self.bitmap |= 1 << (self.highest - sequence)
+
+    def mark_through(self, sequence: int) -> None:
+        """Mark every sequence number up to ``sequence`` as received."""
+        if sequence > self.highest:
+            self.highest = sequence
+        self.bitmap = _WINDOW_MASK
 
 
 class RecordProtection:
@@ -186,8 +203,24 @@ class RecordProtection:
         return "<RecordProtection {} epoch {}>".format(self.suite.name, self.epoch)
 
     def max_plaintext(self, mtu: int) -> int:
-        """The largest plaintext whose record fits ``mtu`` octets."""
-        return max(0, mtu - self.suite.overhead)
+        """The largest plaintext whose record fits ``mtu`` octets (2^14 at most)."""
+        return max(0, min(MAX_PLAINTEXT, mtu - self.suite.overhead))
+
+    def prime(self, peer_records) -> None:
+        """
+        Enter the peer's records that arrived before this layer took over
+        (OpenSSL read them, or dropped them) into the replay window:
+        every sequence number up to the highest authentic one counts as
+        received, so none of them can be replayed here.  Forged records
+        do not count, so they cannot push the window ahead.
+        """
+        highest = -1
+        for record in peer_records:
+            header = record_epoch_and_sequence(record)
+            if header is not None and self.open(record) is not None:
+                highest = max(highest, header[1])
+        if highest >= 0:
+            self._window.mark_through(highest)
 
     def _nonce(self, iv: bytes, epoch_and_sequence: bytes) -> bytes:
         if self.suite.explicit_nonce_length:
@@ -196,7 +229,13 @@ class RecordProtection:
         return bytes(a ^ b for a, b in zip(iv, padded))
 
     def seal(self, content_type: int, plaintext: bytes) -> bytes:
-        """One record carrying ``plaintext``; raises OverflowError when the sequence runs out."""
+        """
+        One record carrying ``plaintext``; raises ValueError above
+        MAX_PLAINTEXT octets and OverflowError when the sequence runs out.
+        """
+        if len(plaintext) > MAX_PLAINTEXT:
+            raise ValueError("a record carries at most {} octets, not {}".format(
+                MAX_PLAINTEXT, len(plaintext)))
         sequence = self._write_sequence
         if sequence >= _SEQUENCE_LIMIT:
             raise OverflowError("record sequence numbers exhausted in this epoch")
@@ -215,9 +254,10 @@ class RecordProtection:
         """
         ``(content_type, plaintext)`` for an authentic, fresh record of this
         epoch; None for anything else (other epoch, malformed, forged,
-        replayed), which DTLS discards silently.
+        replayed, larger than RFC 5246 allows), which DTLS discards silently.
         """
-        if len(record) < self.suite.overhead:
+        if not self.suite.overhead <= len(record) <= _HEADER_LENGTH + _MAX_FRAGMENT or \
+                len(record) - self.suite.overhead > MAX_PLAINTEXT:
             return None
         content_type, version, epoch, sequence_octets, length = _HEADER.unpack_from(record)
         if version != _DTLS_1_2 or epoch != self.epoch or \

@@ -39,7 +39,7 @@ class Limits:
     tunnel_max_paused_seconds: float = DEFAULT_MAX_PAUSED_SECONDS
     #: EKTKey requests (application data 0x01) answered per association: a
     #: burst of this many, then this many per second.  The endpoint asks when
-    #: the EKTKey record was lost and, as a liveness probe, every few seconds
+    #: it has no EKTKey yet and, as a liveness probe, every few seconds
     #: for the association's whole life; beyond the rate it is ignored.
     ekt_key_request_burst: int = 10
     ekt_key_requests_per_second: float = 1.0
@@ -443,7 +443,7 @@ class KeyDistributor:
                 after = after + self._applicationData(association, event.data)
         tunnel = association.tunnel
         if tunnel is not None:
-            # The EKTKey record follows the server's final flight.
+            # The ekt_key message follows the server's final flight.
             for datagram in output.datagrams + after:
                 tunnel.sendMessage(wire.TunneledDtls(association.id, datagram))
         if closed is not None:
@@ -453,7 +453,7 @@ class KeyDistributor:
 
     def _handshakeComplete(self, association: _Association,
                            event: dtls.HandshakeComplete) -> tuple:
-        """Send MediaKeys; returns the datagrams of the EKTKey record, if any."""
+        """Send MediaKeys; returns the datagrams of the ekt_key message, if any."""
         association.established = True
         registration = association.registration
         profile = event.profile
@@ -482,10 +482,12 @@ class KeyDistributor:
             profile=profile.name, peer=self._peer(association), spi=key.ekt_spi)
         return self._sendEktKey(association, key, log=False).datagrams
 
-    #: An endpoint that got its keys but not the EKTKey record (application
-    #: data is never retransmitted by DTLS) asks again with this one octet;
-    #: the reference endpoint also asks every few seconds to learn that its
-    #: association still reaches this Key Distributor (README, "liveness").
+    #: An endpoint that has its keys but no EKTKey (the ekt_key message is
+    #: retransmitted until acknowledged, but only a few times) asks again
+    #: with this one octet of application data; the reference endpoint also
+    #: asks every few seconds to learn that its association still reaches
+    #: this Key Distributor (README, "liveness").  The answer is the current
+    #: ekt_key message again.
     EKT_KEY_REQUEST = b"\x01"
 
     def _applicationData(self, association: _Association, data: bytes) -> tuple:
@@ -521,10 +523,11 @@ class KeyDistributor:
 
     def _sendEktKey(self, association: _Association, key, log: bool = True) -> dtls.Output:
         """
-        The EKTKey as the first application-data record (the deviation from
-        RFC 8870's ekt_key handshake message documented in NOTES.md).
+        The EKTKey as RFC 8870's ekt_key handshake message; the engine
+        retransmits it until the endpoint's ACK (its timer is scheduled by
+        :meth:`_process`).
         """
-        output = association.engine.send_application_data(key.encode())
+        output = association.engine.send_ekt_key(key, self.clock.seconds())
         if log:
             self.log.info(
                 "EKTKey SPI {spi} sent to association {association_id} ({conference})",

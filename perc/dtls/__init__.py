@@ -45,9 +45,10 @@ The package, by job:
 - :mod:`~perc.dtls.callbacks`: OpenSSL's C callbacks and their registry.
 - :mod:`~perc.dtls.contexts`: SSL contexts and connections.
 - :mod:`~perc.dtls.datagrams`: records in and out of datagrams.
-- :mod:`~perc.dtls.records`: the own post-handshake record layer.
-- :mod:`~perc.dtls.post_handshake`: handshake messages (``ekt_key``) and
-  ACKs on that layer.
+- :mod:`~perc.dtls.records`: the own post-handshake record protection.
+- :mod:`~perc.dtls.post_handshake`: codecs of handshake messages and ACKs
+  after the handshake (RFC 8870's ``ekt_key``).
+- :mod:`~perc.dtls.established`: an association once it left OpenSSL.
 - :mod:`~perc.dtls.association`: the association state machine (both roles).
 - :mod:`~perc.dtls.listener`: the server role's stateless cookie exchange.
 """

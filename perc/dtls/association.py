@@ -7,6 +7,7 @@ from typing import Iterable, Optional
 
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
+
 from perc import pki
 from perc.dtls import records
 from perc.dtls.callbacks import (
@@ -19,20 +20,11 @@ from perc.dtls.callbacks import (
     unregister,
 )
 from perc.dtls.constants import (
-    ALERT_CLOSE_NOTIFY,
-    ALERT_DECODE_ERROR,
-    ALERT_ILLEGAL_PARAMETER,
-    ALERT_LEVEL_FATAL,
-    ALERT_LEVEL_WARNING,
-    ALERT_UNEXPECTED_MESSAGE,
     CLIENT,
-    CONTENT_ACK,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_RETRANSMISSIONS,
     DEFAULT_MTU,
     EXPORTER_LABEL,
-    HANDSHAKE_EKT_KEY,
-    HANDSHAKE_FINISHED,
     SERVER,
 )
 from perc.dtls.contexts import (
@@ -43,12 +35,12 @@ from perc.dtls.contexts import (
     normalise_profiles,
 )
 from perc.dtls.datagrams import pack_records, split_records
+from perc.dtls.established import RETRANSMIT_INITIAL, OwnRecordLayer, joined
 from perc.dtls.events import (
     EMPTY,
     ApplicationData,
     Closed,
     DtlsStateError,
-    EktKeyReceived,
     HandshakeComplete,
     Output,
 )
@@ -61,27 +53,14 @@ from perc.dtls.extensions import (
     validate_tls_id,
 )
 from perc.dtls.identity import Credentials
-from perc.dtls.post_handshake import decode_ack, decode_handshake, encode_ack, encode_handshake
-from perc.ekt import EktError, EktKey, encode_client_ekt_ciphers
+from perc.ekt import EktKey, encode_client_ekt_ciphers
 from perc.profiles import Profile, by_id
 
 _HANDSHAKING = "handshaking"
 _ESTABLISHED = "established"
 _CLOSED = "closed"
 
-#: Peer records of a later epoch kept while OpenSSL runs the handshake, to
-#: prime the own record layer's replay window (a Finished is ~60 octets).
-_EARLY_RECORDS = 16
-_EARLY_RECORD_OCTETS = 512
-#: RFC 6347 section 4.2.4: the retransmission timer starts at 1 s and
-#: doubles, up to 60 s.
-_RETRANSMIT_INITIAL = 1.0
-_RETRANSMIT_MAX = 60.0
-#: Record numbers remembered for the ekt_key message awaiting its ACK.
-_EKT_RECORDS_KEPT = 32
-
-
-class DtlsAssociation:
+class DtlsAssociation(OwnRecordLayer):
     """
     One DTLS association; use :class:`ClientAssociation` or get a
     :class:`ServerAssociation` from :meth:`ServerListener.listen`.
@@ -135,7 +114,7 @@ class DtlsAssociation:
         self._ekt_message: Optional[bytes] = None
         self._ekt_records: list = []  # sequence numbers of the records carrying it
         self._ekt_due: Optional[float] = None  # None: nothing awaits an ACK
-        self._ekt_timeout = _RETRANSMIT_INITIAL
+        self._ekt_timeout = RETRANSMIT_INITIAL
         self._ekt_tries = 0
         # Client role: the last ekt_key message processed.
         self._ekt_key: Optional[EktKey] = None
@@ -234,9 +213,9 @@ class DtlsAssociation:
                 self._compact(output)
                 if self._records is None:  # kept on OpenSSL
                     self._read_application_data()
-                    output = _joined(output, self._collect())
+                    output = joined(output, self._collect())
                 rest = b"".join(pieces[index + 1:])
-                return _joined(output, self.receive(rest, now)) if rest else output
+                return joined(output, self.receive(rest, now)) if rest else output
         return self._collect()
 
     def _feed(self, data: bytes) -> None:
@@ -246,12 +225,6 @@ class DtlsAssociation:
             self._drive()
         except Exception as e:  # never let the peer's bytes raise out of here
             self._fail("internal error: {}: {}".format(type(e).__name__, e))
-
-    def _remember_early_record(self, record: bytes) -> None:
-        header = records.record_epoch_and_sequence(record)
-        if header is not None and header[0] > 0 and len(record) <= _EARLY_RECORD_OCTETS \
-                and len(self._early_records) < _EARLY_RECORDS:
-            self._early_records.append(bytes(record))
 
     def next_timeout(self, now: float) -> Optional[float]:
         """
@@ -339,44 +312,6 @@ class DtlsAssociation:
         except SSL.Error as e:
             self._fail_from_error(e)
         return self._collect()
-
-    def send_ekt_key(self, key: EktKey, now: float) -> Output:
-        """
-        Server role: send ``key`` as RFC 8870's ``ekt_key`` handshake message
-        (type 26, epoch 1) and retransmit it from :meth:`handle_timeout`
-        (RFC 6347 section 4.2.4: after 1 s, doubling, at most
-        ``max_retransmissions`` times) until the client's ACK or an alert
-        arrives.  The same key as the last message sends that message again
-        (same message_seq, new record); another key is a new message.  Needs
-        the own record layer (an AEAD suite): without it the association is
-        closed.  Only after HandshakeComplete (DtlsStateError before); a
-        no-op after Closed.
-        """
-        if self.closed:
-            return EMPTY
-        if self._phase != _ESTABLISHED or self.role != SERVER:
-            raise DtlsStateError("ekt_key is sent by an established server association")
-        if self._records is None:
-            return self.close(now, "cannot send the ekt_key message: the association "
-                                   "is not on the own record layer (no AEAD cipher suite)")
-        body = key.encode()
-        if self._ekt_message is None or self._ekt_message[12:] != body:
-            if self._next_message_seq > 0xFFFF:
-                return self._close_compacted(Closed(
-                    "association failed: handshake message_seq exhausted", False))
-            self._ekt_message = encode_handshake(HANDSHAKE_EKT_KEY, self._next_message_seq,
-                                                 body)
-            self._next_message_seq += 1
-            self._ekt_records = []
-        self._ekt_timeout = _RETRANSMIT_INITIAL
-        self._ekt_tries = 0
-        self._ekt_due = now + self._ekt_timeout
-        return self._send_ekt_message()
-
-    @property
-    def ekt_key_acknowledged(self) -> bool:
-        """Server role: True when no ekt_key message awaits the client's ACK."""
-        return self._ekt_due is None
 
     def close(self, now: float, reason: str = "closed locally") -> Output:
         """
@@ -535,207 +470,6 @@ class DtlsAssociation:
         self._conn = None
         self._context = None
 
-    # -- after the handshake, without OpenSSL (server role) ----------------
-
-    def _compact(self, output: Output) -> None:
-        """
-        Hand the just-established association to perc.dtls.records and free the
-        OpenSSL connection (about 80 KiB that would otherwise stay for the
-        association's life).  Kept on OpenSSL: suites perc.dtls.records does not
-        handle, and anything unexpected about the final flight.
-        """
-        conn = self._conn
-        suite = records.suite_for(conn.get_cipher_name())
-        if suite is None or self._write_epoch is None:
-            return
-        server = self.role == SERVER
-        secrets = dict(master_secret=conn.master_key(), client_random=conn.client_random(),
-                       server_random=conn.server_random(), epoch=self._write_epoch)
-        try:
-            protection = records.RecordProtection.from_master_secret(
-                suite, server=server, next_write_sequence=self._next_write_sequence, **secrets)
-            if server:
-                # The ekt_key message continues this side's message_seq:
-                # read it back from our Finished, with the client's keys.
-                mirror = records.RecordProtection.from_master_secret(
-                    suite, server=False, next_write_sequence=0, **secrets)
-                finished = _finished_message_seq(mirror, output.datagrams)
-                if finished is None:
-                    return
-                self._next_message_seq = finished + 1
-        except Exception:
-            return
-        # Every peer record of this epoch seen so far (its Finished, perhaps
-        # an earlier copy of it) enters the replay window.
-        protection.prime(self._early_records)
-        self._early_records = []
-        self._records = protection
-        if server:
-            self._final_flight = output.datagrams
-        state = self._state
-        state.peer_certificate = None
-        state.received = {}
-        state.send = {}
-        self._finalizer()
-        self._conn = None
-        self._context = None
-
-    def _receive_compacted(self, datagram: bytes) -> Output:
-        replies: list = []
-        try:
-            for record in split_records(bytes(datagram)):
-                opened = self._records.open(record)
-                if opened is None:
-                    continue  # other epoch, forged, replayed: DTLS discards it
-                content_type, plaintext = opened
-                if content_type == records.CONTENT_APPLICATION_DATA:
-                    if plaintext:
-                        self._events.append(ApplicationData(plaintext))
-                elif content_type == records.CONTENT_ALERT:
-                    self._ekt_due = None  # an alert also ends the ekt_key's retransmission
-                    output = self._alert_received(plaintext)
-                    if output is not None:
-                        return output
-                elif content_type == CONTENT_ACK and self.role == SERVER:
-                    self._ack_received(plaintext)
-                elif content_type == records.CONTENT_HANDSHAKE and self.role == SERVER:
-                    if plaintext[:1] == bytes((HANDSHAKE_FINISHED,)) and \
-                            self._final_flight_resends < self._max_retransmissions:
-                        # The peer's retransmitted Finished: it never got ours.
-                        self._final_flight_resends += 1
-                        replies.extend(self._final_flight)
-                elif content_type == records.CONTENT_HANDSHAKE:
-                    outcome = self._handshake_message_received(record, plaintext)
-                    if isinstance(outcome, Output):
-                        return _joined(Output(tuple(replies)), outcome)
-                    if outcome is not None:
-                        replies.append(outcome)
-                # Anything else (a renegotiation attempt) is ignored, as
-                # OP_NO_RENEGOTIATION would have it.
-        except Exception as e:  # never let the peer's bytes raise out of here
-            return self._close_compacted(
-                Closed("internal error: {}: {}".format(type(e).__name__, e), False),
-                notify=False)
-        return self._collect_with(tuple(replies))
-
-    def _handshake_message_received(self, record: bytes, plaintext: bytes):
-        """
-        Client role: an ekt_key message gets an ACK record (returned) and
-        an EktKeyReceived event, a repeated one (message_seq already
-        processed) the ACK only, one that cannot be processed a fatal alert
-        (an Output: the association ends).  Other messages (the server's
-        Finished again, a HelloRequest) are ignored.
-        """
-        decoded = decode_handshake(plaintext)
-        if decoded is None or decoded[0] != HANDSHAKE_EKT_KEY:
-            return None
-        _, message_seq, message = decoded
-        cipher = self._state.ekt_cipher
-        if cipher is None:
-            return self._refuse_ekt_key(ALERT_UNEXPECTED_MESSAGE, "EKT was not negotiated")
-        if self._ekt_key is not None and message_seq <= self._ekt_message_seq:
-            self._events.append(EktKeyReceived(self._ekt_key, message_seq, repeated=True))
-            return self._ack(record)
-        if message is None:
-            return self._refuse_ekt_key(ALERT_DECODE_ERROR, "fragmented or padded message")
-        try:
-            key = EktKey.decode(message.body)
-        except EktError as error:
-            return self._refuse_ekt_key(ALERT_DECODE_ERROR, error.reason)
-        try:
-            key.check_cipher(ekt_cipher_value(cipher))
-        except (EktError, ValueError) as error:
-            return self._refuse_ekt_key(ALERT_ILLEGAL_PARAMETER, getattr(error, "reason", error))
-        self._ekt_key = key
-        self._ekt_message_seq = message_seq
-        self._events.append(EktKeyReceived(key, message_seq))
-        return self._ack(record)
-
-    def _ack(self, record: bytes) -> bytes:
-        """An ACK record (RFC 9147 section 7) for the record carrying a handshake message."""
-        return self._records.seal(CONTENT_ACK, encode_ack(
-            (records.record_epoch_and_sequence(record),)))
-
-    def _refuse_ekt_key(self, description: int, why) -> Output:
-        """RFC 8870 section 5.2.2: an EKTKey that cannot be processed gets an alert."""
-        return self._close_compacted(
-            Closed("unusable ekt_key message from the peer: {}".format(why), True),
-            alert=(ALERT_LEVEL_FATAL, description))
-
-    def _ack_received(self, plaintext: bytes) -> None:
-        numbers = decode_ack(plaintext)
-        if numbers and self._ekt_due is not None and any(
-                epoch == self._records.epoch and sequence in self._ekt_records
-                for epoch, sequence in numbers):
-            self._ekt_due = None
-
-    def _send_ekt_message(self) -> Output:
-        try:
-            record = self._records.seal(records.CONTENT_HANDSHAKE, self._ekt_message)
-        except OverflowError as e:
-            return self._close_compacted(Closed("association failed: {}".format(e), False),
-                                         notify=False)
-        if len(self._ekt_records) >= _EKT_RECORDS_KEPT:
-            del self._ekt_records[0]
-        self._ekt_records.append(records.record_epoch_and_sequence(record)[1])
-        return self._collect_with((record,))
-
-    def _retransmit_ekt_key(self, now: float) -> Output:
-        if self._ekt_due is None or now < self._ekt_due:
-            return EMPTY
-        if self._ekt_tries >= self._max_retransmissions:
-            # Given up; the client can still ask for it (application data).
-            self._ekt_due = None
-            return EMPTY
-        self._ekt_tries += 1
-        self._ekt_timeout = min(2 * self._ekt_timeout, _RETRANSMIT_MAX)
-        self._ekt_due = now + self._ekt_timeout
-        return self._send_ekt_message()
-
-    def _alert_received(self, plaintext: bytes) -> Optional[Output]:
-        if len(plaintext) != 2:
-            return self._close_compacted(Closed("association failed: malformed alert", False),
-                                         notify=False)
-        level, description = plaintext
-        if description == ALERT_CLOSE_NOTIFY:
-            # Answer close_notify with our own, as TLS asks.
-            return self._close_compacted(
-                Closed("peer closed the association (close_notify)", False))
-        if level == ALERT_LEVEL_FATAL:
-            return self._close_compacted(Closed(
-                "association failed: peer sent fatal alert {}".format(description), False),
-                notify=False)
-        return None
-
-    def _send_compacted(self, content_type: int, plaintext: bytes) -> Output:
-        try:
-            record = self._records.seal(content_type, plaintext)
-        except OverflowError as e:
-            return self._close_compacted(Closed("association failed: {}".format(e), False),
-                                         notify=False)
-        return self._collect_with((record,))
-
-    def _close_compacted(self, event: Closed, notify: bool = True,
-                         alert: tuple = (ALERT_LEVEL_WARNING, ALERT_CLOSE_NOTIFY)) -> Output:
-        datagrams = ()
-        if notify:
-            try:
-                datagrams = (self._records.seal(records.CONTENT_ALERT, bytes(alert)),)
-            except OverflowError:
-                pass
-        self._end(event)
-        self._records = None
-        self._final_flight = ()
-        self._ekt_message = None
-        self._ekt_due = None
-        return self._collect_with(datagrams)
-
-    def _collect_with(self, datagrams: tuple) -> Output:
-        """:meth:`_collect`, after ``datagrams`` sealed here rather than by OpenSSL."""
-        output = self._collect()
-        return Output(tuple(datagrams) + output.datagrams, output.events)
-
-
 class ClientAssociation(DtlsAssociation):
     """
     The endpoint side: a DTLS client offering ``profiles`` (in order of
@@ -808,17 +542,3 @@ class ServerAssociation(DtlsAssociation):
         self.association_id = association_id
         self._compact_when_established = compact
 
-
-def _joined(first: Output, second: Output) -> Output:
-    return Output(first.datagrams + second.datagrams, first.events + second.events)
-
-
-def _finished_message_seq(mirror: records.RecordProtection, datagrams) -> Optional[int]:
-    """The message_seq of the Finished among ``datagrams``, opened with ``mirror``."""
-    for record in split_records(b"".join(datagrams)):
-        opened = mirror.open(record)
-        if opened is not None and opened[0] == records.CONTENT_HANDSHAKE:
-            decoded = decode_handshake(opened[1])
-            if decoded is not None and decoded[0] == HANDSHAKE_FINISHED:
-                return decoded[1]
-    return None

@@ -19,6 +19,7 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
+
 from perc import pki
 from perc.dtls.constants import (
     ALERT_BAD_CERTIFICATE,

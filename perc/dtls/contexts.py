@@ -7,6 +7,7 @@ from typing import Iterable, Optional
 
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
+
 from perc.dtls.callbacks import install_callbacks
 from perc.dtls.constants import DTLS1_2_VERSION, MIN_MTU, SERVER
 from perc.dtls.identity import Credentials

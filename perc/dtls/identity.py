@@ -11,6 +11,7 @@ from typing import Callable, Optional, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+
 from perc import pki
 
 STAGE_HELLO = "hello"

@@ -9,6 +9,7 @@ from typing import Iterable, Optional
 
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
+
 from perc.dtls.association import ServerAssociation
 from perc.dtls.callbacks import SslState, register, ssl_address, unregister
 from perc.dtls.constants import (

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
 from perc.dtls.constants import (
     CONTENT_ALERT,
     CONTENT_APPLICATION_DATA,

@@ -40,8 +40,8 @@ from twisted.logger import globalLogPublisher
 from perc import dtls, wire
 from perc.profiles import DEFAULT_PROFILES, by_id
 
-__all__ = ["FuzzFailure", "Input", "KeyDistributorTarget", "MediaDistributorTarget",
-           "TARGETS", "edit_extension", "seed_inputs"]
+__all__ = ["TARGETS", "FuzzFailure", "Input", "KeyDistributorTarget", "MediaDistributorTarget",
+           "edit_extension", "mutate", "seed_inputs"]
 
 
 class FuzzFailure(AssertionError):
@@ -585,6 +585,8 @@ class MediaDistributorTarget:
         self.relay.makeConnection(self.udp)
         self.tunnel = None
         self._tunnelDirty = False
+        #: Tunnel messages the relay sent during the input (its new associations).
+        self._sentToKeyDistributor: list = []
         self._openTunnel()
         self.stats = {"executions": 0, "srtp-from-keyed": 0, "media-keys": 0, "restored": 0}
         self.endpoints = []
@@ -627,8 +629,7 @@ class MediaDistributorTarget:
                     self.transport.clear()
                     data = kdTransport.value()
                     kdTransport.clear()
-                    for message in _messages_of(data):
-                        replies.append(message)
+                    replies.extend(_messages_of(data))
                     self.tunnel.dataReceived(data)
                     for datagram, address in self.udp.written:
                         if address == registered.address:
@@ -727,8 +728,6 @@ class MediaDistributorTarget:
     def _pendingIds(self) -> list:
         return [m.association_id for m in self._sentToKeyDistributor
                 if isinstance(m, wire.TunneledDtls)]
-
-    _sentToKeyDistributor: list = []
 
     def _opDisconnect(self, source: Input) -> None:
         ids = [e.association_id for e in self.endpoints] + self._pendingIds() + [uuid.uuid4()]

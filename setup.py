@@ -30,7 +30,9 @@ setup(
         "zope.interface>=6.0",
         "cryptography>=44",
     ],
-    extras_require={"test": ["hypothesis>=6.100"]},
+    extras_require={"test": ["hypothesis>=6.100"],
+                    # perc bench fuzz: coverage-guided fuzzing and its line coverage.
+                    "fuzz": ["atheris>=2.3", "coverage>=7.0"]},
     entry_points={"console_scripts": ["perc = perc.cli:main"]},
     classifiers=[
         "Framework :: Twisted",

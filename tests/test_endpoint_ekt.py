@@ -34,7 +34,7 @@ class Sender:
     """
 
     def __init__(self, kd, receiver, ssrc, master=None):
-        self.key = kd.conference_keys.key_for(CONFERENCE)
+        self.key = kd.conference_keys.key_for(CONFERENCE, kd.clock.seconds())
         self.ssrc = ssrc
         self.master = master if master is not None else os.urandom(16)
         hbh = receiver.hbh_keys

@@ -118,6 +118,14 @@ class KeyDistributorService(service.MultiService):
             self.log.warn(
                 "--allow-missing-tls-id is on: endpoints without extension 56 are matched "
                 "by certificate fingerprint alone")
+        if (1 - self.ekt_rollover) * self.ekt_ttl < 2:
+            # A late joiner's TTL is rounded down to whole seconds, and the
+            # endpoints switch keys 0.5 s after a rollover: less than this
+            # and it may drop packets under the old key (README).
+            self.log.warn(
+                "--ekt-ttl {ttl} with --ekt-rollover {rollover} leaves less than 2 s between "
+                "a rollover and the old key's expiry: late joiners may drop packets around "
+                "each rollover", ttl=self.ekt_ttl, rollover=self.ekt_rollover)
         d = Roster.open(self.db_path)
         d.addCallback(self._rosterOpened)
         d.addErrback(self._startFailed)

@@ -38,7 +38,14 @@ from perc.double import (
     ReplayError,
     UnknownSenderError,
 )
-from perc.ekt import EktCipher, EktError, EktFieldRejected, EktKey, EktReceiver, EktSender
+from perc.ekt import (
+    EktCipher,
+    EktError,
+    EktFieldRejected,
+    EktKey,
+    EktReceiver,
+    EktSender,
+)
 
 __all__ = ["DtlsClientProtocol", "ReferenceEndpoint", "SenderStats", "backoff"]
 

@@ -8,6 +8,7 @@ them.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 
@@ -16,6 +17,7 @@ from twisted.logger import Logger
 
 from perc.double import DoubleSender
 from perc.ekt import EktKey, EktSender
+from perc.endpoint_cli import EndpointOptions
 from perc.profiles import by_id
 from perc.rtp import full_ekt_field, parse_full_ekt_field, split_ekt_field
 
@@ -207,6 +209,12 @@ class KeyLifetimeTests(RejoinTestCase):
         self.assertEqual(endpoint.unsent_key_expired, 0)
         self.assertEqual(endpoint.summary()["rekeys"], 1)
         self.assertEqual(endpoint.summary()["joins"], 1)
+        # ``perc endpoint`` prints joins beside rekeys.
+        out = io.StringIO()
+        options = EndpointOptions()
+        options["expect-senders"] = 0
+        options._summary(endpoint, out)
+        self.assertIn("handshakes 1; joins 1; rekeys 1;", out.getvalue())
 
     def test_never_protects_with_an_expired_key_and_resumes(self):
         endpoint = self.endpoint()

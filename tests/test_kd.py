@@ -831,7 +831,7 @@ class EktRolloverTests(KeyDistributorTestCase):
         self.advance(60.0)
         self.assertNotIn("ekt-rollover", self.kd.counters)
         # ...and the next member gets a new key (new SPI) with a whole TTL.
-        c, key = self.join()
+        _, key = self.join()
         self.assertEqual(key.ekt_spi, (first.ekt_spi + 1) & 0xFFFF)
         self.assertEqual(key.ekt_ttl, 4)
         self.assertEqual(len(self.rollover_calls()), 1)
@@ -839,7 +839,7 @@ class EktRolloverTests(KeyDistributorTestCase):
         self.assertEqual(self.rollover_calls(), [])
 
     def test_api_rekey_restarts_the_lifetime(self):
-        a, first = self.join()
+        a, _ = self.join()
         self.advance(2.0)
         new, count = self.kd.rekey(CONFERENCE)
         self.assertEqual(count, 1)

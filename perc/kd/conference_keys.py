@@ -100,7 +100,7 @@ class ConferenceKeys:
             return key  # never made here; nothing to count down
         step = max(1, key.ekt_ttl // TTL_LEFT_STEPS)
         left = key.ekt_ttl - max(0.0, now - issued.at)
-        left = int(math.floor(left / step)) * step if left < key.ekt_ttl else key.ekt_ttl
+        left = math.floor(left / step) * step if left < key.ekt_ttl else key.ekt_ttl
         return key if left == key.ekt_ttl else dataclasses.replace(key, ekt_ttl=max(1, left))
 
     def rollover_at(self, conference: str) -> float | None:

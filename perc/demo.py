@@ -202,8 +202,8 @@ def run_demo(reactor, endpoints=3, seconds=4.0, profile=None, out=None):
 def _report(out, members, md, watch, captured, profile) -> int:
     ok = True
     _say(out)
-    _say(out, "{:<12} {:>6} {:>8} {:>9} {:>7} {:>6} {:>7}  {}".format(
-        "endpoint", "sent", "received", "verified", "failed", "lost", "rekeys", "from"))
+    _say(out, "{:<12} {:>6} {:>8} {:>9} {:>7} {:>6} {:>6} {:>7}  {}".format(
+        "endpoint", "sent", "received", "verified", "failed", "lost", "joins", "rekeys", "from"))
     by_ssrc = {m.ssrc: m.name for m in members}
     for member in members:
         received = sum(s.received for s in member.stats.values())
@@ -214,8 +214,9 @@ def _report(out, members, md, watch, captured, profile) -> int:
         expected = {m.name for m in members} - {member.name}
         if set(senders) != expected or failed:
             ok = False
-        _say(out, "{:<12} {:>6} {:>8} {:>9} {:>7} {:>6} {:>7}  {}".format(
-            member.name, member.sent, received, verified, failed, lost, member.rekeys,
+        _say(out, "{:<12} {:>6} {:>8} {:>9} {:>7} {:>6} {:>6} {:>7}  {}".format(
+            member.name, member.sent, received, verified, failed, lost, member.joins,
+            member.rekeys,
             ", ".join(sorted(senders)) or "-"))
     counters = md.relay.counters
     _say(out)

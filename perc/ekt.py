@@ -264,6 +264,15 @@ class EktKey:
         return "EktKey(spi={}, ttl={}, <{}-octet key>, <{}-octet salt>)".format(
             self.ekt_spi, self.ekt_ttl, len(self.ekt_key_value), len(self.srtp_master_salt))
 
+    def same_key(self, other: "EktKey") -> bool:
+        """
+        True if ``other`` is this key under this SPI, whatever its TTL (a
+        resent EKTKey carries the TTL it has left).
+        """
+        return (self.ekt_spi == other.ekt_spi
+                and hmac.compare_digest(self.ekt_key_value, other.ekt_key_value)
+                and hmac.compare_digest(self.srtp_master_salt, other.srtp_master_salt))
+
     def check_cipher(self, cipher) -> EktCipher:
         """The cipher as an :class:`EktCipher`; EktError if the key length does not fit it."""
         cipher = ekt_cipher(cipher)
@@ -458,6 +467,11 @@ class EktSender:
         """The ShortEKTField, ``0x00``."""
         return SHORT_EKT_FIELD
 
+    @property
+    def expires_at(self) -> Optional[float]:
+        """When the EKTKey's TTL runs out (caller's clock); None without ``received_at``."""
+        return self._expires_at
+
     def expired(self, now: float) -> bool:
         """True once the EKTKey's TTL has run out (never without ``received_at``)."""
         return self._expires_at is not None and now >= self._expires_at
@@ -586,7 +600,9 @@ class EktReceiver:
 
     It holds the current EKTKey and the previous one (so packets sent just
     before a rekey still open); :meth:`add_key` makes a new one current and
-    drops the one before the previous.  ``master_key_length``, if given, is
+    drops the one before the previous.  A key past its TTL (given ``now``)
+    is dropped: by :meth:`add_key`, and by :meth:`process` when a field
+    names it.  ``master_key_length``, if given, is
     the only master key length accepted (RFC 8870 section 4.3.2 step 6;
     for the double profiles it is the end-to-end half: 16 for 0x0009, 32
     for 0x000A).
@@ -625,20 +641,25 @@ class EktReceiver:
 
     def add_key(self, ekt_key: EktKey, now: Optional[float] = None) -> None:
         """
-        Make ``ekt_key`` current; the previous current one stays usable.
-        ``now`` (caller's clock) starts its TTL.  Adding the current key
-        again changes nothing; reusing a held SPI for another key is an
-        EktError (each parameter set has its own SPI, RFC 8870 section 4.2),
-        and so is a key with TTL 0 (expired on arrival).
+        Make ``ekt_key`` current; the previous current one stays usable
+        until its TTL runs out.  ``now`` (caller's clock) starts its TTL and
+        drops held keys already past theirs.  Adding the current key again
+        (whatever TTL it carries) changes nothing; reusing a held SPI for
+        another key is an EktError (each parameter set has its own SPI, RFC
+        8870 section 4.2), and so is a key with TTL 0 (expired on arrival).
         """
         if not isinstance(ekt_key, EktKey):
             raise TypeError("ekt_key must be an EktKey")
         ekt_key.check_cipher(self._cipher)
         _check_usable(ekt_key)
+        if now is not None:
+            for expired in [s for s, p in self._keys.items()
+                            if p.expires_at is not None and now >= p.expires_at]:
+                del self._keys[expired]
         spi = ekt_key.ekt_spi
         held = self._keys.get(spi)
         if held is not None:
-            if held.key != ekt_key:
+            if not held.key.same_key(ekt_key):
                 raise EktError("SPI {} already names another EKTKey".format(spi))
             if held.generation == self._generation:
                 return
@@ -694,6 +715,7 @@ class EktReceiver:
             raise EktFieldRejected("unknown SPI {}".format(full.spi), "unknown-spi")
         if now is not None and parameters.expires_at is not None \
                 and now >= parameters.expires_at:
+            del self._keys[full.spi]  # never usable again (RFC 8870 section 5.2.2)
             raise EktFieldRejected("EKTKey SPI {} expired: its TTL of {} s ran out".format(
                 full.spi, parameters.key.ekt_ttl), "expired-spi")
         source = self._sources.get(packet_ssrc)

@@ -38,7 +38,14 @@ from perc.double import (
     ReplayError,
     UnknownSenderError,
 )
-from perc.ekt import EktCipher, EktFieldRejected, EktKey, EktReceiver, EktSender
+from perc.ekt import (
+    EktCipher,
+    EktError,
+    EktFieldRejected,
+    EktKey,
+    EktReceiver,
+    EktSender,
+)
 
 __all__ = ["DtlsClientProtocol", "ReferenceEndpoint", "SenderStats", "backoff"]
 
@@ -238,6 +245,17 @@ class ReferenceEndpoint(DtlsClientProtocol):
     replace them when its handshake completes, and the end-to-end key stays
     unless the EKTKey changed (a new one means a new master key, as for a
     rekey).
+
+    EKTKey lifetime (RFC 8870 sections 4.5 and 5.2.2): a new EKTKey (new
+    SPI) is usable for receiving at once, next to the previous one, each
+    until its own TTL runs out (counted from its arrival).  The endpoint
+    keeps protecting with the old key and master key until
+    ``key_switch_delay`` seconds after the new key arrived, or until the old
+    key expires, whichever comes first (the switch rule: every member gets
+    the Key Distributor's new key at about the same time, so by then they
+    all can read the new SPI).  It never protects with a key past its TTL:
+    holding none, it sends nothing (``unsent_key_expired``), asks the Key
+    Distributor for the key, and resumes when one arrives.
     """
 
     log = Logger()
@@ -246,6 +264,8 @@ class ReferenceEndpoint(DtlsClientProtocol):
     #: until an ekt_key message arrives.
     EKT_KEY_RETRY = 0.5
     EKT_KEY_REQUEST = b"\x01"
+    #: Seconds a new EKTKey is held before this endpoint protects with it.
+    KEY_SWITCH_DELAY = 0.5
 
     def __init__(self, *, name: str, credentials: dtls.Credentials, tls_id: str, server,
                  profile, clock, expected_kd_tls_id: str | None = None,
@@ -253,7 +273,7 @@ class ReferenceEndpoint(DtlsClientProtocol):
                  payload_size: int = 160, ssrc: int | None = None,
                  ekt_ciphers=(EktCipher.AESKW_128,), handshake_timeout: float = 10.0,
                  retry_policy=None, keepalive: float = 5.0,
-                 keepalive_timeout: float = 5.0):
+                 keepalive_timeout: float = 5.0, key_switch_delay: float = KEY_SWITCH_DELAY):
         self._credentials = credentials
         self._tls_id = tls_id.encode("ascii")
         self._expected_kd_tls_id = (None if expected_kd_tls_id is None
@@ -270,6 +290,7 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self.retry_policy = retry_policy if retry_policy is not None else backoff()
         self.keepalive = keepalive
         self.keepalive_timeout = keepalive_timeout
+        self.key_switch_delay = key_switch_delay
         self.joined = defer.Deferred()
         self.failed = defer.Deferred()
         self.stats: dict[int, SenderStats] = {}
@@ -278,7 +299,10 @@ class ReferenceEndpoint(DtlsClientProtocol):
         #: Packets that failed the hop-by-hop layer (not from our Media
         #: Distributor's current keys for us: stale around a rejoin, or forged).
         self.hop_failed = 0
+        #: New EKTKeys (new SPI) received after the first one.
         self.rekeys = 0
+        #: Handshakes completed (the first join and every rejoin).
+        self.joins = 0
         #: FullEKTFields refused (RFC 8870 section 4.3.2), by
         #: :attr:`perc.ekt.EktFieldRejected.kind`; all but ``ssrc-mismatch``
         #: discarded their packet, as did ``unusable-key``.
@@ -305,6 +329,10 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self._ekt_sender: EktSender | None = None
         self._receiver: DoubleReceiver | None = None
         self._ekt_receiver: EktReceiver | None = None
+        #: A new EKTKey not yet protected with, when it arrived, and when
+        #: the sender moves to it (see the class docstring).
+        self._pending_key: tuple[EktKey, float] | None = None
+        self._switch_at: float | None = None
         self._liveness = None  # the next probe or request
         self._asking_until = None  # asking for the EKTKey; lost at this time
         self._last_key_wanted = None
@@ -336,6 +364,7 @@ class ReferenceEndpoint(DtlsClientProtocol):
             return
         self._failures = 0
         self._handshaken = True
+        self.joins += 1
         cipher = EktCipher(event.ekt_cipher)
         hbh = event.profile.hbh_keys(event.keys)
         if self._hbh is not None:
@@ -355,6 +384,7 @@ class ReferenceEndpoint(DtlsClientProtocol):
             self._ekt_receiver = EktReceiver(
                 cipher, master_key_length=self.profile.key_length // 2)
             self._ekt_sender = None
+            self._pending_key = self._switch_at = None
         self._startAsking(at_once=False)
 
     def _startAsking(self, at_once: bool) -> None:
@@ -419,36 +449,71 @@ class ReferenceEndpoint(DtlsClientProtocol):
         if event.repeated:
             return  # a message_seq already processed: nothing new
         now = self.clock.seconds()
-        if self._ekt_sender is not None and key.ekt_spi == self._ekt_sender.spi:
-            # The same EKTKey again (an answer, or a rejoin through a Key
-            # Distributor that kept it): nothing changes.  A different key
-            # under the SPI in use would break every receiver's view of us,
-            # so it is refused.
-            if key != self._ekt_sender.ekt_key:
+        known = self._heldKey(key.ekt_spi)
+        if known is not None:
+            # The same EKTKey again (an answer with the TTL it has left, or
+            # a rejoin through a Key Distributor that kept it): nothing
+            # changes.  A different key under an SPI in use would break
+            # every receiver's view of us, so it is refused.
+            if not known.same_key(key):
                 self.log.warn("{name}: ignoring a different EKTKey under SPI {spi} in use",
                               name=self.name, spi=key.ekt_spi)
             return
-        self._ekt_receiver.add_key(key, now)
+        try:
+            self._ekt_receiver.add_key(key, now)
+        except EktError as error:
+            # The previous key again, or another key under its SPI: never
+            # taken back.
+            self.log.warn("{name}: ignoring EKTKey SPI {spi}: {reason}", name=self.name,
+                          spi=key.ekt_spi, reason=error.reason)
+            return
+        self.log.info("{name}: EKTKey SPI {spi} received", name=self.name, spi=key.ekt_spi)
+        if self._ekt_sender is None:
+            master_key = self._newSender(key)
+            self._ekt_sender = EktSender(key, self._cipher, self.ssrc, master_key,
+                                         lambda: self._sender.roc(self.ssrc), received_at=now)
+            if not self.joined.called:
+                self.joined.callback(now - self._started_at)
+            return
+        self.rekeys += 1
+        if self._pending_key is None:
+            self._switch_at = min(now + self.key_switch_delay, self._ekt_sender.expires_at)
+        # A newer key while one is pending replaces it (receivers keep only
+        # one previous key), at the switch time already set.
+        self._pending_key = (key, now)
+
+    def _heldKey(self, spi: int) -> EktKey | None:
+        """The EKTKey under ``spi`` this endpoint protects with or is about to, or None."""
+        if self._ekt_sender is not None and spi == self._ekt_sender.spi:
+            return self._ekt_sender.ekt_key
+        if self._pending_key is not None and spi == self._pending_key[0].ekt_spi:
+            return self._pending_key[0]
+        return None
+
+    def _newSender(self, key: EktKey) -> bytes:
+        """
+        A new end-to-end master key under ``key`` (RFC 8870 section 4.5: a
+        new EKTKey needs one) and the DoubleSender for it, continuing the
+        same sequence space; returns the master key.
+        """
         master_key = os.urandom(self.profile.key_length // 2)
         salt = key.srtp_master_salt[:self.profile.salt_length // 2]
         sequence_next = (self._sequence + 1) & 0xFFFF
         roc = 0 if self._sender is None else self._sender.roc(self.ssrc)
         if sequence_next == 0:
             roc += 1
-        # A new EKTKey needs a new master key (RFC 8870 section 4.5); the new
-        # sender continues the same sequence space.
         self._sender = DoubleSender(self.profile, master_key, salt, self._hbh.client_key,
                                     self._hbh.client_salt)
         self._sender.set_roc(self.ssrc, roc)
-        if self._ekt_sender is None:
-            self._ekt_sender = EktSender(key, self._cipher, self.ssrc, master_key,
-                                         lambda: self._sender.roc(self.ssrc), received_at=now)
-            if not self.joined.called:
-                self.joined.callback(now - self._started_at)
-        else:
-            self._ekt_sender.rekey(key, master_key, now)
-            self.rekeys += 1
-        self.log.info("{name}: EKTKey SPI {spi} received", name=self.name, spi=key.ekt_spi)
+        return master_key
+
+    def _switchKey(self) -> None:
+        """Protect with the pending EKTKey from now on (its TTL counts from its arrival)."""
+        key, received_at = self._pending_key
+        self._pending_key = self._switch_at = None
+        self._ekt_sender.rekey(key, self._newSender(key), received_at)
+        self.log.info("{name}: now protecting under EKTKey SPI {spi}", name=self.name,
+                      spi=key.ekt_spi)
 
     def _expiredOnArrival(self, key: EktKey) -> bool:
         """
@@ -528,9 +593,13 @@ class ReferenceEndpoint(DtlsClientProtocol):
         if self._ekt_sender is None:
             return  # no EKTKey since the EKT cipher changed: nothing to announce with
         now = self.clock.seconds()
+        if self._pending_key is not None and now >= self._switch_at:
+            self._switchKey()
         if self._ekt_sender.expired(now):
-            # Never protect under an EKTKey past its TTL (RFC 8870 5.2.2).
+            # Never protect under an EKTKey past its TTL (RFC 8870 5.2.2);
+            # ask for the current one and go on when it comes.
             self.unsent_key_expired += 1
+            self._keyWanted(now)
             return
         self._sequence = (self._sequence + 1) & 0xFFFF
         payload = _PAYLOAD.pack(_MAGIC, self.ssrc, self._sequence, now)
@@ -645,7 +714,8 @@ class ReferenceEndpoint(DtlsClientProtocol):
 
     def summary(self) -> dict:
         return {
-            "name": self.name, "ssrc": self.ssrc, "sent": self.sent, "rekeys": self.rekeys,
+            "name": self.name, "ssrc": self.ssrc, "sent": self.sent, "joins": self.joins,
+            "rekeys": self.rekeys,
             "attempts": self.attempts, "rejoins": self.rejoins, "lost": self.lost,
             "hop_failed": self.hop_failed,
             "ekt_discarded": dict(self.ekt_discarded),

@@ -144,8 +144,9 @@ class EndpointOptions(usage.Options):
             failed += stats.failed
         print("sent {}; verified {} senders (expected {}); {} failed verification".format(
             endpoint.sent, verified_senders, self["expect-senders"], failed), file=out)
-        print("handshakes {}; associations lost {}; joined again {}".format(
-            endpoint.attempts, endpoint.lost, endpoint.rejoins), file=out)
+        print("handshakes {}; joins {}; rekeys {}; associations lost {}; joined again {}".format(
+            endpoint.attempts, endpoint.joins, endpoint.rekeys, endpoint.lost,
+            endpoint.rejoins), file=out)
         return 0 if verified_senders >= self["expect-senders"] and not failed else 1
 
     def run(self):

@@ -441,6 +441,37 @@ class SenderReceiverTests(SynchronousTestCase):
         # Without a clock the TTL is not enforced.
         self.assertIsNotNone(receiver(key).process(field, SSRC, now=1e9))
 
+    def test_receiver_drops_keys_past_their_ttl(self):
+        old, new = ekt_key(spi=1, ttl=4), ekt_key(spi=2, key=bytes(16), ttl=4)
+        rx = EktReceiver(1)
+        rx.add_key(old, now=0.0)
+        rx.add_key(new, now=3.0)
+        self.assertEqual(rx.spis, (2, 1))  # both readable around a rollover
+        field = sender(old, received_at=0.0).field(0.0)
+        self.assertIsNotNone(rx.process(field, SSRC, now=3.9))
+        # Past its TTL the old key is dropped the first time a field names it.
+        self.assertRejected(rx, field, SSRC, "expired-spi", now=4.0)
+        self.assertEqual(rx.spis, (2,))
+        self.assertRejected(rx, field, SSRC, "unknown-spi", now=4.1)
+        # add_key drops what has expired too.
+        rx = EktReceiver(1)
+        rx.add_key(old, now=0.0)
+        rx.add_key(new, now=5.0)
+        self.assertEqual(rx.spis, (2,))
+
+    def test_same_key_with_the_ttl_left(self):
+        # A resent EKTKey carries the TTL it has left: the same key.
+        key = ekt_key(spi=7, ttl=10)
+        self.assertTrue(key.same_key(ekt_key(spi=7, ttl=3)))
+        self.assertFalse(key.same_key(ekt_key(spi=8, ttl=10)))
+        self.assertFalse(key.same_key(ekt_key(spi=7, key=bytes(16), ttl=10)))
+        self.assertFalse(key.same_key(ekt_key(spi=7, salt=bytes(12), ttl=10)))
+        rx = EktReceiver(1)
+        rx.add_key(key, now=0.0)
+        rx.add_key(ekt_key(spi=7, ttl=3), now=7.0)  # nothing changes
+        self.assertEqual(rx.spis, (7,))
+        self.assertRaises(EktError, rx.add_key, ekt_key(spi=7, key=bytes(16)), 7.0)
+
     def test_ttl_zero_is_expired_on_arrival(self):
         # RFC 8870: never used after its TTL; Linphone means "no limit".
         expired = ekt_key(spi=2, ttl=0)

@@ -8,6 +8,7 @@ them.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 
@@ -16,8 +17,9 @@ from twisted.logger import Logger
 
 from perc.double import DoubleSender
 from perc.ekt import EktKey, EktSender
+from perc.endpoint_cli import EndpointOptions
 from perc.profiles import by_id
-from perc.rtp import full_ekt_field
+from perc.rtp import full_ekt_field, parse_full_ekt_field, split_ekt_field
 
 from tests.test_endpoint_rejoin import CONFERENCE, SERVER, RejoinTestCase
 
@@ -34,7 +36,7 @@ class Sender:
     """
 
     def __init__(self, kd, receiver, ssrc, master=None):
-        self.key = kd.conference_keys.key_for(CONFERENCE)
+        self.key = kd.conference_keys.key_for(CONFERENCE, kd.clock.seconds())
         self.ssrc = ssrc
         self.master = master if master is not None else os.urandom(16)
         hbh = receiver.hbh_keys
@@ -173,14 +175,89 @@ class ExpiredOnArrivalTests(RejoinTestCase):
         self.assertEqual(endpoint.sent, 0)
         self.assertGreaterEqual(endpoint.expired_ekt_keys, 2)
 
-    def test_key_past_its_ttl_not_used_to_protect(self):
-        self.kd.conference_keys.ttl = 2
+
+def announced_spi(datagram):
+    """The SPI of a media packet's FullEKTField, or None for a ShortEKTField."""
+    _, field = split_ekt_field(datagram)
+    return None if field == b"\x00" else parse_full_ekt_field(field).spi
+
+
+class KeyLifetimeTests(RejoinTestCase):
+    """The endpoint across EKTKey rollovers (perc-kd --ekt-ttl 4, rollover at 3/4)."""
+
+    ekt_options = {"ttl": 4, "rollover": 0.75}
+
+    def test_switch_after_holding_the_new_key(self):
         endpoint = self.endpoint()
         endpoint.startSending()
-        self.advance(endpoint, 1.0)
-        self.assertGreater(endpoint.sent, 0)
-        self.advance(endpoint, 1.0)
+        first = endpoint._ekt_sender.spi
+        self.advance(endpoint, 3.0)
+        # The rollover key arrived at 3 s: readable at once, not yet used.
+        new = self.kd.conference_keys.key_for(CONFERENCE, self.clock.seconds())
+        self.assertNotEqual(new.ekt_spi, first)
+        self.assertEqual(endpoint.rekeys, 1)
+        self.assertEqual(endpoint._ekt_receiver.spis, (new.ekt_spi, first))
+        self.advance(endpoint, 1.5)
+        spis = [(at, announced_spi(datagram)) for at, datagram in self.path.media]
+        self.assertEqual({spi for at, spi in spis if at < 3.5} - {None}, {first})
+        # After KEY_SWITCH_DELAY (0.5 s): a new master key announced under
+        # the new SPI, and only that.
+        after = [spi for at, spi in spis if at >= 3.5]
+        self.assertEqual(after[:3], [new.ekt_spi] * 3)
+        self.assertEqual(set(after) - {None}, {new.ekt_spi})
+        # Sending never stopped.
+        self.assertEqual(endpoint.unsent_key_expired, 0)
+        self.assertEqual(endpoint.summary()["rekeys"], 1)
+        self.assertEqual(endpoint.summary()["joins"], 1)
+        # ``perc endpoint`` prints joins beside rekeys.
+        out = io.StringIO()
+        options = EndpointOptions()
+        options["expect-senders"] = 0
+        options._summary(endpoint, out)
+        self.assertIn("handshakes 1; joins 1; rekeys 1;", out.getvalue())
+
+    def test_never_protects_with_an_expired_key_and_resumes(self):
+        endpoint = self.endpoint()
+        endpoint.startSending()
+        first = endpoint._ekt_sender.spi
+        self.advance(endpoint, 2.0)
+        # The path dies before the rollover: the key runs out at 4 s.
+        self.path.up = False
+        self.advance(endpoint, 4.0)
+        self.assertTrue(endpoint._ekt_sender.expired(self.clock.seconds()))
+        self.assertEqual([at for at, _ in self.path.media if at >= 4.0], [])
+        self.assertGreater(endpoint.unsent_key_expired, 0)
+        self.assertTrue(endpoint._sending.running)
+        sent = endpoint.sent
+        self.path.up = True
+        self.advance(endpoint, 8.0)
+        # A key arrived: sending resumed under it, never under the old one.
+        self.assertGreater(endpoint.sent, sent)
+        self.assertTrue(endpoint._sending.running)
+        resumed = {spi for at, datagram in self.path.media if at >= 4.0
+                   for spi in [announced_spi(datagram)] if spi is not None}
+        self.assertTrue(resumed)
+        self.assertNotIn(first, resumed)
+        self.assertFalse(endpoint._ekt_sender.expired(self.clock.seconds()))
+        self.assertEqual(endpoint._ekt_sender.spi,
+                         self.kd.conference_keys.key_for(CONFERENCE, self.clock.seconds()).ekt_spi)
+
+    def test_expired_key_makes_it_ask_the_key_distributor(self):
+        endpoint = self.endpoint(keepalive=0)  # no liveness probes: only the expiry asks
+        endpoint.startSending()
+        # The rollover never reaches the endpoint (as if its ekt_key
+        # messages were all lost): its key expires at 4 s.
+        self.kd._rollOver = lambda conference: None
+        self.kd._scheduleRollover(CONFERENCE)
+        self.advance(endpoint, 3.9)
+        asked = self.kd.counters.get("ekt-key-resent", 0)
+        self.advance(endpoint, 0.6)
+        self.assertGreater(endpoint.unsent_key_expired, 0)
+        self.assertGreater(self.kd.counters.get("ekt-key-resent", 0), asked)
+        # A new key (here from a rekey): taken at once, the old one being expired.
+        new, _ = self.kd.rekey(CONFERENCE)
+        self.advance(endpoint, 0.25)
+        self.assertEqual(endpoint._ekt_sender.spi, new.ekt_spi)
         sent = endpoint.sent
         self.advance(endpoint, 1.0)
-        self.assertEqual(endpoint.sent, sent)
-        self.assertGreater(endpoint.unsent_key_expired, 0)
+        self.assertGreater(endpoint.sent, sent)

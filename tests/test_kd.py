@@ -35,8 +35,9 @@ class KeyDistributorTestCase(TestCase):
 
     limits = Limits()
     allow_missing_tls_id = False
-    #: Give the Key Distributor conference EKTKeys.
+    #: Give the Key Distributor conference EKTKeys (ConferenceKeys options).
     ekt = False
+    ekt_options: dict = {}
     kd_credentials = _KD_CREDENTIALS
     endpoint_credentials = _ENDPOINT
     conference = CONFERENCE
@@ -55,7 +56,7 @@ class KeyDistributorTestCase(TestCase):
             roster=self.roster, credentials=self.kd_credentials, profiles=DEFAULT_PROFILES,
             clock=self.clock, limits=self.limits,
             allow_missing_tls_id=self.allow_missing_tls_id,
-            conference_keys=ConferenceKeys() if self.ekt else None)
+            conference_keys=ConferenceKeys(**self.ekt_options) if self.ekt else None)
         self.addCleanup(self.kd.stop)
 
     def client(self, credentials=_ENDPOINT, tls_id=TLS_ID, expected=None, profiles=DEFAULT_PROFILES):
@@ -422,8 +423,10 @@ class EktTests(KeyDistributorTestCase):
         for ttl in (0, -1, 1 << 24, True, 1.5):
             self.assertRaises(ValueError, ConferenceKeys, ttl=ttl)
         keys = ConferenceKeys(ttl=1)
-        self.assertEqual(keys.key_for(CONFERENCE).ekt_ttl, 1)
-        self.assertEqual(keys.rekey(CONFERENCE).ekt_ttl, 1)
+        self.assertEqual(keys.key_for(CONFERENCE, 0.0).ekt_ttl, 1)
+        self.assertEqual(keys.rekey(CONFERENCE, 0.0).ekt_ttl, 1)
+        # Its last second still has a TTL of 1, not 0.
+        self.assertEqual(keys.key_for(CONFERENCE, 0.9).ekt_ttl, 1)
 
     def test_key_follows_the_final_flight_and_is_resent_on_request(self):
         md = MediaDistributorStandIn(self.kd)
@@ -433,7 +436,7 @@ class EktTests(KeyDistributorTestCase):
         [done] = [e for e in events if isinstance(e, dtls.HandshakeComplete)]
         self.assertEqual(done.ekt_cipher, 1)
         [key] = self.keys_in(events)
-        self.assertEqual(key, self.kd.conference_keys.key_for(CONFERENCE))
+        self.assertEqual(key, self.kd.conference_keys.key_for(CONFERENCE, self.clock.seconds()))
         # The MediaKeys message never carries it: only hop-by-hop halves.
         [media_keys] = [m for m in md.log if isinstance(m, wire.MediaKeys)]
         self.assertNotIn(key.ekt_key_value, media_keys.client_key + media_keys.server_key)
@@ -470,10 +473,13 @@ class EktTests(KeyDistributorTestCase):
         self.assertEqual(self.kd.counters["ekt-key-request-rate-limited"], 5)
         self.clock.advance(3 / self.limits.ekt_key_requests_per_second)
         self.assertEqual(len(ask(5)), 3)
-        # Ten minutes of probes every five seconds: each one answered.
+        # Ten minutes of probes every five seconds: each one answered, with
+        # the TTL the key has left.
         for _ in range(120):
             self.clock.advance(5)
-            self.assertEqual(ask(1), [key])
+            [answer] = ask(1)
+            self.assertTrue(answer.same_key(key))
+            self.assertLess(answer.ekt_ttl, key.ekt_ttl - self.clock.seconds() + 1)
         self.assertEqual(self.kd.counters["ekt-key-resent"], burst + 3 + 120)
         self.assertEqual(self.kd.counters["ekt-key-request-rate-limited"], 7)
 
@@ -512,7 +518,7 @@ class EktTests(KeyDistributorTestCase):
                     events.extend(output.events)
             if not pending:
                 break
-        key = self.kd.conference_keys.key_for(CONFERENCE)
+        key = self.kd.conference_keys.key_for(CONFERENCE, self.clock.seconds())
         self.assertEqual(self.keys_in(events), [key])
         self.assertEqual(acks_lost, 1)
         engine = self.kd.association(aid).engine
@@ -527,7 +533,8 @@ class EktTests(KeyDistributorTestCase):
         [event] = self.deliver(md, client, aid)
         self.assertTrue(event.repeated)
         self.assertTrue(engine.ekt_key_acknowledged)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # Only the conference's rollover is left.
+        self.assertEqual([c.func for c in self.clock.getDelayedCalls()], [self.kd._rollOver])
         self.clock.advance(300)
         self.assertEqual(md.received(), [])
         self.assertTrue(self.kd.association(aid).established)
@@ -705,6 +712,169 @@ def wire_alerts(datagrams):
             if record[0] == 21 and record[3:5] == b"\x00\x00" and len(record) >= 15:
                 found.append((record[13], record[14]))
     return found
+
+
+class EktRolloverTests(KeyDistributorTestCase):
+    """The conference EKTKey's lifetime: rollover, late joiners, timers (--ekt-ttl 4)."""
+
+    ekt = True
+    ekt_options = {"ttl": 4, "rollover": 0.75}
+
+    def setUp(self):
+        done = super().setUp()
+
+        def ready(_):
+            self.md = MediaDistributorStandIn(self.kd)
+            self.clients = {}
+            self.events = []
+            self.kd.log = Logger(observer=self.events.append)
+        return done.addCallback(ready)
+
+    def join(self):
+        """A new member (a real client engine); returns (association id, its first key)."""
+        aid = uuid.uuid4()
+        client = self.clients[aid] = dtls.ClientAssociation(
+            _ENDPOINT, DEFAULT_PROFILES, tls_id=TLS_ID.encode(),
+            expected_peer_tls_id=self.registration.kd_tls_id.encode(), ekt_ciphers=(1,))
+        for datagram in client.start(self.clock.seconds()).datagrams:
+            self.md.send(wire.TunneledDtls(aid, datagram))
+        [key] = self.pump()[aid]
+        return aid, key
+
+    def pump(self):
+        """Shuttle messages both ways; returns the new EKTKeys each member read, by id."""
+        keys = {aid: [] for aid in self.clients}
+        for _ in range(20):
+            messages = self.md.received()
+            if not messages:
+                break
+            for message in messages:
+                client = self.clients.get(getattr(message, "association_id", None))
+                if client is None or not isinstance(message, wire.TunneledDtls):
+                    continue
+                output = client.receive(message.dtls_message, self.clock.seconds())
+                keys[message.association_id] += [
+                    e.key for e in output.events
+                    if isinstance(e, dtls.EktKeyReceived) and not e.repeated]
+                for datagram in output.datagrams:
+                    self.md.send(wire.TunneledDtls(message.association_id, datagram))
+        return keys
+
+    def advance(self, seconds):
+        self.clock.advance(seconds)
+        return self.pump()
+
+    def rollover_calls(self):
+        return [c for c in self.clock.getDelayedCalls() if c.func == self.kd._rollOver]
+
+    def test_rollover_at_the_fraction_sends_a_new_spi_to_every_member(self):
+        a, first = self.join()
+        self.assertEqual(first.ekt_ttl, 4)
+        b, same = self.join()
+        self.assertTrue(same.same_key(first))
+        self.assertEqual(self.advance(2.9), {a: [], b: []})
+        keys = self.advance(0.1)  # 3/4 of 4 s
+        [new] = keys[a]
+        self.assertEqual(keys[b], [new])
+        self.assertEqual(new.ekt_spi, (first.ekt_spi + 1) & 0xFFFF)
+        self.assertNotEqual(new.ekt_key_value, first.ekt_key_value)
+        self.assertNotEqual(new.srtp_master_salt, first.srtp_master_salt)
+        self.assertEqual(new.ekt_ttl, 4)
+        self.assertEqual(self.kd.counters["ekt-rollover"], 1)
+        # One log line per rollover, named fields, no key material.
+        [line] = [e for e in self.events if e["log_format"].startswith(
+            "Conference {conference} EKTKey rolled over")]
+        self.assertEqual((line["conference"], line["spi"], line["ttl"], line["count"]),
+                         (CONFERENCE, new.ekt_spi, 4, 2))
+        for event in self.events:
+            text = repr(event)
+            for secret in (new.ekt_key_value, new.srtp_master_salt):
+                self.assertNotIn(secret.hex(), text)
+                self.assertNotIn(repr(secret), text)
+        # And again 3 s later: one timer for the conference all along.
+        self.assertEqual(len(self.rollover_calls()), 1)
+        keys = self.advance(3.0)
+        self.assertEqual([k.ekt_spi for k in keys[a]], [(new.ekt_spi + 1) & 0xFFFF])
+        self.assertEqual(keys[a], keys[b])
+        self.assertEqual(self.kd.counters["ekt-rollover"], 2)
+        self.assertEqual(self.kd.status()["ekt_conferences"], 1)
+
+    def test_late_joiner_and_resend_get_the_ttl_left(self):
+        a, first = self.join()
+        self.advance(1.6)
+        b, late = self.join()
+        self.assertTrue(late.same_key(first))
+        self.assertEqual(late.ekt_ttl, 2)  # 2.4 s left, rounded down
+        self.advance(0.9)
+        # The endpoint's request (0x01) is answered with what is left then.
+        for datagram in self.clients[b].send_application_data(b"\x01").datagrams:
+            self.md.send(wire.TunneledDtls(b, datagram))
+        [resent] = self.pump()[b]
+        self.assertTrue(resent.same_key(first))
+        self.assertEqual(resent.ekt_ttl, 1)  # 1.5 s left
+        # The rollover gives both a whole new lifetime.
+        keys = self.advance(0.5)
+        self.assertEqual([k.ekt_ttl for k in keys[a] + keys[b]], [4, 4])
+
+    def test_timer_only_while_the_conference_has_members(self):
+        self.assertEqual(self.rollover_calls(), [])
+        a, first = self.join()
+        self.assertEqual(len(self.rollover_calls()), 1)
+        b, _ = self.join()
+        self.assertEqual(len(self.rollover_calls()), 1)
+        self.md.send(wire.EndpointDisconnect(a))
+        self.assertEqual(len(self.rollover_calls()), 1)
+        self.md.send(wire.EndpointDisconnect(b))
+        self.assertEqual(self.rollover_calls(), [])
+        self.assertEqual(self.kd.status()["ekt_conferences"], 0)
+        # Long past the key's TTL, nobody there: no rollover ran...
+        self.advance(60.0)
+        self.assertNotIn("ekt-rollover", self.kd.counters)
+        # ...and the next member gets a new key (new SPI) with a whole TTL.
+        _, key = self.join()
+        self.assertEqual(key.ekt_spi, (first.ekt_spi + 1) & 0xFFFF)
+        self.assertEqual(key.ekt_ttl, 4)
+        self.assertEqual(len(self.rollover_calls()), 1)
+        self.kd.stop()
+        self.assertEqual(self.rollover_calls(), [])
+
+    def test_api_rekey_restarts_the_lifetime(self):
+        a, _ = self.join()
+        self.advance(2.0)
+        new, count = self.kd.rekey(CONFERENCE)
+        self.assertEqual(count, 1)
+        self.assertEqual(self.pump()[a], [new])
+        self.assertEqual(self.advance(2.9), {a: []})  # 3 s after the start, not after the rekey
+        self.assertNotIn("ekt-rollover", self.kd.counters)
+        [rolled] = self.advance(0.1)[a]  # 3 s after the rekey
+        self.assertEqual(rolled.ekt_spi, (new.ekt_spi + 1) & 0xFFFF)
+        self.assertEqual(self.kd.counters["ekt-rollover"], 1)
+
+
+class EktOptionTests(TestCase):
+    """``perc-kd --ekt-ttl`` and ``--ekt-rollover``."""
+
+    def parse(self, *argv):
+        from perc.kd import tap
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults_and_values(self):
+        options = self.parse()
+        self.assertEqual((options["ekt-ttl"], options["ekt-rollover"]), (86400, 0.75))
+        options = self.parse("--ekt-ttl", "3", "--ekt-rollover", "0.5")
+        self.assertEqual((options["ekt-ttl"], options["ekt-rollover"]), (3, 0.5))
+        self.assertEqual(self.parse("--ekt-ttl", "16777215")["ekt-ttl"], 0xFFFFFF)
+
+    def test_errors_are_one_line(self):
+        from twisted.python.usage import UsageError
+        for argv in (("--ekt-ttl", "0"), ("--ekt-ttl", "16777216"), ("--ekt-ttl", "-5"),
+                     ("--ekt-ttl", "1.5"), ("--ekt-rollover", "0"), ("--ekt-rollover", "1"),
+                     ("--ekt-rollover", "1.5"), ("--ekt-rollover", "nan")):
+            with self.assertRaises(UsageError) as caught:
+                self.parse(*argv)
+            self.assertEqual(len(str(caught.exception).splitlines()), 1, argv)
 
 
 class Shuttle:

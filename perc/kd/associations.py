@@ -65,6 +65,9 @@ class _Association:
     #: The conference whose SRTP profile this association holds (see
     #: KeyDistributor._holdConferenceProfile), or None.
     holds_profile_of: str | None = None
+    #: The conference whose EKTKey rollover this association keeps going
+    #: (see KeyDistributor._joinEktConference), or None.
+    ekt_member_of: str | None = None
 
 
 class KeyDistributor:
@@ -108,6 +111,9 @@ class KeyDistributor:
         #: The first member fixes the profile; it is forgotten once no live
         #: association (handshaking or established) holds it.
         self._conferenceProfiles: dict[str, list] = {}
+        #: conference -> [live EKT members, the timer of its next rollover].
+        #: Only conferences with members have an entry (and a timer).
+        self._ektConferences: dict[str, list] = {}
         roster.add_removal_observer(self._registrationRemoved)
 
     # -- queries --------------------------------------------------------
@@ -126,6 +132,8 @@ class KeyDistributor:
             "established": sum(1 for a in self._associations.values() if a.established),
             "tunnels": len(self.tunnels),
             "counters": dict(self.counters),
+            # Conferences whose EKTKey rollover is scheduled (one timer each).
+            "ekt_conferences": len(self._ektConferences),
             # OpenSSL objects the DTLS callbacks know: associations plus
             # any listen() in progress, so flat when nothing is kept.
             "dtls_objects": dtls.callback_registry_size(),
@@ -470,8 +478,9 @@ class KeyDistributor:
                 conference=registration.conference, profile=profile.name,
                 peer=self._peer(association))
             return ()
+        key = self._currentKey(registration.conference)
         association.ekt = True
-        key = self.conference_keys.key_for(registration.conference)
+        self._joinEktConference(association, registration.conference)
         # One log line for both (a log event costs as much as a good part
         # of the handshake's own Python work): resends and rekeys log theirs.
         self.log.info(
@@ -498,7 +507,7 @@ class KeyDistributor:
             self._count("ekt-key-request-rate-limited")
             return ()
         self._count("ekt-key-resent")
-        return self._sendEktKey(association, self.conference_keys.key_for(
+        return self._sendEktKey(association, self._currentKey(
             association.registration.conference), log=False).datagrams
 
     def _takeEktToken(self, association: _Association) -> bool:
@@ -538,21 +547,89 @@ class KeyDistributor:
     def rekey(self, conference: str):
         """
         Give the conference a new EKTKey and send it to every live endpoint
-        of it that negotiated EKT.  Returns (key, number of endpoints).
+        of it that negotiated EKT; its lifetime (and rollover) starts now.
+        Returns (key, number of endpoints).
         """
         if self.conference_keys is None:
             raise ValueError("EKT is not enabled on this Key Distributor")
-        key = self.conference_keys.rekey(conference)
+        key, sent = self._replaceKey(conference, log=True)
+        self.log.info("Conference {conference} rekeyed: EKTKey SPI {spi} sent to {count} "
+                      "endpoints", conference=conference, spi=key.ekt_spi, count=sent)
+        return key, sent
+
+    def _replaceKey(self, conference: str, log: bool):
+        key = self.conference_keys.rekey(conference, self.clock.seconds())
         sent = 0
         for association in list(self._associations.values()):
             registration = association.registration
             if (association.established and association.ekt and registration is not None
                     and registration.conference == conference):
-                self._process(association, self._sendEktKey(association, key))
+                self._process(association, self._sendEktKey(association, key, log=log))
                 sent += 1
-        self.log.info("Conference {conference} rekeyed: EKTKey SPI {spi} sent to {count} "
-                      "endpoints", conference=conference, spi=key.ekt_spi, count=sent)
+        if conference in self._ektConferences:
+            self._scheduleRollover(conference)
         return key, sent
+
+    def _currentKey(self, conference: str):
+        """
+        The EKTKey to hand out now, with the TTL it has left.  A conference
+        without members has no rollover timer: a key of it past its rollover
+        point is replaced first (nobody else needs to hear of it).
+        """
+        now = self.clock.seconds()
+        due = self.conference_keys.rollover_at(conference)
+        if due is not None and now >= due and conference not in self._ektConferences:
+            self._rollOver(conference)
+        return self.conference_keys.key_for(conference, now)
+
+    def _rollOver(self, conference: str) -> None:
+        """The conference's EKTKey reached its rollover point: replace it (RFC 8870 TTL)."""
+        entry = self._ektConferences.get(conference)
+        if entry is not None:
+            entry[1] = None
+        key, sent = self._replaceKey(conference, log=False)
+        self._count("ekt-rollover")
+        self.log.info(
+            "Conference {conference} EKTKey rolled over: SPI {spi}, TTL {ttl} s, sent to "
+            "{count} endpoints", conference=conference, spi=key.ekt_spi, ttl=key.ekt_ttl,
+            count=sent)
+
+    def _scheduleRollover(self, conference: str) -> None:
+        entry = self._ektConferences[conference]
+        if entry[1] is not None and entry[1].active():
+            entry[1].cancel()
+        entry[1] = None
+        due = self.conference_keys.rollover_at(conference)
+        if due is not None:
+            entry[1] = self.clock.callLater(max(0.0, due - self.clock.seconds()),
+                                            self._rollOver, conference)
+
+    def _joinEktConference(self, association: _Association, conference: str) -> None:
+        """``association`` holds the conference's EKTKey: keep its rollover going while it lives."""
+        if association.ekt_member_of is not None:
+            return
+        entry = self._ektConferences.get(conference)
+        if entry is None:
+            entry = self._ektConferences[conference] = [0, None]
+            self._scheduleRollover(conference)
+        entry[0] += 1
+        association.ekt_member_of = conference
+
+    def _leaveEktConference(self, association: _Association) -> None:
+        conference = association.ekt_member_of
+        if conference is None:
+            return
+        association.ekt_member_of = None
+        entry = self._ektConferences.get(conference)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] <= 0:
+            # No members, no timer: the next member's join replaces a key
+            # past its rollover point (see _currentKey).
+            if entry[1] is not None and entry[1].active():
+                entry[1].cancel()
+            del self._ektConferences[conference]
 
     def _closed(self, association: _Association, event: dtls.Closed) -> None:
         self._count("rejected" if event.rejected else "closed")
@@ -586,6 +663,7 @@ class KeyDistributor:
 
     def _forget(self, association: _Association) -> None:
         self._releaseConferenceProfile(association)
+        self._leaveEktConference(association)
         for name in ("timer", "grace_timer"):
             timer = getattr(association, name)
             if timer is not None and timer.active():

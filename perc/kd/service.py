@@ -16,7 +16,7 @@ from perc.apitoken import load_or_create_token
 from perc.errors import ConfigError
 from perc.kd.api import make_api_site
 from perc.kd.associations import KeyDistributor, Limits
-from perc.kd.conference_keys import ConferenceKeys
+from perc.kd.conference_keys import DEFAULT_EKT_TTL, DEFAULT_ROLLOVER, ConferenceKeys
 from perc.kd.roster import Roster
 from perc.kd.tunnel import KeyDistributorTunnelFactory
 from perc.netutil import GatedFactory, server_endpoint, tls_client_endpoint, tls_server_factory
@@ -37,7 +37,8 @@ class KeyDistributorService(service.MultiService):
     def __init__(self, *, reactor, credentials: TlsCredentials, profiles, db_path: str,
                  tunnel_listen: str | None, connect: list, api: str | None,
                  api_token: str | None, allow_md: list, limits: Limits,
-                 allow_missing_tls_id: bool):
+                 allow_missing_tls_id: bool, ekt_ttl: int = DEFAULT_EKT_TTL,
+                 ekt_rollover: float = DEFAULT_ROLLOVER):
         super().__init__()
         self.reactor = reactor
         self.credentials = credentials
@@ -45,6 +46,8 @@ class KeyDistributorService(service.MultiService):
         self.db_path = db_path
         self.limits = limits
         self.allow_missing_tls_id = allow_missing_tls_id
+        self.ekt_ttl = ekt_ttl
+        self.ekt_rollover = ekt_rollover
         self.authorise = Authoriser(allow_md or None)
         self.distributor: KeyDistributor | None = None
         self.tunnelFactory: KeyDistributorTunnelFactory | None = None
@@ -89,7 +92,8 @@ class KeyDistributorService(service.MultiService):
             db_path=db_path,
             tunnel_listen=None if config["tunnel-listen"] == "none" else config["tunnel-listen"],
             connect=config["connect"], api=api, api_token=token, allow_md=config["allow-md"],
-            limits=limits, allow_missing_tls_id=config["allow-missing-tls-id"])
+            limits=limits, allow_missing_tls_id=config["allow-missing-tls-id"],
+            ekt_ttl=config["ekt-ttl"], ekt_rollover=config["ekt-rollover"])
 
     def privilegedStartService(self):
         super().privilegedStartService()
@@ -114,6 +118,14 @@ class KeyDistributorService(service.MultiService):
             self.log.warn(
                 "--allow-missing-tls-id is on: endpoints without extension 56 are matched "
                 "by certificate fingerprint alone")
+        if (1 - self.ekt_rollover) * self.ekt_ttl < 2:
+            # A late joiner's TTL is rounded down to whole seconds, and the
+            # endpoints switch keys 0.5 s after a rollover: less than this
+            # and it may drop packets under the old key (README).
+            self.log.warn(
+                "--ekt-ttl {ttl} with --ekt-rollover {rollover} leaves less than 2 s between "
+                "a rollover and the old key's expiry: late joiners may drop packets around "
+                "each rollover", ttl=self.ekt_ttl, rollover=self.ekt_rollover)
         d = Roster.open(self.db_path)
         d.addCallback(self._rosterOpened)
         d.addErrback(self._startFailed)
@@ -125,7 +137,7 @@ class KeyDistributorService(service.MultiService):
         self.distributor = KeyDistributor(
             roster=roster, credentials=dtls_credentials, profiles=self.profiles,
             clock=self.reactor, limits=self.limits,
-            allow_missing_tls_id=self.allow_missing_tls_id, conference_keys=ConferenceKeys())
+            allow_missing_tls_id=self.allow_missing_tls_id, conference_keys=ConferenceKeys(ttl=self.ekt_ttl, rollover=self.ekt_rollover))
         factory = self.tunnelFactory = KeyDistributorTunnelFactory(
             self.distributor, self.authorise)
         self._tunnelGate.open(factory)

@@ -8,7 +8,21 @@ from twisted.python import usage
 
 from perc import profiles
 from perc.errors import ConfigError
+from perc.kd.conference_keys import (
+    DEFAULT_EKT_TTL,
+    DEFAULT_ROLLOVER,
+    check_rollover,
+    check_ttl,
+)
 from perc.optiontypes import positive_float, positive_int
+
+
+def ekt_ttl(value: str) -> int:
+    return check_ttl(int(value))
+
+
+def rollover_fraction(value: str) -> float:
+    return check_rollover(float(value))
 
 
 class Options(usage.Options):
@@ -48,6 +62,12 @@ class Options(usage.Options):
         ["tunnel-grace", None, 10.0,
          "Seconds an association whose tunnel closed waits for its Media "
          "Distributor to come back before it is released.", positive_float],
+        ["ekt-ttl", None, DEFAULT_EKT_TTL,
+         "Seconds a conference's EKTKey may be used (1 to 16777215); it is replaced "
+         "before then (see --ekt-rollover).", ekt_ttl],
+        ["ekt-rollover", None, DEFAULT_ROLLOVER,
+         "Fraction of --ekt-ttl after which a conference's EKTKey is replaced by a new "
+         "one (new SPI) sent to every member (between 0 and 1).", rollover_fraction],
     ]
 
     optFlags = [

@@ -19,7 +19,8 @@ from perc.kd.associations import KeyDistributor, Limits
 from perc.kd.conference_keys import ConferenceKeys
 from perc.kd.roster import Roster
 from perc.kd.tunnel import KeyDistributorTunnelFactory
-from perc.netutil import GatedFactory, server_endpoint, tls_client_endpoint, tls_server_factory
+from perc.netutil import (DEFAULT_TUNNEL_TIMEOUT, GatedFactory, server_endpoint,
+                          tls_client_endpoint, tls_server_factory)
 from perc.tls import Authoriser, TlsCredentials
 
 __all__ = ["KeyDistributorService"]
@@ -37,7 +38,8 @@ class KeyDistributorService(service.MultiService):
     def __init__(self, *, reactor, credentials: TlsCredentials, profiles, db_path: str,
                  tunnel_listen: str | None, connect: list, api: str | None,
                  api_token: str | None, allow_md: list, limits: Limits,
-                 allow_missing_tls_id: bool):
+                 allow_missing_tls_id: bool,
+                 tunnel_timeout: float | None = DEFAULT_TUNNEL_TIMEOUT):
         super().__init__()
         self.reactor = reactor
         self.credentials = credentials
@@ -45,6 +47,8 @@ class KeyDistributorService(service.MultiService):
         self.db_path = db_path
         self.limits = limits
         self.allow_missing_tls_id = allow_missing_tls_id
+        #: Seconds before a silent tunnel peer counts as dead (None: the kernel's defaults).
+        self.tunnel_timeout = tunnel_timeout
         self.authorise = Authoriser(allow_md or None)
         self.distributor: KeyDistributor | None = None
         self.tunnelFactory: KeyDistributorTunnelFactory | None = None
@@ -62,7 +66,8 @@ class KeyDistributorService(service.MultiService):
         if api:
             self._listen.append(("--api", api, server_endpoint(reactor, api, "--api"),
                                  self._apiGate))
-        self._connect = [tls_client_endpoint(reactor, description, credentials, "--connect")
+        self._connect = [tls_client_endpoint(reactor, description, credentials, "--connect",
+                                             tunnel_timeout=tunnel_timeout)
                          for description in connect]
 
     @classmethod
@@ -89,12 +94,14 @@ class KeyDistributorService(service.MultiService):
             db_path=db_path,
             tunnel_listen=None if config["tunnel-listen"] == "none" else config["tunnel-listen"],
             connect=config["connect"], api=api, api_token=token, allow_md=config["allow-md"],
-            limits=limits, allow_missing_tls_id=config["allow-missing-tls-id"])
+            limits=limits, allow_missing_tls_id=config["allow-missing-tls-id"],
+            tunnel_timeout=config["tunnel-timeout"])
 
     def privilegedStartService(self):
         super().privilegedStartService()
         for option, description, endpoint, gate in self._listen:
-            factory = tls_server_factory(self.credentials, gate) if gate is self._tunnelGate else gate
+            factory = (tls_server_factory(self.credentials, gate, self.tunnel_timeout)
+                       if gate is self._tunnelGate else gate)
             result = []
             endpoint.listen(factory).addBoth(result.append)
             if not result:

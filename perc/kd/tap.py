@@ -8,6 +8,7 @@ from twisted.python import usage
 
 from perc import profiles
 from perc.errors import ConfigError
+from perc.netutil import DEFAULT_TUNNEL_TIMEOUT, tunnel_timeout
 from perc.optiontypes import positive_float, positive_int
 
 
@@ -48,6 +49,10 @@ class Options(usage.Options):
         ["tunnel-grace", None, 10.0,
          "Seconds an association whose tunnel closed waits for its Media "
          "Distributor to come back before it is released.", positive_float],
+        ["tunnel-timeout", None, DEFAULT_TUNNEL_TIMEOUT,
+         "Seconds (2 to 32767) after which a tunnel whose Media Distributor stopped "
+         "answering is dropped as dead (TCP keepalive and TCP_USER_TIMEOUT; Linux), "
+         "and a --connect tunnel dialled again.", tunnel_timeout],
     ]
 
     optFlags = [

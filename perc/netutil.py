@@ -188,6 +188,9 @@ def set_tunnel_liveness(sock, timeout: float) -> list[str]:
 class PeerUnresponsive(error.ConnectionLost):
     """The tunnel's peer stopped acknowledging: the kernel gave the connection up."""
 
+    def __str__(self) -> str:
+        return self.args[0] if self.args else "the peer stopped acknowledging"
+
 
 #: struct tcp_info up to tcpi_last_ack_recv: 8 octets, 13 32-bit fields.
 _TCP_INFO = struct.Struct("8B13I")
@@ -217,10 +220,9 @@ def _unresponsive(probe, timeout: float) -> str | None:
     # a long silence tells a dead peer from a reset one.
     if state != _TCP_CLOSE or last_ack_ms < (idle + interval) * 1000:
         return None
-    what = ("{} keepalive probes unanswered".format(probes) if probes
-            else "data unacknowledged after {} retransmissions".format(retransmits))
-    return "no acknowledgement from the peer for {:.1f} s ({}; --tunnel-timeout {:g})".format(
-        last_ack_ms / 1000, what, timeout)
+    return ("no acknowledgement from the peer for {:.1f} s ({} keepalive probes, {} "
+            "retransmissions unanswered; --tunnel-timeout {:g})".format(
+                last_ack_ms / 1000, probes, retransmits, timeout))
 
 
 def _tcp_socket(transport):
@@ -262,6 +264,9 @@ class _TunnelTLSProtocol(BufferingTLSTransport):
                 log.warn("Tunnel with {peer} dropped as dead: {cause}",
                          peer=self._peerDescription(), cause=cause)
                 reason = Failure(PeerUnresponsive(cause))
+                # The TLS layer reports its own reason first when it has one
+                # (an EOF from the BIO flushed below): this one is the truth.
+                self._reason = reason
         super().connectionLost(reason)
 
     def _peerDescription(self) -> str:

@@ -7,13 +7,17 @@ sockets of real tunnels; ``--tunnel-timeout`` validation on both daemons.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import uuid
 
 from hypothesis import given, strategies as st
 from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from perc import netutil, pki
 from perc.kd import tap as kd_tap
@@ -192,3 +196,177 @@ class TunnelSocketTests(TestCase):
         self.assertEqual(liveness_options(tunnel_socket(accepted)), expected_options(9))
         (dialled,) = kd.tunnelFactory.connections
         self.assertEqual(liveness_options(tunnel_socket(dialled)), expected_options(4))
+
+
+class Link:
+    """
+    A veth pair whose far end is in a network namespace of its own, so that
+    a daemon run there is reachable over a link this test can kill: setting
+    the far end down makes packets vanish, with no FIN and no RST.
+    Everything is removed on cleanup, also when the test fails.
+    """
+
+    _made = 0
+
+    def __init__(self, testcase):
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            raise SkipTest("tunnel liveness over a dying link needs root and ip netns "
+                           "(iproute2); skipped here")
+        Link._made += 1
+        tag = "{}{}".format(os.getpid() % 100000, Link._made)
+        self.namespace = "perclive" + tag
+        self.near, self.far = "plh" + tag, "pln" + tag
+        # A /30 of its own per process and link: several suites may run at once.
+        slot = (os.getpid() * 8 + Link._made) % (256 * 64)
+        prefix = "10.231.{}.".format(slot // 64)
+        self.near_address = prefix + str((slot % 64) * 4 + 1)
+        self.far_address = prefix + str((slot % 64) * 4 + 2)
+        added = self.ip("netns", "add", self.namespace, check=False)
+        if added.returncode != 0:
+            raise SkipTest("tunnel liveness over a dying link needs root and ip netns: "
+                           "ip netns add failed: {}".format(added.stderr.strip()))
+        testcase.addCleanup(self.ip, "netns", "del", self.namespace, check=False)
+        testcase.addCleanup(self.ip, "link", "del", self.near, check=False)
+        self.ip("link", "add", self.near, "type", "veth", "peer", "name", self.far)
+        self.ip("link", "set", self.far, "netns", self.namespace)
+        self.ip("addr", "add", self.near_address + "/30", "dev", self.near)
+        self.ip("link", "set", self.near, "up")
+        self.inside("ip", "addr", "add", self.far_address + "/30", "dev", self.far)
+        self.inside("ip", "link", "set", "lo", "up")
+        self.up()
+
+    @staticmethod
+    def ip(*args, check=True):
+        return subprocess.run(["ip"] + list(args), capture_output=True, text=True, check=check,
+                              timeout=30)
+
+    def inside(self, *command):
+        return self.ip("netns", "exec", self.namespace, *command)
+
+    def down(self):
+        """Kill the link: the far end goes down, packets to and from it vanish."""
+        self.inside("ip", "link", "set", self.far, "down")
+
+    def up(self):
+        self.inside("ip", "link", "set", self.far, "up")
+
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(netutil.__file__)))
+#: --tunnel-timeout of both daemons in these tests.
+TIMEOUT = "3"
+#: Only a deadline for what should take about TIMEOUT seconds, not a measurement.
+DEADLINE = 30.0
+
+
+class DeadLinkTests(TestCase):
+    """
+    A real ``perc-kd`` in a network namespace and a real Media Distributor
+    service here, a real TLS tunnel between them over a veth pair; the link
+    dies without FIN or RST.  Both sides must drop the tunnel as dead, and
+    the side that dials must bring it back once the link returns.
+    """
+
+    timeout = 120
+
+    def setUp(self):
+        self.link = Link(self)
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.pki = pki.create_dev_pki(os.path.join(self.dir, "pki"),
+                                      kd_names=[self.link.far_address],
+                                      md_names=[self.link.near_address])
+        self.dead = []
+        globalLogPublisher.addObserver(self.observe)
+        self.addCleanup(globalLogPublisher.removeObserver, self.observe)
+
+    def observe(self, event):
+        if "dropped as dead" in event.get("log_format", ""):
+            self.dead.append(event)
+
+    def key_distributor(self, *args):
+        """Start perc-kd inside the namespace; returns a function giving its output so far."""
+        output = os.path.join(self.dir, "kd.log")
+        with open(output, "w") as sink:
+            process = subprocess.Popen(
+                ["ip", "netns", "exec", self.link.namespace] + TWISTD + [
+                    "-n", "--pidfile=", "perc-kd", "--pki", self.pki.directory, "--api", "none",
+                    "--db", os.path.join(self.dir, "kd.sqlite3"), "--tunnel-timeout", TIMEOUT]
+                + list(args),
+                cwd=self.dir, stdout=sink, stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONPATH=PROJECT))
+
+        def stop():
+            process.kill()
+            process.wait()
+        self.addCleanup(stop)
+
+        def log():
+            with open(output) as source:
+                return source.read()
+        return log
+
+    def media_distributor(self, *args) -> MediaDistributorService:
+        config = md_tap.Options()
+        config.parseOptions(["--pki", self.pki.directory, "--api", "none", "--media-port", "0",
+                             "--media-interface", "127.0.0.1", "--tunnel-timeout", TIMEOUT]
+                            + list(args))
+        service = MediaDistributorService.fromOptions(config, reactor)
+        service.privilegedStartService()
+        service.startService()
+
+        def stop():
+            if service.running:
+                return service.stopService()
+        self.addCleanup(stop)
+        return service
+
+    @defer.inlineCallbacks
+    def md_dials(self, data: bool):
+        kd_log = self.key_distributor(
+            "--tunnel-listen", "tcp:4740:interface={}".format(self.link.far_address))
+        yield until(lambda: "Key Distributor ready" in kd_log(), DEADLINE)
+        md = self.media_distributor("--kd", "tcp:{}:4740".format(self.link.far_address))
+        manager = md.pool.managers[0]
+        yield until(lambda: manager.state == "up", DEADLINE)
+        self.link.down()
+        if data:
+            # Unacknowledged data: TCP_USER_TIMEOUT, not keepalive, ends it.
+            manager.tunnel.sendDtls(uuid.uuid4(), b"\x16\xfe\xfd" + bytes(200))
+        yield until(lambda: manager.state != "up", DEADLINE)
+        reason = manager.status()["last_close_reason"]
+        self.assertIn("no acknowledgement from the peer", reason)
+        (event,) = self.dead
+        self.assertEqual(event["cause"], reason)
+        self.assertIn(self.link.far_address, event["peer"])
+        # The Key Distributor's side of the same tunnel, idle there: keepalive.
+        yield until(lambda: "dropped as dead" in kd_log(), DEADLINE)
+        self.link.up()
+        yield until(lambda: manager.state == "up" and manager.status()["connections"] == 2,
+                    DEADLINE)
+
+    def test_md_notices_an_idle_dead_link_and_reconnects(self):
+        return self.md_dials(data=False)
+
+    def test_md_notices_a_dead_link_with_data_in_flight(self):
+        return self.md_dials(data=True)
+
+    @defer.inlineCallbacks
+    def test_kd_connect_notices_a_dead_link_and_reconnects(self):
+        md = self.media_distributor(
+            "--tunnel-listen", "tcp:0:interface={}".format(self.link.near_address))
+        port = md.ports["tunnel-listen"].getHost().port
+        kd_log = self.key_distributor(
+            "--tunnel-listen", "none",
+            "--connect", "tcp:{}:{}".format(self.link.near_address, port))
+        yield until(lambda: md.pool.tunnels, DEADLINE)
+        (first,) = md.pool.tunnels
+        self.link.down()
+        yield until(lambda: first not in md.pool.tunnels, DEADLINE)
+        (event,) = self.dead
+        self.assertIn("no acknowledgement from the peer", event["cause"])
+        self.assertIn(self.link.far_address, event["peer"])
+        # The Key Distributor noticed too: else it would never dial again.
+        yield until(lambda: "dropped as dead" in kd_log(), DEADLINE)
+        self.link.up()
+        yield until(lambda: md.pool.tunnels and md.pool.tunnels[0] is not first, DEADLINE)

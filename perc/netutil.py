@@ -11,7 +11,7 @@ import math
 import socket
 import struct
 
-from twisted.internet import endpoints, error, protocol
+from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
@@ -309,8 +309,18 @@ class _TunnelClientEndpoint:
         if self._timeout is not None:
             # A SYN into a dead link would otherwise wait for the
             # endpoint's own timeout (30 s by default) or the kernel's.
-            connecting.addTimeout(self._timeout, self._reactor)
+            timer = self._reactor.callLater(self._timeout, connecting.cancel)
+            connecting.addBoth(self._timedOut, timer)
         return connecting.addCallback(lambda wrapper: wrapper.wrappedProtocol)
+
+    def _timedOut(self, result, timer):
+        if timer.active():
+            timer.cancel()
+        elif isinstance(result, Failure) and result.check(
+                defer.CancelledError, error.ConnectingCancelledError):
+            return Failure(error.TimeoutError(
+                "no answer within {:g} s (--tunnel-timeout)".format(self._timeout)))
+        return result
 
     def __repr__(self) -> str:
         return "<TLS tunnel over {!r}>".format(self._plain)

@@ -14,7 +14,7 @@ import sys
 import uuid
 
 from hypothesis import given, strategies as st
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, error, protocol, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -24,6 +24,7 @@ from perc.kd import tap as kd_tap
 from perc.kd.service import KeyDistributorService
 from perc.md import tap as md_tap
 from perc.md.service import MediaDistributorService
+from perc.tls import TlsCredentials
 
 LINUX_OPTIONS = ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_USER_TIMEOUT")
 
@@ -370,3 +371,18 @@ class DeadLinkTests(TestCase):
         yield until(lambda: "dropped as dead" in kd_log(), DEADLINE)
         self.link.up()
         yield until(lambda: md.pool.tunnels and md.pool.tunnels[0] is not first, DEADLINE)
+
+    @defer.inlineCallbacks
+    def test_dialling_into_a_dead_link_gives_up_after_the_timeout(self):
+        # Without this the attempt waits for the endpoint's own 30 s (or the
+        # kernel's SYN retries) before the next one can be made.
+        self.link.down()
+        credentials = TlsCredentials.from_pki_dir(self.pki.directory, "md")
+        endpoint = netutil.tls_client_endpoint(
+            reactor, "tcp:{}:4740:timeout=600".format(self.link.far_address), credentials,
+            "--kd", tunnel_timeout=2)
+        attempt = endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
+        attempt.addTimeout(DEADLINE, reactor)
+        failure = yield self.assertFailure(attempt, error.TimeoutError)
+        self.assertIn("no answer within 2 s (--tunnel-timeout)", str(failure))
+        self.assertEqual(self.dead, [])

@@ -243,16 +243,17 @@ class _TunnelTLSProtocol(BufferingTLSTransport):
 
     def makeConnection(self, transport):
         timeout = self.factory.tunnelTimeout
-        sock = _tcp_socket(transport)
-        if timeout is not None and sock is not None:
+        sock = _tcp_socket(transport) if timeout is not None else None
+        if sock is not None:
             set_tunnel_liveness(sock, timeout)
+        super().makeConnection(transport)
+        if sock is not None and sock.fileno() >= 0:
             try:
-                # The socket is closed before connectionLost: a duplicate
-                # keeps its TCP_INFO readable until then.
+                # Twisted closes the socket before connectionLost: a
+                # duplicate keeps its TCP_INFO readable until then.
                 self._probe = sock.dup()
             except OSError:
                 self._probe = None
-        super().makeConnection(transport)
 
     def connectionLost(self, reason):
         probe, self._probe = self._probe, None

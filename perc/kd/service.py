@@ -19,7 +19,8 @@ from perc.kd.associations import KeyDistributor, Limits
 from perc.kd.conference_keys import DEFAULT_EKT_TTL, DEFAULT_ROLLOVER, ConferenceKeys
 from perc.kd.roster import Roster
 from perc.kd.tunnel import KeyDistributorTunnelFactory
-from perc.netutil import GatedFactory, server_endpoint, tls_client_endpoint, tls_server_factory
+from perc.netutil import (DEFAULT_TUNNEL_TIMEOUT, GatedFactory, server_endpoint,
+                          tls_client_endpoint, tls_server_factory)
 from perc.tls import Authoriser, TlsCredentials
 
 __all__ = ["KeyDistributorService"]
@@ -38,7 +39,8 @@ class KeyDistributorService(service.MultiService):
                  tunnel_listen: str | None, connect: list, api: str | None,
                  api_token: str | None, allow_md: list, limits: Limits,
                  allow_missing_tls_id: bool, ekt_ttl: int = DEFAULT_EKT_TTL,
-                 ekt_rollover: float = DEFAULT_ROLLOVER):
+                 ekt_rollover: float = DEFAULT_ROLLOVER,
+                 tunnel_timeout: float | None = DEFAULT_TUNNEL_TIMEOUT):
         super().__init__()
         self.reactor = reactor
         self.credentials = credentials
@@ -48,6 +50,8 @@ class KeyDistributorService(service.MultiService):
         self.allow_missing_tls_id = allow_missing_tls_id
         self.ekt_ttl = ekt_ttl
         self.ekt_rollover = ekt_rollover
+        #: Seconds before a silent tunnel peer counts as dead (None: the kernel's defaults).
+        self.tunnel_timeout = tunnel_timeout
         self.authorise = Authoriser(allow_md or None)
         self.distributor: KeyDistributor | None = None
         self.tunnelFactory: KeyDistributorTunnelFactory | None = None
@@ -65,7 +69,8 @@ class KeyDistributorService(service.MultiService):
         if api:
             self._listen.append(("--api", api, server_endpoint(reactor, api, "--api"),
                                  self._apiGate))
-        self._connect = [tls_client_endpoint(reactor, description, credentials, "--connect")
+        self._connect = [tls_client_endpoint(reactor, description, credentials, "--connect",
+                                             tunnel_timeout=tunnel_timeout)
                          for description in connect]
 
     @classmethod
@@ -93,12 +98,14 @@ class KeyDistributorService(service.MultiService):
             tunnel_listen=None if config["tunnel-listen"] == "none" else config["tunnel-listen"],
             connect=config["connect"], api=api, api_token=token, allow_md=config["allow-md"],
             limits=limits, allow_missing_tls_id=config["allow-missing-tls-id"],
-            ekt_ttl=config["ekt-ttl"], ekt_rollover=config["ekt-rollover"])
+            ekt_ttl=config["ekt-ttl"], ekt_rollover=config["ekt-rollover"],
+            tunnel_timeout=config["tunnel-timeout"])
 
     def privilegedStartService(self):
         super().privilegedStartService()
         for option, description, endpoint, gate in self._listen:
-            factory = tls_server_factory(self.credentials, gate) if gate is self._tunnelGate else gate
+            factory = (tls_server_factory(self.credentials, gate, self.tunnel_timeout)
+                       if gate is self._tunnelGate else gate)
             result = []
             endpoint.listen(factory).addBoth(result.append)
             if not result:

@@ -14,6 +14,7 @@ from perc.kd.conference_keys import (
     check_rollover,
     check_ttl,
 )
+from perc.netutil import DEFAULT_TUNNEL_TIMEOUT, tunnel_timeout
 from perc.optiontypes import positive_float, positive_int
 
 
@@ -68,6 +69,10 @@ class Options(usage.Options):
         ["ekt-rollover", None, DEFAULT_ROLLOVER,
          "Fraction of --ekt-ttl after which a conference's EKTKey is replaced by a new "
          "one (new SPI) sent to every member (between 0 and 1).", rollover_fraction],
+        ["tunnel-timeout", None, DEFAULT_TUNNEL_TIMEOUT,
+         "Seconds (2 to 32767) after which a tunnel whose Media Distributor stopped "
+         "answering is dropped as dead (TCP keepalive and TCP_USER_TIMEOUT; Linux), "
+         "and a --connect tunnel dialled again.", tunnel_timeout],
     ]
 
     optFlags = [

@@ -16,8 +16,8 @@ from perc.md.api import make_api_site
 from perc.md.conference import Memberships
 from perc.md.relay import MediaRelay, RelayLimits
 from perc.md.tunnel import TunnelPool
-from perc.netutil import (set_receive_buffer, server_endpoint, tls_client_endpoint,
-                          tls_server_factory)
+from perc.netutil import (DEFAULT_TUNNEL_TIMEOUT, set_receive_buffer, server_endpoint,
+                          tls_client_endpoint, tls_server_factory)
 from perc.tls import TlsCredentials
 
 __all__ = ["MediaDistributorService"]
@@ -36,7 +36,8 @@ class MediaDistributorService(service.MultiService):
                  kd_name: str | None, tunnel_listen: str | None, media_port: int,
                  media_interface: str, api: str | None, api_token: str | None,
                  default_conference: str | None, limits: RelayLimits,
-                 udp_receive_buffer: int | None = None):
+                 udp_receive_buffer: int | None = None,
+                 tunnel_timeout: float | None = DEFAULT_TUNNEL_TIMEOUT):
         super().__init__()
         self.reactor = reactor
         self.credentials = credentials
@@ -48,7 +49,8 @@ class MediaDistributorService(service.MultiService):
         self.pool.setServiceParent(self)
         for description in kd:
             self.pool.addKeyDistributor(
-                tls_client_endpoint(reactor, description, credentials, "--kd", kd_name),
+                tls_client_endpoint(reactor, description, credentials, "--kd", kd_name,
+                                    tunnel_timeout=tunnel_timeout),
                 name=description)
         self.relay = MediaRelay(pool=self.pool, memberships=self.memberships, profiles=profiles,
                                 clock=reactor, limits=limits)
@@ -57,7 +59,8 @@ class MediaDistributorService(service.MultiService):
         if tunnel_listen:
             self._listen.append(("--tunnel-listen", tunnel_listen,
                                  server_endpoint(reactor, tunnel_listen, "--tunnel-listen"),
-                                 tls_server_factory(credentials, self.pool.listenFactory)))
+                                 tls_server_factory(credentials, self.pool.listenFactory,
+                                                    tunnel_timeout)))
         if api:
             self._listen.append(("--api", api, server_endpoint(reactor, api, "--api"),
                                  make_api_site(self.memberships, self.status, api_token)))
@@ -80,6 +83,7 @@ class MediaDistributorService(service.MultiService):
                 media_interface=config["media-interface"], api=api, api_token=token,
                 default_conference=config["default-conference"],
                 udp_receive_buffer=config["udp-receive-buffer"],
+                tunnel_timeout=config["tunnel-timeout"],
                 limits=RelayLimits(
                     endpoint_timeout=config["endpoint-timeout"],
                     handshake_timeout=config["handshake-timeout"],

@@ -8,6 +8,7 @@ from twisted.python import usage
 
 from perc import profiles
 from perc.errors import ConfigError
+from perc.netutil import DEFAULT_TUNNEL_TIMEOUT, tunnel_timeout
 from perc.optiontypes import positive_float, positive_int, udp_port
 
 
@@ -59,6 +60,10 @@ class Options(usage.Options):
          "(mode 0600) if missing."],
         ["default-conference", None, None,
          "Conference for endpoints whose tls-id was not registered through the API."],
+        ["tunnel-timeout", None, DEFAULT_TUNNEL_TIMEOUT,
+         "Seconds (2 to 32767) after which a tunnel whose Key Distributor stopped "
+         "answering is dropped as dead (TCP keepalive and TCP_USER_TIMEOUT; Linux), "
+         "and a --kd tunnel dialled again.", tunnel_timeout],
     ]
 
     def __init__(self):

@@ -618,7 +618,8 @@ class MediaKeysTests(RelayTestCase):
         self.assertTrue(endpoint.established)
         self.assertEqual(endpoint.profile, by_id(DOUBLE_128))
         self.assertEqual(self.relay.status(), {
-            "associations": 1, "established": 1, "conferences": {"conf": 1}, "counters": {}})
+            "associations": 1, "established": 1, "waiting_messages": 0,
+            "conferences": {"conf": 1}, "counters": {}})
         self.assertEqual(self.tunnel.disconnects, [])
 
     def test_256_profile(self):

@@ -304,9 +304,12 @@ class HandshakeTests(KeyDistributorTestCase):
 
     def test_internal_error_ends_only_that_association(self):
         md = MediaDistributorStandIn(self.kd)
+        # The same endpoint again through another Media Distributor (through
+        # the same one, its new association would supersede the first).
+        elsewhere = MediaDistributorStandIn(self.kd, identity="md-2.test")
         broken, healthy = uuid.uuid4(), uuid.uuid4()
         relay_handshake(md, self.client(), broken, self.clock)
-        relay_handshake(md, self.client(), healthy, self.clock)
+        relay_handshake(elsewhere, self.client(), healthy, self.clock)
         md.received()
 
         def fail(*args):
@@ -1044,6 +1047,20 @@ class PeerIdentityTests(KeyDistributorTestCase):
         self.assertEqual(other.received(), [])
         again = MediaDistributorStandIn(self.kd, identity="md-a.test")
         self.assertIs(self.kd.association(aid).tunnel, again.tunnel)
+
+    def test_rejoin_through_the_same_media_distributor_supersedes(self):
+        md = MediaDistributorStandIn(self.kd)
+        old, _ = self.established(md)
+        md.close()
+        restarted = MediaDistributorStandIn(self.kd)  # knows nothing of ``old``
+        new, _ = self.established(restarted)
+        self.assertIsNone(self.kd.association(old))
+        self.assertIn(wire.EndpointDisconnect(old), restarted.log)
+        self.assertEqual(self.kd.counters["superseded"], 1)
+        # Through another Media Distributor, both stay.
+        other = MediaDistributorStandIn(self.kd, identity="md-2.test")
+        self.established(other)
+        self.assertIsNotNone(self.kd.association(new))
 
     @defer.inlineCallbacks
     def test_tunnel_without_identity_keeps_per_connection_behaviour(self):

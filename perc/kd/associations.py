@@ -550,6 +550,7 @@ class KeyDistributor:
         self._send(association, wire.MediaKeys(
             association.id, profile.id, b"", hbh.client_key, hbh.server_key,
             hbh.client_salt, hbh.server_salt))
+        self._supersede(association)
         if event.ekt_cipher is None or self.conference_keys is None:
             self.log.info(
                 "Association {association_id} accepted: tls-id {tls_id} in conference "
@@ -569,6 +570,24 @@ class KeyDistributor:
             tls_id=registration.tls_id, conference=registration.conference,
             profile=profile.name, peer=self._peer(association), spi=key.ekt_spi)
         return self._sendEktKey(association, key, log=False).datagrams
+
+    def _supersede(self, association: _Association) -> None:
+        """
+        The endpoint joined again through the same Media Distributor (a
+        restarted one cannot say what it forgot): its older established
+        associations there are dead, and end (EndpointDisconnect) rather
+        than stay with that Media Distributor's identity for ever.
+        """
+        tls_id = association.registration.tls_id
+        for other in list(self._associations.values()):
+            if (other is not association and other.established
+                    and other.registration is not None and other.registration.tls_id == tls_id
+                    and self._sameMediaDistributor(other, association.origin)):
+                self._count("superseded")
+                reason = "superseded by association {}".format(association.id)
+                self._process(other, other.engine.close(self.clock.seconds(), reason))
+                if self._associations.get(other.id) is other:
+                    self._closed(other, dtls.Closed(reason))
 
     #: An endpoint that has its keys but no EKTKey (the ekt_key message is
     #: retransmitted until acknowledged, but only a few times) asks again

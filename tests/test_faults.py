@@ -186,12 +186,13 @@ class MediaDistributorRestartTests(FaultMixin, TestCase):
         elsewhere = self.associationIds(other_md, [xavier, yvonne])
         key = alice._ekt_sender.ekt_key
 
-        # The Media Distributor stops; the Key Distributor keeps the
-        # associations of its tunnel for the grace period, then releases them.
+        # The Media Distributor stops and tells the Key Distributor that its
+        # endpoints are gone (EndpointDisconnect before its tunnel closes):
+        # associations belong to its identity, which comes back.
         media_port = self.md.ports["media"].getHost().port
         yield self.md.stopService()
-        yield eventually(lambda: all(
-            self.kd.distributor.association(aid).tunnel is None for aid in old.values()))
+        yield eventually(lambda: all(self.kd.distributor.association(aid) is None
+                                     for aid in old.values()))
         # A new Media Distributor on the same port, told the memberships
         # again by signalling: it knows no association.
         self.md = self.startMediaDistributor(media_port)

@@ -10,7 +10,7 @@ import uuid
 
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from perc import dtls, wire
@@ -305,9 +305,12 @@ class HandshakeTests(KeyDistributorTestCase):
 
     def test_internal_error_ends_only_that_association(self):
         md = MediaDistributorStandIn(self.kd)
+        # The same endpoint again through another Media Distributor (through
+        # the same one, its new association would supersede the first).
+        elsewhere = MediaDistributorStandIn(self.kd, identity="md-2.test")
         broken, healthy = uuid.uuid4(), uuid.uuid4()
         relay_handshake(md, self.client(), broken, self.clock)
-        relay_handshake(md, self.client(), healthy, self.clock)
+        relay_handshake(elsewhere, self.client(), healthy, self.clock)
         md.received()
 
         def fail(*args):
@@ -1106,3 +1109,137 @@ class FragmentedClientHelloTests(KeyDistributorTestCase):
         # Expired on the next ClientHello piece anyone sends.
         Shuttle(md, self.fragmenting_client(), self.clock).send()
         self.assertEqual(self.kd.counters["hello-fragments-timed-out"], 1)
+
+
+class PeerIdentityTests(KeyDistributorTestCase):
+    """
+    Associations belong to the Media Distributor's certificate identity
+    (issue 13): after a reconnect its new tunnel carries them, and what the
+    Key Distributor has to say while it has none waits for it.
+    """
+
+    limits = Limits(waiting_max_messages=2)
+    ekt = True
+
+    def setUp(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        return super().setUp()
+
+    def logged(self, prefix):
+        return [e for e in self.events if e.get("log_format", "").startswith(prefix)]
+
+    def established(self, md):
+        aid = uuid.uuid4()
+        client = self.client()
+        relay_handshake(md, client, aid, self.clock)
+        md.received()
+        self.assertTrue(self.kd.association(aid).established)
+        return aid, client
+
+    @defer.inlineCallbacks
+    def test_new_tunnel_of_the_same_identity_carries_the_association(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid, client = self.established(md)
+        md.close()
+        again = MediaDistributorStandIn(self.kd)  # the same identity reconnects
+        self.assertIs(self.kd.association(aid).tunnel, again.tunnel)
+        self.assertEqual((md.tunnel.associations, again.tunnel.associations), (set(), {aid}))
+        yield self.roster.delete(CONFERENCE, TLS_ID)
+        messages = again.received()
+        self.assertEqual(messages[-1], wire.EndpointDisconnect(aid))
+        [alert] = [m for m in messages if isinstance(m, wire.TunneledDtls)]
+        events = client.receive(alert.dtls_message, self.clock.seconds()).events
+        self.assertTrue([e for e in events if isinstance(e, dtls.Closed)])
+        self.assertEqual(md.received(), [])
+
+    @defer.inlineCallbacks
+    def test_association_closed_while_no_tunnel_reaches_the_md_when_back(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid, _ = self.established(md)
+        md.close()
+        yield self.roster.delete(CONFERENCE, TLS_ID)
+        self.assertIsNone(self.kd.association(aid))
+        self.assertEqual(self.kd.status()["waiting_messages"], 2)  # alert, EndpointDisconnect
+        again = MediaDistributorStandIn(self.kd)
+        messages = again.received()
+        self.assertEqual([type(m) for m in messages], [wire.TunneledDtls, wire.EndpointDisconnect])
+        self.assertEqual(messages[-1], wire.EndpointDisconnect(aid))
+        self.assertEqual(self.kd.status()["waiting_messages"], 0)
+        # Told once.
+        again.close()
+        self.assertEqual(MediaDistributorStandIn(self.kd).received(), [])
+
+    def test_released_at_grace_reported_when_back(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid, _ = self.established(md)
+        md.close()
+        self.assertIsNone(self.kd.association(aid).tunnel)
+        self.clock.advance(self.limits.tunnel_grace)
+        self.assertIsNone(self.kd.association(aid))
+        self.assertEqual(len(self.logged("Association {association_id} released")), 1)
+        again = MediaDistributorStandIn(self.kd)
+        self.assertEqual(again.received(), [wire.EndpointDisconnect(aid)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_waiting_bounded_and_given_up_at_grace(self):
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        client = dtls.ClientAssociation(
+            _ENDPOINT, DEFAULT_PROFILES, tls_id=TLS_ID.encode(),
+            expected_peer_tls_id=self.registration.kd_tls_id.encode(), ekt_ciphers=(1,))
+        relay_handshake(md, client, aid, self.clock)
+        md.received()
+        md.close()
+        for _ in range(3):  # three ekt_key messages for a bound of two
+            self.kd.rekey(CONFERENCE)
+        self.assertEqual(self.kd.counters["dropped-waiting-full"], 1)
+        self.assertEqual(len(self.logged("Dropping tunnel messages for")), 1)
+        self.assertEqual(self.kd.status()["waiting_messages"], 2)
+        self.clock.advance(self.limits.tunnel_grace)
+        [dropped] = self.logged("Dropped {count} tunnel messages that waited")
+        self.assertEqual((dropped["count"], dropped["owed"]), (2, 1))
+        # Only the release is still owed to it.
+        again = MediaDistributorStandIn(self.kd)
+        self.assertEqual(again.received(), [wire.EndpointDisconnect(aid)])
+
+    def test_another_identity_still_refused_after_a_reconnect(self):
+        md = MediaDistributorStandIn(self.kd, identity="md-a.test")
+        aid, _ = self.established(md)
+        md.close()
+        other = MediaDistributorStandIn(self.kd, identity="md-b.test")
+        self.assertIsNone(self.kd.association(aid).tunnel)  # not moved to another identity
+        other.send(wire.EndpointDisconnect(aid))
+        other.send(wire.TunneledDtls(aid, b"\x17\xfe\xfd" + bytes(30)))
+        self.assertEqual(self.kd.counters["foreign-association"], 2)
+        self.assertIsNotNone(self.kd.association(aid))
+        self.assertEqual(other.received(), [])
+        again = MediaDistributorStandIn(self.kd, identity="md-a.test")
+        self.assertIs(self.kd.association(aid).tunnel, again.tunnel)
+
+    def test_rejoin_through_the_same_media_distributor_supersedes(self):
+        md = MediaDistributorStandIn(self.kd)
+        old, _ = self.established(md)
+        md.close()
+        restarted = MediaDistributorStandIn(self.kd)  # knows nothing of ``old``
+        new, _ = self.established(restarted)
+        self.assertIsNone(self.kd.association(old))
+        self.assertIn(wire.EndpointDisconnect(old), restarted.log)
+        self.assertEqual(self.kd.counters["superseded"], 1)
+        # Through another Media Distributor, both stay.
+        other = MediaDistributorStandIn(self.kd, identity="md-2.test")
+        self.established(other)
+        self.assertIsNotNone(self.kd.association(new))
+
+    @defer.inlineCallbacks
+    def test_tunnel_without_identity_keeps_per_connection_behaviour(self):
+        md = MediaDistributorStandIn(self.kd, identity=None)
+        aid, _ = self.established(md)
+        md.close()
+        again = MediaDistributorStandIn(self.kd, identity=None)
+        self.assertIsNone(self.kd.association(aid).tunnel)
+        yield self.roster.delete(CONFERENCE, TLS_ID)
+        self.assertIsNone(self.kd.association(aid))
+        self.assertEqual(again.received(), [])
+        self.assertEqual(self.kd.status()["waiting_messages"], 0)

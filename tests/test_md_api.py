@@ -198,7 +198,8 @@ class RouteTests(APITestsBase):
     def test_status(self):
         response, status = yield self.request(b"GET", "/v1/status")
         self.assertEqual(response.code, 200)
-        self.assertEqual(status, {"associations": 0, "established": 0, "conferences": {},
+        self.assertEqual(status, {"associations": 0, "established": 0, "waiting_messages": 0,
+                                  "conferences": {},
                                   "counters": {}})
         yield self.put("conf", TLS_A)
         self.live_association(TLS_A, ADDR_A)
@@ -207,7 +208,7 @@ class RouteTests(APITestsBase):
         self.relay.datagramReceived(b"\x80\x60" + os.urandom(40), ("198.51.100.1", 9))
         response, status = yield self.request(b"GET", "/v1/status")
         self.assertEqual(response.code, 200)
-        self.assertEqual(status, {"associations": 1, "established": 1,
+        self.assertEqual(status, {"associations": 1, "established": 1, "waiting_messages": 0,
                                   "conferences": {"conf": 1},
                                   "counters": {"dropped-stun": 1,
                                                "dropped-srtp-unknown-source": 2}})

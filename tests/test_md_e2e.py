@@ -7,6 +7,7 @@ hop-by-hop SRTP is forwarded to each other.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 
 import pylibsrtp
@@ -102,6 +103,94 @@ class DistributorsMixin:
 
     def receive(self, endpoint):
         return endpoint.media.get().addTimeout(WAIT, reactor)
+
+
+def reset(tunnel):
+    """Reset the TCP connection under a tunnel (RST, as a middlebox or a peer's kernel would)."""
+    tcp = tunnel.transport.transport
+    tcp.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    tcp.abortConnection()
+
+
+class TunnelResetMixin:
+    """The issue 13 story: a tunnel reset under keyed endpoints, then a registration deleted."""
+
+    def address(self, endpoint):
+        return ("127.0.0.1", endpoint.transport.getHost().port)
+
+    def associationOf(self, endpoint):
+        return self.md.relay._established[self.address(endpoint)].id
+
+    @defer.inlineCallbacks
+    def resetAndReconnect(self):
+        [old] = self.kd.distributor.tunnels
+        reset(old)
+        # Both sides notice, and a new tunnel comes up by itself.
+        yield eventually(lambda: self.kd.distributor.tunnels and old not in
+                         self.kd.distributor.tunnels and self.md.pool.pick() is not None)
+        [new] = self.kd.distributor.tunnels
+        return new
+
+    @defer.inlineCallbacks
+    def assertForwarded(self, sender, receiver, sequence):
+        packet = rtp_packet(0x0A, sequence, b"keyed media\x00")
+        sender.send_rtp(packet)
+        protected = yield self.receive(receiver)
+        self.assertEqual(receiver.inbound.unprotect(protected), packet)
+
+    @defer.inlineCallbacks
+    def test_registration_deleted_after_a_reconnect_cuts_the_endpoint_off(self):
+        a = yield self.join("alice")
+        b = yield self.join("bob")
+        aid = self.associationOf(a)
+        new = yield self.resetAndReconnect()
+        yield self.assertForwarded(a, b, 1)
+        yield self.assertForwarded(b, a, 2)
+        # The Key Distributor's association now goes through the new tunnel.
+        self.assertIs(self.kd.distributor.association(aid).tunnel, new)
+        yield self.kd.roster.delete(CONFERENCE, "alice-TlsId-0123456789abcdef")
+        # EndpointDisconnect reaches the Media Distributor, which stops
+        # forwarding to and from alice.
+        yield eventually(lambda: self.md.relay.endpoint(aid) is None, timeout=2)
+        relay = self.md.relay
+        forwarded = relay.counters.get("forwarded-rtp", 0)
+        dropped = relay.counters.get("dropped-srtp-unknown-source", 0)
+        a.send_rtp(rtp_packet(0x0A, 3, b"after the deletion\x00"))
+        yield eventually(lambda: relay.counters.get("dropped-srtp-unknown-source", 0)
+                         == dropped + 1)
+        bob = relay._established[self.address(b)]
+        heard = bob.last_seen
+        b.send_rtp(rtp_packet(0x0B, 4, b"to the others\x00"))
+        yield eventually(lambda: bob.last_seen > heard)  # bob's packet was handled
+        self.assertEqual(relay.counters.get("forwarded-rtp", 0), forwarded)
+        self.assertEqual(relay.status()["established"], 1)
+        self.assertEqual(a.media.pending, [])
+
+
+class ReconnectTests(TunnelResetMixin, DistributorsMixin, TestCase):
+    """The Media Distributor dials (``--kd``); a long grace, so only the fix can pass."""
+
+    timeout = 60
+    kd_options = ("--tunnel-grace", "60")
+
+
+class SilentAfterReconnectTests(DistributorsMixin, TestCase):
+    timeout = 60
+    endpoint_timeout = "2"
+    kd_options = ("--tunnel-grace", "60")
+
+    @defer.inlineCallbacks
+    def test_silence_sweep_disconnect_reaches_the_key_distributor(self):
+        a = yield self.join("alice")
+        aid = self.md.relay._established[("127.0.0.1", a.transport.getHost().port)].id
+        [old] = self.kd.distributor.tunnels
+        reset(old)
+        yield eventually(lambda: self.md.relay.endpoint(aid) is None)
+        # The sweep's EndpointDisconnect went through the new tunnel (or
+        # waited for it): the Key Distributor forgets alice long before its
+        # 60-second grace would have.
+        yield eventually(lambda: self.kd.distributor.association(aid) is None)
+        self.assertNotIn(old, self.kd.distributor.tunnels)
 
 
 class ConferenceTests(DistributorsMixin, TestCase):
@@ -232,7 +321,7 @@ class TimeoutTests(DistributorsMixin, TestCase):
         del a
 
 
-class KeyDistributorDialsTests(DistributorsMixin, TestCase):
+class KeyDistributorDialsTests(TunnelResetMixin, DistributorsMixin, TestCase):
     """Either side may open the TLS connection; the message roles stay the same."""
 
     timeout = 60
@@ -256,7 +345,7 @@ class KeyDistributorDialsTests(DistributorsMixin, TestCase):
         config = kd_tap.Options()
         config.parseOptions([
             "--pki", self.pki.directory, "--tunnel-listen", "none", "--api", "none",
-            "--connect", "tcp:127.0.0.1:{}".format(tunnel_port),
+            "--connect", "tcp:127.0.0.1:{}".format(tunnel_port), "--tunnel-grace", "60",
             "--db", os.path.join(self.dir, "kd.sqlite3")])
         self.kd = KeyDistributorService.fromOptions(config, reactor)
         self.kd.privilegedStartService()

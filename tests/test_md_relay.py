@@ -19,6 +19,7 @@ import uuid
 import pylibsrtp
 from hypothesis import given, settings, strategies as st
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls, hello, rtp, wire
@@ -618,7 +619,8 @@ class MediaKeysTests(RelayTestCase):
         self.assertTrue(endpoint.established)
         self.assertEqual(endpoint.profile, by_id(DOUBLE_128))
         self.assertEqual(self.relay.status(), {
-            "associations": 1, "established": 1, "conferences": {"conf": 1}, "counters": {}})
+            "associations": 1, "established": 1, "waiting_messages": 0,
+            "conferences": {"conf": 1}, "counters": {}})
         self.assertEqual(self.tunnel.disconnects, [])
 
     def test_256_profile(self):
@@ -1237,3 +1239,136 @@ class FragmentedClientHelloTests(RelayTestCase):
         self.relay.datagramReceived(second, ADDR_A)
         self.assertEqual(self.tunnel.sent, [])
         self.assertEqual(self.counted("hello-fragments-inconsistent"), 1)
+
+
+class IdentifiedTunnel(FakeTunnel):
+    """A tunnel to a Key Distributor with a certificate identity, counting its associations."""
+
+    def __init__(self, name: str, identity: str = "kd.test"):
+        super().__init__(name)
+        self.identity = identity
+        self.associations: set = set()
+
+    def sendDtls(self, association_id, data):
+        self.associations.add(association_id)
+        return super().sendDtls(association_id, data)
+
+    def forgetAssociation(self, association_id):
+        self.associations.discard(association_id)
+        super().forgetAssociation(association_id)
+
+
+class IdentityPool(FakePool):
+    """``current(identity)``: the newest usable tunnel in ``up`` with that identity."""
+
+    def __init__(self, tunnel):
+        super().__init__(tunnel)
+        self.up = [tunnel]
+
+    def current(self, identity):
+        for tunnel in reversed(self.up):
+            if tunnel.identity == identity and tunnel.usable:
+                return tunnel
+        return None
+
+
+class PeerIdentityTests(RelayTestCase):
+    """
+    Associations belong to the Key Distributor's certificate identity
+    (issue 13): they survive a tunnel loss, move to its next tunnel, and
+    what the Media Distributor has to tell it meanwhile waits.
+    """
+
+    limits = RelayLimits(waiting_max_messages=2)
+
+    def setUp(self):
+        super().setUp()
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.tunnel = IdentifiedTunnel("kd-1")
+        self.pool = IdentityPool(self.tunnel)
+        self.relay.pool = self.pool
+
+    def logged(self, prefix):
+        return [e for e in self.events if e.get("log_format", "").startswith(prefix)]
+
+    def lose(self, tunnel):
+        tunnel.usable = False
+        self.pool.up.remove(tunnel)
+        self.relay.tunnelDown(tunnel, "reset")
+
+    def reconnect(self, name="kd-1-again", identity="kd.test"):
+        tunnel = IdentifiedTunnel(name, identity)
+        self.pool.up.append(tunnel)
+        self.pool.tunnel = tunnel
+        self.relay.tunnelUp(tunnel)
+        return tunnel
+
+    def test_keyed_and_handshaking_move_to_the_new_tunnel(self):
+        a = self.join("A", ADDR_A, TLS_A)
+        pending = self.open(ADDR_C, TLS_C)
+        self.lose(self.tunnel)
+        self.assertIsNotNone(self.relay.endpoint(pending))
+        self.assertEqual(self.tunnel.associations, set())
+        # The keyed endpoint's DTLS waits for the next tunnel.
+        record = dtls_application_data()
+        self.relay.datagramReceived(record, ADDR_A)
+        self.assertEqual(self.counted("dropped-dtls-tunnel-down"), 0)
+        new = self.reconnect()
+        self.assertEqual(new.sent, [(a.association_id, record)])
+        self.assertEqual(new.associations, {a.association_id, pending})
+        # The Key Distributor answers the handshake through the new tunnel.
+        flight = server_hello(None)
+        self.relay.tunneledDtlsReceived(new, pending, flight)
+        self.assertEqual(self.transport.to(ADDR_C), [flight])
+        self.relay.mediaKeysReceived(new, self.media_keys(pending))
+        self.assertTrue(self.relay.endpoint(pending).established)
+
+    def test_sweep_disconnect_waits_for_the_key_distributor(self):
+        a = self.join("A", ADDR_A, TLS_A)
+        self.lose(self.tunnel)
+        self.clock.advance(self.limits.endpoint_timeout + self.limits.sweep_interval)
+        self.assertIsNone(self.relay.endpoint(a.association_id))
+        self.assertEqual(self.tunnel.disconnects, [])
+        new = self.reconnect()
+        self.assertEqual(new.disconnects, [a.association_id])
+        self.assertEqual(self.relay.status()["waiting_messages"], 0)
+
+    def test_waiting_bounded_and_given_up_in_time(self):
+        a = self.join("A", ADDR_A, TLS_A)
+        self.lose(self.tunnel)
+        for _ in range(3):
+            self.relay.datagramReceived(dtls_application_data(), ADDR_A)
+        self.assertEqual(self.counted("dropped-waiting-full"), 1)
+        self.assertEqual(len(self.logged("Dropping tunnel messages for")), 1)
+        self.clock.advance(self.limits.waiting_seconds)
+        self.assertEqual(self.counted("dropped-waited-too-long"), 2)
+        self.assertEqual(len(self.logged("Dropped {count} tunnel messages that waited")), 1)
+        new = self.reconnect()
+        self.assertEqual(new.sent, [])
+        self.assertIsNotNone(self.relay.endpoint(a.association_id))
+
+    def test_another_identity_cannot_steer(self):
+        a = self.join("A", ADDR_A, TLS_A)
+        self.lose(self.tunnel)
+        other = self.reconnect("kd-2", identity="kd-other.test")
+        self.relay.tunneledDtlsReceived(other, a.association_id, b"\x16abc")
+        self.relay.endpointDisconnectReceived(other, a.association_id)
+        self.assertEqual(self.counted("tunnel-foreign-association"), 2)
+        self.assertIsNotNone(self.relay.endpoint(a.association_id))
+        self.assertIsNone(self.relay.endpoint(a.association_id).tunnel)
+        self.assertEqual(other.associations, set())
+
+    def test_unknown_association_answered_with_disconnect(self):
+        stranger = uuid.uuid4()
+        self.relay.tunneledDtlsReceived(self.tunnel, stranger, b"\x16abc")
+        self.relay.endpointDisconnectReceived(self.tunnel, stranger)
+        self.assertEqual(self.tunnel.disconnects, [stranger])
+        self.assertEqual(self.counted("tunnel-unknown-association"), 2)
+
+    def test_stop_tells_nothing_but_disconnect_all_tells_the_key_distributor(self):
+        a = self.join("A", ADDR_A, TLS_A)
+        self.relay.disconnectAll("stopping")
+        self.assertEqual(self.tunnel.disconnects, [a.association_id])
+        self.assertEqual(self.relay.status()["associations"], 0)

@@ -20,6 +20,7 @@ from perc import dtls, hello, wire
 from perc.backpressure import DEFAULT_MAX_PAUSED_OCTETS, DEFAULT_MAX_PAUSED_SECONDS
 from perc.dtls.constants import ALERT_HANDSHAKE_FAILURE, ALERT_INTERNAL_ERROR
 from perc.profiles import Profile
+from perc.waitingroom import WaitingRoom
 
 __all__ = ["KeyDistributor", "Limits"]
 
@@ -32,6 +33,12 @@ class Limits:
     max_associations_per_tunnel: int = 5000
     handshake_timeout: float = 30.0
     tunnel_grace: float = 10.0
+    #: What waits for a Media Distributor that has no tunnel up (per
+    #: certificate identity): messages and their octets, until
+    #: ``tunnel_grace`` runs out; EndpointDisconnects until it comes back.
+    waiting_max_messages: int = 1000
+    waiting_max_octets: int = 1 << 20
+    waiting_max_disconnects: int = 10000
     first_message_timeout: float = 10.0
     #: Octets written to a tunnel whose Media Distributor stopped reading,
     #: and seconds it may stay so, before the tunnel is dropped.
@@ -50,7 +57,9 @@ class _Association:
     id: uuid.UUID
     engine: dtls.ServerAssociation
     origin: object  # the tunnel whose SupportedProfiles bounded the profiles
-    tunnel: object | None  # where the latest message came from; None while orphaned
+    #: Where its messages go: the Media Distributor's newest tunnel, or the
+    #: one its latest message came from; None while that peer has none up.
+    tunnel: object | None
     profiles: tuple
     registration: object | None = None
     established: bool = False
@@ -58,7 +67,6 @@ class _Association:
     ekt_tokens: float = 0.0  # EKTKey requests it may still have answered
     ekt_tokens_at: float | None = None
     timer: object | None = None
-    grace_timer: object | None = None
     counted_on: object | None = field(default=None)
     #: SRTP profile ids the ClientHello offered, in its order.
     offered: tuple = ()
@@ -96,6 +104,13 @@ class KeyDistributor:
         self.allow_missing_tls_id = allow_missing_tls_id
         self.first_message_timeout = limits.first_message_timeout
         self.tunnels: set = set()
+        #: Peer (see _peerKey) -> its tunnels that are up, oldest first.
+        self._peerTunnels: dict[object, list] = {}
+        #: Peer -> the timer that releases its associations (tunnel_grace).
+        self._graceTimers: dict[object, object] = {}
+        self._waiting = WaitingRoom(
+            peer_kind="Media Distributor", max_messages=limits.waiting_max_messages,
+            max_octets=limits.waiting_max_octets, max_owed=limits.waiting_max_disconnects)
         self._associations: dict[uuid.UUID, _Association] = {}
         self.conference_keys = conference_keys
         self._listener = dtls.ServerListener(
@@ -131,6 +146,7 @@ class KeyDistributor:
             "associations": len(self._associations),
             "established": sum(1 for a in self._associations.values() if a.established),
             "tunnels": len(self.tunnels),
+            "waiting_messages": len(self._waiting),
             "counters": dict(self.counters),
             # Conferences whose EKTKey rollover is scheduled (one timer each).
             "ekt_conferences": len(self._ektConferences),
@@ -197,31 +213,86 @@ class KeyDistributor:
 
     # -- tunnel events --------------------------------------------------
 
+    @staticmethod
+    def _peerKey(tunnel):
+        """
+        Who is at the other end: the Media Distributor's certificate
+        identity, or (a tunnel without one, plain TCP in tests) that one
+        connection.
+        """
+        return tunnel.identity if tunnel.identity is not None else tunnel
+
     def tunnelUp(self, tunnel) -> None:
+        """
+        A tunnel of a Media Distributor that has associations here becomes
+        where they go (its newest), and what waited for it is sent.
+        """
         self.tunnels.add(tunnel)
+        key = self._peerKey(tunnel)
+        self._peerTunnels.setdefault(key, []).append(tunnel)
+        timer = self._graceTimers.pop(key, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if tunnel.identity is None:
+            return
+        moved = 0
+        for association in self._associations.values():
+            if association.tunnel is not tunnel and self._sameMediaDistributor(association, tunnel):
+                self._moveTo(association, tunnel)
+                moved += 1
+        waiting = self._waiting.drain(tunnel.identity)
+        for message in waiting:
+            tunnel.sendMessage(message)
+        if moved or waiting:
+            self.log.info(
+                "Tunnel with {peer} now carries the {count} associations of that Media "
+                "Distributor; {waiting} messages that waited for it sent",
+                peer=tunnel.peerDescription(), count=moved, waiting=len(waiting))
 
     def tunnelLost(self, tunnel) -> None:
         """
-        The tunnel's associations wait ``tunnel_grace`` seconds for a message
-        through another tunnel (the Media Distributor reconnecting), then are
-        released.  No EndpointDisconnect is owed to a tunnel that is gone.
+        The tunnel's associations move to another tunnel of the same Media
+        Distributor if one is up.  Otherwise their messages wait, and they
+        wait ``tunnel_grace`` seconds for it to reconnect, then are released
+        (and reported to it with EndpointDisconnect once it is back).
         """
         self.tunnels.discard(tunnel)
-        for association in list(self._associations.values()):
+        key = self._peerKey(tunnel)
+        live = self._peerTunnels.get(key, [])
+        if tunnel in live:
+            live.remove(tunnel)
+        if not live:
+            self._peerTunnels.pop(key, None)
+        current = live[-1] if live else None
+        orphaned = 0
+        for association in self._associations.values():
             if association.tunnel is tunnel:
-                association.tunnel = None
-                association.grace_timer = self.clock.callLater(
-                    self.limits.tunnel_grace, self._graceExpired, association)
+                self._moveTo(association, current)
+                orphaned += current is None
+        if current is not None:
+            for message in self._waiting.drain(tunnel.identity):
+                current.sendMessage(message)
+        elif orphaned and key not in self._graceTimers:
+            self._graceTimers[key] = self.clock.callLater(
+                self.limits.tunnel_grace, self._graceExpired, key)
 
-    def _graceExpired(self, association: _Association) -> None:
-        association.grace_timer = None
-        if association.tunnel is None and self._associations.get(association.id) is association:
-            self.log.info(
-                "Association {association_id} released: its tunnel did not come back "
-                "within {grace} seconds", association_id=association.id,
-                grace=self.limits.tunnel_grace)
-            association.engine.close(self.clock.seconds(), "tunnel lost")
-            self._forget(association)
+    def _graceExpired(self, key) -> None:
+        """No tunnel of this Media Distributor came back in time."""
+        del self._graceTimers[key]
+        identity = key if isinstance(key, str) else None
+        for association in list(self._associations.values()):
+            if association.tunnel is None and self._peerKey(association.origin) == key:
+                self.log.info(
+                    "Association {association_id} released: its Media Distributor did not "
+                    "come back within {grace} seconds", association_id=association.id,
+                    grace=self.limits.tunnel_grace)
+                association.engine.close(self.clock.seconds(), "tunnel lost")
+                self._forget(association)
+                if identity is not None:
+                    # Told once it is back: it may still forward the endpoint.
+                    self._waiting.put(identity, wire.EndpointDisconnect(association.id))
+        if identity is not None:
+            self._waiting.expire(identity, self.limits.tunnel_grace)
 
     def endpointDisconnectReceived(self, tunnel, association_id: uuid.UUID) -> None:
         association = self._associations.get(association_id)
@@ -273,8 +344,7 @@ class KeyDistributor:
         except Exception:
             pass  # already failing: forgetting it below is what matters
         self._forget(association)
-        if association.tunnel is not None:
-            association.tunnel.sendMessage(wire.EndpointDisconnect(association_id))
+        self._send(association, wire.EndpointDisconnect(association_id))
 
     def _sameMediaDistributor(self, association: _Association, tunnel) -> bool:
         """
@@ -295,11 +365,32 @@ class KeyDistributor:
     # -- association life -----------------------------------------------
 
     def _attach(self, association: _Association, tunnel) -> None:
+        """A message came through ``tunnel`` (of the same Media Distributor): answer there."""
         if association.tunnel is not tunnel:
-            association.tunnel = tunnel
-            if association.grace_timer is not None:
-                association.grace_timer.cancel()
-                association.grace_timer = None
+            self._moveTo(association, tunnel)
+
+    def _moveTo(self, association: _Association, tunnel) -> None:
+        """Send through ``tunnel`` (None: wait) and count the association on it."""
+        if association.counted_on is not None:
+            association.counted_on.associations.discard(association.id)
+        association.tunnel = association.counted_on = tunnel
+        if tunnel is not None:
+            tunnel.associations.add(association.id)
+
+    def _send(self, association: _Association, message: wire.Message) -> None:
+        """
+        Through the association's tunnel; if it has none (or it is
+        closing), the message waits for its Media Distributor's next tunnel.
+        A tunnel without an identity has no next tunnel: dropped.
+        """
+        tunnel = association.tunnel
+        if tunnel is not None and tunnel.sendMessage(message):
+            return
+        identity = association.origin.identity
+        if identity is None:
+            self._count("dropped-no-tunnel")
+        elif not self._waiting.put(identity, message):
+            self._count("dropped-waiting-full")
 
     def _newAssociation(self, tunnel, association_id: uuid.UUID, data: bytes, now: float) -> None:
         data = self._helloFragments.feed(association_id, data, now)
@@ -449,11 +540,9 @@ class KeyDistributor:
                 closed = event
             elif isinstance(event, dtls.ApplicationData):
                 after = after + self._applicationData(association, event.data)
-        tunnel = association.tunnel
-        if tunnel is not None:
-            # The ekt_key message follows the server's final flight.
-            for datagram in output.datagrams + after:
-                tunnel.sendMessage(wire.TunneledDtls(association.id, datagram))
+        # The ekt_key message follows the server's final flight.
+        for datagram in output.datagrams + after:
+            self._send(association, wire.TunneledDtls(association.id, datagram))
         if closed is not None:
             self._closed(association, closed)
             return
@@ -466,10 +555,10 @@ class KeyDistributor:
         registration = association.registration
         profile = event.profile
         hbh = profile.hbh_keys(event.keys)
-        if association.tunnel is not None:
-            association.tunnel.sendMessage(wire.MediaKeys(
-                association.id, profile.id, b"", hbh.client_key, hbh.server_key,
-                hbh.client_salt, hbh.server_salt))
+        self._send(association, wire.MediaKeys(
+            association.id, profile.id, b"", hbh.client_key, hbh.server_key,
+            hbh.client_salt, hbh.server_salt))
+        self._supersede(association)
         if event.ekt_cipher is None or self.conference_keys is None:
             self.log.info(
                 "Association {association_id} accepted: tls-id {tls_id} in conference "
@@ -490,6 +579,24 @@ class KeyDistributor:
             tls_id=registration.tls_id, conference=registration.conference,
             profile=profile.name, peer=self._peer(association), spi=key.ekt_spi)
         return self._sendEktKey(association, key, log=False).datagrams
+
+    def _supersede(self, association: _Association) -> None:
+        """
+        The endpoint joined again through the same Media Distributor (a
+        restarted one cannot say what it forgot): its older established
+        associations there are dead, and end (EndpointDisconnect) rather
+        than stay with that Media Distributor's identity for ever.
+        """
+        tls_id = association.registration.tls_id
+        for other in list(self._associations.values()):
+            if (other is not association and other.established
+                    and other.registration is not None and other.registration.tls_id == tls_id
+                    and self._sameMediaDistributor(other, association.origin)):
+                self._count("superseded")
+                reason = "superseded by association {}".format(association.id)
+                self._process(other, other.engine.close(self.clock.seconds(), reason))
+                if self._associations.get(other.id) is other:
+                    self._closed(other, dtls.Closed(reason))
 
     #: An endpoint that has its keys but no EKTKey (the ekt_key message is
     #: retransmitted until acknowledged, but only a few times) asks again
@@ -637,8 +744,7 @@ class KeyDistributor:
         log("Association {association_id} ended ({conference}, via {peer}): {reason}",
             association_id=association.id, conference=self._conference(association),
             peer=self._peer(association), reason=event.reason, rejected=event.rejected)
-        if association.tunnel is not None:
-            association.tunnel.sendMessage(wire.EndpointDisconnect(association.id))
+        self._send(association, wire.EndpointDisconnect(association.id))
         self._forget(association)
 
     def _schedule(self, association: _Association) -> None:
@@ -664,15 +770,15 @@ class KeyDistributor:
     def _forget(self, association: _Association) -> None:
         self._releaseConferenceProfile(association)
         self._leaveEktConference(association)
-        for name in ("timer", "grace_timer"):
-            timer = getattr(association, name)
-            if timer is not None and timer.active():
-                timer.cancel()
-            setattr(association, name, None)
+        timer = association.timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        association.timer = None
         if self._associations.get(association.id) is association:
             del self._associations[association.id]
         if association.counted_on is not None:
             association.counted_on.associations.discard(association.id)
+            association.counted_on = None
 
     @staticmethod
     def _peer(association: _Association) -> str:
@@ -700,3 +806,9 @@ class KeyDistributor:
         """Forget everything (service shutdown); cancels every timer."""
         for association in list(self._associations.values()):
             self._forget(association)
+        for timer in self._graceTimers.values():
+            if timer.active():
+                timer.cancel()
+        self._graceTimers.clear()
+        self._peerTunnels.clear()
+        self._waiting.clear()

@@ -19,8 +19,9 @@ import pylibsrtp
 from twisted.internet import error, protocol, task, udp
 from twisted.logger import Logger
 
-from perc import hello, rtp
+from perc import hello, rtp, wire
 from perc.profiles import Profile, by_id
+from perc.waitingroom import WaitingRoom
 
 __all__ = ["MediaRelay", "RelayLimits"]
 
@@ -51,6 +52,13 @@ class RelayLimits:
     max_associations: int = 10000
     new_associations_per_address_per_second: int = 5
     sweep_interval: float = 1.0
+    #: What waits for a Key Distributor (per certificate identity) while
+    #: none of its tunnels is up: messages and their octets, given up after
+    #: ``waiting_seconds``; EndpointDisconnects, until it is back.
+    waiting_max_messages: int = 1000
+    waiting_max_octets: int = 1 << 20
+    waiting_max_disconnects: int = 10000
+    waiting_seconds: float = 10.0
 
 
 @dataclass(eq=False)
@@ -72,6 +80,9 @@ class Endpoint:
     #: with another random is a new handshake (RFC 6347 section 4.2.1: the
     #: ClientHello that returns the cookie keeps the random).
     client_random: bytes | None = None
+    #: The certificate identity of its Key Distributor: any tunnel to that
+    #: peer may carry it.  None (a tunnel without one): only its own tunnel.
+    peer: str | None = None
 
     @property
     def established(self) -> bool:
@@ -164,6 +175,11 @@ class MediaRelay(protocol.DatagramProtocol):
         # A ClientHello split into fragments names its endpoint only once
         # whole; the Key Distributor then gets it whole too.
         self._helloFragments = hello.ClientHelloReassembler(count=self._count)
+        self._waiting = WaitingRoom(
+            peer_kind="Key Distributor", max_messages=limits.waiting_max_messages,
+            max_octets=limits.waiting_max_octets, max_owed=limits.waiting_max_disconnects)
+        #: Key Distributor identity -> the timer that gives up its queue.
+        self._waitingTimers: dict[str, object] = {}
         self._sweeper = task.LoopingCall(self._sweep)
         self._sweeper.clock = clock
         memberships.add_removal_observer(self._membershipRemoved)
@@ -188,6 +204,7 @@ class MediaRelay(protocol.DatagramProtocol):
         return {
             "associations": len(self._by_id),
             "established": len(self._established),
+            "waiting_messages": len(self._waiting),
             "conferences": {name: len(members) for name, members in self._conferences.items()},
             "counters": dict(self.counters),
         }
@@ -256,11 +273,13 @@ class MediaRelay(protocol.DatagramProtocol):
         if endpoint is None:
             self._count("dropped-dtls-no-association")
             return
-        tunnel = endpoint.tunnel
-        if tunnel is None or not tunnel.usable:
+        tunnel = self._liveTunnel(endpoint)
+        if tunnel is not None:
+            tunnel.sendDtls(endpoint.id, data)
+        elif endpoint.peer is not None:
+            self._wait(endpoint.peer, wire.TunneledDtls(endpoint.id, data))
+        else:
             self._count("dropped-dtls-tunnel-down")
-            return
-        tunnel.sendDtls(endpoint.id, data)
 
     def _newAssociation(self, address, client_hello) -> Endpoint | None:
         full = len(self._by_id) >= self.limits.max_associations
@@ -304,7 +323,8 @@ class MediaRelay(protocol.DatagramProtocol):
         self._new_per_host[host] = recent + 1
         now = self.clock.seconds()
         endpoint = Endpoint(uuid.uuid4(), address, tunnel, conference, tls_id, now, now,
-                            client_random=client_hello.random)
+                            client_random=client_hello.random,
+                            peer=getattr(tunnel, "identity", None))
         self._by_id[endpoint.id] = endpoint
         self._pending[address] = endpoint
         self._unverified[endpoint.id] = endpoint
@@ -469,40 +489,125 @@ class MediaRelay(protocol.DatagramProtocol):
             ekt=endpoint.ekt, conference=endpoint.conference)
 
     def endpointDisconnectReceived(self, tunnel, association_id: uuid.UUID) -> None:
-        endpoint = self._fromItsTunnel(tunnel, association_id)
+        endpoint = self._fromItsTunnel(tunnel, association_id, answer_unknown=False)
         if endpoint is None:
             return
         self._drop(endpoint, notify=False, reason="ended by the Key Distributor")
 
-    def _fromItsTunnel(self, tunnel, association_id: uuid.UUID) -> Endpoint | None:
+    def _fromItsTunnel(self, tunnel, association_id: uuid.UUID,
+                       answer_unknown: bool = True) -> Endpoint | None:
         """
-        The association, if ``tunnel`` is the one it is pinned to: another
-        Key Distributor must not steer (or end) an association it does not
-        terminate.
+        The association, if ``tunnel`` goes to the Key Distributor that
+        terminates it (its own tunnel, or any tunnel to the same certificate
+        identity, which it then answers through): another Key Distributor
+        must not steer (or end) an association it does not terminate.  An
+        unknown one is answered with EndpointDisconnect (``answer_unknown``)
+        on a tunnel with an identity.
         """
         endpoint = self._by_id.get(association_id)
         if endpoint is None:
             self._count("tunnel-unknown-association")
+            if (answer_unknown and getattr(tunnel, "identity", None) is not None
+                    and tunnel.usable):
+                # Not here (ended, or this Media Distributor restarted): the
+                # Key Distributor would otherwise keep it for this identity.
+                tunnel.sendDisconnect(association_id)
             return None
         if endpoint.tunnel is not tunnel:
-            self._count("tunnel-foreign-association")
-            return None
+            if endpoint.peer is None or getattr(tunnel, "identity", None) != endpoint.peer:
+                self._count("tunnel-foreign-association")
+                return None
+            self._moveTo(endpoint, tunnel)
         return endpoint
+
+    def _moveTo(self, endpoint: Endpoint, tunnel) -> None:
+        """Carry ``endpoint`` through ``tunnel`` (None: none up) and count it there."""
+        if endpoint.tunnel is not None:
+            endpoint.tunnel.forgetAssociation(endpoint.id)
+        endpoint.tunnel = tunnel
+        if tunnel is not None:
+            tunnel.associations.add(endpoint.id)
+
+    def _liveTunnel(self, endpoint: Endpoint):
+        """The usable tunnel for ``endpoint``'s messages, or None."""
+        tunnel = endpoint.tunnel
+        if tunnel is not None and tunnel.usable:
+            return tunnel
+        if endpoint.peer is None:
+            return None
+        current = self.pool.current(endpoint.peer)
+        if current is not None:
+            self._moveTo(endpoint, current)
+        return current
+
+    def _wait(self, identity: str, message) -> None:
+        """No tunnel to ``identity`` is up: ``message`` waits for the next (bounded)."""
+        if not self._waiting.put(identity, message):
+            self._count("dropped-waiting-full")
+            return
+        if identity not in self._waitingTimers:
+            self._waitingTimers[identity] = self.clock.callLater(
+                self.limits.waiting_seconds, self._waitedTooLong, identity)
+
+    def _waitedTooLong(self, identity: str) -> None:
+        del self._waitingTimers[identity]
+        self._count("dropped-waited-too-long",
+                    self._waiting.expire(identity, self.limits.waiting_seconds))
 
     def tunnelDown(self, tunnel, reason=None) -> None:
         """
-        Associations still handshaking through the tunnel fail (the endpoint
-        retries and gets a new one); keyed ones keep forwarding media.
+        The associations of a tunnel to a Key Distributor with a certificate
+        identity move to another tunnel to it, or wait for the next one
+        (handshaking ones until --handshake-timeout, keyed ones forward media
+        meanwhile).  On a tunnel without one, associations still handshaking
+        fail (the endpoint retries and gets a new one); keyed ones keep
+        forwarding media.
         """
+        identity = getattr(tunnel, "identity", None)
+        current = self.pool.current(identity) if identity is not None else None
         for endpoint in list(self._by_id.values()):
             if endpoint.tunnel is tunnel:
-                if endpoint.established:
+                if endpoint.peer is not None:
+                    self._moveTo(endpoint, current)
+                elif endpoint.established:
                     endpoint.tunnel = None
                 else:
                     self._drop(endpoint, notify=False, reason="tunnel lost during the handshake")
+        if current is not None:
+            self._flush(identity, current)
 
     def tunnelUp(self, tunnel) -> None:
-        pass
+        """
+        A tunnel to a Key Distributor with a certificate identity is where
+        that peer's associations go from now (its newest), and what waited
+        for it is sent.
+        """
+        identity = getattr(tunnel, "identity", None)
+        if identity is None:
+            return
+        moved = 0
+        for endpoint in self._by_id.values():
+            if endpoint.peer == identity and endpoint.tunnel is not tunnel:
+                self._moveTo(endpoint, tunnel)
+                moved += 1
+        sent = self._flush(identity, tunnel)
+        if moved or sent:
+            self.log.info(
+                "Tunnel with {peer} now carries the {count} associations of that Key "
+                "Distributor; {waiting} messages that waited for it sent",
+                peer=tunnel.peerDescription(), count=moved, waiting=sent)
+
+    def _flush(self, identity: str, tunnel) -> int:
+        timer = self._waitingTimers.pop(identity, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        messages = self._waiting.drain(identity)
+        for message in messages:
+            if isinstance(message, wire.EndpointDisconnect):
+                tunnel.sendDisconnect(message.association_id)
+            else:
+                tunnel.sendDtls(message.association_id, message.dtls_message)
+        return len(messages)
 
     # -- ending associations ----------------------------------------------
 
@@ -512,6 +617,11 @@ class MediaRelay(protocol.DatagramProtocol):
         for endpoint in ended:
             self._drop(endpoint, notify=True, reason=reason)
         return len(ended)
+
+    def disconnectAll(self, reason: str) -> None:
+        """End every association, telling the Key Distributors whose tunnels are up."""
+        for endpoint in list(self._by_id.values()):
+            self._drop(endpoint, notify=True, reason=reason)
 
     def _membershipRemoved(self, tls_id: str, conference: str) -> None:
         self.disconnect(tls_id, "membership removed")
@@ -541,11 +651,15 @@ class MediaRelay(protocol.DatagramProtocol):
             if not members:
                 del self._conferences[endpoint.conference]
             self._membersChanged(endpoint.conference)
-        tunnel = endpoint.tunnel
-        if tunnel is not None:
-            if notify and tunnel.usable:
+        tunnel = self._liveTunnel(endpoint) if notify else endpoint.tunnel
+        if notify:
+            if tunnel is not None:
                 tunnel.sendDisconnect(endpoint.id)
-            tunnel.forgetAssociation(endpoint.id)
+            elif endpoint.peer is not None:
+                # Its Key Distributor must still learn that it ended.
+                self._wait(endpoint.peer, wire.EndpointDisconnect(endpoint.id))
+        if endpoint.tunnel is not None:
+            endpoint.tunnel.forgetAssociation(endpoint.id)
         # Drop the sessions (and their keys) now rather than at collection.
         endpoint.inbound = endpoint.outbound = None
         if log:
@@ -578,3 +692,8 @@ class MediaRelay(protocol.DatagramProtocol):
         """Forget every association (service shutdown)."""
         for endpoint in list(self._by_id.values()):
             self._drop(endpoint, notify=False, reason="shutting down")
+        for timer in self._waitingTimers.values():
+            if timer.active():
+                timer.cancel()
+        self._waitingTimers.clear()
+        self._waiting.clear()

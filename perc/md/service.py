@@ -128,6 +128,10 @@ class MediaDistributorService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        # The endpoints are disconnected: their Key Distributors are told
+        # (EndpointDisconnect) before the tunnels close, or they would keep
+        # the associations for the next tunnel of this identity.
+        self.relay.disconnectAll("Media Distributor stopping")
         yield super().stopService()
         self.relay.stop()
         for port in self.ports.values():

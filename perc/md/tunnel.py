@@ -177,7 +177,9 @@ class MediaDistributorTunnel(TunnelConnection):
         self.maxPausedSeconds = maxPausedSeconds
         #: The Key Distributor's certificate identity, once TLS told it.
         self.identity: str | None = None
-        #: Association ids this tunnel carries (added by :meth:`sendDtls`).
+        #: Association ids this tunnel carries (added by :meth:`sendDtls`, or
+        #: by the relay when an association moves here from another tunnel
+        #: to the same Key Distributor).
         self.associations: set[uuid.UUID] = set()
         #: Messages written and received on this connection, by type name.
         self.messagesSent: collections.Counter = collections.Counter()
@@ -696,6 +698,16 @@ class TunnelPool(_VersionRejections, _PassMessagesOn, service.MultiService):
         self._turn += 1
         rotated = candidates[start:] + candidates[:start]
         return min(rotated, key=lambda tunnel: len(tunnel.associations))
+
+    def current(self, identity: str) -> MediaDistributorTunnel | None:
+        """
+        The newest usable tunnel whose Key Distributor has certificate
+        identity ``identity``, or None: where that peer's associations go.
+        """
+        for tunnel in reversed(self._up):
+            if tunnel.identity == identity and tunnel.usable:
+                return tunnel
+        return None
 
     def stopService(self):
         stopping = [super().stopService()]

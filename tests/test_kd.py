@@ -723,22 +723,25 @@ class EktRolloverTests(KeyDistributorTestCase):
     ekt = True
     ekt_options = {"ttl": 4, "rollover": 0.75}
 
+    @defer.inlineCallbacks
     def setUp(self):
-        done = super().setUp()
-
-        def ready(_):
-            self.md = MediaDistributorStandIn(self.kd)
-            self.clients = {}
-            self.events = []
-            self.kd.log = Logger(observer=self.events.append)
-        return done.addCallback(ready)
+        yield super().setUp()
+        self.md = MediaDistributorStandIn(self.kd)
+        self.clients = {}
+        self.events = []
+        self.kd.log = Logger(observer=self.events.append)
+        # Each member is another endpoint: a second association of the same
+        # endpoint through the same Media Distributor supersedes its first.
+        second, _ = yield self.roster.put(CONFERENCE, SECOND_TLS_ID, _SECOND.fingerprint)
+        self.members = [(_ENDPOINT, TLS_ID, self.registration), (_SECOND, SECOND_TLS_ID, second)]
 
     def join(self):
         """A new member (a real client engine); returns (association id, its first key)."""
         aid = uuid.uuid4()
+        credentials, tls_id, registration = self.members[len(self.clients) % len(self.members)]
         client = self.clients[aid] = dtls.ClientAssociation(
-            _ENDPOINT, DEFAULT_PROFILES, tls_id=TLS_ID.encode(),
-            expected_peer_tls_id=self.registration.kd_tls_id.encode(), ekt_ciphers=(1,))
+            credentials, DEFAULT_PROFILES, tls_id=tls_id.encode(),
+            expected_peer_tls_id=registration.kd_tls_id.encode(), ekt_ciphers=(1,))
         for datagram in client.start(self.clock.seconds()).datagrams:
             self.md.send(wire.TunneledDtls(aid, datagram))
         [key] = self.pump()[aid]

@@ -220,13 +220,15 @@ class Deployment:
                 daemon.stop(timeout=10)
 
     async def stop(self) -> None:
+        from twisted.internet import defer
+
         for endpoint in self.endpoints:
             endpoint.stopSending()
         for port in self._ports:
-            await port.stopListening()
+            await defer.maybeDeferred(port.stopListening)
         self._ports = []
         if self.relay is not None:
-            await self.relay.stop()
+            await defer.maybeDeferred(self.relay.stop)
         for daemon in (self.md, self.kd):
             if daemon is not None:
                 await self._stop_daemon(daemon)

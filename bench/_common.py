@@ -61,18 +61,33 @@ def free_ports(count: int, kind: int = socket.SOCK_STREAM) -> list:
             s.close()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux; else nothing)."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 class Daemon:
     """
     A ``twistd -n`` process whose combined output goes to ``log_path`` (a
     file, not a pipe: a daemon that logs a lot never blocks on a reader).
+    With ``die_with_parent`` (Linux) the kernel sends it SIGTERM if the
+    benchmark process dies without stopping it: no orphan daemons.
     """
 
-    def __init__(self, directory: str, args: list, log_name: str):
+    def __init__(self, directory: str, args: list, log_name: str,
+                 die_with_parent: bool = False):
         self.log_path = os.path.join(directory, log_name)
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             TWISTD + ["-n", "--pidfile="] + list(args), cwd=directory,
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if die_with_parent else None)
 
     @property
     def pid(self) -> int:

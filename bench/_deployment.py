@@ -1,0 +1,510 @@
+"""
+The live deployment ``bench/soak.py`` and ``bench/faults.py`` put faults
+into: a development PKI, ``twistd -n perc-kd`` and ``twistd -n perc-md`` as
+real processes on loopback with the tunnel through an in-process TCP relay
+(:class:`perc.testing.tcprelay.TcpRelay`), and reference endpoints (real
+UDP, real DTLS) on this process's reactor, registered through both control
+APIs.  :class:`Deployment` makes the faults; :class:`Monitor` measures what
+each did to the media; :func:`run_on_reactor` runs a benchmark on it and
+stops its daemons whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+
+import _common
+
+#: The endpoint's loss count does not follow RTP sequence numbers past a
+#: wrap: a run stays below this many packets per sender.
+SEQUENCE_SPACE = 1 << 16
+
+
+class BenchFailure(RuntimeError):
+    """The run could not be completed or its verdict failed; ``figures`` so far."""
+
+    def __init__(self, message, figures=None):
+        super().__init__(message)
+        self.figures = figures
+
+
+def open_fds(pid: int):
+    """Open file descriptors of process ``pid`` (``/proc/PID/fd``), None if it is gone."""
+    try:
+        return len(os.listdir("/proc/{}/fd".format(pid)))
+    except OSError:
+        return None
+
+
+def process_figures(daemon) -> tuple:
+    """``(RSS KiB, open fds)`` of a running daemon, Nones if it is not running."""
+    if daemon is None or daemon.process.poll() is not None:
+        return None, None
+    try:
+        rss = _common.rss_kib(daemon.pid)
+    except (OSError, RuntimeError):
+        rss = None
+    return rss, open_fds(daemon.pid)
+
+
+def slope_kib_per_hour(samples):
+    """
+    Least-squares slope of ``samples`` ((seconds, KiB, life)), in KiB per
+    hour, with one intercept per ``life`` (a restarted process starts
+    afresh; only growth within a life counts).  None without two samples in
+    one life.
+    """
+    lives = {}
+    for t, kib, life in samples:
+        if kib is not None:
+            lives.setdefault(life, []).append((t, kib))
+    numerator = denominator = 0.0
+    for points in lives.values():
+        if len(points) < 2:
+            continue
+        mean_t = sum(t for t, _ in points) / len(points)
+        mean_k = sum(k for _, k in points) / len(points)
+        numerator += sum((t - mean_t) * (k - mean_k) for t, k in points)
+        denominator += sum((t - mean_t) ** 2 for t, _ in points)
+    if denominator == 0:
+        return None
+    return numerator / denominator * 3600.0
+
+
+async def sleep(reactor, seconds: float) -> None:
+    from twisted.internet import task
+
+    await task.deferLater(reactor, max(0.0, seconds), lambda: None)
+
+
+async def wait_until(reactor, predicate, timeout: float, what: str, poll: float = 0.05) -> None:
+    """Poll ``predicate`` until it holds; BenchFailure("no <what> ...") after ``timeout``."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise BenchFailure("{} not seen within {} s".format(what, timeout))
+        await sleep(reactor, poll)
+
+
+def log_holds(daemon, text: str) -> bool:
+    with open(daemon.log_path, errors="replace") as f:
+        return text in f.read()
+
+
+class Deployment:
+    """
+    The daemons, the relay between them and the endpoints of one run, on
+    ``reactor``; faults are methods.  :meth:`kill` (synchronous, idempotent)
+    stops the daemons from anywhere, a reactor shutdown trigger included.
+    """
+
+    def __init__(self, reactor, directory: str, *, endpoints: int = 10, conferences: int = 2,
+                 rate: float = 20.0, ekt_ttl=None, keepalive: float = 5.0,
+                 keepalive_timeout: float = 5.0, kd_args=(), md_args=()):
+        self.reactor = reactor
+        self.directory = directory
+        self.endpoint_count = endpoints
+        self.conferences = ["soak-{}".format(n + 1) for n in range(conferences)]
+        self.rate = rate
+        self.ekt_ttl = ekt_ttl
+        self.keepalive = keepalive
+        self.keepalive_timeout = keepalive_timeout
+        self.kd_args = list(kd_args)
+        self.md_args = list(md_args)
+        self.kd = self.md = None
+        self.kd_lives = self.md_lives = 0
+        self.endpoints = []
+        self._ports = []
+        self.relay = None
+        self.joins_source = None
+
+    # -- daemons --------------------------------------------------------
+
+    async def start(self) -> None:
+        from perc import pki
+        from perc.testing.tcprelay import TcpRelay
+        from twisted.web.client import Agent
+
+        self.pki = pki.create_dev_pki(os.path.join(self.directory, "pki"))
+        self.kd_port, self.kd_api_port, self.md_api_port = _common.free_ports(3)
+        self.media_port = _common.free_port(socket.SOCK_DGRAM)
+        self.relay = TcpRelay(self.reactor, ("127.0.0.1", self.kd_port))
+        self.relay.listen()
+        self.agent = Agent(self.reactor)
+        await self.start_kd()
+        await self.start_md()
+        with open(os.path.join(self.directory, "perc-kd-api.token")) as f:
+            self.kd_token = f.read().strip()
+        with open(os.path.join(self.directory, "perc-md-api.token")) as f:
+            self.md_token = f.read().strip()
+        await self._add_endpoints()
+
+    async def start_kd(self) -> None:
+        self.kd_lives += 1
+        args = ["perc-kd", "--pki", self.pki.directory,
+                "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(self.kd_port),
+                "--api", "tcp:{}:interface=127.0.0.1".format(self.kd_api_port),
+                "--db", os.path.join(self.directory, "perc-kd.sqlite3")]
+        if self.ekt_ttl is not None:
+            args += ["--ekt-ttl", str(self.ekt_ttl)]
+        self.kd = _common.Daemon(self.directory, args + self.kd_args,
+                                 "perc-kd.{}.log".format(self.kd_lives), die_with_parent=True)
+        await self._wait_log(self.kd, "Key Distributor ready")
+
+    async def start_md(self) -> None:
+        self.md_lives += 1
+        args = ["perc-md", "--pki", self.pki.directory,
+                "--kd", "tcp:127.0.0.1:{}".format(self.relay.port.getHost().port),
+                "--media-port", str(self.media_port), "--media-interface", "127.0.0.1",
+                "--api", "tcp:{}:interface=127.0.0.1".format(self.md_api_port)]
+        self.md = _common.Daemon(self.directory, args + self.md_args,
+                                 "perc-md.{}.log".format(self.md_lives), die_with_parent=True)
+        await self._wait_log(self.md, "up: sent SupportedProfiles")
+
+    async def _wait_log(self, daemon, text: str, timeout: float = 30.0) -> None:
+        def seen():
+            if daemon.process.poll() is not None:
+                raise BenchFailure("{} exited (status {}); its output ends:\n{}".format(
+                    daemon.log_path, daemon.process.poll(), daemon.output()[-3000:]))
+            return log_holds(daemon, text)
+
+        await wait_until(self.reactor, seen, timeout, "{!r} in {}".format(text, daemon.log_path))
+
+    async def _stop_daemon(self, daemon) -> None:
+        import signal
+
+        if daemon.process.poll() is None:
+            daemon.process.send_signal(signal.SIGTERM)
+            try:
+                await wait_until(self.reactor, lambda: daemon.process.poll() is not None, 15.0,
+                                 "exit")
+            except BenchFailure:
+                daemon.process.kill()
+        daemon.stop()
+
+    async def restart_kd(self) -> None:
+        """SIGTERM, then the same ports and roster database."""
+        await self._stop_daemon(self.kd)
+        await self.start_kd()
+
+    async def restart_md(self) -> None:
+        """SIGTERM, then the same ports; the memberships are put again (they live in memory)."""
+        await self._stop_daemon(self.md)
+        await self.start_md()
+        for endpoint in self.endpoints:
+            await self._put("md", endpoint.conference, endpoint.tls_id, {})
+
+    def reset_tunnel(self) -> int:
+        """Reset both TCP connections of every tunnel through the relay."""
+        return self.relay.reset()
+
+    async def rekey(self, conference: str) -> bool:
+        from perc.errors import ConfigError
+        from perc.register_cli import put_json
+
+        url = "http://127.0.0.1:{}/v1/conferences/{}/rekey".format(self.kd_api_port, conference)
+        try:
+            code, _ = await put_json(self.agent, url.encode("ascii"), self.kd_token, {},
+                                     reactor=self.reactor, timeout=10, method=b"POST")
+        except ConfigError:
+            return False  # the Key Distributor is restarting
+        return code == 200
+
+    def kill(self) -> None:
+        """Stop both daemons now (blocking; for exit paths)."""
+        for daemon in (self.md, self.kd):
+            if daemon is not None:
+                daemon.stop(timeout=10)
+
+    async def stop(self) -> None:
+        from twisted.internet import defer
+
+        for endpoint in self.endpoints:
+            endpoint.stopSending()
+        for port in self._ports:
+            await defer.maybeDeferred(port.stopListening)
+        self._ports = []
+        if self.relay is not None:
+            await defer.maybeDeferred(self.relay.stop)
+        for daemon in (self.md, self.kd):
+            if daemon is not None:
+                await self._stop_daemon(daemon)
+
+    # -- endpoints ------------------------------------------------------
+
+    async def _put(self, which: str, conference: str, tls_id: str, body: dict):
+        from urllib.parse import quote
+
+        from perc.register_cli import put_json
+
+        port, token = ((self.kd_api_port, self.kd_token) if which == "kd"
+                       else (self.md_api_port, self.md_token))
+        url = "http://127.0.0.1:{}/v1/conferences/{}/endpoints/{}".format(
+            port, quote(conference, safe=""), quote(tls_id, safe=""))
+        code, answer = await put_json(self.agent, url.encode("ascii"), token, body,
+                                      reactor=self.reactor, timeout=10)
+        if code not in (200, 201):
+            raise BenchFailure("{} refused {}: {} {}".format(which, tls_id, code, answer))
+        return answer
+
+    async def _add_endpoints(self) -> None:
+        from cryptography import x509
+        from twisted.internet import defer
+
+        from perc import dtls, pki
+        from perc.endpoint import ReferenceEndpoint
+        from perc.profiles import by_id
+
+        with open(self.pki.kd_certificate, "rb") as f:
+            kd_fingerprint = pki.fingerprint(x509.load_pem_x509_certificate(f.read()))
+        for index in range(self.endpoint_count):
+            conference = self.conferences[index % len(self.conferences)]
+            name = "endpoint-{}".format(index + 1)
+            credentials = dtls.Credentials.self_signed(name)
+            tls_id = "{}-{}".format(name, os.urandom(12).hex())
+            answer = await self._put("kd", conference, tls_id,
+                                     {"fingerprint": credentials.fingerprint})
+            await self._put("md", conference, tls_id, {})
+            endpoint = ReferenceEndpoint(
+                name=name, credentials=credentials, tls_id=tls_id,
+                server=("127.0.0.1", self.media_port), profile=by_id(0x0009),
+                clock=self.reactor, expected_kd_tls_id=answer["kd_tls_id"],
+                expected_kd_fingerprint=kd_fingerprint, rate=self.rate,
+                keepalive=self.keepalive, keepalive_timeout=self.keepalive_timeout)
+            endpoint.conference = conference
+            endpoint.tls_id = tls_id
+            self._ports.append(self.reactor.listenUDP(0, endpoint, interface="127.0.0.1"))
+            self.endpoints.append(endpoint)
+        joined = defer.gatherResults([e.joined for e in self.endpoints], consumeErrors=True)
+        await joined.addTimeout(60, self.reactor)
+        self.joins_source = ("endpoint summary" if "joins" in self.endpoints[0].summary()
+                             else "derived: first join + rejoins")
+        for endpoint in self.endpoints:
+            endpoint.startSending()
+
+    # -- what the endpoints saw -------------------------------------------
+
+    @staticmethod
+    def joins(endpoint) -> int:
+        """
+        Handshakes ``endpoint`` completed: its summary's ``joins`` where it
+        has one, else its first join (its hop-by-hop keys exist) plus its
+        rejoins (handshakes completed after the first).
+        """
+        summary = endpoint.summary()
+        if "joins" in summary:
+            return summary["joins"]
+        return endpoint.rejoins + (1 if endpoint.hbh_keys is not None else 0)
+
+    def pairs(self) -> list:
+        """(receiver, sender) for every two members of one conference."""
+        return [(r, s) for r in self.endpoints for s in self.endpoints
+                if r is not s and r.conference == s.conference]
+
+    def totals(self) -> dict:
+        """Counts summed over the endpoints (cumulative)."""
+        totals = dict(sent=0, verified=0, failed=0, lost=0, undecryptable=0, joins=0,
+                      new_keys=0)
+        for endpoint in self.endpoints:
+            totals["sent"] += endpoint.sent
+            totals["joins"] += self.joins(endpoint)
+            totals["new_keys"] += endpoint.rekeys
+            for stats in endpoint.stats.values():
+                totals["verified"] += stats.verified
+                totals["failed"] += stats.failed
+                totals["lost"] += stats.lost
+                totals["undecryptable"] += stats.undecryptable
+        return totals
+
+
+class Monitor:
+    """
+    Polls the endpoints every ``poll`` seconds and follows each fault from
+    the moment it is made (:meth:`fault`) until :meth:`close`: when every
+    receiver had verified a packet every other member sent after the fault
+    and after the last join seen since (``recovered_s``: the rejoins a fault
+    causes are part of it), the longest any pair went without a verified
+    packet (``gap_s``, counted from its last one before the fault), the last
+    join seen (``last_join_s``), and the endpoints' counts over that time.
+    ``lost`` counts every packet not verified below a receiver's highest
+    verified sequence number, undecryptable ones included.
+    """
+
+    def __init__(self, deployment: Deployment, poll: float = 0.05):
+        from twisted.internet import task
+
+        self.deployment = deployment
+        self.reactor = deployment.reactor
+        self.open = []
+        self._verified = {}
+        self._changed = {}
+        self._joins = None
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self.reactor
+        self.poll = poll
+
+    def start(self) -> None:
+        self._tick()
+        self._loop.start(self.poll, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def fault(self, kind: str, started: float) -> dict:
+        """A fault made now; ``started`` is the run's start (reactor seconds)."""
+        self._tick()
+        now = self.reactor.seconds()
+        record = {
+            "kind": kind, "at_s": round(now - started, 2), "_at": now,
+            "_marks": self._marks(),
+            "_before": self.deployment.totals(),
+            "recovered_s": None, "gap_s": 0.0, "last_join_s": None,
+        }
+        self.open.append(record)
+        return record
+
+    def _tick(self) -> None:
+        now = self.reactor.seconds()
+        deployment = self.deployment
+        for receiver, sender in deployment.pairs():
+            key = receiver.name, sender.name
+            stats = receiver.stats.get(sender.ssrc)
+            verified = 0 if stats is None else stats.verified
+            if verified != self._verified.get(key):
+                previous = self._changed.get(key)
+                for record in self.open:
+                    # From the pair's last verified packet, before the fault if need be.
+                    since = record["_at"] if previous is None else previous
+                    record["gap_s"] = max(record["gap_s"], now - since)
+                self._verified[key] = verified
+                self._changed[key] = now
+        joins = sum(deployment.joins(e) for e in deployment.endpoints)
+        if self._joins is not None and joins != self._joins:
+            for record in self.open:
+                # A join after the fault (its consequence): media must flow after it too.
+                record["last_join_s"] = round(now - record["_at"], 2)
+                record["_marks"] = self._marks()
+                record["recovered_s"] = None
+        self._joins = joins
+        for record in self.open:
+            if record["recovered_s"] is None and self._recovered(record):
+                record["recovered_s"] = round(now - record["_at"], 2)
+
+    def _marks(self) -> dict:
+        # A sender's RTP sequence number is its count of packets sent.
+        return {(r.name, s.name): s.sent % SEQUENCE_SPACE for r, s in self.deployment.pairs()}
+
+    def _recovered(self, record) -> bool:
+        for receiver, sender in self.deployment.pairs():
+            stats = receiver.stats.get(sender.ssrc)
+            if stats is None or stats.highest_sequence is None:
+                return False
+            if stats.highest_sequence <= record["_marks"][receiver.name, sender.name]:
+                return False
+        return True
+
+    def close(self, record) -> dict:
+        """Stop following ``record``; returns it with the counts since the fault."""
+        self._tick()
+        now = self.reactor.seconds()
+        for receiver, sender in self.deployment.pairs():
+            # A pair silent since its last verified packet: that gap lasts until now.
+            since = self._changed.get((receiver.name, sender.name), record["_at"])
+            record["gap_s"] = max(record["gap_s"], now - since)
+        after = self.deployment.totals()
+        for name in ("sent", "verified", "failed", "lost", "undecryptable", "joins",
+                     "new_keys"):
+            record[name] = after[name] - record["_before"][name]
+        record["gap_s"] = round(record["gap_s"], 2)
+        record["observed_s"] = round(now - record["_at"], 2)
+        self.open.remove(record)
+        return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+# --------------------------------------------------------------------------
+
+
+def parse_ekt_ttl(parser, value):
+    if value.lower() == "none":
+        return None
+    try:
+        ttl = int(value)
+    except ValueError:
+        parser.error("--ekt-ttl: seconds or 'none'")
+    if ttl < 1:
+        parser.error("--ekt-ttl must be at least 1")
+    return ttl
+
+
+def check_deployment_options(parser, args) -> None:
+    """Checks shared with bench/faults.py."""
+    if not 2 <= args.endpoints <= 100:
+        parser.error("--endpoints must be 2 to 100")
+    if not 1 <= args.conferences <= args.endpoints // 2:
+        parser.error("--conferences: each needs at least 2 endpoints")
+    if not 0 < args.rate <= 100:
+        parser.error("--rate must be above 0 and at most 100")
+    if args.keepalive <= 0 or args.keepalive_timeout <= 0:
+        parser.error("--keepalive and --keepalive-timeout must be positive (the faults are "
+                     "noticed by the endpoints' liveness probes)")
+
+
+def deployment_from(reactor, directory, args) -> Deployment:
+    return Deployment(reactor, directory, endpoints=args.endpoints,
+                      conferences=args.conferences, rate=args.rate, ekt_ttl=args.ekt_ttl,
+                      keepalive=args.keepalive, keepalive_timeout=args.keepalive_timeout)
+
+
+def run_on_reactor(name: str, coroutine_function, args):
+    """
+    Run ``coroutine_function(reactor, deployment, args)`` on the global
+    reactor with a fresh :class:`Deployment` in a temporary directory;
+    return its figures.  The daemons are stopped whatever happens.
+    """
+    from twisted.internet import defer, reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    directory = tempfile.mkdtemp(prefix="perc-{}-".format(name))
+    log_file = open(os.path.join(directory, "bench.log"), "w")
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)],
+                                     redirectStandardIO=False)
+    deployment = deployment_from(reactor, directory, args)
+    reactor.addSystemEventTrigger("before", "shutdown", deployment.kill)
+    outcome = {}
+
+    async def main():
+        try:
+            await deployment.start()
+            return await coroutine_function(reactor, deployment, args)
+        finally:
+            await deployment.stop()
+
+    def started():
+        d = defer.ensureDeferred(main())
+        d.addBoth(lambda result: outcome.__setitem__("result", result))
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(started)
+    try:
+        reactor.run()
+    finally:
+        deployment.kill()
+        log_file.close()
+        failed = not isinstance(outcome.get("result"), dict)
+        if args.keep or failed:
+            print("logs kept in {}".format(directory), flush=True)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    result = outcome.get("result")
+    if result is None:
+        raise BenchFailure("interrupted")
+    if isinstance(result, dict):
+        return result
+    error = result.value  # a Failure
+    if isinstance(error, BenchFailure):
+        raise error
+    raise BenchFailure("{}: {}".format(type(error).__name__, error)) from None

@@ -1,0 +1,4 @@
+"""
+Helpers for exercising PERC deployments from tests and benchmarks (not used
+by the daemons themselves).
+"""

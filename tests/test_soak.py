@@ -118,8 +118,9 @@ class SlopeTests(SynchronousTestCase):
 class SoakMinuteTests(SynchronousTestCase):
     """``perc bench soak`` for one minute, as its own process (it runs its own reactor)."""
 
-    #: Passed to perc-kd as --ekt-ttl; none until perc-kd has the option.
-    EKT_TTL = None
+    #: Passed to perc-kd as --ekt-ttl: short, so that EKTKeys roll over
+    #: (every 9 s at the default --ekt-rollover 0.75) during the minute.
+    EKT_TTL = 12
 
     def test_one_minute(self):
         result = subprocess.run(

@@ -3,8 +3,8 @@ The Key Distributor's HTTP/JSON control API, through which signalling
 registers endpoints in conferences.
 
 Every request (but the three operations paths below) carries
-``Authorization: Bearer <token>`` (see :mod:`perc.apitoken`).  Routes (path segments are percent-decoded, so a tls-id
-containing ``/`` is sent as ``%2F``):
+``Authorization: Bearer <token>`` (see :mod:`perc.apitoken`).  Routes (path
+segments are percent-decoded, so a tls-id containing ``/`` is sent as ``%2F``):
 
 ``PUT /v1/conferences/{conference}/endpoints/{tls_id}``
     Body ``{"fingerprint": "sha-256 AB:CD:..."}`` (a JSON object with exactly

@@ -29,6 +29,7 @@ setup(
         "pylibsrtp>=0.10",
         "zope.interface>=6.0",
         "cryptography>=44",
+        "prometheus-client>=0.20",
     ],
     extras_require={"test": ["hypothesis>=6.100"],
                     # perc bench fuzz: coverage-guided fuzzing and its line coverage.

@@ -1,6 +1,7 @@
 """
 What the two distributors' HTTP/JSON control APIs share: a request class
-that bounds bodies, bearer-token checking, JSON bodies and responses.
+that bounds bodies, bearer-token checking, JSON bodies and responses, and
+the paths served without a token (metrics and health).
 """
 
 from __future__ import annotations
@@ -8,13 +9,16 @@ from __future__ import annotations
 import json
 from io import BytesIO
 
+from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import http, server
+from twisted.web import http, resource, server
 
 from perc.apitoken import bearer_token_matches
+from perc.metrics import CONTENT_TYPE, exposition
 
 __all__ = ["MAX_BODY", "APIRequest", "BodyError", "json_response", "error_response",
-           "not_allowed", "refuse_unauthenticated", "parse_json_object", "peer", "make_site"]
+           "not_allowed", "refuse_unauthenticated", "parse_json_object", "peer", "make_site",
+           "OperationsResource"]
 
 log = Logger()
 
@@ -138,3 +142,65 @@ def make_site(root) -> server.Site:
     site.displayTracebacks = False
     site.noisy = False
     return site
+
+
+class OperationsResource(resource.Resource):
+    """
+    ``GET /metrics`` (Prometheus text format), ``GET /healthz`` (200 while
+    the process serves) and ``GET /readyz`` (200 or 503 with the reason),
+    with no token: they carry no secrets.  The root of a ``--metrics``
+    site, and what each control API hands these three paths to
+    (:meth:`serves`) before it checks the token.
+
+    ``readiness()`` returns ``(ready, reason)`` or a Deferred firing with it.
+    """
+
+    isLeaf = True
+    PATHS = ([b"metrics"], [b"healthz"], [b"readyz"])
+
+    def __init__(self, registry, readiness):
+        super().__init__()
+        self._registry = registry
+        self._readiness = readiness
+
+    def serves(self, request) -> bool:
+        return request.postpath in self.PATHS
+
+    def render(self, request):
+        if not self.serves(request):
+            return error_response(request, http.NOT_FOUND, "no such resource")
+        if request.method not in (b"GET", b"HEAD"):
+            return not_allowed(request, b"GET, HEAD")
+        path = request.postpath[0]
+        if path == b"metrics":
+            request.setHeader(b"content-type", CONTENT_TYPE)
+            request.setHeader(b"cache-control", b"no-store")
+            return exposition(self._registry)
+        if path == b"healthz":
+            return json_response(request, http.OK, {"status": "serving"})
+        return self._ready(request)
+
+    def _ready(self, request):
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def answer(result):
+            ready, reason = result
+            return json_response(request, http.OK if ready else http.SERVICE_UNAVAILABLE,
+                                 {"ready": ready, "reason": reason})
+
+        def failed(failure):
+            log.failure("readiness check failed", failure=failure)
+            return json_response(request, http.SERVICE_UNAVAILABLE,
+                                 {"ready": False, "reason": "the readiness check failed"})
+
+        def finish(body):
+            if not gone:
+                request.write(body)
+                request.finish()
+
+        d = defer.maybeDeferred(self._readiness)
+        d.addCallbacks(answer, failed)
+        d.addCallback(finish)
+        d.addErrback(lambda failure: log.failure("readiness response failed", failure=failure))
+        return server.NOT_DONE_YET

@@ -2,9 +2,9 @@
 The Key Distributor's HTTP/JSON control API, through which signalling
 registers endpoints in conferences.
 
-Every request carries ``Authorization: Bearer <token>`` (see
-:mod:`perc.apitoken`).  Routes (path segments are percent-decoded, so a tls-id
-containing ``/`` is sent as ``%2F``):
+Every request (but the three operations paths below) carries
+``Authorization: Bearer <token>`` (see :mod:`perc.apitoken`).  Routes (path
+segments are percent-decoded, so a tls-id containing ``/`` is sent as ``%2F``):
 
 ``PUT /v1/conferences/{conference}/endpoints/{tls_id}``
     Body ``{"fingerprint": "sha-256 AB:CD:..."}`` (a JSON object with exactly
@@ -24,6 +24,8 @@ containing ``/`` is sent as ``%2F``):
 ``GET /v1/status``
     200 with ``{"associations", "established", "tunnels", "counters",
     "dtls_objects", "registrations"}``: what the Key Distributor holds now.
+``GET /metrics``, ``GET /healthz``, ``GET /readyz``
+    Without a token: see :class:`perc.httpapi.OperationsResource`.
 
 Errors have a JSON body ``{"error": "<one line>"}``:
 
@@ -100,16 +102,18 @@ class ControlAPI(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, roster, token: str, rekey=None, status=None):
+    def __init__(self, roster, token: str, rekey=None, status=None, operations=None):
         """
         ``rekey(conference) -> (EktKey, endpoints)`` serves the rekey route,
-        ``status() -> dict`` the status route.
+        ``status() -> dict`` the status route, ``operations`` (an
+        OperationsResource) the paths that need no token.
         """
         super().__init__()
         self._roster = roster
         self._token = token
         self._rekey = rekey
         self._status = status
+        self._operations = operations
 
     _json = staticmethod(json_response)
     _error = staticmethod(error_response)
@@ -118,6 +122,8 @@ class ControlAPI(resource.Resource):
     # -- dispatch --------------------------------------------------------
 
     def render(self, request):
+        if self._operations is not None and self._operations.serves(request):
+            return self._operations.render(request)
         refusal = refuse_unauthenticated(request, self._token)
         if refusal is not None:
             return refusal
@@ -310,6 +316,6 @@ class ControlAPI(resource.Resource):
         return server.NOT_DONE_YET
 
 
-def make_api_site(roster, token: str, rekey=None, status=None) -> server.Site:
+def make_api_site(roster, token: str, rekey=None, status=None, operations=None) -> server.Site:
     """A ``Site`` serving the control API for ``roster``, guarded by ``token``."""
-    return make_site(ControlAPI(roster, token, rekey, status))
+    return make_site(ControlAPI(roster, token, rekey, status, operations))

@@ -76,6 +76,8 @@ class _Association:
     #: The conference whose EKTKey rollover this association keeps going
     #: (see KeyDistributor._joinEktConference), or None.
     ekt_member_of: str | None = None
+    #: When (the clock's seconds) the ClientHello with the cookie came.
+    started: float = 0.0
 
 
 class KeyDistributor:
@@ -90,12 +92,16 @@ class KeyDistributor:
 
     def __init__(self, *, roster, credentials: dtls.Credentials, profiles: tuple,
                  clock, limits: Limits = Limits(), allow_missing_tls_id: bool = False,
-                 conference_keys=None):
+                 conference_keys=None, observe_handshake=None):
         """
         ``conference_keys`` (a :class:`perc.kd.conference_keys.ConferenceKeys`)
         enables EKT: extension 39 is negotiated with endpoints that offer it
         and they get their conference's EKTKey after the handshake.
+        ``observe_handshake(seconds)`` is told how long each completed
+        handshake took, on ``clock`` (ClientHello with the cookie to
+        HandshakeComplete).
         """
+        self.observe_handshake = observe_handshake
         self.roster = roster
         self.credentials = credentials
         self.profiles = tuple(profiles)
@@ -286,6 +292,8 @@ class KeyDistributor:
                     "Association {association_id} released: its Media Distributor did not "
                     "come back within {grace} seconds", association_id=association.id,
                     grace=self.limits.tunnel_grace)
+                if not association.established:
+                    self._count("handshake-abandoned")
                 association.engine.close(self.clock.seconds(), "tunnel lost")
                 self._forget(association)
                 if identity is not None:
@@ -306,6 +314,8 @@ class KeyDistributor:
             "Association {association_id} ended by the Media Distributor {peer}",
             association_id=association_id, peer=tunnel.peerDescription(),
             conference=self._conference(association))
+        if not association.established:
+            self._count("handshake-abandoned")
         # The Media Distributor asked: end silently (no EndpointDisconnect back).
         association.engine.close(self.clock.seconds(), "EndpointDisconnect")
         self._forget(association)
@@ -339,6 +349,8 @@ class KeyDistributor:
         association = self._associations.get(association_id)
         if association is None or not self._sameMediaDistributor(association, tunnel):
             return
+        if not association.established:
+            self._count("handshake-failed")
         try:
             association.engine.close(self.clock.seconds(), "internal error")
         except Exception:
@@ -442,7 +454,7 @@ class KeyDistributor:
                 self._count("dtls-not-client-hello")
             return
         association = _Association(association_id, engine, tunnel, tunnel, listen_profiles,
-                                   offered=offered)
+                                   offered=offered, started=now)
         self._associations[association_id] = association
         tunnel.associations.add(association_id)
         association.counted_on = tunnel
@@ -463,6 +475,7 @@ class KeyDistributor:
 
     def _refuseNew(self, tunnel, association_id: uuid.UUID, reason: str) -> None:
         self._count(reason)
+        self._count("handshake-refused")
         self.log.warn(
             "Refusing new association {association_id} from {peer}: {reason}",
             association_id=association_id, peer=tunnel.peerDescription(), reason=reason)
@@ -552,6 +565,9 @@ class KeyDistributor:
                            event: dtls.HandshakeComplete) -> tuple:
         """Send MediaKeys; returns the datagrams of the ekt_key message, if any."""
         association.established = True
+        self._count("handshake-completed")
+        if self.observe_handshake is not None:
+            self.observe_handshake(self.clock.seconds() - association.started)
         registration = association.registration
         profile = event.profile
         hbh = profile.hbh_keys(event.keys)
@@ -660,6 +676,7 @@ class KeyDistributor:
         if self.conference_keys is None:
             raise ValueError("EKT is not enabled on this Key Distributor")
         key, sent = self._replaceKey(conference, log=True)
+        self._count("rekey-api")
         self.log.info("Conference {conference} rekeyed: EKTKey SPI {spi} sent to {count} "
                       "endpoints", conference=conference, spi=key.ekt_spi, count=sent)
         return key, sent
@@ -740,6 +757,15 @@ class KeyDistributor:
 
     def _closed(self, association: _Association, event: dtls.Closed) -> None:
         self._count("rejected" if event.rejected else "closed")
+        if not association.established:
+            if event.rejected:
+                self._count("handshake-refused")
+            elif event.reason.startswith("handshake gave up"):
+                # The engine's words for --handshake-timeout or its
+                # retransmissions running out (perc.dtls.association).
+                self._count("handshake-timeout")
+            else:
+                self._count("handshake-failed")
         log = self.log.warn if event.rejected else self.log.info
         log("Association {association_id} ended ({conference}, via {peer}): {reason}",
             association_id=association.id, conference=self._conference(association),

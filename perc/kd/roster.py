@@ -509,6 +509,22 @@ class Roster:
             )
         return failure
 
+    def ping(self) -> defer.Deferred:
+        """
+        A cheap query on the database (readiness): fires with None when it
+        answers, fails with StorageError when it does not or is closed.
+        """
+        if self._closed:
+            return defer.fail(StorageError("the registration database is closed"))
+        d = self._pool.runQuery("SELECT 1 FROM registrations LIMIT 1")
+        d.addCallbacks(lambda _: None, self._ping_failed)
+        return d
+
+    @staticmethod
+    def _ping_failed(failure):
+        failure.trap(sqlite3.Error)
+        raise StorageError("the registration database failed: {}".format(failure.value))
+
     def close(self) -> defer.Deferred:
         """
         Let changes under way finish, then close the database.  Lookups keep

@@ -1,6 +1,6 @@
 """
 The Key Distributor service: tunnel listener and/or outgoing tunnels, the
-registration store, and the control API.
+registration store, the control API, metrics and health.
 """
 
 from __future__ import annotations
@@ -14,16 +14,21 @@ from twisted.logger import Logger
 from perc import dtls
 from perc.apitoken import load_or_create_token
 from perc.errors import ConfigError
+from perc.httpapi import OperationsResource, make_site
 from perc.kd.api import make_api_site
 from perc.kd.associations import KeyDistributor, Limits
 from perc.kd.conference_keys import DEFAULT_EKT_TTL, DEFAULT_ROLLOVER, ConferenceKeys
 from perc.kd.roster import Roster
 from perc.kd.tunnel import KeyDistributorTunnelFactory
+from perc.metrics import KeyDistributorMetrics
 from perc.netutil import (DEFAULT_TUNNEL_TIMEOUT, GatedFactory, server_endpoint,
                           tls_client_endpoint, tls_server_factory)
 from perc.tls import Authoriser, TlsCredentials
 
 __all__ = ["KeyDistributorService"]
+
+#: Seconds ``GET /readyz`` waits for the registration database to answer.
+READY_TIMEOUT = 5.0
 
 
 class KeyDistributorService(service.MultiService):
@@ -40,7 +45,8 @@ class KeyDistributorService(service.MultiService):
                  api_token: str | None, allow_md: list, limits: Limits,
                  allow_missing_tls_id: bool, ekt_ttl: int = DEFAULT_EKT_TTL,
                  ekt_rollover: float = DEFAULT_ROLLOVER,
-                 tunnel_timeout: float | None = DEFAULT_TUNNEL_TIMEOUT):
+                 tunnel_timeout: float | None = DEFAULT_TUNNEL_TIMEOUT,
+                 metrics: str | None = None):
         super().__init__()
         self.reactor = reactor
         self.credentials = credentials
@@ -69,6 +75,13 @@ class KeyDistributorService(service.MultiService):
         if api:
             self._listen.append(("--api", api, server_endpoint(reactor, api, "--api"),
                                  self._apiGate))
+        self.metrics = KeyDistributorMetrics(self)
+        #: /metrics, /healthz, /readyz: on the API port and on --metrics.
+        self.operations = OperationsResource(self.metrics.registry, self.readiness)
+        if metrics:
+            self._listen.append(("--metrics", metrics,
+                                 server_endpoint(reactor, metrics, "--metrics"),
+                                 make_site(self.operations)))
         self._connect = [tls_client_endpoint(reactor, description, credentials, "--connect",
                                              tunnel_timeout=tunnel_timeout)
                          for description in connect]
@@ -99,7 +112,7 @@ class KeyDistributorService(service.MultiService):
             connect=config["connect"], api=api, api_token=token, allow_md=config["allow-md"],
             limits=limits, allow_missing_tls_id=config["allow-missing-tls-id"],
             ekt_ttl=config["ekt-ttl"], ekt_rollover=config["ekt-rollover"],
-            tunnel_timeout=config["tunnel-timeout"])
+            tunnel_timeout=config["tunnel-timeout"], metrics=config["metrics"])
 
     def privilegedStartService(self):
         super().privilegedStartService()
@@ -144,13 +157,14 @@ class KeyDistributorService(service.MultiService):
         self.distributor = KeyDistributor(
             roster=roster, credentials=dtls_credentials, profiles=self.profiles,
             clock=self.reactor, limits=self.limits,
-            allow_missing_tls_id=self.allow_missing_tls_id, conference_keys=ConferenceKeys(ttl=self.ekt_ttl, rollover=self.ekt_rollover))
+            allow_missing_tls_id=self.allow_missing_tls_id, conference_keys=ConferenceKeys(ttl=self.ekt_ttl, rollover=self.ekt_rollover),
+            observe_handshake=self.metrics.observe_handshake)
         factory = self.tunnelFactory = KeyDistributorTunnelFactory(
             self.distributor, self.authorise)
         self._tunnelGate.open(factory)
         if self._api_token is not None:
             self._apiGate.open(make_api_site(roster, self._api_token, self.distributor.rekey,
-                                             self.distributor.status))
+                                             self.distributor.status, self.operations))
         for endpoint in self._connect:
             client = internet.ClientService(endpoint, factory, clock=self.reactor)
             client.setServiceParent(self)
@@ -160,6 +174,24 @@ class KeyDistributorService(service.MultiService):
             registrations=len(roster), profiles=",".join(p.name for p in self.profiles),
             fingerprint=dtls_credentials.fingerprint)
         self.ready.callback(self)
+
+    def readiness(self):
+        """
+        ``GET /readyz``: ready once the roster has loaded and the listeners
+        let connections in, while a cheap query on the registration database
+        answers (within READY_TIMEOUT).  ``(ready, reason)`` or a Deferred of it.
+        """
+        if self.distributor is None or not self.running:
+            return False, "not serving yet: the registration database is not open"
+
+        def failed(failure):
+            return False, "the registration database does not answer: {}".format(
+                failure.getErrorMessage())
+
+        d = self.roster.ping()
+        d.addTimeout(READY_TIMEOUT, self.reactor)
+        d.addCallbacks(lambda _: (True, "serving; the registration database answers"), failed)
+        return d
 
     def _startFailed(self, failure):
         if failure.check(ConfigError):

@@ -54,6 +54,9 @@ class Options(usage.Options):
         ["api-token-file", None, "perc-kd-api.token",
          "Bearer token file for the registration API; created with a random "
          "token (mode 0600) if missing."],
+        ["metrics", None, None,
+         "Twisted server endpoint description serving GET /metrics, /healthz and /readyz "
+         "(no token) on a port of their own; they are on the --api port too."],
         ["db", None, "perc-kd.sqlite3", "SQLite file holding registrations."],
         ["max-associations", None, 10000, "Most live associations in total.", positive_int],
         ["max-associations-per-tunnel", None, 5000,

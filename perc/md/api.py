@@ -2,7 +2,8 @@
 The Media Distributor's HTTP/JSON control API: conference membership (which
 conference an endpoint's tls-id belongs to) and status.
 
-Every request carries ``Authorization: Bearer <token>``.
+Every request (but the three operations paths below) carries
+``Authorization: Bearer <token>``.
 
 ``PUT /v1/conferences/{conference}/endpoints/{tls_id}``
     Body ``{}``.  201 created, 200 replaced; body
@@ -16,6 +17,8 @@ Every request carries ``Authorization: Bearer <token>``.
     200 ``{"conference": ..., "endpoints": [{"conference", "tls_id"}, ...]}``.
 ``GET /v1/status``
     200: tunnels (state, version, associations), endpoint counts, counters.
+``GET /metrics``, ``GET /healthz``, ``GET /readyz``
+    Without a token: see :class:`perc.httpapi.OperationsResource`.
 
 Errors are ``{"error": "..."}``: 400 bad input, 401 no or wrong token, 404,
 405, 413 body too large, 507 membership table full.  Nothing is stored on
@@ -49,14 +52,20 @@ log = Logger()
 class MediaDistributorAPI(resource.Resource):
     isLeaf = True
 
-    def __init__(self, memberships, status, token: str):
-        """``status()`` returns the JSON-serialisable status document."""
+    def __init__(self, memberships, status, token: str, operations=None):
+        """
+        ``status()`` returns the JSON-serialisable status document;
+        ``operations`` (an OperationsResource) serves the paths that need no token.
+        """
         super().__init__()
         self._memberships = memberships
         self._status = status
         self._token = token
+        self._operations = operations
 
     def render(self, request):
+        if self._operations is not None and self._operations.serves(request):
+            return self._operations.render(request)
         refusal = refuse_unauthenticated(request, self._token)
         if refusal is not None:
             return refusal
@@ -122,5 +131,5 @@ class MediaDistributorAPI(resource.Resource):
         return b""
 
 
-def make_api_site(memberships, status, token: str) -> server.Site:
-    return make_site(MediaDistributorAPI(memberships, status, token))
+def make_api_site(memberships, status, token: str, operations=None) -> server.Site:
+    return make_site(MediaDistributorAPI(memberships, status, token, operations))

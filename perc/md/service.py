@@ -1,6 +1,6 @@
 """
 The Media Distributor service: tunnels to Key Distributors, the endpoint UDP
-port, and the control API.
+port, the control API, metrics and health.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from twisted.logger import Logger
 
 from perc.apitoken import load_or_create_token
 from perc.errors import ConfigError
+from perc.httpapi import OperationsResource, make_site
 from perc.kd.roster import InvalidRegistration
 from perc.md.api import make_api_site
 from perc.md.conference import Memberships
 from perc.md.relay import MediaRelay, RelayLimits
 from perc.md.tunnel import TunnelPool
+from perc.metrics import media_distributor_registry, tunnels_up
 from perc.netutil import (DEFAULT_TUNNEL_TIMEOUT, set_receive_buffer, server_endpoint,
                           tls_client_endpoint, tls_server_factory)
 from perc.tls import TlsCredentials
@@ -37,7 +39,8 @@ class MediaDistributorService(service.MultiService):
                  media_interface: str, api: str | None, api_token: str | None,
                  default_conference: str | None, limits: RelayLimits,
                  udp_receive_buffer: int | None = None,
-                 tunnel_timeout: float | None = DEFAULT_TUNNEL_TIMEOUT):
+                 tunnel_timeout: float | None = DEFAULT_TUNNEL_TIMEOUT,
+                 metrics: str | None = None):
         super().__init__()
         self.reactor = reactor
         self.credentials = credentials
@@ -55,6 +58,9 @@ class MediaDistributorService(service.MultiService):
         self.relay = MediaRelay(pool=self.pool, memberships=self.memberships, profiles=profiles,
                                 clock=reactor, limits=limits)
         self.pool.owner = self.relay
+        self.metrics = media_distributor_registry(self.relay, self.pool)
+        #: /metrics, /healthz, /readyz: on the API port and on --metrics.
+        self.operations = OperationsResource(self.metrics, self.readiness)
         self._listen = []
         if tunnel_listen:
             self._listen.append(("--tunnel-listen", tunnel_listen,
@@ -63,7 +69,12 @@ class MediaDistributorService(service.MultiService):
                                                     tunnel_timeout)))
         if api:
             self._listen.append(("--api", api, server_endpoint(reactor, api, "--api"),
-                                 make_api_site(self.memberships, self.status, api_token)))
+                                 make_api_site(self.memberships, self.status, api_token,
+                                               self.operations)))
+        if metrics:
+            self._listen.append(("--metrics", metrics,
+                                 server_endpoint(reactor, metrics, "--metrics"),
+                                 make_site(self.operations)))
         self.ports = {}
 
     @classmethod
@@ -83,7 +94,7 @@ class MediaDistributorService(service.MultiService):
                 media_interface=config["media-interface"], api=api, api_token=token,
                 default_conference=config["default-conference"],
                 udp_receive_buffer=config["udp-receive-buffer"],
-                tunnel_timeout=config["tunnel-timeout"],
+                tunnel_timeout=config["tunnel-timeout"], metrics=config["metrics"],
                 limits=RelayLimits(
                     endpoint_timeout=config["endpoint-timeout"],
                     handshake_timeout=config["handshake-timeout"],
@@ -125,6 +136,13 @@ class MediaDistributorService(service.MultiService):
         document = self.relay.status()
         document["tunnels"] = self.pool.status()
         return document
+
+    def readiness(self) -> tuple[bool, str]:
+        """``GET /readyz``: ready while at least one Key Distributor tunnel is up."""
+        up = tunnels_up(self.pool)
+        if not up:
+            return False, "no Key Distributor tunnel is up"
+        return True, "{} Key Distributor tunnel{} up".format(up, "s" if up > 1 else "")
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -58,6 +58,9 @@ class Options(usage.Options):
         ["api-token-file", None, "perc-md-api.token",
          "Bearer token file for the control API; created with a random token "
          "(mode 0600) if missing."],
+        ["metrics", None, None,
+         "Twisted server endpoint description serving GET /metrics, /healthz and /readyz "
+         "(no token) on a port of their own; they are on the --api port too."],
         ["default-conference", None, None,
          "Conference for endpoints whose tls-id was not registered through the API."],
         ["tunnel-timeout", None, DEFAULT_TUNNEL_TIMEOUT,

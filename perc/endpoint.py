@@ -846,6 +846,11 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self._startAsking(at_once=True)
 
     @property
+    def bridged_ssrcs(self) -> frozenset:
+        """The SSRCs sent through :meth:`sendRtp` under the current EKT cipher."""
+        return frozenset(self._bridged)
+
+    @property
     def hbh_keys(self):
         """The hop-by-hop keys (what the Media Distributor also has); None before the handshake."""
         return self._hbh

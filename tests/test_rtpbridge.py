@@ -6,15 +6,20 @@ real ffmpeg, real Key and Media Distributor services and real UDP.
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import struct
 
 import pylibsrtp
 from twisted.internet import defer, reactor
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, TestCase
 
 from perc import mediatools, rtpbridge
+from perc.demo import run_demo
 from perc.double import DoubleError, DoubleReceiver, DoubleSender, relay_rewrite
+from perc.endpoint_cli import EndpointOptions
 from perc.profiles import by_id
 
 from tests.test_endpoint import MembersMixin, sleep
@@ -151,7 +156,7 @@ class FfmpegBridgeTests(MembersMixin, TestCase):
         self.assertEqual(code, 0, err)
         yield sleep(0.5)
         decoder.signalProcess("INT")
-        code, signal, err = yield decoded
+        code, _, err = yield decoded
         self.assertIn(code, (0, 255), err)
         frames = mediatools.framemd5_hashes(video)
         # Every decoded frame is bit-exact with one of the clip decoded locally.
@@ -162,3 +167,33 @@ class FfmpegBridgeTests(MembersMixin, TestCase):
         self.assertEqual(sender.refused, {})
         self.assertGreater(sender.rtcp_sent, 0)
         self.assertEqual(receiver.stats[next(iter(receiver.stats))].failed, 0)
+
+    @defer.inlineCallbacks
+    def test_demo_media_video(self):
+        out = io.StringIO()
+        status = yield run_demo(reactor, endpoints=3, seconds=2.0, out=out, media="video")
+        text = out.getvalue()
+        self.assertEqual(status, 0, text)
+        pngs = re.findall(r"(\S+\.png)", text)
+        self.assertEqual(len(pngs), 2, text)
+        for png in pngs:
+            with open(png, "rb") as f:
+                self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        self.assertEqual(len(re.findall(r"endpoint-\d +(\d+)  \S+\.png", text)), 2, text)
+
+
+class OptionsTests(TestCase):
+    def test_rtp_out_destinations(self):
+        options = EndpointOptions()
+        options.parseOptions([
+            "--media", "127.0.0.1:1", "--cert", "c", "--key", "k", "--tls-id", "t",
+            "--rtp-in", "127.0.0.1:5004", "--rtp-out", "127.0.0.1:6000/96,97",
+            "--rtp-out", "127.0.0.1:6002"])
+        self.assertEqual(options["rtp-in"], ("127.0.0.1", 5004))
+        self.assertEqual(options["rtp-out"], [("127.0.0.1", 6000, frozenset({96, 97})),
+                                              ("127.0.0.1", 6002, None)])
+        for bad in ("127.0.0.1", "127.0.0.1:6000/200", "127.0.0.1:x"):
+            with self.assertRaises(UsageError):
+                EndpointOptions().parseOptions([
+                    "--media", "127.0.0.1:1", "--cert", "c", "--key", "k", "--tls-id", "t",
+                    "--rtp-out", bad])

@@ -31,7 +31,9 @@ setup(
         "cryptography>=44",
         "prometheus-client>=0.20",
     ],
-    extras_require={"test": ["hypothesis>=6.100"],
+    # imageio-ffmpeg: an ffmpeg (libx264, libopus) for the RTP bridge tests and
+    # perc demo --media video.
+    extras_require={"test": ["hypothesis>=6.100", "imageio-ffmpeg>=0.5"],
                     # perc bench fuzz: coverage-guided fuzzing and its line coverage.
                     "fuzz": ["atheris>=2.3", "coverage>=7.0"]},
     entry_points={"console_scripts": ["perc = perc.cli:main"]},

@@ -18,7 +18,7 @@ from twisted.internet import defer, task
 from twisted.python import usage
 from twisted.web.client import Agent
 
-from perc import dtls, pki, profiles, wire
+from perc import dtls, pki, profiles, rtp, wire
 from perc.double import DoubleError, DoubleReceiver
 from perc.endpoint import ReferenceEndpoint
 from perc.errors import ConfigError
@@ -34,7 +34,7 @@ CONFERENCE = "demo"
 
 
 class DemoOptions(usage.Options):
-    synopsis = "[--endpoints N] [--seconds S] [--profile NAME]"
+    synopsis = "[--endpoints N] [--seconds S] [--profile NAME] [--media video]"
     longdesc = ("Run a Key Distributor, a Media Distributor and N reference endpoints on "
                 "loopback, rekey once midway, and show that every endpoint verified every "
                 "other endpoint's media end to end while the Media Distributor could not "
@@ -44,6 +44,10 @@ class DemoOptions(usage.Options):
         ["seconds", "s", 4.0, "Seconds of media.", float],
         ["profile", "p", "DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM",
          "Double protection profile to use."],
+        ["media", None, None,
+         "'video': the first endpoint bridges a real H.264 clip from ffmpeg (--rtp-in), the "
+         "others hand what they verify to ffmpeg decoders (--rtp-out) that write one decoded "
+         "frame each as a PNG (needs imageio-ffmpeg)."],
     ]
 
     def postOptions(self):
@@ -58,12 +62,15 @@ class DemoOptions(usage.Options):
         if not profile.double:
             raise usage.UsageError("--profile: a PERC demo needs a double profile")
         self["profile"] = profile
+        if self["media"] not in (None, "video"):
+            raise usage.UsageError("--media: only 'video'")
 
     def run(self):
         from perc.register_cli import run_in_reactor
 
         return run_in_reactor(lambda reactor: run_demo(
-            reactor, self["endpoints"], self["seconds"], self["profile"]))
+            reactor, self["endpoints"], self["seconds"], self["profile"],
+            media=self["media"]))
 
 
 class _KeyWatch:
@@ -117,8 +124,12 @@ def _start_distributors(reactor, directory):
 
 
 @defer.inlineCallbacks
-def run_demo(reactor, endpoints=3, seconds=4.0, profile=None, out=None):
-    """Run the demo; fires with the exit status (0 = everything verified)."""
+def run_demo(reactor, endpoints=3, seconds=4.0, profile=None, out=None, media=None):
+    """
+    Run the demo; fires with the exit status (0 = everything verified).
+    ``media="video"``: the first endpoint bridges an H.264 clip, the others
+    decode it (see :class:`_VideoDemo`).
+    """
     out = sys.stdout if out is None else out
     profile = profile or profiles.by_id(0x0009)
     directory = tempfile.mkdtemp(prefix="perc-demo-")
@@ -168,15 +179,23 @@ def run_demo(reactor, endpoints=3, seconds=4.0, profile=None, out=None):
         captured = []
         first = members[0]
         original_write = first.transport.write
+        video = None
+        if media == "video":
+            video = _VideoDemo(reactor, directory, members)
+            yield video.start(seconds)
+            ports += video.ports
 
         def capture(data, address=None):
-            if len(captured) < 1 and data[:1] and 128 <= data[0] <= 191:
+            if len(captured) < 1 and rtp.classify(data) is rtp.Kind.RTP:
                 captured.append(data)
             return original_write(data, address)
 
         first.transport.write = capture
-        for member in members:
-            member.startSending()
+        if video is None:
+            for member in members:
+                member.startSending()
+        else:
+            video.stream()
         yield task.deferLater(reactor, seconds / 2, lambda: None)
         code, answer = yield put_json(
             agent, "{}/v1/conferences/{}/rekey".format(kd_url, CONFERENCE).encode(), kd_token,
@@ -186,8 +205,10 @@ def run_demo(reactor, endpoints=3, seconds=4.0, profile=None, out=None):
         yield task.deferLater(reactor, seconds / 2, lambda: None)
         for member in members:
             member.stopSending()
+        if video is not None:
+            yield video.finish()
         yield task.deferLater(reactor, 0.3, lambda: None)
-        status = _report(out, members, md, watch, captured, profile)
+        status = _report(out, members, md, watch, captured, profile, video)
         return status
     finally:
         for port in ports:
@@ -199,12 +220,13 @@ def run_demo(reactor, endpoints=3, seconds=4.0, profile=None, out=None):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _report(out, members, md, watch, captured, profile) -> int:
+def _report(out, members, md, watch, captured, profile, video=None) -> int:
     ok = True
     _say(out)
     _say(out, "{:<12} {:>6} {:>8} {:>9} {:>7} {:>6} {:>6} {:>7}  {}".format(
         "endpoint", "sent", "received", "verified", "failed", "lost", "joins", "rekeys", "from"))
     by_ssrc = {m.ssrc: m.name for m in members}
+    by_ssrc.update((ssrc, members[0].name) for ssrc in members[0].bridged_ssrcs)
     for member in members:
         received = sum(s.received for s in member.stats.values())
         verified = sum(s.verified for s in member.stats.values())
@@ -212,6 +234,8 @@ def _report(out, members, md, watch, captured, profile) -> int:
         lost = sum(s.lost for s in member.stats.values())
         senders = [by_ssrc.get(ssrc, hex(ssrc)) for ssrc, s in member.stats.items() if s.verified]
         expected = {m.name for m in members} - {member.name}
+        if video is not None:
+            expected = set() if member is members[0] else {members[0].name}
         if set(senders) != expected or failed:
             ok = False
         _say(out, "{:<12} {:>6} {:>8} {:>9} {:>7} {:>6} {:>6} {:>7}  {}".format(
@@ -232,7 +256,10 @@ def _report(out, members, md, watch, captured, profile) -> int:
               "only; the EKTKey and the end-to-end keys travelled inside DTLS records it "
               "cannot decrypt: {}".format(len(watch.keys), hbh_length, "yes" if only_hbh else "NO"))
     ok = ok and only_hbh
-    proof = _proof(captured, watch.keys, members[0], profile)
+    if video is not None:
+        ok = video.report(out) and ok
+    proof = _proof(captured, watch.keys, members[0], profile,
+                   None if video is None else video.plain_payload)
     _say(out, proof[1])
     ok = ok and proof[0]
     _say(out, "RESULT: {}".format(
@@ -240,7 +267,7 @@ def _report(out, members, md, watch, captured, profile) -> int:
     return 0 if ok else 1
 
 
-def _proof(captured, media_keys, sender, profile):
+def _proof(captured, media_keys, sender, profile, plain_payload=None):
     """
     Take one packet the first endpoint sent, remove the outer layer with the
     hop-by-hop key the Media Distributor has for it, and show that what is
@@ -248,7 +275,6 @@ def _proof(captured, media_keys, sender, profile):
     """
     import pylibsrtp
 
-    from perc import rtp
     from perc.double import InnerAuthenticationError
 
     if not captured:
@@ -260,7 +286,7 @@ def _proof(captured, media_keys, sender, profile):
         key=hbh.client_key + hbh.client_salt, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND,
         srtp_profile=profile.hbh_libsrtp_profile))
     as_held = inbound.unprotect(srtp)
-    marker = b"PERC" + ssrc.to_bytes(4, "big")
+    marker = b"PERC" + ssrc.to_bytes(4, "big") if plain_payload is None else plain_payload[:16]
     if marker in as_held:
         return False, "proof: FAILED, the media plaintext is visible after outer decryption"
     candidates = [(k.client_key, k.client_salt) for k in media_keys]
@@ -280,3 +306,92 @@ def _proof(captured, media_keys, sender, profile):
                   "layer failed to open with each of the {} keys the Media Distributor "
                   "has".format(int.from_bytes(srtp[2:4], "big"), sender.name,
                                as_held[:24].hex(), len(candidates)))
+
+
+class _VideoDemo:
+    """
+    ``perc demo --media video``: ffmpeg streams an H.264 clip (lavfi
+    testsrc, libx264, 160x120) into the first endpoint's --rtp-in; every
+    other endpoint's --rtp-out goes into an ffmpeg that decodes it (from
+    an SDP file written here), counts the frames (framemd5) and keeps the
+    last one as a PNG in a directory that outlives the demo.
+    """
+
+    def __init__(self, reactor, directory, members):
+        self.reactor = reactor
+        self.directory = directory
+        self.members = members
+        self.frames_directory = tempfile.mkdtemp(prefix="perc-demo-frames-")
+        self.ports = []
+        self.decoders = []  # (member, process, Deferred, md5 path, png path)
+        self.streamer = None
+        self.plain_payload = None
+        self.clip = os.path.join(directory, "clip.mkv")
+
+    @defer.inlineCallbacks
+    def start(self, seconds):
+        from perc import mediatools, rtpbridge
+
+        code, _, err = yield mediatools.run(self.reactor, mediatools.make_clip(
+            self.clip, seconds=seconds, audio=False))
+        if code != 0:
+            raise ConfigError("ffmpeg could not make the clip: {}".format(err.strip()))
+        sender, receivers = self.members[0], self.members[1:]
+        self.rtp_in = mediatools.free_ports(2)
+        self.ports += rtpbridge.listen(self.reactor, sender, rtp_in=("127.0.0.1", self.rtp_in))
+        original = sender.sendRtp
+
+        def remember(packet):
+            if self.plain_payload is None:
+                self.plain_payload = packet[12:]
+            return original(packet)
+
+        sender.sendRtp = remember
+        for member in receivers:
+            port = mediatools.free_ports(2)
+            self.ports += rtpbridge.listen(self.reactor, member,
+                                           rtp_out=[("127.0.0.1", port, None)])
+            sdp = os.path.join(self.directory, member.name + ".sdp")
+            with open(sdp, "w") as f:
+                f.write(rtpbridge.receiver_sdp("127.0.0.1", video=(port, 96)))
+            md5 = os.path.join(self.directory, member.name + ".md5")
+            png = os.path.join(self.frames_directory, member.name + ".png")
+            process, done = mediatools.spawn(self.reactor, mediatools.decode_args(
+                sdp, [("v", "framemd5", md5), ("v", "image2", png)]))
+            self.decoders.append((member, process, done, md5, png))
+            for _ in range(500):
+                if mediatools.port_bound(port):
+                    break
+                yield task.deferLater(self.reactor, 0.02, lambda: None)
+
+    def stream(self):
+        from perc import mediatools
+
+        self.streamer = mediatools.run(self.reactor, mediatools.stream_args(
+            self.clip, "127.0.0.1", self.rtp_in, video_pt=96))
+
+    @defer.inlineCallbacks
+    def finish(self):
+        self.streamed = yield self.streamer
+        yield task.deferLater(self.reactor, 0.5, lambda: None)
+        for _, process, done, _, _ in self.decoders:
+            if not done.called:
+                process.signalProcess("INT")
+        yield defer.gatherResults([d[2] for d in self.decoders])
+
+    def report(self, out) -> bool:
+        from perc import mediatools
+
+        ok = self.streamed[0] == 0
+        _say(out)
+        _say(out, "{:<12} {:>14}  {}".format("receiver", "frames decoded", "last frame"))
+        for member, _, _, md5, png in self.decoders:
+            frames = len(mediatools.framemd5_hashes(md5)) if os.path.exists(md5) else 0
+            ok = ok and frames > 0 and os.path.exists(png)
+            _say(out, "{:<12} {:>14}  {}".format(
+                member.name, frames, png if os.path.exists(png) else "(none)"))
+        refused = self.members[0].refused
+        _say(out, "{} refused {} bridged packets{}".format(
+            self.members[0].name, sum(refused.values()),
+            "" if not refused else " ({})".format(dict(refused))))
+        return ok and not refused

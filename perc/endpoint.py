@@ -2,7 +2,8 @@
 The reference PERC endpoint: a DTLS-SRTP client over UDP (extensions 56 and
 39) that gets hop-by-hop keys by export and its conference's EKTKey from the
 Key Distributor, sends double-encrypted synthetic media announcing its own
-end-to-end key in EKT fields, and verifies everyone else's media end to end.
+end-to-end key in EKT fields (or bridges a local application's RTP: see
+perc.rtpbridge), and verifies everyone else's media end to end.
 
 Usable as a library (tests, ``perc demo``) and as ``perc endpoint``.
 
@@ -30,12 +31,14 @@ from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
 from perc import dtls, rtp
+from perc.rtpbridge import MAX_RTP_PACKET
 from perc.double import (
     DoubleError,
     DoubleReceiver,
     DoubleSender,
     OuterAuthenticationError,
     ReplayError,
+    SequenceReuseError,
     UnknownSenderError,
 )
 from perc.ekt import (
@@ -266,6 +269,8 @@ class ReferenceEndpoint(DtlsClientProtocol):
     EKT_KEY_REQUEST = b"\x01"
     #: Seconds a new EKTKey is held before this endpoint protects with it.
     KEY_SWITCH_DELAY = 0.5
+    #: SSRCs one endpoint bridges from local applications (sendRtp).
+    MAX_BRIDGED_SSRCS = 32
 
     def __init__(self, *, name: str, credentials: dtls.Credentials, tls_id: str, server,
                  profile, clock, expected_kd_tls_id: str | None = None,
@@ -311,6 +316,16 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self.expired_ekt_keys = 0
         #: Packets not sent because the EKTKey's TTL had run out.
         self.unsent_key_expired = 0
+        #: Bridged packets (:meth:`sendRtp`, :meth:`sendRtcp`) not sent, by reason.
+        self.refused: collections.Counter = collections.Counter()
+        #: RTCP packets sent (hop-by-hop protected) and received (verified hop by hop).
+        self.rtcp_sent = 0
+        self.rtcp_received = 0
+        #: Where verified media goes as plain RTP (the sender's header), and
+        #: received RTCP after hop-by-hop unprotection; None: media is checked
+        #: as this endpoint's synthetic payload, RTCP is dropped.
+        self.media_sink = None
+        self.rtcp_sink = None
         #: Handshakes started, retries included.
         self.attempts = 0
         #: Associations found lost by the liveness check.
@@ -327,6 +342,13 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self._cipher = None
         self._sender: DoubleSender | None = None
         self._ekt_sender: EktSender | None = None
+        #: The master key and EKTKey arrival the senders of bridged SSRCs use.
+        self._master_key: bytes | None = None
+        self._key_received_at: float | None = None
+        #: EktSenders of the SSRCs bridged through :meth:`sendRtp` (RFC 8870
+        #: ties a FullEKTField to one SSRC), bounded by MAX_BRIDGED_SSRCS.
+        self._bridged: dict[int, EktSender] = {}
+        self._oversize_logged: set[int] = set()
         self._receiver: DoubleReceiver | None = None
         self._ekt_receiver: EktReceiver | None = None
         #: A new EKTKey not yet protected with, when it arrived, and when
@@ -384,6 +406,7 @@ class ReferenceEndpoint(DtlsClientProtocol):
             self._ekt_receiver = EktReceiver(
                 cipher, master_key_length=self.profile.key_length // 2)
             self._ekt_sender = None
+            self._bridged.clear()
             self._pending_key = self._switch_at = None
         self._startAsking(at_once=False)
 
@@ -470,6 +493,7 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self.log.info("{name}: EKTKey SPI {spi} received", name=self.name, spi=key.ekt_spi)
         if self._ekt_sender is None:
             master_key = self._newSender(key)
+            self._key_received_at = now
             self._ekt_sender = EktSender(key, self._cipher, self.ssrc, master_key,
                                          lambda: self._sender.roc(self.ssrc), received_at=now)
             if not self.joined.called:
@@ -499,19 +523,29 @@ class ReferenceEndpoint(DtlsClientProtocol):
         master_key = os.urandom(self.profile.key_length // 2)
         salt = key.srtp_master_salt[:self.profile.salt_length // 2]
         sequence_next = (self._sequence + 1) & 0xFFFF
-        roc = 0 if self._sender is None else self._sender.roc(self.ssrc)
+        old = self._sender
+        roc = 0 if old is None else old.roc(self.ssrc)
         if sequence_next == 0:
             roc += 1
         self._sender = DoubleSender(self.profile, master_key, salt, self._hbh.client_key,
                                     self._hbh.client_salt)
         self._sender.set_roc(self.ssrc, roc)
+        for ssrc in self._bridged:
+            # Each bridged stream goes on with its ROC (announced with the
+            # new master key; sender and receivers count on from it alike).
+            self._sender.set_roc(ssrc, old.roc(ssrc))
+        self._master_key = master_key
         return master_key
 
     def _switchKey(self) -> None:
         """Protect with the pending EKTKey from now on (its TTL counts from its arrival)."""
         key, received_at = self._pending_key
         self._pending_key = self._switch_at = None
-        self._ekt_sender.rekey(key, self._newSender(key), received_at)
+        master_key = self._newSender(key)
+        self._key_received_at = received_at
+        self._ekt_sender.rekey(key, master_key, received_at)
+        for ekt_sender in self._bridged.values():
+            ekt_sender.rekey(key, master_key, received_at)
         self.log.info("{name}: now protecting under EKTKey SPI {spi}", name=self.name,
                       spi=key.ekt_spi)
 
@@ -610,8 +644,95 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self.transport.write(wire, self.server)
         self.sent += 1
 
+    def sendRtp(self, packet: bytes) -> bool:
+        """
+        Send a local application's RTP packet into the conference, its
+        header as the application made it, double-encrypted with an EKT
+        field for its SSRC (each SSRC announces the endpoint's master key
+        in its own FullEKTFields).  True if sent; otherwise the reason is
+        counted in ``refused`` (``oversize`` over :data:`MAX_RTP_PACKET`,
+        logged once per SSRC; ``not-joined``, ``key-expired``,
+        ``too-many-ssrcs``, ``malformed``, ``sequence-reuse``).
+        """
+        try:
+            header = rtp.parse_rtp_header(packet)
+        except rtp.RtpError:
+            self.refused["malformed"] += 1
+            return False
+        ssrc = header.ssrc
+        if len(packet) > MAX_RTP_PACKET:
+            self.refused["oversize"] += 1
+            if ssrc not in self._oversize_logged and \
+                    len(self._oversize_logged) < self.MAX_BRIDGED_SSRCS:
+                self._oversize_logged.add(ssrc)
+                self.log.warn("{name}: refusing RTP packets over {limit} octets from SSRC "
+                              "{ssrc:#010x} ({length} octets): the SRTP layers cannot carry "
+                              "them (lower the application's packet size)", name=self.name,
+                              limit=MAX_RTP_PACKET, ssrc=ssrc, length=len(packet))
+            return False
+        if self._ekt_sender is None or self.transport is None:
+            self.refused["not-joined"] += 1
+            return False
+        now = self.clock.seconds()
+        if self._pending_key is not None and now >= self._switch_at:
+            self._switchKey()
+        if self._ekt_sender.expired(now):
+            self.refused["key-expired"] += 1
+            self._keyWanted(now)
+            return False
+        ekt_sender = self._bridgedSender(ssrc)
+        if ekt_sender is None:
+            self.refused["too-many-ssrcs"] += 1
+            return False
+        try:
+            wire = self._sender.protect(packet, ekt_field=ekt_sender.field(now))
+        except SequenceReuseError:
+            self.refused["sequence-reuse"] += 1
+            return False
+        except DoubleError:
+            self.refused["malformed"] += 1
+            return False
+        self.transport.write(wire, self.server)
+        self.sent += 1
+        return True
+
+    def _bridgedSender(self, ssrc: int) -> EktSender | None:
+        """The EktSender of bridged ``ssrc`` (made on its first packet), or None when too many."""
+        ekt_sender = self._bridged.get(ssrc)
+        if ekt_sender is None:
+            if len(self._bridged) >= self.MAX_BRIDGED_SSRCS:
+                return None
+            ekt_sender = self._bridged[ssrc] = EktSender(
+                self._ekt_sender.ekt_key, self._cipher, ssrc, self._master_key,
+                lambda: self._sender.roc(ssrc), received_at=self._key_received_at)
+        return ekt_sender
+
+    def sendRtcp(self, packet: bytes) -> bool:
+        """
+        Send a local application's RTCP compound packet, protected hop by
+        hop only (SRTCP with the hop-by-hop key: RTCP is never end-to-end
+        protected in PERC).  True if sent, else counted in ``refused``.
+        """
+        if self._sender is None or self.transport is None:
+            self.refused["not-joined"] += 1
+            return False
+        if len(packet) > MAX_RTP_PACKET:
+            self.refused["oversize"] += 1
+            return False
+        try:
+            wire = self._sender.protect_rtcp(packet)
+        except DoubleError:
+            self.refused["malformed"] += 1
+            return False
+        self.transport.write(wire, self.server)
+        self.rtcp_sent += 1
+        return True
+
     def mediaReceived(self, data: bytes, rtcp_packet: bool) -> None:
-        if rtcp_packet or self._receiver is None or self._ekt_receiver is None:
+        if rtcp_packet:
+            self._rtcpReceived(data)
+            return
+        if self._receiver is None or self._ekt_receiver is None:
             return
         now = self.clock.seconds()
         try:
@@ -669,6 +790,11 @@ class ReferenceEndpoint(DtlsClientProtocol):
             else:
                 stats.failed += 1
             return
+        if self.media_sink is not None:
+            # The inner tag authenticated the sender's header and payload.
+            stats.verifiedPacket(result.sequence, now, now)
+            self.media_sink(result.packet)
+            return
         try:
             magic, claimed_ssrc, sequence, sent_at = _PAYLOAD.unpack_from(result.media)
         except struct.error:
@@ -677,6 +803,18 @@ class ReferenceEndpoint(DtlsClientProtocol):
             stats.failed += 1
             return
         stats.verifiedPacket(sequence, sent_at, now)
+
+    def _rtcpReceived(self, data: bytes) -> None:
+        """RTCP from the Media Distributor: verified hop by hop, handed to ``rtcp_sink``."""
+        if self.rtcp_sink is None or self._receiver is None:
+            return
+        try:
+            packet = self._receiver.unprotect_rtcp(data)
+        except DoubleError:
+            self.hop_failed += 1
+            return
+        self.rtcp_received += 1
+        self.rtcp_sink(packet)
 
     def _unheldSpi(self, ssrc: int, now: float) -> None:
         """
@@ -708,6 +846,11 @@ class ReferenceEndpoint(DtlsClientProtocol):
         self._startAsking(at_once=True)
 
     @property
+    def bridged_ssrcs(self) -> frozenset:
+        """The SSRCs sent through :meth:`sendRtp` under the current EKT cipher."""
+        return frozenset(self._bridged)
+
+    @property
     def hbh_keys(self):
         """The hop-by-hop keys (what the Media Distributor also has); None before the handshake."""
         return self._hbh
@@ -722,6 +865,8 @@ class ReferenceEndpoint(DtlsClientProtocol):
             "ekt_ignored": 0 if self._ekt_receiver is None else self._ekt_receiver.ignored,
             "expired_ekt_keys": self.expired_ekt_keys,
             "unsent_key_expired": self.unsent_key_expired,
+            "refused": dict(self.refused), "rtcp_sent": self.rtcp_sent,
+            "rtcp_received": self.rtcp_received,
             "senders": {ssrc: {"received": s.received, "verified": s.verified,
                                "failed": s.failed, "undecryptable": s.undecryptable,
                                "lost": s.lost, "jitter_s": s.jitter}

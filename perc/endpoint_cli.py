@@ -9,7 +9,7 @@ import sys
 from twisted.internet import defer, task
 from twisted.python import usage
 
-from perc import dtls, pki, profiles
+from perc import dtls, pki, profiles, rtpbridge
 from perc.endpoint import ReferenceEndpoint, backoff
 from perc.errors import ConfigError
 from perc.kd.roster import InvalidRegistration, validate_tls_id
@@ -39,7 +39,13 @@ class EndpointOptions(usage.Options):
                 "times out is retried with exponential backoff (a refusal is final); once "
                 "joined, the endpoint asks the Key Distributor for the EKTKey every "
                 "--keepalive seconds and joins again when no answer comes back within "
-                "--keepalive-timeout (a restarted Media or Key Distributor).")
+                "--keepalive-timeout (a restarted Media or Key Distributor).  "
+                "--rtp-in and --rtp-out make it a bridge for a local RTP application "
+                "(ffmpeg, GStreamer): plain RTP in, double encryption with EKT into the "
+                "conference; verified media out as plain RTP.  RTP packets over {} octets "
+                "(header included) cannot be carried and are refused (set the "
+                "application's packet size, e.g. ffmpeg's pkt_size=1300).".format(
+                    rtpbridge.MAX_RTP_PACKET))
     optParameters = [
         ["media", None, None, "The Media Distributor's UDP address, HOST:PORT.", _address],
         ["cert", None, None, "PEM certificate of this endpoint (its fingerprint is registered)."],
@@ -67,7 +73,22 @@ class EndpointOptions(usage.Options):
          "Seconds without an answer (the request is repeated every 0.5 s) before the "
          "association counts as lost and the endpoint joins again.", float],
         ["expect-senders", None, 0, "How many other senders must be verified.", int],
+        ["rtp-in", None, None,
+         "Bridge: take plain RTP from a local application on this UDP address, HOST:PORT "
+         "(RTCP on PORT+1, or on PORT multiplexed), instead of sending synthetic media. "
+         "Largest RTP packet: {} octets.".format(rtpbridge.MAX_RTP_PACKET), _address],
     ]
+
+    def __init__(self):
+        super().__init__()
+        self["rtp-out"] = []
+
+    def opt_rtp_out(self, value):
+        """Bridge: hand every packet that verifies end to end to a local application at HOST:PORT as plain RTP (RTCP to PORT+1); HOST:PORT/PT,PT only those payload types (repeat the option for more destinations)."""  # noqa: E501 (usage.Options shows it as written)
+        try:
+            self["rtp-out"].append(rtpbridge.parse_output(value))
+        except ValueError as error:
+            raise usage.UsageError("--rtp-out: {}".format(error))
 
     def postOptions(self):
         missing = ["--" + n for n in ("media", "cert", "key", "tls-id") if not self[n]]
@@ -89,6 +110,10 @@ class EndpointOptions(usage.Options):
             raise usage.UsageError("--retry-max-delay must be at least --retry-delay")
         if not self["keepalive"] >= 0:
             raise usage.UsageError("--keepalive must be 0 (none) or positive")
+        if self["rtp-in"] is not None and self["rtp-in"][1] == 65535:
+            raise usage.UsageError("--rtp-in: PORT+1 (RTCP) must be a port too")
+        if len(self["rtp-out"]) > rtpbridge.MAX_OUTPUTS:
+            raise usage.UsageError("at most {} --rtp-out".format(rtpbridge.MAX_OUTPUTS))
 
     def _endpoint(self, reactor) -> ReferenceEndpoint:
         try:
@@ -113,7 +138,9 @@ class EndpointOptions(usage.Options):
     def _run(self, reactor, out):
         endpoint = self._endpoint(reactor)
         port = reactor.listenUDP(0, endpoint, interface="0.0.0.0")
+        bridge = []
         try:
+            bridge = rtpbridge.listen(reactor, endpoint, self["rtp-in"], self["rtp-out"])
             try:
                 elapsed = yield endpoint.joined.addTimeout(self["join-timeout"], reactor)
             except defer.TimeoutError:
@@ -121,13 +148,21 @@ class EndpointOptions(usage.Options):
                     self["join-timeout"])) from None
             except RuntimeError as error:
                 raise ConfigError("association failed: {}".format(error)) from None
-            print("{}: joined in {:.1f} ms; sending {} packets/s for {} s".format(
-                endpoint.name, elapsed * 1000, self["rate"], self["duration"]), file=out)
-            endpoint.startSending()
+            if self["rtp-in"] is None:
+                print("{}: joined in {:.1f} ms; sending {} packets/s for {} s".format(
+                    endpoint.name, elapsed * 1000, self["rate"], self["duration"]), file=out)
+                endpoint.startSending()
+            else:
+                print("{}: joined in {:.1f} ms; bridging RTP from {}:{} for {} s".format(
+                    endpoint.name, elapsed * 1000, *self["rtp-in"], self["duration"]),
+                    file=out)
+            out.flush()
             yield task.deferLater(reactor, self["duration"], lambda: None)
             endpoint.stopSending()
             yield task.deferLater(reactor, 0.5, lambda: None)
         finally:
+            for bridged in bridge:
+                yield bridged.stopListening()
             yield port.stopListening()
         return self._summary(endpoint, out)
 
@@ -147,6 +182,12 @@ class EndpointOptions(usage.Options):
         print("handshakes {}; joins {}; rekeys {}; associations lost {}; joined again {}".format(
             endpoint.attempts, endpoint.joins, endpoint.rekeys, endpoint.lost,
             endpoint.rejoins), file=out)
+        if self["rtp-in"] is not None or self["rtp-out"]:
+            print("bridge: RTCP sent {}, received {}; refused {}".format(
+                endpoint.rtcp_sent, endpoint.rtcp_received,
+                ", ".join("{} {}".format(n, reason)
+                          for reason, n in sorted(endpoint.refused.items())) or "none"),
+                file=out)
         return 0 if verified_senders >= self["expect-senders"] and not failed else 1
 
     def run(self):

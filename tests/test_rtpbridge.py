@@ -1,0 +1,199 @@
+"""
+The RTP bridge: a local application's RTP into the conference through
+``sendRtp``/``--rtp-in`` and verified media out through ``--rtp-out``, with
+real ffmpeg, real Key and Media Distributor services and real UDP.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+
+import pylibsrtp
+from twisted.internet import defer, reactor
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SkipTest, TestCase
+
+from perc import mediatools, rtpbridge
+from perc.demo import run_demo
+from perc.double import DoubleError, DoubleReceiver, DoubleSender, relay_rewrite
+from perc.endpoint_cli import EndpointOptions
+from perc.profiles import by_id
+
+from tests.test_endpoint import MembersMixin, sleep
+from tests.test_md_e2e import WAIT, eventually
+
+
+def _through(profile, length: int) -> bool:
+    """
+    Whether an RTP packet of ``length`` octets survives the sender, a Media
+    Distributor that records PT, SEQ and M in the OHB, and a receiver.
+    """
+    k, s = profile.key_length // 2, profile.salt_length // 2
+    inner, salt, hbh, hbh_salt, out, out_salt = (
+        os.urandom(n) for n in (k, s, k, s, k, s))
+    packet = struct.pack("!BBHII", 0x80, 96, 5, 0, 1234) + bytes(length - 12)
+    try:
+        wire = DoubleSender(profile, inner, salt, hbh, hbh_salt).protect(packet)
+        md_in = pylibsrtp.Session(pylibsrtp.Policy(
+            key=hbh + hbh_salt, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND,
+            srtp_profile=profile.hbh_libsrtp_profile))
+        md_out = pylibsrtp.Session(pylibsrtp.Policy(
+            key=out + out_salt, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
+            srtp_profile=profile.hbh_libsrtp_profile))
+        relayed = md_out.protect(relay_rewrite(md_in.unprotect(wire), 97, 9, True))
+        receiver = DoubleReceiver(profile, out, out_salt)
+        receiver.add_sender_key(1234, inner, salt)
+        return receiver.unprotect(relayed).packet == packet
+    except (DoubleError, ValueError, pylibsrtp.Error):
+        return False
+
+
+class PacketSizeTests(TestCase):
+    def test_largest_packet_measured_per_profile(self):
+        """MAX_RTP_PACKET is exactly the largest packet pylibsrtp carries end to end."""
+        for profile_id in (0x0009, 0x000A):
+            profile = by_id(profile_id)
+            self.assertTrue(_through(profile, rtpbridge.MAX_RTP_PACKET), profile.name)
+            self.assertFalse(_through(profile, rtpbridge.MAX_RTP_PACKET + 1), profile.name)
+
+
+class BridgeTests(MembersMixin, TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_oversize_refused_at_the_sender_with_the_reason_counted(self):
+        alice = yield self.member("alice")
+        bob = yield self.member("bob")
+        yield defer.gatherResults([alice.joined, bob.joined]).addTimeout(WAIT, reactor)
+        received = []
+        bob.media_sink = received.append
+        header = struct.pack("!BBHII", 0x80, 96, 1, 0, 0xABCD)
+        self.assertFalse(alice.sendRtp(header + bytes(rtpbridge.MAX_RTP_PACKET - 11)))
+        self.assertFalse(alice.sendRtp(struct.pack("!BBHII", 0x80, 96, 2, 0, 0xABCD)
+                                       + bytes(2000)))
+        self.assertEqual(alice.refused["oversize"], 2)
+        self.assertEqual(alice.sent, 0)
+        largest = header + bytes(rtpbridge.MAX_RTP_PACKET - 12)
+        self.assertTrue(alice.sendRtp(largest))
+        yield eventually(lambda: received)
+        self.assertEqual(received, [largest])
+        self.assertFalse({k: v for k, v in self.md.relay.counters.items()
+                          if k.startswith("dropped")})
+
+    @defer.inlineCallbacks
+    def test_header_kept_for_several_ssrcs_and_rtcp_hop_by_hop(self):
+        """CSRCs, RFC 8285 extensions, PT, M, timestamps of two SSRCs arrive as sent; RTCP too."""
+        alice = yield self.member("alice")
+        bob = yield self.member("bob")
+        yield defer.gatherResults([alice.joined, bob.joined]).addTimeout(WAIT, reactor)
+        media, rtcp = [], []
+        bob.media_sink, bob.rtcp_sink = media.append, rtcp.append
+        sent = []
+        for sequence in range(65530, 65536):
+            for ssrc, pt in ((0x1111, 96), (0x2222, 111)):
+                packet = (struct.pack("!BBHIII", 0x91, 0x80 | pt, sequence, sequence * 3000,
+                                      ssrc, 0xC5C5C5C5)
+                          + b"\xbe\xde\x00\x01\x10\x2a\x00\x00" + os.urandom(40))
+                self.assertTrue(alice.sendRtp(packet))
+                sent.append(packet)
+        report = struct.pack("!BBHI", 0x80, 201, 1, 0x1111)
+        self.assertTrue(alice.sendRtcp(report))
+        yield eventually(lambda: len(media) == len(sent) and rtcp)
+        self.assertEqual(sorted(media), sorted(sent))
+        self.assertEqual(rtcp, [report])
+        self.assertEqual(set(bob.stats), {0x1111, 0x2222})
+
+
+class FfmpegBridgeTests(MembersMixin, TestCase):
+    """H.264 and Opus from one ffmpeg, through the bridge, into a second ffmpeg."""
+
+    timeout = 120
+
+    def setUp(self):
+        try:
+            mediatools.ffmpeg()
+        except mediatools.FfmpegMissing as missing:
+            raise SkipTest("{}: pip install imageio-ffmpeg".format(missing))
+        return super().setUp()
+
+    @defer.inlineCallbacks
+    def test_video_bit_exact_and_audio_decoded(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        clip = os.path.join(directory, "clip.mkv")
+        code, _, err = yield mediatools.run(reactor, mediatools.make_clip(clip))
+        self.assertEqual(code, 0, err)
+        local = os.path.join(directory, "local.md5")
+        code, _, err = yield mediatools.run(reactor, mediatools.decode_args(
+            clip, [("v", "framemd5", local)], sdp=False))
+        self.assertEqual(code, 0, err)
+        reference = mediatools.framemd5_hashes(local)
+        self.assertEqual(len(reference), 50)
+
+        sender = yield self.member("sender")
+        receiver = yield self.member("receiver")
+        yield defer.gatherResults([sender.joined, receiver.joined]).addTimeout(WAIT, reactor)
+        rtp_in = mediatools.free_ports(2)
+        out = mediatools.free_ports(4)
+        ports = rtpbridge.listen(reactor, sender, rtp_in=("127.0.0.1", rtp_in))
+        ports += rtpbridge.listen(reactor, receiver, rtp_out=[
+            ("127.0.0.1", out, frozenset({96})), ("127.0.0.1", out + 2, frozenset({97}))])
+        for port in ports:
+            self.addCleanup(port.stopListening)
+        sdp = os.path.join(directory, "receiver.sdp")
+        with open(sdp, "w") as f:
+            f.write(rtpbridge.receiver_sdp("127.0.0.1", video=(out, 96), audio=(out + 2, 97)))
+        video, audio = (os.path.join(directory, n) for n in ("video.md5", "audio.md5"))
+        decoder, decoded = mediatools.spawn(reactor, mediatools.decode_args(
+            sdp, [("v", "framemd5", video), ("a", "framemd5", audio)]))
+        self.addCleanup(lambda: None if decoded.called else decoder.signalProcess("KILL"))
+        yield eventually(lambda: all(mediatools.port_bound(p) for p in (out, out + 2)))
+        code, _, err = yield mediatools.run(reactor, mediatools.stream_args(
+            clip, "127.0.0.1", rtp_in, video_pt=96, audio_pt=97))
+        self.assertEqual(code, 0, err)
+        yield sleep(0.5)
+        decoder.signalProcess("INT")
+        code, _, err = yield decoded
+        self.assertIn(code, (0, 255), err)
+        frames = mediatools.framemd5_hashes(video)
+        # Every decoded frame is bit-exact with one of the clip decoded locally.
+        self.assertEqual([h for h in frames if h not in reference], [])
+        self.assertGreaterEqual(len(set(frames)), 0.95 * len(reference))
+        self.assertGreater(len(mediatools.framemd5_hashes(audio)), 50)
+        self.assertNotIn("rror", err)
+        self.assertEqual(sender.refused, {})
+        self.assertGreater(sender.rtcp_sent, 0)
+        self.assertEqual(receiver.stats[next(iter(receiver.stats))].failed, 0)
+
+    @defer.inlineCallbacks
+    def test_demo_media_video(self):
+        out = io.StringIO()
+        status = yield run_demo(reactor, endpoints=3, seconds=2.0, out=out, media="video")
+        text = out.getvalue()
+        self.assertEqual(status, 0, text)
+        pngs = re.findall(r"(\S+\.png)", text)
+        self.assertEqual(len(pngs), 2, text)
+        for png in pngs:
+            with open(png, "rb") as f:
+                self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        self.assertEqual(len(re.findall(r"endpoint-\d +(\d+)  \S+\.png", text)), 2, text)
+
+
+class OptionsTests(TestCase):
+    def test_rtp_out_destinations(self):
+        options = EndpointOptions()
+        options.parseOptions([
+            "--media", "127.0.0.1:1", "--cert", "c", "--key", "k", "--tls-id", "t",
+            "--rtp-in", "127.0.0.1:5004", "--rtp-out", "127.0.0.1:6000/96,97",
+            "--rtp-out", "127.0.0.1:6002"])
+        self.assertEqual(options["rtp-in"], ("127.0.0.1", 5004))
+        self.assertEqual(options["rtp-out"], [("127.0.0.1", 6000, frozenset({96, 97})),
+                                              ("127.0.0.1", 6002, None)])
+        for bad in ("127.0.0.1", "127.0.0.1:6000/200", "127.0.0.1:x"):
+            with self.assertRaises(UsageError):
+                EndpointOptions().parseOptions([
+                    "--media", "127.0.0.1:1", "--cert", "c", "--key", "k", "--tls-id", "t",
+                    "--rtp-out", bad])

@@ -21,7 +21,8 @@ from perc.kd.roster import Roster
 from perc.kd.tunnel import KeyDistributorTunnelFactory
 from perc.netutil import (DEFAULT_TUNNEL_TIMEOUT, GatedFactory, server_endpoint,
                           tls_client_endpoint, tls_server_factory)
-from perc.tls import Authoriser, TlsCredentials
+from perc.sighup import ReloadOnSighup
+from perc.tls import Authoriser, ReloadableCredentials, TlsCredentials
 
 __all__ = ["KeyDistributorService"]
 
@@ -35,7 +36,8 @@ class KeyDistributorService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, *, reactor, credentials: TlsCredentials, profiles, db_path: str,
+    def __init__(self, *, reactor, credentials: TlsCredentials | ReloadableCredentials,
+                 profiles, db_path: str,
                  tunnel_listen: str | None, connect: list, api: str | None,
                  api_token: str | None, allow_md: list, limits: Limits,
                  allow_missing_tls_id: bool, ekt_ttl: int = DEFAULT_EKT_TTL,
@@ -43,7 +45,10 @@ class KeyDistributorService(service.MultiService):
                  tunnel_timeout: float | None = DEFAULT_TUNNEL_TIMEOUT):
         super().__init__()
         self.reactor = reactor
-        self.credentials = credentials
+        #: What new tunnels and associations present; SIGHUP reloads it (reloadCredentials).
+        self.tlsCredentials = (credentials if isinstance(credentials, ReloadableCredentials)
+                               else ReloadableCredentials(credentials))
+        ReloadOnSighup(self.reloadCredentials, reactor).setServiceParent(self)
         self.profiles = tuple(profiles)
         self.db_path = db_path
         self.limits = limits
@@ -69,7 +74,7 @@ class KeyDistributorService(service.MultiService):
         if api:
             self._listen.append(("--api", api, server_endpoint(reactor, api, "--api"),
                                  self._apiGate))
-        self._connect = [tls_client_endpoint(reactor, description, credentials, "--connect",
+        self._connect = [tls_client_endpoint(reactor, description, self.tlsCredentials, "--connect",
                                              tunnel_timeout=tunnel_timeout)
                          for description in connect]
 
@@ -78,7 +83,7 @@ class KeyDistributorService(service.MultiService):
         """Build from ``perc.kd.tap.Options``; raises ConfigError for what a user must fix."""
         if reactor is None:
             from twisted.internet import reactor
-        credentials = TlsCredentials.from_options(
+        credentials = ReloadableCredentials.from_options(
             "kd", cert=config["cert"], key=config["key"], ca=config["ca"], pki_dir=config["pki"])
         db_path = config["db"]
         directory = os.path.dirname(os.path.abspath(db_path))
@@ -104,7 +109,7 @@ class KeyDistributorService(service.MultiService):
     def privilegedStartService(self):
         super().privilegedStartService()
         for option, description, endpoint, gate in self._listen:
-            factory = (tls_server_factory(self.credentials, gate, self.tunnel_timeout)
+            factory = (tls_server_factory(self.tlsCredentials, gate, self.tunnel_timeout)
                        if gate is self._tunnelGate else gate)
             result = []
             endpoint.listen(factory).addBoth(result.append)
@@ -137,10 +142,34 @@ class KeyDistributorService(service.MultiService):
         d.addCallback(self._rosterOpened)
         d.addErrback(self._startFailed)
 
+    @property
+    def credentials(self) -> TlsCredentials:
+        """The TLS credentials new tunnels and associations use now."""
+        return self.tlsCredentials.current
+
+    def reloadCredentials(self) -> bool:
+        """
+        Read the certificate, key and CA files again (SIGHUP): new tunnels
+        and new DTLS associations use them, live ones are untouched.  A bad
+        file is logged in one line and the current credentials stay.
+        """
+        try:
+            credentials = self.tlsCredentials.reload()
+        except ConfigError as error:
+            self.log.error("Certificate reload failed, keeping the current certificate: {error}",
+                           error=str(error))
+            return False
+        dtls_credentials = _dtlsCredentials(credentials)
+        if self.distributor is not None:
+            self.distributor.useCredentials(dtls_credentials)
+        self.log.info("Certificate reloaded: new tunnels present {identity}, new associations "
+                      "DTLS certificate {fingerprint}", identity=credentials.identity,
+                      fingerprint=dtls_credentials.fingerprint)
+        return True
+
     def _rosterOpened(self, roster):
         self.roster = roster
-        dtls_credentials = dtls.Credentials(self.credentials.certificate,
-                                            self.credentials.private_key)
+        dtls_credentials = _dtlsCredentials(self.credentials)
         self.distributor = KeyDistributor(
             roster=roster, credentials=dtls_credentials, profiles=self.profiles,
             clock=self.reactor, limits=self.limits,
@@ -187,3 +216,8 @@ class KeyDistributorService(service.MultiService):
             self.distributor.stop()
         if self.roster is not None:
             yield self.roster.close()
+
+
+def _dtlsCredentials(credentials: TlsCredentials) -> dtls.Credentials:
+    """The endpoints' side of the Key Distributor: the tunnels' certificate and key."""
+    return dtls.Credentials(credentials.certificate, credentials.private_key)

@@ -16,7 +16,6 @@ from perc import pki, profiles
 from perc.config import ConfigFileError
 from perc.kd import tap as kd_tap
 from perc.md import tap as md_tap
-
 from tests.daemonhelpers import TWISTD, DaemonOutput, free_port
 
 

@@ -19,10 +19,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls, logs, pki, wire
 from perc.dtls import records
-
+from tests import test_kd
 from tests.daemonhelpers import TWISTD, DaemonOutput, free_port
 from tests.kdhelpers import MediaDistributorStandIn, relay_handshake
-from tests import test_kd
 
 
 def encodings(secret: bytes) -> list[str]:

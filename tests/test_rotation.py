@@ -24,7 +24,6 @@ from perc.md.service import MediaDistributorService
 from perc.netutil import tls_client_endpoint, tls_server_factory
 from perc.profiles import by_id
 from perc.tls import TlsCredentials, peer_certificate
-
 from tests import tlshelpers
 from tests.daemonhelpers import TWISTD, DaemonOutput, free_port
 from tests.test_kd_service import (

@@ -47,6 +47,7 @@ __all__ = [
     "MINIMUM_TLS_VERSION",
     "DEFAULT_LABELS",
     "TlsCredentials",
+    "ReloadableCredentials",
     "load_certificates",
     "load_private_key",
     "peer_certificate",
@@ -331,6 +332,86 @@ class TlsCredentials:
         except (ValueError, UnicodeError) as error:
             raise ConfigError("expected TLS server name {!r} is not usable: {}".format(
                 expected, error)) from None
+
+
+class ReloadableCredentials:
+    """
+    The :class:`TlsCredentials` a daemon presents now (``current``), and
+    how to load them again: :meth:`reload` re-reads the same files, and
+    only a complete, valid set replaces ``current``.
+
+    :meth:`server_options` and :meth:`client_options` give connection
+    creators that use ``current`` as it is when each *new* connection
+    starts; connections already made keep the credentials they began with.
+    """
+
+    def __init__(self, current: TlsCredentials, load=None):
+        """``load()`` returns fresh TlsCredentials or raises ConfigError; None: no reload."""
+        self.current = current
+        self._load = load
+        self._cache: dict = {}
+
+    @classmethod
+    def from_options(cls, role: str, cert: str | None = None, key: str | None = None,
+                     ca: str | None = None, pki_dir: str | None = None) -> ReloadableCredentials:
+        """Load as :meth:`TlsCredentials.from_options` does, and again from the same files on reload."""
+        def load():
+            return TlsCredentials.from_options(role, cert=cert, key=key, ca=ca, pki_dir=pki_dir)
+        return cls(load(), load)
+
+    def reload(self) -> TlsCredentials:
+        """Load the files again and use them; ConfigError (one line) leaves ``current`` as it was."""
+        if self._load is None:
+            raise ConfigError("these credentials were not loaded from files")
+        self.current = self._load()
+        self._cache.clear()
+        return self.current
+
+    def _options(self, expected: str | None):
+        # One set of options (and so one SSL context) per credentials and
+        # server name, as a daemon would otherwise build them once.
+        # The cache is emptied on reload; a daemon has a handful of names.
+        options = self._cache.get(expected)
+        if options is None:
+            options = (self.current.server_options() if expected is None
+                       else self.current.client_options(expected))
+            if len(self._cache) >= 64:
+                self._cache.clear()
+            self._cache[expected] = options
+        return options
+
+    def server_options(self) -> IOpenSSLServerConnectionCreator:
+        """Like :meth:`TlsCredentials.server_options`, with the credentials current at each accept."""
+        self._options(None)
+        return _CurrentServerOptions(self)
+
+    def client_options(self, expected: str) -> IOpenSSLClientConnectionCreator:
+        """Like :meth:`TlsCredentials.client_options`, with the credentials current at each dial."""
+        self._options(expected)  # a ConfigError for a bad name now, not at the first dial
+        return _CurrentClientOptions(self, expected)
+
+    @property
+    def identity(self) -> str:
+        return self.current.identity
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _CurrentServerOptions:
+    def __init__(self, credentials: ReloadableCredentials):
+        self._credentials = credentials
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        return SSL.Connection(self._credentials._options(None).getContext(), None)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _CurrentClientOptions:
+    def __init__(self, credentials: ReloadableCredentials, expected: str):
+        self._credentials = credentials
+        self._expected = expected
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        return self._credentials._options(self._expected).clientConnectionForTLS(tlsProtocol)
 
 
 # Peer identity and authorisation

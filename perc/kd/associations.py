@@ -137,6 +137,11 @@ class KeyDistributor:
         self._ektConferences: dict[str, list] = {}
         roster.add_removal_observer(self._registrationRemoved)
 
+    def useCredentials(self, credentials: dtls.Credentials) -> None:
+        """New associations present ``credentials``; live ones keep the ones they began with."""
+        self.credentials = credentials
+        self._listener.credentials = credentials
+
     # -- queries --------------------------------------------------------
 
     def __len__(self) -> int:

@@ -23,7 +23,8 @@ from perc.kd.tunnel import KeyDistributorTunnelFactory
 from perc.metrics import KeyDistributorMetrics
 from perc.netutil import (DEFAULT_TUNNEL_TIMEOUT, GatedFactory, server_endpoint,
                           tls_client_endpoint, tls_server_factory)
-from perc.tls import Authoriser, TlsCredentials
+from perc.sighup import ReloadOnSighup
+from perc.tls import Authoriser, ReloadableCredentials, TlsCredentials
 
 __all__ = ["KeyDistributorService"]
 
@@ -40,7 +41,8 @@ class KeyDistributorService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, *, reactor, credentials: TlsCredentials, profiles, db_path: str,
+    def __init__(self, *, reactor, credentials: TlsCredentials | ReloadableCredentials,
+                 profiles, db_path: str,
                  tunnel_listen: str | None, connect: list, api: str | None,
                  api_token: str | None, allow_md: list, limits: Limits,
                  allow_missing_tls_id: bool, ekt_ttl: int = DEFAULT_EKT_TTL,
@@ -49,7 +51,10 @@ class KeyDistributorService(service.MultiService):
                  metrics: str | None = None):
         super().__init__()
         self.reactor = reactor
-        self.credentials = credentials
+        #: What new tunnels and associations present; SIGHUP reloads it (reloadCredentials).
+        self.tlsCredentials = (credentials if isinstance(credentials, ReloadableCredentials)
+                               else ReloadableCredentials(credentials))
+        ReloadOnSighup(self.reloadCredentials, reactor).setServiceParent(self)
         self.profiles = tuple(profiles)
         self.db_path = db_path
         self.limits = limits
@@ -82,7 +87,8 @@ class KeyDistributorService(service.MultiService):
             self._listen.append(("--metrics", metrics,
                                  server_endpoint(reactor, metrics, "--metrics"),
                                  make_site(self.operations)))
-        self._connect = [tls_client_endpoint(reactor, description, credentials, "--connect",
+        self._connect = [tls_client_endpoint(reactor, description, self.tlsCredentials,
+                                             "--connect",
                                              tunnel_timeout=tunnel_timeout)
                          for description in connect]
 
@@ -91,7 +97,7 @@ class KeyDistributorService(service.MultiService):
         """Build from ``perc.kd.tap.Options``; raises ConfigError for what a user must fix."""
         if reactor is None:
             from twisted.internet import reactor
-        credentials = TlsCredentials.from_options(
+        credentials = ReloadableCredentials.from_options(
             "kd", cert=config["cert"], key=config["key"], ca=config["ca"], pki_dir=config["pki"])
         db_path = config["db"]
         directory = os.path.dirname(os.path.abspath(db_path))
@@ -117,7 +123,7 @@ class KeyDistributorService(service.MultiService):
     def privilegedStartService(self):
         super().privilegedStartService()
         for option, description, endpoint, gate in self._listen:
-            factory = (tls_server_factory(self.credentials, gate, self.tunnel_timeout)
+            factory = (tls_server_factory(self.tlsCredentials, gate, self.tunnel_timeout)
                        if gate is self._tunnelGate else gate)
             result = []
             endpoint.listen(factory).addBoth(result.append)
@@ -150,10 +156,34 @@ class KeyDistributorService(service.MultiService):
         d.addCallback(self._rosterOpened)
         d.addErrback(self._startFailed)
 
+    @property
+    def credentials(self) -> TlsCredentials:
+        """The TLS credentials new tunnels and associations use now."""
+        return self.tlsCredentials.current
+
+    def reloadCredentials(self) -> bool:
+        """
+        Read the certificate, key and CA files again (SIGHUP): new tunnels
+        and new DTLS associations use them, live ones are untouched.  A bad
+        file is logged in one line and the current credentials stay.
+        """
+        try:
+            credentials = self.tlsCredentials.reload()
+        except ConfigError as error:
+            self.log.error("Certificate reload failed, keeping the current certificate: {error}",
+                           error=str(error))
+            return False
+        dtls_credentials = _dtlsCredentials(credentials)
+        if self.distributor is not None:
+            self.distributor.useCredentials(dtls_credentials)
+        self.log.info("Certificate reloaded: new tunnels present {identity}, new associations "
+                      "DTLS certificate {fingerprint}", identity=credentials.identity,
+                      fingerprint=dtls_credentials.fingerprint)
+        return True
+
     def _rosterOpened(self, roster):
         self.roster = roster
-        dtls_credentials = dtls.Credentials(self.credentials.certificate,
-                                            self.credentials.private_key)
+        dtls_credentials = _dtlsCredentials(self.credentials)
         self.distributor = KeyDistributor(
             roster=roster, credentials=dtls_credentials, profiles=self.profiles,
             clock=self.reactor, limits=self.limits,
@@ -219,3 +249,8 @@ class KeyDistributorService(service.MultiService):
             self.distributor.stop()
         if self.roster is not None:
             yield self.roster.close()
+
+
+def _dtlsCredentials(credentials: TlsCredentials) -> dtls.Credentials:
+    """The endpoints' side of the Key Distributor: the tunnels' certificate and key."""
+    return dtls.Credentials(credentials.certificate, credentials.private_key)

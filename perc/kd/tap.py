@@ -7,6 +7,7 @@ from __future__ import annotations
 from twisted.python import usage
 
 from perc import profiles
+from perc.config import ConfigFileOptions
 from perc.errors import ConfigError
 from perc.kd.conference_keys import (
     DEFAULT_EKT_TTL,
@@ -26,7 +27,7 @@ def rollover_fraction(value: str) -> float:
     return check_rollover(float(value))
 
 
-class Options(usage.Options):
+class Options(ConfigFileOptions, usage.Options):
     longdesc = (
         "Run a PERC Key Distributor: accept mutually authenticated TLS tunnels "
         "from Media Distributors (or dial them with --connect), terminate "

@@ -20,7 +20,8 @@ from perc.md.tunnel import TunnelPool
 from perc.metrics import media_distributor_registry, tunnels_up
 from perc.netutil import (DEFAULT_TUNNEL_TIMEOUT, set_receive_buffer, server_endpoint,
                           tls_client_endpoint, tls_server_factory)
-from perc.tls import TlsCredentials
+from perc.sighup import ReloadOnSighup
+from perc.tls import ReloadableCredentials, TlsCredentials
 
 __all__ = ["MediaDistributorService"]
 
@@ -34,7 +35,8 @@ class MediaDistributorService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, *, reactor, credentials: TlsCredentials, profiles, kd: list,
+    def __init__(self, *, reactor, credentials: TlsCredentials | ReloadableCredentials,
+                 profiles, kd: list,
                  kd_name: str | None, tunnel_listen: str | None, media_port: int,
                  media_interface: str, api: str | None, api_token: str | None,
                  default_conference: str | None, limits: RelayLimits,
@@ -43,13 +45,17 @@ class MediaDistributorService(service.MultiService):
                  metrics: str | None = None):
         super().__init__()
         self.reactor = reactor
-        self.credentials = credentials
+        #: What new tunnels present; SIGHUP reloads it (reloadCredentials).
+        self.tlsCredentials = credentials = (
+            credentials if isinstance(credentials, ReloadableCredentials)
+            else ReloadableCredentials(credentials))
         self.media_port = media_port
         self.media_interface = media_interface
         self.udp_receive_buffer = udp_receive_buffer
         self.memberships = Memberships(default_conference)
         self.pool = TunnelPool(profiles, clock=reactor)
         self.pool.setServiceParent(self)
+        ReloadOnSighup(self.reloadCredentials, reactor).setServiceParent(self)
         for description in kd:
             self.pool.addKeyDistributor(
                 tls_client_endpoint(reactor, description, credentials, "--kd", kd_name,
@@ -82,7 +88,7 @@ class MediaDistributorService(service.MultiService):
         """Build from ``perc.md.tap.Options``; raises ConfigError for what a user must fix."""
         if reactor is None:
             from twisted.internet import reactor
-        credentials = TlsCredentials.from_options(
+        credentials = ReloadableCredentials.from_options(
             "md", cert=config["cert"], key=config["key"], ca=config["ca"], pki_dir=config["pki"])
         api = None if config["api"] == "none" else config["api"]
         token = load_or_create_token(config["api-token-file"]) if api else None
@@ -130,6 +136,27 @@ class MediaDistributorService(service.MultiService):
                 self.log.info("Listening for {what} on {address}", what=option.lstrip("-"),
                               address=result[0].getHost())
         super().privilegedStartService()
+
+    @property
+    def credentials(self) -> TlsCredentials:
+        """The TLS credentials new tunnels use now."""
+        return self.tlsCredentials.current
+
+    def reloadCredentials(self) -> bool:
+        """
+        Read the certificate, key and CA files again (SIGHUP): new tunnels,
+        dialled or accepted, use them; live ones are untouched.  A bad file
+        is logged in one line and the current credentials stay.
+        """
+        try:
+            credentials = self.tlsCredentials.reload()
+        except ConfigError as error:
+            self.log.error("Certificate reload failed, keeping the current certificate: {error}",
+                           error=str(error))
+            return False
+        self.log.info("Certificate reloaded: new tunnels present {identity}",
+                      identity=credentials.identity)
+        return True
 
     def status(self) -> dict:
         """The document ``GET /v1/status`` returns."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from twisted.python import usage
 
 from perc import profiles
+from perc.config import ConfigFileOptions
 from perc.errors import ConfigError
 from perc.netutil import DEFAULT_TUNNEL_TIMEOUT, tunnel_timeout
 from perc.optiontypes import positive_float, positive_int, udp_port
@@ -16,7 +17,7 @@ from perc.optiontypes import positive_float, positive_int, udp_port
 DEFAULT_UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
-class Options(usage.Options):
+class Options(ConfigFileOptions, usage.Options):
     longdesc = (
         "Run a PERC Media Distributor: one UDP port for endpoints, DTLS relayed "
         "to Key Distributors through mutually authenticated TLS tunnels, SRTP "

@@ -312,7 +312,8 @@ class RtcpCompoundTests(SynchronousTestCase):
                 206, 15, 0xA1, 0, b"REMB" + bytes([3, 0, 0, 0]) + struct.pack("!II", 1, 2)),
         }
         for name, packet in bad.items():
-            self.assertRaises(rtp.RtpError, rtp.parse_rtcp_compound, packet)
+            with self.assertRaises(rtp.RtpError, msg=name):
+                rtp.parse_rtcp_compound(packet)
 
     @given(st.lists(st.sampled_from([SR, SDES, BYE, PLI, NACK, FIR]), min_size=1, max_size=8))
     def test_any_sequence_of_parts(self, packets):

@@ -1,6 +1,7 @@
 """
 Packet cores for the Media Distributor's endpoint port: demultiplexing
-(RFC 7983, RFC 5761), RTP/RTCP header parsing (RFC 3550), the EKT field at
+(RFC 7983, RFC 5761), RTP/RTCP header parsing (RFC 3550), compound RTCP
+packets and the media SSRCs feedback names (RFC 4585, RFC 5104), the EKT field at
 the tail of SRTP packets (RFC 8870 section 4.1) and the Original Header
 Block of double encryption (RFC 8723 section 4).
 
@@ -27,6 +28,15 @@ __all__ = [
     "RtpHeader",
     "parse_rtp_header",
     "rtcp_ssrc",
+    "RTCP_SR",
+    "RTCP_RR",
+    "RTCP_SDES",
+    "RTCP_BYE",
+    "RTCP_APP",
+    "RTCP_RTPFB",
+    "RTCP_PSFB",
+    "RtcpPacket",
+    "parse_rtcp_compound",
     "EktFieldError",
     "EKT_MSG_TYPE_SHORT",
     "EKT_MSG_TYPE_FULL",
@@ -224,6 +234,127 @@ def rtcp_ssrc(packet) -> int:
     if not 192 <= packet[1] <= 223:
         raise RtpError("packet type {} is not RTCP".format(packet[1]))
     return _U32.unpack_from(packet, 4)[0]
+
+
+# --------------------------------------------------------------------------
+# Compound RTCP (RFC 3550 section 6.1) and feedback (RFC 4585, RFC 5104)
+
+RTCP_SR = 200
+RTCP_RR = 201
+RTCP_SDES = 202
+RTCP_BYE = 203
+RTCP_APP = 204
+#: Transport layer feedback (RFC 4585 section 6.2): NACK is FMT 1.
+RTCP_RTPFB = 205
+#: Payload-specific feedback (RFC 4585 section 6.3): PLI is FMT 1, FIR 4.
+RTCP_PSFB = 206
+
+#: Feedback messages (packet type, FMT) whose media source SSRC is 0 and
+#: whose FCI entries each start with the SSRC they are about (RFC 5104
+#: section 4): TMMBR and TMMBN (8-octet entries); FIR, TSTR and TSTN
+#: (8-octet entries).  VBCM (PSFB 7) has entries of their own length.
+_FIXED_ENTRY_FEEDBACK = frozenset({(RTCP_RTPFB, 3), (RTCP_RTPFB, 4),
+                                   (RTCP_PSFB, 4), (RTCP_PSFB, 5), (RTCP_PSFB, 6)})
+_VBCM = 7
+#: Application layer feedback (RFC 4585 section 6.4), which REMB uses.
+_AFB = 15
+_REMB = b"REMB"
+
+
+class RtcpPacket(NamedTuple):
+    """
+    One packet of a compound RTCP packet: octets ``start:end`` of it
+    (padding included).  ``count`` is the 5-bit field after the padding
+    bit (RC, SC or FMT).  ``media_ssrcs`` names, for feedback (RTPFB,
+    PSFB), the SSRCs of the media the feedback is about; it is empty for
+    every other type.
+    """
+
+    packet_type: int
+    count: int
+    start: int
+    end: int
+    media_ssrcs: tuple = ()
+
+
+def parse_rtcp_compound(packet) -> list:
+    """
+    Walk a compound RTCP packet (an SRTCP packet once unprotected) into
+    its :class:`RtcpPacket` parts, in order.  Raises :class:`RtpError`
+    unless every part is version 2 with a type in 192-223, its length
+    fits, the parts fill the packet exactly, only the last has padding
+    (RFC 3550 section 6.4.1: a padding count of 1 up to its body), and
+    every feedback part has its media source SSRC and well-formed FCI
+    entries where the SSRCs are named there.
+
+    ``media_ssrcs`` of feedback: the SSRCs in the FCI entries for TMMBR,
+    TMMBN, FIR, TSTR, TSTN and VBCM (RFC 5104 section 4, whose media source
+    SSRC is 0) and for REMB (PSFB 15 whose FCI starts with "REMB"); the
+    media source SSRC (RFC 4585 section 6.1: octets 8-11) for the others.
+    """
+    n = len(packet)
+    if n < 4:
+        raise RtpError("RTCP packet of {} octets is shorter than a header".format(n))
+    parts = []
+    offset = 0
+    while offset < n:
+        if n - offset < 4:
+            raise RtpError("{} octets after the last RTCP packet".format(n - offset))
+        first = packet[offset]
+        if first >> 6 != 2:
+            raise RtpError("RTCP version {} is not 2".format(first >> 6))
+        packet_type = packet[offset + 1]
+        if not 192 <= packet_type <= 223:
+            raise RtpError("packet type {} is not RTCP".format(packet_type))
+        end = offset + 4 * (((packet[offset + 2] << 8) | packet[offset + 3]) + 1)
+        if end > n:
+            raise RtpError("RTCP packet of type {} is longer than what is left".format(
+                packet_type))
+        body_end = end
+        if first & 0x20:
+            if end != n:
+                raise RtpError("padding on an RTCP packet that is not the last")
+            padding = packet[end - 1]
+            if not 1 <= padding <= end - offset - 4:
+                raise RtpError("RTCP padding count {} does not fit".format(padding))
+            body_end = end - padding
+        count = first & 0x1F
+        media_ssrcs = ()
+        if packet_type == RTCP_RTPFB or packet_type == RTCP_PSFB:
+            media_ssrcs = _feedback_media_ssrcs(packet, packet_type, count, offset, body_end)
+        parts.append(RtcpPacket(packet_type, count, offset, end, media_ssrcs))
+        offset = end
+    return parts
+
+
+def _feedback_media_ssrcs(packet, packet_type: int, fmt: int, start: int, end: int) -> tuple:
+    """The SSRCs feedback at ``start:end`` (padding excluded) is about."""
+    fci = start + 12
+    if end < fci:
+        raise RtpError("feedback of {} octets has no media source SSRC".format(end - start))
+    if (packet_type, fmt) in _FIXED_ENTRY_FEEDBACK:
+        if (end - fci) % 8 or end == fci:
+            raise RtpError("feedback FMT {} needs 8-octet FCI entries".format(fmt))
+        return tuple(_U32.unpack_from(packet, at)[0] for at in range(fci, end, 8))
+    if packet_type == RTCP_PSFB and fmt == _VBCM:
+        ssrcs = []
+        at = fci
+        while at < end:
+            if end - at < 8:
+                raise RtpError("VBCM entry shorter than its header")
+            ssrcs.append(_U32.unpack_from(packet, at)[0])
+            at += 8 + (-(-_U16.unpack_from(packet, at + 6)[0] // 4) * 4)
+        if at != end or not ssrcs:
+            raise RtpError("VBCM entries do not fill the FCI")
+        return tuple(ssrcs)
+    if packet_type == RTCP_PSFB and fmt == _AFB and bytes(packet[fci:fci + 4]) == _REMB:
+        if end - fci < 8:
+            raise RtpError("REMB shorter than its fixed part")
+        listed = packet[fci + 4]
+        if end - fci - 8 < 4 * listed:
+            raise RtpError("REMB lists {} SSRCs it has no room for".format(listed))
+        return tuple(_U32.unpack_from(packet, fci + 8 + 4 * i)[0] for i in range(listed))
+    return (_U32.unpack_from(packet, start + 8)[0],)
 
 
 # --------------------------------------------------------------------------

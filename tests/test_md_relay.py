@@ -28,6 +28,7 @@ from perc.md.relay import MediaRelay, RelayLimits
 from perc.profiles import DEFAULT_PROFILES, by_id
 
 from tests.test_hello import rewrite, server_flight
+from tests.test_rtp import BYE, SDES, feedback, rtcp_part
 
 TLS_A = "endpoint-a-tls-id-0123456789"
 TLS_B = "endpoint-b-tls-id-0123456789"
@@ -1372,3 +1373,203 @@ class PeerIdentityTests(RelayTestCase):
         self.relay.disconnectAll("stopping")
         self.assertEqual(self.tunnel.disconnects, [a.association_id])
         self.assertEqual(self.relay.status()["associations"], 0)
+
+
+# --------------------------------------------------------------------------
+# RTCP routing (issue 16 item 4)
+
+
+class RtcpRoutingTests(RelayTestCase):
+    """
+    Feedback reaches only the member that sends the media SSRC it names;
+    everything else goes to every other member; the relay learns who sends
+    an SSRC from authenticated SRTP only.  Real SRTCP both ways: what each
+    receiver gets is unprotected with its own session.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.a = self.join("A", ADDR_A, TLS_A)
+        self.b = self.join("B", ADDR_B, TLS_B)
+        self.c = self.join("C", ADDR_C, TLS_C)
+        self.d = self.join("D", ADDR_D, TLS_D, conference="other")
+        self.transport.clear()
+
+    def media(self, peer: Peer, ssrc: int | None = None) -> list:
+        """``peer`` sends one authenticated SRTP packet with ``ssrc`` (its own by default)."""
+        plain = peer.rtp()
+        if ssrc is not None:
+            plain = plain[:8] + struct.pack("!I", ssrc) + plain[12:]
+        return self.send(peer, peer.protect(plain))
+
+    def rtcp(self, sender: Peer, plain: bytes) -> dict:
+        """``sender`` sends ``plain`` as SRTCP; returns {receiver name: what it decrypts}."""
+        peers = {peer.address: peer for peer in (self.a, self.b, self.c, self.d)}
+        received = {}
+        for data, address in self.send(sender, sender.protect_rtcp(plain)):
+            peer = peers[address]
+            self.assertNotIn(peer.name, received)
+            received[peer.name] = peer.receiver.unprotect_rtcp(data)
+        return received
+
+    def pli(self, sender: Peer, media_ssrc: int) -> bytes:
+        return feedback(206, 1, sender.ssrc, media_ssrc)
+
+    def test_pli_reaches_the_sender_of_the_media_only(self):
+        self.media(self.a)
+        self.media(self.c)
+        pli = self.pli(self.b, self.a.ssrc)
+        self.assertEqual(self.rtcp(self.b, pli), {"A": pli})
+        pli = self.pli(self.a, self.c.ssrc)
+        self.assertEqual(self.rtcp(self.a, pli), {"C": pli})
+        self.assertEqual(self.counted("forwarded-rtcp"), 2)
+
+    def test_reports_reach_every_other_member(self):
+        self.media(self.a)
+        sr = self.b.rtcp()
+        self.assertEqual(self.rtcp(self.b, sr), {"A": sr, "C": sr})
+        rr = rtcp_part(201, 1, struct.pack("!I", self.c.ssrc) + struct.pack(
+            "!IIIIII", self.a.ssrc, 0, 1000, 0, 0, 0))
+        for plain in (rr, rr + SDES, sr + SDES + BYE, rtcp_part(204, 0, b"\0\0\0\1name")):
+            self.assertEqual(self.rtcp(self.c, plain), {"A": plain, "B": plain})
+
+    def test_nack_and_fir_routed_by_media_ssrc(self):
+        self.media(self.a)
+        self.media(self.c)
+        nack = feedback(205, 1, self.b.ssrc, self.c.ssrc, struct.pack("!HH", 7, 0))
+        self.assertEqual(self.rtcp(self.b, nack), {"C": nack})
+        # FIR names its media in the FCI (RFC 5104): one entry, or one per sender.
+        fir = feedback(206, 4, self.b.ssrc, 0, struct.pack("!IB3x", self.a.ssrc, 1))
+        self.assertEqual(self.rtcp(self.b, fir), {"A": fir})
+        fir = feedback(206, 4, self.b.ssrc, 0, struct.pack("!IB3x", self.a.ssrc, 2)
+                       + struct.pack("!IB3x", self.c.ssrc, 2))
+        self.assertEqual(self.rtcp(self.b, fir), {"A": fir, "C": fir})
+
+    def test_feedback_that_cannot_be_placed_is_counted(self):
+        self.media(self.a)
+        self.media(self.d)  # another conference
+        for media_ssrc in (0x0BADC0DE, self.d.ssrc, self.b.ssrc):
+            self.assertEqual(self.rtcp(self.b, self.pli(self.b, media_ssrc)), {})
+        # Feedback about its own media goes nowhere either.
+        self.assertEqual(self.rtcp(self.a, self.pli(self.a, self.a.ssrc)), {})
+        self.assertEqual(self.relay.status()["counters"]["dropped-rtcp-feedback-unknown-media-ssrc"], 4)
+        self.assertEqual(self.counted("forwarded-rtcp"), 0)
+
+    def test_compound_split_by_destination(self):
+        """
+        Each receiver gets the packets of the compound meant for it, in
+        order, in one SRTCP packet: the target of the feedback all of it,
+        the others the reports alone.
+        """
+        self.media(self.a)
+        sr = self.b.rtcp()
+        pli = self.pli(self.b, self.a.ssrc)
+        self.assertEqual(self.rtcp(self.b, sr + SDES + pli), {"A": sr + SDES + pli, "C": sr + SDES})
+        self.assertEqual(self.rtcp(self.b, sr + pli + BYE), {"A": sr + pli + BYE, "C": sr + BYE})
+        unknown = self.pli(self.b, 0x0BADC0DE)
+        self.assertEqual(self.rtcp(self.b, sr + unknown), {"A": sr, "C": sr})
+        self.assertEqual(self.counted("dropped-rtcp-feedback-unknown-media-ssrc"), 1)
+
+    def test_malformed_compound_dropped_and_counted(self):
+        self.media(self.a)
+        sr = self.b.rtcp()
+        for plain in (sr + b"\x80\xc9", sr[:4] + sr[4:] + b"\0\0\0\0",
+                      sr + rtcp_part(206, 1, struct.pack("!I", self.b.ssrc)),
+                      sr + b"\x40" + SDES[1:]):
+            self.assertEqual(self.rtcp(self.b, plain), {})
+        self.assertEqual(self.counted("dropped-rtcp-malformed"), 4)
+        # The endpoint is still served.
+        self.assertEqual(self.rtcp(self.b, sr), {"A": sr, "C": sr})
+
+    def test_rtcp_does_not_claim_an_ssrc(self):
+        taken = 0x5EC2E7
+        # B says, in RTCP, that it sends `taken`: an SR from it, feedback about it.
+        sr = struct.pack("!BBHIQIII", 0x80, 200, 6, taken, 1 << 32, 0, 1, 1)
+        self.assertEqual(self.rtcp(self.b, sr), {"A": sr, "C": sr})
+        self.assertEqual(self.rtcp(self.c, self.pli(self.c, taken)), {})
+        # A sends media with it: A's from now, whatever B says afterwards.
+        self.media(self.a, taken)
+        self.assertEqual(self.rtcp(self.b, sr), {"A": sr, "C": sr})
+        pli = self.pli(self.c, taken)
+        self.assertEqual(self.rtcp(self.c, pli), {"A": pli})
+
+    def test_unauthenticated_srtp_does_not_claim_an_ssrc(self):
+        self.media(self.a)
+        fresh = 0x0F0E5
+        for ssrc in (self.a.ssrc, fresh):
+            plain = self.b.rtp()
+            plain = plain[:8] + struct.pack("!I", ssrc) + plain[12:]
+            # Protected with keys the relay does not hold for B, and with a flipped tag bit.
+            stranger = srtp_session(os.urandom(16), os.urandom(12),
+                                    pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
+            damaged = bytearray(self.b.protect(plain))
+            damaged[-1] ^= 1
+            for datagram in (stranger.protect(plain), bytes(damaged)):
+                self.assertEqual(self.send(self.b, datagram), [])
+        self.assertEqual(self.counted("dropped-srtp-unprotect-failed"), 4)
+        pli = self.pli(self.c, self.a.ssrc)
+        self.assertEqual(self.rtcp(self.c, pli), {"A": pli})
+        self.assertEqual(self.rtcp(self.c, self.pli(self.c, fresh)), {})
+        # Authenticated media from B with A's SSRC is forwarded, but A keeps it.
+        self.assertEqual(len(self.media(self.b, self.a.ssrc)), 2)
+        self.assertEqual(self.counted("ssrc-sent-by-another-member"), 1)
+        self.assertEqual(self.rtcp(self.c, pli), {"A": pli})
+
+    def test_same_ssrc_in_two_conferences(self):
+        self.media(self.a, 0x1234)
+        self.media(self.d, 0x1234)
+        self.assertEqual(self.counted("ssrc-sent-by-another-member"), 0)
+        pli = self.pli(self.b, 0x1234)
+        self.assertEqual(self.rtcp(self.b, pli), {"A": pli})
+
+    def test_leaving_forgets_its_ssrcs(self):
+        self.media(self.a, 0x1111)
+        self.media(self.a, 0x2222)
+        self.assertTrue(self.memberships.delete("conf", TLS_A))
+        for ssrc in (0x1111, 0x2222):
+            self.assertEqual(self.rtcp(self.b, self.pli(self.b, ssrc)), {})
+        # Another member may send that SSRC now.
+        self.media(self.c, 0x1111)
+        pli = self.pli(self.b, 0x1111)
+        self.assertEqual(self.rtcp(self.b, pli), {"C": pli})
+        self.assertEqual(self.counted("ssrc-sent-by-another-member"), 0)
+        # Timing out forgets too, and so does shutting down.
+        self.clock.advance(self.limits.endpoint_timeout)
+        self.assertIsNone(self.relay.endpoint(self.c.association_id))
+        self.assertEqual(self.relay._ssrc_owners, {})
+        self.assertEqual(self.relay._ssrc_total, 0)
+
+
+class RtcpTableBoundTests(RelayTestCase):
+    limits = RelayLimits(max_ssrcs_per_endpoint=3, max_ssrcs=5)
+
+    def test_bounded_per_endpoint_and_in_all(self):
+        a = self.join("A", ADDR_A, TLS_A)
+        b = self.join("B", ADDR_B, TLS_B)
+        c = self.join("C", ADDR_C, TLS_C)
+
+        def placed(ssrc):
+            written = self.send(c, c.protect_rtcp(feedback(206, 1, c.ssrc, ssrc)))
+            return [address for _, address in written]
+
+        def media(peer, ssrc):
+            plain = peer.rtp()
+            self.send(peer, peer.protect(plain[:8] + struct.pack("!I", ssrc) + plain[12:]))
+
+        for ssrc in (0xA1, 0xA2, 0xA3, 0xA4):
+            media(a, ssrc)
+        # A's oldest made room for its newest.
+        self.assertEqual(self.counted("ssrc-forgotten-endpoint-limit"), 1)
+        self.assertEqual(placed(0xA1), [])
+        self.assertEqual([placed(s) for s in (0xA2, 0xA3, 0xA4)], [[ADDR_A]] * 3)
+        for ssrc in (0xB1, 0xB2, 0xB3):
+            media(b, ssrc)
+        # Five in all: B's third is not learnt (and counted per packet).
+        self.assertEqual(self.counted("ssrc-not-learnt-table-full"), 1)
+        self.assertEqual([placed(s) for s in (0xB1, 0xB2, 0xB3)], [[ADDR_B], [ADDR_B], []])
+        self.assertEqual(self.relay._ssrc_total, 5)
+        # A leaving makes room.
+        self.relay.disconnect(TLS_A, "test")
+        self.assertEqual(self.relay._ssrc_total, 2)
+        media(b, 0xB3)
+        self.assertEqual(placed(0xB3), [ADDR_B])

@@ -226,6 +226,112 @@ class RtcpTests(SynchronousTestCase):
             pass
 
 
+def rtcp_part(packet_type, count=0, body=b"", padding=0):
+    """One RTCP packet: header, then ``body`` (a multiple of 4), then ``padding`` octets."""
+    if padding:
+        body += b"\x00" * (padding - 1) + bytes([padding])
+    return struct.pack("!BBH", 0x80 | (0x20 if padding else 0) | count, packet_type,
+                       len(body) // 4) + body
+
+
+def feedback(packet_type, fmt, sender, media, fci=b""):
+    """An RTPFB or PSFB packet (RFC 4585 section 6.1)."""
+    return rtcp_part(packet_type, fmt, struct.pack("!II", sender, media) + fci)
+
+
+SR = rtcp_part(200, 0, struct.pack("!IQIII", 0xA1, 1 << 32, 960, 3, 300))
+SDES = rtcp_part(202, 1, struct.pack("!I", 0xA1) + b"\x01\x02ab\x00\x00\x00\x00")
+BYE = rtcp_part(203, 1, struct.pack("!I", 0xA1))
+PLI = feedback(206, 1, 0xA1, 0xB2)
+NACK = feedback(205, 1, 0xA1, 0xC3, struct.pack("!HH", 100, 0x0005))
+#: FIR (RFC 5104 section 4.3.1.1): media source 0, then SSRC, seq nr, 3 reserved.
+FIR = feedback(206, 4, 0xA1, 0, struct.pack("!IB3x", 0xB2, 7) + struct.pack("!IB3x", 0xD4, 9))
+
+
+class RtcpCompoundTests(SynchronousTestCase):
+    """parse_rtcp_compound walks RFC 3550 compounds and finds whom feedback is about."""
+
+    def test_compound_of_every_kind(self):
+        compound = SR + SDES + PLI + NACK + FIR + BYE
+        parts = rtp.parse_rtcp_compound(compound)
+        self.assertEqual([p.packet_type for p in parts], [200, 202, 206, 205, 206, 203])
+        self.assertEqual([p.count for p in parts], [0, 1, 1, 1, 4, 1])
+        self.assertEqual(b"".join(compound[p.start:p.end] for p in parts), compound)
+        self.assertEqual([compound[p.start:p.end] for p in parts], [SR, SDES, PLI, NACK, FIR, BYE])
+        self.assertEqual([p.media_ssrcs for p in parts],
+                         [(), (), (0xB2,), (0xC3,), (0xB2, 0xD4), ()])
+
+    def test_reduced_size_and_bytes_like(self):
+        # RFC 5506: feedback alone is a packet of its own.
+        for packet in (PLI, bytearray(PLI), memoryview(PLI)):
+            (part,) = rtp.parse_rtcp_compound(packet)
+            self.assertEqual(part, rtp.RtcpPacket(206, 1, 0, 12, (0xB2,)))
+
+    def test_rfc_5104_entries(self):
+        tmmbr = feedback(205, 3, 0xA1, 0, struct.pack("!II", 0xB2, 0x12345678))
+        tmmbn = feedback(205, 4, 0xA1, 0, struct.pack("!II", 0xE5, 0) * 2)
+        tstr = feedback(206, 5, 0xA1, 0, struct.pack("!IB2xB", 0xB2, 1, 3))
+        tstn = feedback(206, 6, 0xA1, 0, struct.pack("!IB2xB", 0xE5, 1, 3))
+        vbcm = feedback(206, 7, 0xA1, 0, struct.pack("!IBBH", 0xB2, 1, 96, 5) + b"abcde\x00\x00\x00"
+                        + struct.pack("!IBBH", 0xD4, 2, 96, 0))
+        got = [p.media_ssrcs for p in rtp.parse_rtcp_compound(tmmbr + tmmbn + tstr + tstn + vbcm)]
+        self.assertEqual(got, [(0xB2,), (0xE5, 0xE5), (0xB2,), (0xE5,), (0xB2, 0xD4)])
+
+    def test_remb_names_its_ssrcs(self):
+        remb = feedback(206, 15, 0xA1, 0, b"REMB" + bytes([2, 0x12, 0x34, 0x56])
+                        + struct.pack("!II", 0xB2, 0xD4))
+        self.assertEqual(rtp.parse_rtcp_compound(remb)[0].media_ssrcs, (0xB2, 0xD4))
+        other_afb = feedback(206, 15, 0xA1, 0xB2, b"ABCD")
+        self.assertEqual(rtp.parse_rtcp_compound(other_afb)[0].media_ssrcs, (0xB2,))
+
+    def test_padding_on_the_last_packet(self):
+        padded = feedback(206, 4, 0xA1, 0, struct.pack("!IB3x", 0xB2, 1))
+        padded = rtcp_part(206, 4, padded[4:], padding=4)
+        parts = rtp.parse_rtcp_compound(SR + padded)
+        self.assertEqual(parts[1].media_ssrcs, (0xB2,))
+        self.assertEqual(parts[1].end, len(SR + padded))
+
+    def test_malformed(self):
+        padded_sr = rtcp_part(200, 0, SR[4:], padding=4)
+        bad = {
+            "empty": b"",
+            "short header": SR[:3],
+            "trailing octets": SR + b"\x80\xc8",
+            "length past the end": SR[:-4],
+            "second part version 1": SR + b"\x40" + SDES[1:],
+            "second part not RTCP": SR + SDES[:1] + b"\x60" + SDES[2:],
+            "padding not on the last": padded_sr + SDES,
+            "padding count 0": padded_sr[:-1] + b"\x00",
+            "padding count too big": padded_sr[:-1] + bytes([len(padded_sr) - 3]),
+            "feedback without media source": rtcp_part(206, 1, struct.pack("!I", 0xA1)),
+            "FIR entry cut": feedback(206, 4, 0xA1, 0, struct.pack("!I", 0xB2)),
+            "FIR without entries": feedback(206, 4, 0xA1, 0),
+            "VBCM entry past the FCI": feedback(206, 7, 0xA1, 0, struct.pack("!IBBH", 1, 1, 96, 9)
+                                                + b"abcd"),
+            "REMB lists more than it holds": feedback(
+                206, 15, 0xA1, 0, b"REMB" + bytes([3, 0, 0, 0]) + struct.pack("!II", 1, 2)),
+        }
+        for name, packet in bad.items():
+            with self.assertRaises(rtp.RtpError, msg=name):
+                rtp.parse_rtcp_compound(packet)
+
+    @given(st.lists(st.sampled_from([SR, SDES, BYE, PLI, NACK, FIR]), min_size=1, max_size=8))
+    def test_any_sequence_of_parts(self, packets):
+        compound = b"".join(packets)
+        parts = rtp.parse_rtcp_compound(compound)
+        self.assertEqual([compound[p.start:p.end] for p in parts], packets)
+
+    @given(st.binary(max_size=80))
+    @settings(max_examples=500)
+    def test_random_bytes(self, data):
+        for packet in (data, b"\x80\xce\x00\x02" + data, SR + data):
+            try:
+                parts = rtp.parse_rtcp_compound(packet)
+            except rtp.RtpError:
+                continue
+            self.assertEqual(parts[-1].end, len(packet))
+
+
 SRTP = rtp_packet(payload=b"\x55" * 30)
 
 

@@ -7,10 +7,16 @@ from an endpoint with hop-by-hop keys is outer-decrypted with that
 endpoint's inbound session and outer-encrypted for every other endpoint of
 its conference with theirs.  The inner (end-to-end) layer, the OHB and any
 EKT field pass through untouched: the Media Distributor cannot read media.
+
+RTCP goes where it belongs: feedback (RTPFB, PSFB) only to the member that
+sends the media SSRC it names, everything else (SR, RR, SDES, BYE, APP,
+...) to every other member.  Who sends an SSRC is learnt from the
+authenticated SRTP each endpoint sends, never from RTCP.
 """
 
 from __future__ import annotations
 
+import struct
 import uuid
 from dataclasses import dataclass, field
 from errno import ECONNREFUSED, EMSGSIZE
@@ -29,6 +35,10 @@ __all__ = ["MediaRelay", "RelayLimits"]
 _classify = rtp.classify
 _split_ekt_field = rtp.split_ekt_field
 _EktFieldError = rtp.EktFieldError
+_ssrc_of = struct.Struct("!I").unpack_from
+_parse_rtcp_compound = rtp.parse_rtcp_compound
+_RtpError = rtp.RtpError
+_FEEDBACK = frozenset({rtp.RTCP_RTPFB, rtp.RTCP_PSFB})
 _RTP = rtp.Kind.RTP
 _RTCP = rtp.Kind.RTCP
 _DTLS = rtp.Kind.DTLS
@@ -59,6 +69,10 @@ class RelayLimits:
     waiting_max_octets: int = 1 << 20
     waiting_max_disconnects: int = 10000
     waiting_seconds: float = 10.0
+    #: The media SSRCs learnt per endpoint (its oldest is forgotten for a
+    #: new one beyond this) and in all (no more are learnt beyond this).
+    max_ssrcs_per_endpoint: int = 16
+    max_ssrcs: int = 65536
 
 
 @dataclass(eq=False)
@@ -83,6 +97,9 @@ class Endpoint:
     #: The certificate identity of its Key Distributor: any tunnel to that
     #: peer may carry it.  None (a tunnel without one): only its own tunnel.
     peer: str | None = None
+    #: The media SSRCs it has sent authenticated SRTP with, oldest first
+    #: (a dict for its order): where feedback about them goes.
+    ssrcs: dict = field(default_factory=dict, repr=False)
 
     @property
     def established(self) -> bool:
@@ -170,6 +187,10 @@ class MediaRelay(protocol.DatagramProtocol):
         # membership changes rather than per packet: (endpoint, address,
         # its outbound protect) for RTP, and the same with protect_rtcp.
         self._fanout: dict[str, tuple[tuple, tuple]] = {}
+        # Per conference, media SSRC -> the member that sends it, and the
+        # number of SSRCs known in all conferences.
+        self._ssrc_owners: dict[str, dict[int, Endpoint]] = {}
+        self._ssrc_total = 0
         self._sendto = None
         self._new_per_host: dict[str, int] = {}
         # A ClientHello split into fragments names its endpoint only once
@@ -217,9 +238,9 @@ class MediaRelay(protocol.DatagramProtocol):
     def datagramReceived(self, data: bytes, address) -> None:
         kind = _classify(data)
         if kind is _RTP:
-            self._media(data, address, False)
+            self._media(data, address)
         elif kind is _RTCP:
-            self._media(data, address, True)
+            self._control(data, address)
         elif kind is _DTLS:
             self._dtls(data, address)
         else:
@@ -332,26 +353,23 @@ class MediaRelay(protocol.DatagramProtocol):
         # (_verified): a line per ClientHello would let a flood fill the log.
         return endpoint
 
-    def _media(self, data: bytes, address, rtcp_packet: bool) -> None:
-        # The hot path: one call per SRTP/SRTCP packet, and its loop runs
-        # once per other member of the conference.
+    def _media(self, data: bytes, address) -> None:
+        # The hot path: one call per SRTP packet, and its loop runs once per
+        # other member of the conference.
         endpoint = self._established.get(address)
         if endpoint is None:
             self._count("dropped-srtp-unknown-source")
             return
         ekt_field = b""
         packet = data
-        if endpoint.ekt and not rtcp_packet:
+        if endpoint.ekt:
             try:
                 packet, ekt_field = _split_ekt_field(data)
             except _EktFieldError:
                 self._count("dropped-malformed-ekt")
                 return
         try:
-            if rtcp_packet:
-                plain = endpoint.inbound.unprotect_rtcp(packet)
-            else:
-                plain = endpoint.inbound.unprotect(packet)
+            plain = endpoint.inbound.unprotect(packet)
         except (pylibsrtp.Error, ValueError):
             # Bad tag, replay, or a spoofed source: never forwarded.
             # pylibsrtp raises ValueError for a packet over its 1500-octet
@@ -359,13 +377,14 @@ class MediaRelay(protocol.DatagramProtocol):
             self._count("dropped-srtp-unprotect-failed")
             return
         endpoint.last_seen = self.clock.seconds()
+        # Authenticated with its hop-by-hop key: this endpoint sends this SSRC.
+        ssrc = _ssrc_of(plain, 8)[0]
+        if ssrc not in endpoint.ssrcs:
+            self._learnSsrc(endpoint, ssrc)
         fanout = self._fanout.get(endpoint.conference)
         if fanout is None:
             fanout = self._buildFanout(endpoint.conference)
-        if fanout is None:
-            members = ()
-        else:
-            members = fanout[1] if rtcp_packet else fanout[0]
+        members = () if fanout is None else fanout[0]
         send = self._sendto
         if send is None:
             send = self.transport.write
@@ -390,8 +409,120 @@ class MediaRelay(protocol.DatagramProtocol):
                 _sendto_failed(problem)
             forwarded += 1
         counters = self.counters
-        name = "forwarded-rtcp" if rtcp_packet else "forwarded-rtp"
-        counters[name] = counters.get(name, 0) + forwarded
+        counters["forwarded-rtp"] = counters.get("forwarded-rtp", 0) + forwarded
+
+    def _control(self, data: bytes, address) -> None:
+        """
+        An SRTCP packet: each of its RTCP packets goes where it belongs.
+        Every receiver gets, in one SRTCP packet protected for it, the
+        packets of the compound meant for it in their order: the reports
+        and everything else that is not feedback (every other member), and
+        the feedback about media it sends.  Feedback no other member sends
+        the media of is dropped and counted; a malformed compound is
+        dropped whole.
+        """
+        endpoint = self._established.get(address)
+        if endpoint is None:
+            self._count("dropped-srtp-unknown-source")
+            return
+        try:
+            plain = endpoint.inbound.unprotect_rtcp(data)
+        except (pylibsrtp.Error, ValueError):
+            self._count("dropped-srtp-unprotect-failed")
+            return
+        endpoint.last_seen = self.clock.seconds()
+        try:
+            parts = _parse_rtcp_compound(plain)
+        except _RtpError:
+            self._count("dropped-rtcp-malformed")
+            return
+        # Per part: None for every other member, else the members it goes to.
+        routes = []
+        targeted = False
+        owners = self._ssrc_owners.get(endpoint.conference, {})
+        for part in parts:
+            if part.packet_type not in _FEEDBACK:
+                routes.append(None)
+                continue
+            targeted = True
+            targets = set()
+            for ssrc in part.media_ssrcs:
+                owner = owners.get(ssrc)
+                if owner is not None and owner is not endpoint:
+                    targets.add(owner)
+            if not targets:
+                self._count("dropped-rtcp-feedback-unknown-media-ssrc")
+            routes.append(targets)
+        fanout = self._fanout.get(endpoint.conference)
+        if fanout is None:
+            fanout = self._buildFanout(endpoint.conference)
+        members = () if fanout is None else fanout[1]
+        send = self._sendto
+        if send is None:
+            send = self.transport.write
+        forwarded = 0
+        for other, other_address, protect, _ in members:
+            if other is endpoint:
+                continue
+            mine = plain
+            if targeted:
+                chosen = [plain[part.start:part.end] for part, route in zip(parts, routes)
+                          if route is None or other in route]
+                if not chosen:
+                    continue
+                if len(chosen) != len(parts):
+                    mine = b"".join(chosen)
+            try:
+                out = protect(mine)
+            except (pylibsrtp.Error, ValueError):
+                self._count("dropped-protect-failed")
+                continue
+            try:
+                send(out, other_address)
+            except OSError as problem:
+                _sendto_failed(problem)
+            forwarded += 1
+        self._count("forwarded-rtcp", forwarded)
+
+    def _learnSsrc(self, endpoint: Endpoint, ssrc: int) -> None:
+        """
+        ``endpoint`` sent authenticated media with ``ssrc``: feedback about
+        it goes there from now.  An SSRC another member sends stays that
+        member's while it is in the conference (a member cannot take
+        another's feedback); bounded per endpoint (its oldest SSRC is
+        forgotten) and in all (nothing more is learnt).
+        """
+        owners = self._ssrc_owners.setdefault(endpoint.conference, {})
+        owner = owners.get(ssrc)
+        if owner is not None:
+            self._count("ssrc-sent-by-another-member")
+            return
+        if len(endpoint.ssrcs) >= self.limits.max_ssrcs_per_endpoint:
+            if not endpoint.ssrcs:
+                return  # a limit of 0: feedback is placed nowhere
+            oldest = next(iter(endpoint.ssrcs))
+            del endpoint.ssrcs[oldest]
+            del owners[oldest]
+            self._ssrc_total -= 1
+            self._count("ssrc-forgotten-endpoint-limit")
+        elif self._ssrc_total >= self.limits.max_ssrcs:
+            self._count("ssrc-not-learnt-table-full")
+            return
+        endpoint.ssrcs[ssrc] = None
+        owners[ssrc] = endpoint
+        self._ssrc_total += 1
+
+    def _forgetSsrcs(self, endpoint: Endpoint) -> None:
+        """``endpoint`` left: feedback about its SSRCs has nowhere to go."""
+        if not endpoint.ssrcs:
+            return
+        owners = self._ssrc_owners.get(endpoint.conference)
+        for ssrc in endpoint.ssrcs:
+            del owners[ssrc]
+        self._ssrc_total -= len(endpoint.ssrcs)
+        endpoint.ssrcs.clear()
+        if not owners:
+            del self._ssrc_owners[endpoint.conference]
 
     def _membersChanged(self, conference: str) -> None:
         """
@@ -645,6 +776,7 @@ class MediaRelay(protocol.DatagramProtocol):
             del self._pending[endpoint.address]
         if self._established.get(endpoint.address) is endpoint:
             del self._established[endpoint.address]
+        self._forgetSsrcs(endpoint)
         members = self._conferences.get(endpoint.conference)
         if members is not None:
             members.discard(endpoint)

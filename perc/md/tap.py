@@ -9,6 +9,7 @@ from twisted.python import usage
 from perc import profiles
 from perc.errors import ConfigError
 from perc.netutil import DEFAULT_TUNNEL_TIMEOUT, tunnel_timeout
+from perc.options import CommandOptions
 from perc.optiontypes import positive_float, positive_int, udp_port
 
 
@@ -16,7 +17,7 @@ from perc.optiontypes import positive_float, positive_int, udp_port
 DEFAULT_UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
-class Options(usage.Options):
+class Options(CommandOptions):
     longdesc = (
         "Run a PERC Media Distributor: one UDP port for endpoints, DTLS relayed "
         "to Key Distributors through mutually authenticated TLS tunnels, SRTP "

@@ -24,7 +24,7 @@ setup(
     include_package_data=False,
     install_requires=[
         "Twisted>=24.3",
-        "pyOpenSSL>=25.0",
+        "pyOpenSSL>=26.0",  # public DTLS cookie callbacks with the cookie length checked (CVE-2026-27459)
         "service-identity>=24.1",
         "pylibsrtp>=0.10",
         "zope.interface>=6.0",

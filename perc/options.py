@@ -38,7 +38,7 @@ class CommandOptions(usage.Options):
         """How the command is typed: ``perc``, ``perc pki``, ``perc pki init``."""
         parent = self.parent
         if isinstance(parent, CommandOptions) and parent.subCommand is not None:
-            return "{} {}".format(parent.commandPath(), parent.subCommand)
+            return f"{parent.commandPath()} {parent.subCommand}"
         return self.command
 
     def getSynopsis(self) -> str:
@@ -46,4 +46,4 @@ class CommandOptions(usage.Options):
             # The root command, or a twistd plugin under twistd's own options.
             return super().getSynopsis()
         synopsis = getattr(self, "synopsis", None) or "[options]"
-        return "Usage: {} {}".format(self.commandPath(), synopsis.strip())
+        return f"Usage: {self.commandPath()} {synopsis.strip()}"

@@ -22,7 +22,6 @@ from perc.md.service import MediaDistributorService
 from perc.netutil import endpoint_host
 from perc.profiles import by_id
 from perc.tls import TlsCredentials
-
 from tests.endpointhelpers import UdpEndpoint, rtp_packet
 from tests.test_md_e2e import WAIT, eventually
 
@@ -85,7 +84,7 @@ class Ipv6ConferenceTests(TestCase):
         kd_port = self.kd._ports[0].getHost().port
         config = md_tap.Options()
         config.parseOptions([
-            "--pki", self.pki.directory, "--kd", r"tcp:host=\:\:1:port={}".format(kd_port),
+            "--pki", self.pki.directory, "--kd", rf"tcp:host=\:\:1:port={kd_port}",
             "--media-port", "0", "--media-interface", "::1", "--api", "none"])
         self.md = MediaDistributorService.fromOptions(config, reactor)
         self.md.privilegedStartService()
@@ -97,7 +96,7 @@ class Ipv6ConferenceTests(TestCase):
     @defer.inlineCallbacks
     def join(self, name):
         credentials = dtls.Credentials.self_signed(name)
-        tls_id = "{}-TlsId-0123456789abcdef".format(name)
+        tls_id = f"{name}-TlsId-0123456789abcdef"
         registration, _ = yield self.kd.roster.put(CONFERENCE, tls_id, credentials.fingerprint)
         self.md.memberships.put(CONFERENCE, tls_id)
         association = dtls.ClientAssociation(

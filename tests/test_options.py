@@ -53,7 +53,7 @@ class VersionTests(SynchronousTestCase):
     def test_root_and_every_subcommand_print_percs_version(self):
         for command in ((),) + SUBCOMMANDS:
             status, out, _ = run_perc(*command, "--version")
-            self.assertEqual((status, out), (0, "perc {}\n".format(__version__)), command)
+            self.assertEqual((status, out), (0, f"perc {__version__}\n"), command)
 
     def test_daemons_print_percs_version(self):
         """The real ``twistd -n perc-kd --version`` (and perc-md), not Twisted's version."""
@@ -61,9 +61,9 @@ class VersionTests(SynchronousTestCase):
             result = subprocess.run(
                 [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                  "-n", tapname, "--version"],
-                capture_output=True, text=True, timeout=60, env=dict(os.environ))
+                check=False, capture_output=True, text=True, timeout=60, env=dict(os.environ))
             self.assertEqual(result.returncode, 0, result.stderr)
-            self.assertEqual(result.stdout, "perc {}\n".format(__version__))
+            self.assertEqual(result.stdout, f"perc {__version__}\n")
 
 
 class UsageTests(SynchronousTestCase):
@@ -110,9 +110,9 @@ class UsageTests(SynchronousTestCase):
     def test_register_example_names_the_kd_api_default_port(self):
         from perc.register_cli import RegisterOptions
 
-        default_api = dict((row[0], row[2]) for row in kd_tap.Options.optParameters)["api"]
+        default_api = {row[0]: row[2] for row in kd_tap.Options.optParameters}["api"]
         port = re.match(r"tcp:(\d+)", default_api).group(1)
-        self.assertIn("http://127.0.0.1:{}".format(port), RegisterOptions().docs["kd-api"])
+        self.assertIn(f"http://127.0.0.1:{port}", RegisterOptions().docs["kd-api"])
 
 
 class UdpPortTests(SynchronousTestCase):

@@ -18,7 +18,7 @@ from OpenSSL._util import ffi, lib
 
 from perc.errors import ConfigError
 
-__all__ = ["ffi", "lib", "MissingBindings", "missing", "check"]
+__all__ = ["MissingBindings", "check", "ffi", "lib", "missing"]
 
 #: OpenSSL functions and constants used through ``lib``.
 PRIVATE_SYMBOLS = (
@@ -61,7 +61,7 @@ def _name(owner) -> str:
 def missing(private=lib, public=PUBLIC_API) -> list[str]:
     """The names of the symbols ``private`` lacks and of the ``public`` attributes that are absent."""
     absent = [name for name in PRIVATE_SYMBOLS if not hasattr(private, name)]
-    absent += ["{}.{}".format(_name(owner), attribute) for owner, attribute in public
+    absent += [f"{_name(owner)}.{attribute}" for owner, attribute in public
                if not hasattr(owner, attribute)]
     return absent
 

@@ -10,10 +10,10 @@ import os
 import subprocess
 import sys
 
-from twisted.python import usage
 
 import perc
 from perc.errors import ConfigError
+from perc.options import CommandOptions
 
 __all__ = ["BenchOptions", "bench_directory"]
 
@@ -31,7 +31,7 @@ def available() -> list[str]:
                   if name.endswith(".py") and not name.startswith("_"))
 
 
-class BenchOptions(usage.Options):
+class BenchOptions(CommandOptions):
     synopsis = "NAME [ARGS...]"
 
     @property
@@ -47,7 +47,7 @@ class BenchOptions(usage.Options):
 
     def parseOptions(self, options=None):
         # Everything after NAME belongs to the benchmark, including --help.
-        if options and options[0] not in ("--help", "-h"):
+        if options and options[0] not in ("--help", "-h", "--version"):
             self.parseArgs(*options)
             return
         super().parseOptions(options)

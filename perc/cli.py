@@ -11,22 +11,17 @@ import sys
 
 from twisted.python import usage
 
-from perc import __version__
 from perc.errors import ConfigError
+from perc.options import CommandOptions
 
 
-class PercOptions(usage.Options):
+class PercOptions(CommandOptions):
     synopsis = "Usage: perc <command> [options]"
     longdesc = "Tools for the PERC key-exchange tunnel. Run 'perc <command> --help' for details."
 
     # Filled from the modules that implement the commands, so that this file
     # only dispatches.
     subCommands: list = []
-
-    def opt_version(self):
-        """Print the version and exit."""
-        print("perc", __version__)
-        sys.exit(0)
 
     def postOptions(self):
         if self.subCommand is None:

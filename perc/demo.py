@@ -22,6 +22,7 @@ from perc import dtls, pki, profiles, rtp, wire
 from perc.double import DoubleError, DoubleReceiver
 from perc.endpoint import ReferenceEndpoint
 from perc.errors import ConfigError
+from perc.options import CommandOptions
 from perc.register_cli import (
     put_json,
     register_with_key_distributor,
@@ -33,7 +34,7 @@ __all__ = ["DemoOptions", "run_demo"]
 CONFERENCE = "demo"
 
 
-class DemoOptions(usage.Options):
+class DemoOptions(CommandOptions):
     synopsis = "[--endpoints N] [--seconds S] [--profile NAME] [--media video]"
     longdesc = ("Run a Key Distributor, a Media Distributor and N reference endpoints on "
                 "loopback, rekey once midway, and show that every endpoint verified every "

@@ -13,6 +13,7 @@ from perc import dtls, pki, profiles, rtpbridge
 from perc.endpoint import ReferenceEndpoint, backoff
 from perc.errors import ConfigError
 from perc.kd.roster import InvalidRegistration, validate_tls_id
+from perc.options import CommandOptions
 from perc.tls import load_certificates, load_private_key
 
 __all__ = ["EndpointOptions"]
@@ -29,7 +30,7 @@ def _address(text: str):
     return host.strip("[]"), number
 
 
-class EndpointOptions(usage.Options):
+class EndpointOptions(CommandOptions):
     synopsis = "--media HOST:PORT --cert FILE --key FILE --tls-id ID [options]"
     longdesc = ("Join a PERC conference through a Media Distributor: DTLS-SRTP with the Key "
                 "Distributor (tls-id in extension 56, EKT in extension 39), then send "

@@ -1,5 +1,7 @@
 """Coercers for ``usage.Options`` parameters shared by the daemons' options."""
 
+from twisted.python import usage
+
 
 def positive_int(value: str) -> int:
     number = int(value)
@@ -16,7 +18,11 @@ def positive_float(value: str) -> float:
 
 
 def udp_port(value: str) -> int:
-    number = int(value)
-    if not 0 <= number <= 65535:
-        raise ValueError("must be a UDP port number 0..65535")
-    return number
+    """Twisted's ``portCoerce``, with a message that says what was expected."""
+    try:
+        return usage.portCoerce(value)
+    except ValueError:
+        raise ValueError("must be a UDP port number 0..65535") from None
+
+
+udp_port.coerceDoc = usage.portCoerce.coerceDoc  # type: ignore[attr-defined]

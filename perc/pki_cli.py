@@ -16,6 +16,7 @@ import sys
 from twisted.python import usage
 
 from perc import pki
+from perc.options import CommandOptions
 
 
 def _days(value: str) -> int:
@@ -28,7 +29,7 @@ def _days(value: str) -> int:
 _days.coerceDoc = "A whole number of days, at least 1."  # type: ignore[attr-defined]
 
 
-class _InterspersedOptions(usage.Options):
+class _InterspersedOptions(CommandOptions):
     """
     Options that may also follow the positional arguments, as in
     ``perc pki init DIR --force``.  ``usage.Options`` stops at the first
@@ -147,7 +148,7 @@ class EndpointOptions(_InterspersedOptions):
         return 0
 
 
-class PkiOptions(usage.Options):
+class PkiOptions(CommandOptions):
     synopsis = "<init|endpoint> [options]"
     longdesc = "Development PKI: a CA, distributor certificates, endpoint certificates."
 

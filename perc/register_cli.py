@@ -44,6 +44,7 @@ from perc.kd.roster import (
     validate_fingerprint,
     validate_tls_id,
 )
+from perc.options import CommandOptions
 
 __all__ = [
     "RegisterOptions",
@@ -259,7 +260,7 @@ def run_in_reactor(function):
     return outcome[0]
 
 
-class RegisterOptions(usage.Options):
+class RegisterOptions(CommandOptions):
     synopsis = (
         "--kd-api URL --token-file FILE --conference NAME --tls-id TLS-ID "
         "--fingerprint 'sha-256 AB:CD:...'"
@@ -271,7 +272,7 @@ class RegisterOptions(usage.Options):
         "of standard output."
     )
     optParameters = [
-        ["kd-api", None, None, "Base URL of the Key Distributor's control API, e.g. http://127.0.0.1:8480"],
+        ["kd-api", None, None, "Base URL of the Key Distributor's control API, e.g. http://127.0.0.1:4741"],
         ["token-file", None, None, "File holding the Key Distributor's API token"],
         ["conference", None, None, "Conference name (A-Z a-z 0-9 . _ -)"],
         ["tls-id", None, None, "The endpoint's tls-id (20-255 of A-Z a-z 0-9 + / - _)"],

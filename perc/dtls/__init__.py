@@ -42,6 +42,8 @@ The package, by job:
 - :mod:`~perc.dtls.identity`: :class:`Credentials`, the identity hook's
   :class:`IdentityQuery` and its :class:`Accept` / :class:`Reject`.
 - :mod:`~perc.dtls.extensions`: codecs of extensions 56 and 39.
+- :mod:`~perc.dtls.bindings`: the private OpenSSL bindings still needed,
+  checked at import.
 - :mod:`~perc.dtls.callbacks`: OpenSSL's C callbacks and their registry.
 - :mod:`~perc.dtls.contexts`: SSL contexts and connections.
 - :mod:`~perc.dtls.datagrams`: records in and out of datagrams.

@@ -6,17 +6,17 @@ import weakref
 from typing import Iterable, Optional
 
 from OpenSSL import SSL
-from OpenSSL._util import lib as _lib
 
 from perc import pki
 from perc.dtls import records
+from perc.dtls.bindings import lib as _lib
 from perc.dtls.callbacks import (
     Refusal,
     SslState,
     check_profile,
+    connection_address,
     register,
     selected_profile_id,
-    ssl_address,
     unregister,
 )
 from perc.dtls.constants import (
@@ -119,8 +119,8 @@ class DtlsAssociation(OwnRecordLayer):
         # Client role: the last ekt_key message processed.
         self._ekt_key: Optional[EktKey] = None
         self._ekt_message_seq = -1
-        address = ssl_address(connection._ssl)
-        token = register(connection._ssl, state)
+        address = connection_address(connection)
+        token = register(connection, state)
         # Runs when the association is closed or garbage collected, whichever
         # comes first; it holds nothing that refers back to the association.
         self._finalizer = weakref.finalize(self, unregister, address, token)
@@ -379,8 +379,8 @@ class DtlsAssociation(OwnRecordLayer):
             if self._conn.get_protocol_version_name() != "DTLSv1.2":
                 raise Refusal("negotiated {} instead of DTLS 1.2".format(
                     self._conn.get_protocol_version_name()), False, 0, 0)
-            check_profile(self._conn._ssl, state)
-            profile = by_id(selected_profile_id(self._conn._ssl))
+            check_profile(state)
+            profile = by_id(selected_profile_id(state))
             # Fail closed if, for any reason, the certificate never went
             # through our checks or is not the one OpenSSL kept.
             certificate = self._conn.get_peer_certificate(as_cryptography=True)

@@ -17,10 +17,10 @@ from typing import Optional
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 
 from perc import pki
+from perc.dtls.bindings import ffi as _ffi
+from perc.dtls.bindings import lib as _lib
 from perc.dtls.constants import (
     ALERT_BAD_CERTIFICATE,
     ALERT_DECODE_ERROR,
@@ -53,6 +53,7 @@ from perc.ekt import (
     decode_server_ekt_cipher,
     encode_server_ekt_cipher,
 )
+from perc.profiles import PROFILES
 
 # A refusal inside the verify callback cannot name its alert: OpenSSL maps
 # the verification error to one.  These three map to bad_certificate,
@@ -123,6 +124,7 @@ class SslState:
         "peer_certificate",
         "certificate_verdict",
         "failure",
+        "connection",
         "__weakref__",
     )
 
@@ -150,6 +152,9 @@ class SslState:
         self.peer_certificate = None
         self.certificate_verdict = None
         self.failure = None  # a Refusal, once something refused the peer
+        # A weak reference to the SSL.Connection, set by register(): the
+        # callbacks that get a bare SSL * reach the public API through it.
+        self.connection = None
 
 
 #: ``SSL *`` address -> weak reference to its SslState.
@@ -160,12 +165,20 @@ def ssl_address(ssl) -> int:
     return int(_ffi.cast("uintptr_t", ssl))
 
 
-def register(ssl, state: SslState):
-    """Register ``state`` for ``ssl``; returns the token :func:`unregister` needs."""
+def connection_address(connection: SSL.Connection) -> int:
+    """The address of ``connection``'s ``SSL *``, as the C callbacks see it."""
+    return ssl_address(connection._ssl)
+
+
+def register(connection: SSL.Connection, state: SslState):
+    """Register ``state`` for ``connection``; returns the token :func:`unregister` needs."""
     token = weakref.ref(state)
+    state.connection = weakref.ref(connection)
+    # The cookie callbacks, which pyOpenSSL calls with the connection.
+    connection.set_app_data(state)
     # An address can only be reused once the previous SSL is freed, so an
     # existing entry here is stale and may be replaced.
-    _registry[ssl_address(ssl)] = token
+    _registry[connection_address(connection)] = token
     return token
 
 
@@ -196,15 +209,20 @@ def _callback_error(exc_type, exc_value, traceback) -> None:
 # Identity stages (run inside callbacks; they raise Refusal to refuse)
 
 
-def selected_profile_id(ssl) -> Optional[int]:
-    selected = _lib.SSL_get_selected_srtp_profile(ssl)
-    if selected == _ffi.NULL:
+#: OpenSSL's name of an SRTP protection profile -> its id.
+_PROFILE_IDS = {profile.openssl_name.encode("ascii"): profile.id for profile in PROFILES}
+
+
+def selected_profile_id(state: SslState) -> Optional[int]:
+    """The id of the SRTP profile negotiated on ``state``'s connection, or None."""
+    connection = state.connection() if state.connection is not None else None
+    if connection is None:
         return None
-    return int(selected.id)
+    return _PROFILE_IDS.get(connection.get_selected_srtp_profile())
 
 
-def check_profile(ssl, state: SslState) -> None:
-    profile_id = selected_profile_id(ssl)
+def check_profile(state: SslState) -> None:
+    profile_id = selected_profile_id(state)
     if profile_id is None or profile_id not in state.allowed_profile_ids:
         raise Refusal(
             "no common SRTP protection profile",
@@ -245,7 +263,7 @@ def _server_hello_stage(ssl, state: SslState) -> None:
     if state.hello_done:
         return
     state.hello_done = True
-    check_profile(ssl, state)
+    check_profile(state)
     decision = _ask_hook(state, STAGE_HELLO)
     tls_id = decision.tls_id if decision.tls_id is not None else state.default_tls_id
     if tls_id is not None:
@@ -261,7 +279,7 @@ def _client_hello_stage(ssl, state: SslState) -> None:
     if state.hello_done:
         return
     state.hello_done = True
-    check_profile(ssl, state)
+    check_profile(state)
     expected = state.expected_peer_tls_id
     if expected is not None and state.peer_tls_id != expected:
         if state.peer_tls_id is None:
@@ -344,8 +362,6 @@ _ADD_CB = _ffi.typeof(_lib.SSL_CTX_add_client_custom_ext).args[2]
 _FREE_CB = _ffi.typeof(_lib.SSL_CTX_add_client_custom_ext).args[3]
 _PARSE_CB = _ffi.typeof(_lib.SSL_CTX_add_client_custom_ext).args[5]
 _VERIFY_CB = _ffi.typeof(_lib.SSL_CTX_set_verify).args[2]
-_COOKIE_GEN_CB = _ffi.typeof(_lib.SSL_CTX_set_cookie_generate_cb).args[1]
-_COOKIE_VERIFY_CB = _ffi.typeof(_lib.SSL_CTX_set_cookie_verify_cb).args[1]
 
 
 def _record_failure(state: Optional[SslState], failure: Refusal) -> None:
@@ -460,30 +476,27 @@ def _verify(preverify_ok, store_ctx):
         return 0
 
 
-@_ffi.callback(_COOKIE_GEN_CB, error=0, onerror=_callback_error)
-def _cookie_generate(ssl, out, outlen):
-    try:
-        state = lookup(ssl)
-        if state is None or state.cookie is None:
-            return 0
-        cookie = state.cookie
-        _ffi.memmove(out, cookie, len(cookie))
-        outlen[0] = len(cookie)
-        return 1
-    except Exception:
-        return 0
+# The cookie callbacks are pyOpenSSL's, shared (with their list of
+# exceptions) by every connection of a context: they never raise, so that
+# one connection's trouble cannot surface in another's DTLSv1_listen.
+
+#: Generated when a connection has no cookie: the verify callback refuses
+#: every cookie then, so this one is never accepted.
+_NO_COOKIE = b"\x00"
 
 
-@_ffi.callback(_COOKIE_VERIFY_CB, error=0, onerror=_callback_error)
-def _cookie_verify(ssl, cookie, length):
-    try:
-        state = lookup(ssl)
-        if state is None or state.cookie is None:
-            return 0
-        received = bytes(_ffi.buffer(cookie, length))
-        return 1 if hmac.compare_digest(received, state.cookie) else 0
-    except Exception:
-        return 0
+def _cookie_generate(connection: SSL.Connection) -> bytes:
+    state = connection.get_app_data()
+    if not isinstance(state, SslState) or state.cookie is None:
+        return _NO_COOKIE
+    return state.cookie
+
+
+def _cookie_verify(connection: SSL.Connection, cookie: bytes) -> bool:
+    state = connection.get_app_data()
+    if not isinstance(state, SslState) or state.cookie is None:
+        return False
+    return hmac.compare_digest(cookie, state.cookie)
 
 
 def install_callbacks(context: SSL.Context, role: str) -> None:
@@ -495,8 +508,8 @@ def install_callbacks(context: SSL.Context, role: str) -> None:
     raw = context._context
     if role == SERVER:
         mode = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-        _lib.SSL_CTX_set_cookie_generate_cb(raw, _cookie_generate)
-        _lib.SSL_CTX_set_cookie_verify_cb(raw, _cookie_verify)
+        context.set_cookie_generate_callback(_cookie_generate)
+        context.set_cookie_verify_callback(_cookie_verify)
         add_extension = _lib.SSL_CTX_add_server_custom_ext
     else:
         mode = SSL.VERIFY_PEER

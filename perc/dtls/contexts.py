@@ -6,7 +6,6 @@ from collections import OrderedDict
 from typing import Iterable, Optional
 
 from OpenSSL import SSL
-from OpenSSL._util import lib as _lib
 
 from perc.dtls.callbacks import install_callbacks
 from perc.dtls.constants import DTLS1_2_VERSION, MIN_MTU, SERVER
@@ -50,14 +49,14 @@ def _build_context(role: str, profiles: tuple, credentials: Optional[Credentials
     # Distributor, and the custom-extension calls are the TLS <= 1.2 ones.
     context.set_min_proto_version(DTLS1_2_VERSION)
     context.set_max_proto_version(DTLS1_2_VERSION)
-    options = SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET | _lib.SSL_OP_NO_RENEGOTIATION
+    options = SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION
     if role == SERVER:
         options |= SSL.OP_COOKIE_EXCHANGE
     context.set_options(options)
     # Free OpenSSL's record buffers when they are empty rather than keeping
     # them for the association's lifetime: an established association
     # mostly sits idle, and the Key Distributor holds thousands of them.
-    _lib.SSL_CTX_set_mode(context._context, _lib.SSL_MODE_RELEASE_BUFFERS)
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     # Every handshake must be a full one: a resumed session would skip the
     # certificate, and with it the fingerprint check.
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
@@ -73,9 +72,9 @@ def _build_context(role: str, profiles: tuple, credentials: Optional[Credentials
 def new_connection(context: SSL.Context, mtu: int) -> SSL.Connection:
     connection = SSL.Connection(context, None)
     # With OP_NO_QUERY_MTU OpenSSL keeps this value and fragments handshake
-    # messages so that every record fits.
-    if not _lib.SSL_set_mtu(connection._ssl, mtu):
-        raise ValueError("OpenSSL refused MTU {}".format(mtu))
+    # messages so that every record fits (check_mtu keeps it above
+    # OpenSSL's minimum, under which OpenSSL would ignore it).
+    connection.set_ciphertext_mtu(check_mtu(mtu))
     return connection
 
 

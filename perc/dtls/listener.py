@@ -8,10 +8,10 @@ import os
 from typing import Iterable, Optional
 
 from OpenSSL import SSL
-from OpenSSL._util import lib as _lib
 
 from perc.dtls.association import ServerAssociation
-from perc.dtls.callbacks import SslState, register, ssl_address, unregister
+from perc.dtls.bindings import lib as _lib
+from perc.dtls.callbacks import SslState, connection_address, register, unregister
 from perc.dtls.constants import (
     CONTENT_HANDSHAKE,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -120,8 +120,8 @@ class ServerListener:
         state = SslState(SERVER)
         state.association_id = bytes(association_id)
         state.cookie = self.cookie_for(association_id)
-        address = ssl_address(connection._ssl)
-        token = register(connection._ssl, state)
+        address = connection_address(connection)
+        token = register(connection, state)
         try:
             _lib.ERR_clear_error()
             connection.bio_write(bytes(datagram))

@@ -16,6 +16,7 @@ from perc.kd.conference_keys import (
     check_ttl,
 )
 from perc.netutil import DEFAULT_TUNNEL_TIMEOUT, tunnel_timeout
+from perc.options import CommandOptions
 from perc.optiontypes import positive_float, positive_int
 
 
@@ -27,7 +28,7 @@ def rollover_fraction(value: str) -> float:
     return check_rollover(float(value))
 
 
-class Options(ConfigFileOptions, usage.Options):
+class Options(ConfigFileOptions, CommandOptions):
     longdesc = (
         "Run a PERC Key Distributor: accept mutually authenticated TLS tunnels "
         "from Media Distributors (or dial them with --connect), terminate "

@@ -10,6 +10,7 @@ from perc import profiles
 from perc.config import ConfigFileOptions
 from perc.errors import ConfigError
 from perc.netutil import DEFAULT_TUNNEL_TIMEOUT, tunnel_timeout
+from perc.options import CommandOptions
 from perc.optiontypes import positive_float, positive_int, udp_port
 
 
@@ -17,7 +18,7 @@ from perc.optiontypes import positive_float, positive_int, udp_port
 DEFAULT_UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
-class Options(ConfigFileOptions, usage.Options):
+class Options(ConfigFileOptions, CommandOptions):
     longdesc = (
         "Run a PERC Media Distributor: one UDP port for endpoints, DTLS relayed "
         "to Key Distributors through mutually authenticated TLS tunnels, SRTP "

@@ -138,14 +138,14 @@ def parse_args(argv):
         prog="perc bench handshake",
         description="Association setup through real perc-md and perc-kd: associations/s, "
                     "join latency, Key Distributor CPU per association against an "
-                    "in-process DTLS baseline.")
+                    "in-process DTLS baseline and a bare pyOpenSSL handshake.")
     add_common_options(parser, 200)
     parser.add_argument("--rounds", "-r", type=int, default=3,
                         help="rounds of --endpoints joins, each with fresh endpoints; a "
                              "baseline measurement before each round and after the last "
                              "(default 3)")
     parser.add_argument("--baseline-count", type=int, default=200,
-                        help="in-process baseline handshakes per measurement (default 200)")
+                        help="handshakes per measurement of each baseline (default 200)")
     args = parser.parse_args(argv)
     if args.worker:
         return args

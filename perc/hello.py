@@ -23,6 +23,7 @@ Sans-I/O and Twisted-free.  Contract of both parsers:
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -213,22 +214,41 @@ class _Reader:
     def remaining(self) -> int:
         return len(self.data) - self.offset
 
+    # take, uint and vector are on the Key Distributor's per-join path (two
+    # ClientHellos per association): each reads in place, without calling
+    # the others.
+
     def take(self, count: int, field: str) -> bytes:
-        if count > self.remaining():
+        start = self.offset
+        end = start + count
+        if end > len(self.data):
             raise HelloError("{}: {} truncated".format(self.what, field))
-        value = self.data[self.offset:self.offset + count]
-        self.offset += count
-        return value
+        self.offset = end
+        return self.data[start:end]
 
     def uint(self, size: int, field: str) -> int:
-        return int.from_bytes(self.take(size, field), "big")
+        start = self.offset
+        end = start + size
+        if end > len(self.data):
+            raise HelloError("{}: {} truncated".format(self.what, field))
+        self.offset = end
+        return int.from_bytes(self.data[start:end], "big")
 
     def vector(self, length_size: int, low: int, high: int, field: str) -> bytes:
-        length = self.uint(length_size, field + " length")
+        data = self.data
+        start = self.offset
+        end = start + length_size
+        if end > len(data):
+            raise HelloError("{}: {} length truncated".format(self.what, field))
+        length = int.from_bytes(data[start:end], "big")
         if not low <= length <= high:
             raise HelloError("{}: {} length {} outside {}..{}".format(
                 self.what, field, length, low, high))
-        return self.take(length, field)
+        start, end = end, end + length
+        if end > len(data):
+            raise HelloError("{}: {} truncated".format(self.what, field))
+        self.offset = end
+        return data[start:end]
 
     def end(self) -> None:
         if self.remaining():
@@ -240,17 +260,28 @@ def _extensions(reader: _Reader) -> tuple:
     """``Extension extensions<0..2^16-1>`` if present (it is optional), as (type, data) pairs."""
     if not reader.remaining():
         return ()
-    block = _Reader(reader.vector(2, 0, 0xFFFF, "extensions"), reader.what)
+    data = reader.vector(2, 0, 0xFFFF, "extensions")
     reader.end()
     seen = set()
     extensions = []
-    while block.remaining():
-        ext_type = block.uint(2, "extension type")
+    # Read in place (the _Reader checks, inlined): a ClientHello has a
+    # dozen extensions or more.
+    offset, total = 0, len(data)
+    while offset < total:
+        if offset + 2 > total:
+            raise HelloError("{}: extension type truncated".format(reader.what))
+        ext_type = (data[offset] << 8) | data[offset + 1]
         if ext_type in seen:
             # RFC 5246 section 7.4.1.4: at most one of each type.
             raise HelloError("{}: extension {} appears twice".format(reader.what, ext_type))
         seen.add(ext_type)
-        extensions.append((ext_type, block.vector(2, 0, 0xFFFF, "extension data")))
+        if offset + 4 > total:
+            raise HelloError("{}: extension data length truncated".format(reader.what))
+        start = offset + 4
+        offset = start + ((data[offset + 2] << 8) | data[offset + 3])
+        if offset > total:
+            raise HelloError("{}: extension data truncated".format(reader.what))
+        extensions.append((ext_type, data[start:offset]))
     return tuple(extensions)
 
 
@@ -304,8 +335,7 @@ def _client_hello(body: bytes, message_seq: int) -> ClientHelloInfo:
         random=random,
         session_id=session_id,
         cookie=cookie,
-        cipher_suites=tuple(int.from_bytes(suites[i:i + 2], "big")
-                            for i in range(0, len(suites), 2)),
+        cipher_suites=struct.unpack("!{}H".format(len(suites) // 2), suites),
         compression_methods=compression,
         extensions=extensions,
         message_seq=message_seq,

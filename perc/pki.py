@@ -84,7 +84,7 @@ def fingerprint(certificate: x509.Certificate, hash_name: str = "sha-256") -> st
     if algorithm is None:
         raise FingerprintError("unknown fingerprint hash {!r}".format(hash_name))
     digest = certificate.fingerprint(algorithm())
-    return "{} {}".format(hash_name.lower(), ":".join("{:02X}".format(b) for b in digest))
+    return "{} {}".format(hash_name.lower(), digest.hex(":").upper())
 
 
 def parse_fingerprint(text: str) -> tuple[str, bytes]:

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from perc.dtls.established import last_message_seq
 from perc.dtls.post_handshake import encode_handshake
 from perc.dtls.records import (
     CONTENT_ALERT,
@@ -491,6 +492,34 @@ def only_record(output):
 
 def sequence_of(record):
     return int.from_bytes(record[5:11], "big")
+
+
+class LastMessageSeqTests(SynchronousTestCase):
+    """The server's next message_seq is learnt from the epoch-0 records it wrote."""
+
+    def test_messages_and_fragments_of_an_epoch_zero_record(self):
+        messages = encode_handshake(11, 3, b"c" * 40) + encode_handshake(14, 5, b"")
+        record = bytes.fromhex("16fefd0000000000000007") + len(messages).to_bytes(2, "big")
+        self.assertEqual(last_message_seq(record + messages), 5)
+        # A truncated last message still names its message_seq.
+        self.assertEqual(last_message_seq(record + messages[:-12] + messages[-12:-4]), 3)
+
+    def test_other_records_count_as_none(self):
+        body = encode_handshake(20, 9, b"f" * 12)
+        header = len(body).to_bytes(2, "big")
+        self.assertEqual(last_message_seq(bytes.fromhex("16fefd0001000000000000") + header
+                                          + body), -1)  # epoch 1: encrypted
+        self.assertEqual(last_message_seq(bytes.fromhex("14fefd0000000000000000000101")), -1)
+        self.assertEqual(last_message_seq(b"\x16\xfe"), -1)
+
+    def test_handshake_keeps_the_count_of_the_server_flight(self):
+        harness = established()
+        plain = [r for o in harness.server_outputs for d in o.datagrams
+                 for r in dtls.split_records(d) if epoch_of(r) == 0 and r[0] == 22]
+        # ServerHello, Certificate, ServerKeyExchange, CertificateRequest,
+        # ServerHelloDone: message_seq 1 to 5 after the cookie exchange.
+        self.assertEqual([int.from_bytes(r[17:19], "big") for r in plain], [1, 2, 3, 4, 5])
+        self.assertEqual(harness.server._next_message_seq, 7)  # Finished is 6
 
 
 class EktKeyMessageTests(SynchronousTestCase):

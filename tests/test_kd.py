@@ -1235,6 +1235,23 @@ class PeerIdentityTests(KeyDistributorTestCase):
         self.established(other)
         self.assertIsNotNone(self.kd.association(new))
 
+    def test_each_rejoin_supersedes_the_one_before_and_nothing_is_kept(self):
+        # Superseded associations are found through a tls-id index: it must
+        # follow every join and every end, and hold nothing once all ended.
+        md = MediaDistributorStandIn(self.kd)
+        first, _ = self.established(md)
+        second, _ = self.established(md)
+        third, _ = self.established(md)
+        self.assertIsNone(self.kd.association(first))
+        self.assertIsNone(self.kd.association(second))
+        self.assertEqual(self.kd.counters["superseded"], 2)
+        md.send(wire.EndpointDisconnect(third))
+        self.assertIsNone(self.kd.association(third))
+        self.assertEqual(self.kd._establishedByTlsId, {})
+        fourth, _ = self.established(md)
+        self.assertEqual(self.kd.counters["superseded"], 2)
+        self.assertIsNotNone(self.kd.association(fourth))
+
     @defer.inlineCallbacks
     def test_tunnel_without_identity_keeps_per_connection_behaviour(self):
         md = MediaDistributorStandIn(self.kd, identity=None)

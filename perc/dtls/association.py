@@ -25,6 +25,7 @@ from perc.dtls.constants import (
     DEFAULT_MAX_RETRANSMISSIONS,
     DEFAULT_MTU,
     EXPORTER_LABEL,
+    RECORD_HEADER_LENGTH,
     SERVER,
 )
 from perc.dtls.contexts import (
@@ -35,7 +36,12 @@ from perc.dtls.contexts import (
     normalise_profiles,
 )
 from perc.dtls.datagrams import pack_records, split_records
-from perc.dtls.established import RETRANSMIT_INITIAL, OwnRecordLayer, joined
+from perc.dtls.established import (
+    RETRANSMIT_INITIAL,
+    OwnRecordLayer,
+    joined,
+    last_message_seq,
+)
 from perc.dtls.events import (
     EMPTY,
     ApplicationData,
@@ -111,6 +117,7 @@ class DtlsAssociation(OwnRecordLayer):
         # Server role, on the own record layer: the ekt_key message (RFC 8870
         # section 5.2.2) and its retransmission until the ACK.
         self._next_message_seq: Optional[int] = None
+        self._plain_message_seq = -1  # the highest in the epoch-0 records we wrote
         self._ekt_message: Optional[bytes] = None
         self._ekt_records: list = []  # sequence numbers of the records carrying it
         self._ekt_due: Optional[float] = None  # None: nothing awaits an ACK
@@ -201,7 +208,9 @@ class DtlsAssociation(OwnRecordLayer):
             return self._collect()
         # One record at a time: the records after the one that completes the
         # handshake (an ekt_key message, say) are for the own record layer.
-        pieces = split_records(bytes(datagram))
+        # Only a record of a later epoch (the Finished) can complete it, so
+        # the epoch-0 records before the first such one go in together.
+        pieces = _group_epoch_zero(split_records(bytes(datagram)))
         for index, piece in enumerate(pieces):
             self._remember_early_record(piece)
             self._feed(piece)
@@ -454,6 +463,8 @@ class DtlsAssociation(OwnRecordLayer):
             if header is not None and header[0] > 0:
                 self._write_epoch = header[0]
                 self._next_write_sequence = max(self._next_write_sequence, header[1] + 1)
+            elif self._compact_when_established:
+                self._plain_message_seq = max(self._plain_message_seq, last_message_seq(record))
         datagrams = tuple(pack_records(written, self._mtu)) if written else ()
         events = self._events
         self._events = []
@@ -469,6 +480,22 @@ class DtlsAssociation(OwnRecordLayer):
         # rather than whenever the association itself goes away.
         self._conn = None
         self._context = None
+
+def _group_epoch_zero(pieces: list) -> list:
+    """
+    ``pieces`` (records) with the run of epoch-0 records at its start joined
+    into one element: OpenSSL reads them in one go (one call instead of one
+    per record), and none of them can complete a handshake.
+    """
+    count = 0
+    for piece in pieces:
+        if len(piece) < RECORD_HEADER_LENGTH or piece[3] or piece[4]:
+            break
+        count += 1
+    if count < 2:
+        return pieces
+    return [b"".join(pieces[:count])] + pieces[count:]
+
 
 class ClientAssociation(DtlsAssociation):
     """

@@ -26,6 +26,8 @@ from perc.dtls.constants import (
     CONTENT_ACK,
     HANDSHAKE_EKT_KEY,
     HANDSHAKE_FINISHED,
+    HANDSHAKE_HEADER_LENGTH,
+    RECORD_HEADER_LENGTH,
     SERVER,
 )
 from perc.dtls.datagrams import split_records
@@ -46,7 +48,7 @@ from perc.dtls.post_handshake import (
 )
 from perc.ekt import EktError, EktKey
 
-__all__ = ["OwnRecordLayer", "joined"]
+__all__ = ["OwnRecordLayer", "joined", "last_message_seq"]
 
 #: Peer records of a later epoch kept while OpenSSL runs the handshake, to
 #: prime the own record layer's replay window (a Finished is ~60 octets).
@@ -121,20 +123,20 @@ class OwnRecordLayer:
         if suite is None or self._write_epoch is None:
             return
         server = self.role == SERVER
-        secrets = dict(master_secret=conn.master_key(), client_random=conn.client_random(),
-                       server_random=conn.server_random(), epoch=self._write_epoch)
+        if server:
+            # The ekt_key message continues this side's message_seq, which
+            # counts every handshake message it sent (RFC 6347 section
+            # 4.2.2): our Finished, in this output, took the one after our
+            # last epoch-0 message.
+            if self._plain_message_seq < 0 or not _carries_handshake(
+                    output.datagrams, self._write_epoch):
+                return
+            self._next_message_seq = self._plain_message_seq + 2
         try:
             protection = records.RecordProtection.from_master_secret(
-                suite, server=server, next_write_sequence=self._next_write_sequence, **secrets)
-            if server:
-                # The ekt_key message continues this side's message_seq:
-                # read it back from our Finished, with the client's keys.
-                mirror = records.RecordProtection.from_master_secret(
-                    suite, server=False, next_write_sequence=0, **secrets)
-                finished = _finished_message_seq(mirror, output.datagrams)
-                if finished is None:
-                    return
-                self._next_message_seq = finished + 1
+                suite, server=server, next_write_sequence=self._next_write_sequence,
+                master_secret=conn.master_key(), client_random=conn.client_random(),
+                server_random=conn.server_random(), epoch=self._write_epoch)
         except Exception:
             return
         # Every peer record of this epoch seen so far (its Finished, perhaps
@@ -313,12 +315,28 @@ def joined(first: Output, second: Output) -> Output:
     return Output(first.datagrams + second.datagrams, first.events + second.events)
 
 
-def _finished_message_seq(mirror: records.RecordProtection, datagrams) -> Optional[int]:
-    """The message_seq of the Finished among ``datagrams``, opened with ``mirror``."""
+def last_message_seq(record: bytes) -> int:
+    """
+    The highest message_seq of the handshake messages (or fragments) in an
+    epoch-0 handshake record, or -1 for any other record.
+    """
+    highest = -1
+    if len(record) < RECORD_HEADER_LENGTH or record[0] != records.CONTENT_HANDSHAKE or \
+            record[3] or record[4]:
+        return highest
+    position, end = RECORD_HEADER_LENGTH, len(record)
+    while position + HANDSHAKE_HEADER_LENGTH <= end:
+        highest = max(highest, (record[position + 4] << 8) | record[position + 5])
+        position += HANDSHAKE_HEADER_LENGTH + int.from_bytes(
+            record[position + 9:position + 12], "big")
+    return highest
+
+
+def _carries_handshake(datagrams, epoch: int) -> bool:
+    """True if ``datagrams`` hold a handshake record of ``epoch`` (our Finished)."""
     for record in split_records(b"".join(datagrams)):
-        opened = mirror.open(record)
-        if opened is not None and opened[0] == records.CONTENT_HANDSHAKE:
-            decoded = decode_handshake(opened[1])
-            if decoded is not None and decoded[0] == HANDSHAKE_FINISHED:
-                return decoded[1]
-    return None
+        header = records.record_epoch_and_sequence(record)
+        if header is not None and header[0] == epoch and \
+                record[0] == records.CONTENT_HANDSHAKE:
+            return True
+    return False

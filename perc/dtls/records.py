@@ -106,11 +106,18 @@ def tls12_prf(hash_function: Callable, secret: bytes, label: bytes, seed: bytes,
               length: int) -> bytes:
     """The TLS 1.2 PRF (RFC 5246 section 5): P_hash(secret, label + seed)."""
     seed = label + seed
+    # The HMAC keyed once and copied for each step: keying costs about as
+    # much as a step.
+    keyed = hmac.new(secret, digestmod=hash_function)
     output = bytearray()
     a = seed
     while len(output) < length:
-        a = hmac.new(secret, a, hash_function).digest()
-        output += hmac.new(secret, a + seed, hash_function).digest()
+        step = keyed.copy()
+        step.update(a)
+        a = step.digest()
+        step = keyed.copy()
+        step.update(a + seed)
+        output += step.digest()
     return bytes(output[:length])
 
 

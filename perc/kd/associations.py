@@ -135,6 +135,9 @@ class KeyDistributor:
         #: conference -> [live EKT members, the timer of its next rollover].
         #: Only conferences with members have an entry (and a timer).
         self._ektConferences: dict[str, list] = {}
+        #: tls-id -> its established associations (what _supersede looks
+        #: at), so that a join does not walk the whole table.
+        self._establishedByTlsId: dict[str, list] = {}
         roster.add_removal_observer(self._registrationRemoved)
 
     def useCredentials(self, credentials: dtls.Credentials) -> None:
@@ -609,7 +612,7 @@ class KeyDistributor:
         than stay with that Media Distributor's identity for ever.
         """
         tls_id = association.registration.tls_id
-        for other in list(self._associations.values()):
+        for other in list(self._establishedByTlsId.get(tls_id, ())):
             if (other is not association and other.established
                     and other.registration is not None and other.registration.tls_id == tls_id
                     and self._sameMediaDistributor(other, association.origin)):
@@ -618,6 +621,7 @@ class KeyDistributor:
                 self._process(other, other.engine.close(self.clock.seconds(), reason))
                 if self._associations.get(other.id) is other:
                     self._closed(other, dtls.Closed(reason))
+        self._establishedByTlsId.setdefault(tls_id, []).append(association)
 
     #: An endpoint that has its keys but no EKTKey (the ekt_key message is
     #: retransmitted until acknowledged, but only a few times) asks again
@@ -799,6 +803,7 @@ class KeyDistributor:
             self._process(association, association.engine.handle_timeout(self.clock.seconds()))
 
     def _forget(self, association: _Association) -> None:
+        self._unindex(association)
         self._releaseConferenceProfile(association)
         self._leaveEktConference(association)
         timer = association.timer
@@ -810,6 +815,21 @@ class KeyDistributor:
         if association.counted_on is not None:
             association.counted_on.associations.discard(association.id)
             association.counted_on = None
+
+    def _unindex(self, association: _Association) -> None:
+        """Take ``association`` out of the tls-id index (see _supersede)."""
+        registration = association.registration
+        if registration is None:
+            return
+        established = self._establishedByTlsId.get(registration.tls_id)
+        if established is None:
+            return
+        try:
+            established.remove(association)
+        except ValueError:
+            return
+        if not established:
+            del self._establishedByTlsId[registration.tls_id]
 
     @staticmethod
     def _peer(association: _Association) -> str:

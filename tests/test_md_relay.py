@@ -1326,6 +1326,22 @@ class PeerIdentityTests(RelayTestCase):
         self.relay.mediaKeysReceived(new, self.media_keys(pending))
         self.assertTrue(self.relay.endpoint(pending).established)
 
+    def test_another_tunnel_of_the_identity_coming_up_takes_nothing_carried(self):
+        # A second Key Distributor with the same certificate: its own tunnel.
+        a = self.join("A", ADDR_A, TLS_A)
+        second = self.reconnect("kd-2")
+        self.assertIs(self.relay.endpoint(a.association_id).tunnel, self.tunnel)
+        self.assertEqual(second.associations, set())
+        record = dtls_application_data()
+        self.relay.datagramReceived(record, ADDR_A)
+        self.assertEqual(second.sent, [])
+        self.assertEqual(self.tunnel.sent[-1], (a.association_id, record))
+        # Its own tunnel lost: at once through the other.
+        self.lose(self.tunnel)
+        self.assertEqual(second.associations, {a.association_id})
+        self.relay.datagramReceived(record, ADDR_A)
+        self.assertEqual(second.sent, [(a.association_id, record)])
+
     def test_sweep_disconnect_waits_for_the_key_distributor(self):
         a = self.join("A", ADDR_A, TLS_A)
         self.lose(self.tunnel)

@@ -529,11 +529,12 @@ class ManagerTests(ManagerTestCase):
         status = self.manager.status()
         self.assertEqual(json.loads(json.dumps(status)), status)
         self.assertEqual(set(status), {
-            "name", "state", "version", "rejected_version", "connected_since", "peer", "associations",
+            "name", "endpoint", "identity", "up", "state", "version", "rejected_version", "connected_since", "peer", "associations",
             "connection_attempts", "connect_failures", "connections", "last_error",
             "last_close_reason", "messages_sent", "messages_received"})
         self.assertEqual(status["name"], "kd-1")
         self.assertEqual(status["state"], "up")
+        self.assertIs(status["up"], True)
         self.assertEqual(status["version"], 0)
         self.assertEqual(status["connections"], 2)
         self.assertEqual(status["associations"], 0)
@@ -588,6 +589,21 @@ class PoolTests(TestCase):
         self.assertEqual(self.pool.tunnels, [second])
         second.transport.peerCloses()
         self.assertIsNone(self.pool.pick())
+
+    def test_current_is_the_least_loaded_usable_tunnel_of_that_identity(self):
+        # Two Key Distributors with one certificate, and one with another.
+        first, second, other = self.accept(), self.accept(), self.accept()
+        first.identity = second.identity = "kd.test"
+        other.identity = "kd-other.test"
+        first.sendDtls(A1, b"\x16")
+        self.assertIs(self.pool.current("kd.test"), second)
+        for _ in range(2):
+            second.sendDtls(uuid.uuid4(), b"\x16")
+        self.assertIs(self.pool.current("kd.test"), first)
+        first.close()
+        self.assertIs(self.pool.current("kd.test"), second)
+        self.assertIs(self.pool.current("kd-other.test"), other)
+        self.assertIsNone(self.pool.current("kd-unknown.test"))
 
     def test_events_forwarded_in_pairs(self):
         refused = self.accept(FakeTlsTransport)

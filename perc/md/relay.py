@@ -688,44 +688,50 @@ class MediaRelay(protocol.DatagramProtocol):
     def tunnelDown(self, tunnel, reason=None) -> None:
         """
         The associations of a tunnel to a Key Distributor with a certificate
-        identity move to another tunnel to it, or wait for the next one
+        identity move at once to the least-loaded other usable tunnel with
+        that identity (another Key Distributor with the same certificate,
+        or another connection to the same one), or wait for the next one
         (handshaking ones until --handshake-timeout, keyed ones forward media
         meanwhile).  On a tunnel without one, associations still handshaking
         fail (the endpoint retries and gets a new one); keyed ones keep
         forwarding media.
         """
         identity = getattr(tunnel, "identity", None)
-        current = self.pool.current(identity) if identity is not None else None
         for endpoint in list(self._by_id.values()):
             if endpoint.tunnel is tunnel:
                 if endpoint.peer is not None:
-                    self._moveTo(endpoint, current)
+                    # Chosen one at a time: they spread over the others.
+                    self._moveTo(endpoint, self.pool.current(identity))
                 elif endpoint.established:
                     endpoint.tunnel = None
                 else:
                     self._drop(endpoint, notify=False, reason="tunnel lost during the handshake")
+        current = self.pool.current(identity) if identity is not None else None
         if current is not None:
             self._flush(identity, current)
 
     def tunnelUp(self, tunnel) -> None:
         """
-        A tunnel to a Key Distributor with a certificate identity is where
-        that peer's associations go from now (its newest), and what waited
-        for it is sent.
+        A tunnel to a Key Distributor with a certificate identity carries
+        that peer's associations that have no usable tunnel (their own came
+        down while no other with that identity was up), and what waited for
+        it is sent.  Associations on another usable tunnel stay there: with
+        several Key Distributors sharing one identity, each keeps its own.
         """
         identity = getattr(tunnel, "identity", None)
         if identity is None:
             return
         moved = 0
         for endpoint in self._by_id.values():
-            if endpoint.peer == identity and endpoint.tunnel is not tunnel:
+            if (endpoint.peer == identity and endpoint.tunnel is not tunnel
+                    and (endpoint.tunnel is None or not endpoint.tunnel.usable)):
                 self._moveTo(endpoint, tunnel)
                 moved += 1
         sent = self._flush(identity, tunnel)
         if moved or sent:
             self.log.info(
-                "Tunnel with {peer} now carries the {count} associations of that Key "
-                "Distributor; {waiting} messages that waited for it sent",
+                "Tunnel with {peer} now carries {count} associations of that Key "
+                "Distributor that had no tunnel; {waiting} messages that waited for it sent",
                 peer=tunnel.peerDescription(), count=moved, waiting=sent)
 
     def _flush(self, identity: str, tunnel) -> int:

@@ -78,7 +78,8 @@ class Options(ConfigFileOptions, CommandOptions):
     def opt_kd(self, description):
         """
         Twisted client endpoint description of a Key Distributor's tunnel
-        listener (e.g. tcp:127.0.0.1:4740); repeatable. Kept up with backoff.
+        listener (e.g. tcp:127.0.0.1:4740); repeatable: a tunnel to each, new
+        associations to the least loaded. Kept up with backoff.
         """
         self["kd"].append(description)
 

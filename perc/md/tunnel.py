@@ -549,6 +549,8 @@ class TunnelManager(_VersionRejections, _PassMessagesOn, service.MultiService):
         self._connections = 0
         self._lastError: str | None = None
         self._lastCloseReason: str | None = None
+        # The certificate identity of the Key Distributor's last tunnel.
+        self._identity: str | None = None
         # Messages of connections that have ended.
         self._sentBefore: collections.Counter = collections.Counter()
         self._receivedBefore: collections.Counter = collections.Counter()
@@ -597,6 +599,9 @@ class TunnelManager(_VersionRejections, _PassMessagesOn, service.MultiService):
         up = tunnel is not None and tunnel.usable
         return {
             "name": self.name,
+            "endpoint": self.name,
+            "identity": self._identity,
+            "up": up,
             "state": self.state,
             "version": self.version,
             "rejected_version": self.rejectedVersion,
@@ -616,6 +621,7 @@ class TunnelManager(_VersionRejections, _PassMessagesOn, service.MultiService):
 
     def tunnelUp(self, tunnel) -> None:
         self._connections += 1
+        self._identity = tunnel.identity
         if self.owner is not None:
             self.owner.tunnelUp(tunnel)
 
@@ -701,13 +707,17 @@ class TunnelPool(_VersionRejections, _PassMessagesOn, service.MultiService):
 
     def current(self, identity: str) -> MediaDistributorTunnel | None:
         """
-        The newest usable tunnel whose Key Distributor has certificate
-        identity ``identity``, or None: where that peer's associations go.
+        Where an association of Key Distributor identity ``identity`` goes
+        once the tunnel it used is not usable: the usable tunnel with that
+        certificate identity that carries the fewest associations (the
+        newest among equals), or None.  Several Key Distributors may share
+        one identity (one certificate): each has its own tunnel.
         """
-        for tunnel in reversed(self._up):
-            if tunnel.identity == identity and tunnel.usable:
-                return tunnel
-        return None
+        candidates = [tunnel for tunnel in reversed(self._up)
+                      if tunnel.identity == identity and tunnel.usable]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda tunnel: len(tunnel.associations))
 
     def stopService(self):
         stopping = [super().stopService()]

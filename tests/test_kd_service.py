@@ -238,6 +238,25 @@ class KeyDistributorServiceTests(KeyDistributorServiceMixin, TestCase):
         self.assertEqual(registration.fingerprint, endpoint.fingerprint)
 
 
+class ConferenceKeysAcrossRestartTests(KeyDistributorServiceMixin, TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_conference_key_survives_a_restart_sealed(self):
+        """A restarted Key Distributor hands out the same EKTKey; the file holds it sealed."""
+        key, _ = yield self.service.distributor.rekey(CONFERENCE)
+        yield self.start()
+        keys = self.service.distributor.conference_keys
+        self.assertEqual(keys.key_for(CONFERENCE, reactor.seconds()).ekt_key_value,
+                         key.ekt_key_value)
+        self.assertEqual(os.stat(os.path.join(self.dir, "perc-kd.sealing-key")).st_mode & 0o777,
+                         0o600)
+        with open(os.path.join(self.dir, "kd.sqlite3"), "rb") as handle:
+            stored = handle.read()
+        self.assertNotIn(key.ekt_key_value, stored)
+        self.assertNotIn(key.srtp_master_salt, stored)
+
+
 class TlsRefusalTests(KeyDistributorServiceMixin, TestCase):
     """
     Every kind of Media Distributor the tunnel listener must refuse: refused

@@ -271,6 +271,24 @@ class StoreTestsMixin:
                 self.assertNotIn(form, text)
 
 
+    @defer.inlineCallbacks
+    def test_rekey_whose_write_fails_sends_nothing(self):
+        kd, registration = yield self.startKeyDistributor()
+        first = yield kd.conference_keys.ensure(test_kd.CONFERENCE, 0.0)
+        md = MediaDistributorStandIn(kd)
+        client = dtls.ClientAssociation(
+            test_kd._ENDPOINT, DEFAULT_PROFILES, tls_id=test_kd.TLS_ID.encode(),
+            expected_peer_tls_id=registration.kd_tls_id.encode(), ekt_ciphers=(1,))
+        events = relay_handshake(md, client, uuid.uuid4(), self.clock)
+        self.assertEqual([e.key for e in events if isinstance(e, dtls.EktKeyReceived)], [first])
+        md.received()
+        self.refuseWrites("conference_keys")
+        with self.assertRaises(kd.conference_keys.store.errors):
+            yield kd.rekey(test_kd.CONFERENCE)
+        self.assertEqual([m for m in md.received() if isinstance(m, wire.TunneledDtls)], [])
+        self.assertEqual(kd.conference_keys.key_for(test_kd.CONFERENCE, 0.0), first)
+
+
 class SqliteStoreTests(SqliteDatabase, StoreTestsMixin, TestCase):
     @defer.inlineCallbacks
     def test_version_1_file_upgrades_in_place(self):

@@ -28,7 +28,6 @@ from perc.kd.roster import REASON_DELETED, REASON_FINGERPRINT_CHANGED, Roster
 from perc.kd.sealing import SealingError, SealingKey
 from perc.kd.store import SCHEMA_VERSION, AssociationRecord, Store, StoredConferenceKey
 from perc.profiles import DEFAULT_PROFILES
-
 from tests import test_kd
 from tests.kdhelpers import MediaDistributorStandIn, relay_handshake
 from tests.storehelpers import PostgresDatabase, SqliteDatabase

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from perc.errors import ConfigError
 
-__all__ = ["SEALING_KEY_LENGTH", "SealingKey", "SealingError"]
+__all__ = ["SEALING_KEY_LENGTH", "SealingError", "SealingKey"]
 
 #: Octets in a sealing key (AES-256).
 SEALING_KEY_LENGTH = 32
@@ -68,11 +68,11 @@ class SealingKey:
         return "<SealingKey from {}>".format(self.path or "memory")
 
     @classmethod
-    def generate(cls) -> "SealingKey":
+    def generate(cls) -> SealingKey:
         return cls(os.urandom(SEALING_KEY_LENGTH))
 
     @classmethod
-    def load_or_create(cls, path: str) -> "SealingKey":
+    def load_or_create(cls, path: str) -> SealingKey:
         """
         The key in the file at ``path``, created (32 random octets, mode 0600)
         if it does not exist.  Raises :class:`ConfigError` (one line) when

@@ -45,11 +45,17 @@ callbacks run, so that listeners reload whatever they may have missed.
 from perc.kd.store.database import (
     NOTIFY_CHANNELS,
     AssociationRecord,
-    StoredConferenceKey,
     Store,
+    StoredConferenceKey,
     describe_database,
 )
 from perc.kd.store.schema import SCHEMA_VERSION
 
-__all__ = ["NOTIFY_CHANNELS", "AssociationRecord", "SCHEMA_VERSION", "StoredConferenceKey",
-           "Store", "describe_database"]
+__all__ = [
+    "NOTIFY_CHANNELS",
+    "SCHEMA_VERSION",
+    "AssociationRecord",
+    "Store",
+    "StoredConferenceKey",
+    "describe_database",
+]

@@ -18,8 +18,13 @@ from perc.kd.sealing import SealingError, SealingKey
 from perc.kd.store import schema
 from perc.kd.store.dialects import POSTGRESQL, SQLITE
 
-__all__ = ["NOTIFY_CHANNELS", "AssociationRecord", "StoredConferenceKey", "Store",
-           "describe_database"]
+__all__ = [
+    "NOTIFY_CHANNELS",
+    "AssociationRecord",
+    "Store",
+    "StoredConferenceKey",
+    "describe_database",
+]
 
 log = Logger()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 
-__all__ = ["Dialect", "SQLITE", "POSTGRESQL"]
+__all__ = ["POSTGRESQL", "SQLITE", "Dialect"]
 
 
 class Dialect:

@@ -7,7 +7,7 @@ its own, that LISTENs and hands notifications to the reactor thread.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.enterprise import adbapi
 from twisted.internet import threads
@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from perc.errors import ConfigError
 
-__all__ = ["connection_pool", "Notifications"]
+__all__ = ["Notifications", "connection_pool"]
 
 log = Logger()
 

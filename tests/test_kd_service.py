@@ -257,6 +257,33 @@ class ConferenceKeysAcrossRestartTests(KeyDistributorServiceMixin, TestCase):
         self.assertNotIn(key.srtp_master_salt, stored)
 
 
+class PostgresServiceTests(KeyDistributorServiceMixin, TestCase):
+    """``--db postgresql://``: registrations and conference keys across a restart (PERC_TEST_POSTGRES)."""
+
+    timeout = 90
+
+    def setUp(self):
+        from tests.storehelpers import postgres_database
+        self.dsn = postgres_database(self)
+        return super().setUp()
+
+    def options(self, *extra):
+        return super().options("--db", self.dsn, "--sealing-key",
+                               os.path.join(self.dir, "cluster.sealing-key"), *extra)
+
+    @defer.inlineCallbacks
+    def test_registrations_and_conference_keys_survive_a_restart(self):
+        endpoint = dtls.Credentials.self_signed("endpoint")
+        kd_tls_id = yield self.register(endpoint.fingerprint)
+        key, _ = yield self.service.distributor.rekey(CONFERENCE)
+        yield self.start()
+        self.assertEqual(self.service.roster.lookup(TLS_ID).kd_tls_id, kd_tls_id)
+        self.assertEqual(self.service.distributor.conference_keys.key_for(
+            CONFERENCE, reactor.seconds()).ekt_key_value, key.ekt_key_value)
+        ready, reason = yield self.service.readiness()
+        self.assertTrue(ready, reason)
+
+
 class TlsRefusalTests(KeyDistributorServiceMixin, TestCase):
     """
     Every kind of Media Distributor the tunnel listener must refuse: refused

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from perc import pki
 
@@ -186,3 +186,20 @@ class StoreDaemonTests(SynchronousTestCase):
         [line] = [line for line in output.splitlines() if "schema version" in line]
         self.assertIn("perc-kd: ", line)
         self.assertIn("database schema version 3 is newer than this perc-kd knows (2)", line)
+
+    def test_unreachable_postgresql_one_line(self):
+        import importlib.util
+        if importlib.util.find_spec("psycopg") is None:
+            raise SkipTest('psycopg is not installed (pip install ".[postgresql]")')
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        key = os.path.join(self.dir, "cluster.sealing-key")
+        result = self.start("--db", "postgresql://kd:secret@127.0.0.1:{}/perc".format(port),
+                            "--sealing-key", key)
+        output = result.stdout + result.stderr
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("secret", output)
+        [line] = [line for line in output.splitlines() if "cannot use database" in line]
+        self.assertIn("perc-kd: cannot use database postgresql://kd:***@127.0.0.1:{}/perc: "
+                      .format(port), line)

@@ -43,7 +43,9 @@ setup(
     ],
     # imageio-ffmpeg: an ffmpeg (libx264, libopus) for the RTP bridge tests and
     # perc demo --media video.
-    extras_require={"test": ["hypothesis>=6.100", "imageio-ffmpeg>=0.5"],
+    # postgresql: perc-kd --db postgresql://... (psycopg 3.2+: notifies(timeout=)).
+    extras_require={"postgresql": ["psycopg[binary]>=3.2"],
+                    "test": ["hypothesis>=6.100", "imageio-ffmpeg>=0.5", "psycopg[binary]>=3.2"],
                     # perc bench fuzz: coverage-guided fuzzing and its line coverage.
                     "fuzz": ["atheris>=2.3", "coverage>=7.0"]},
     entry_points={"console_scripts": ["perc = perc.cli:main"]},

@@ -56,7 +56,7 @@ class ReferenceEndpointTests(MembersMixin, TestCase):
         for member in members:
             member.startSending()
         yield sleep(0.5)
-        key, count = self.kd.distributor.rekey(CONFERENCE)
+        key, count = yield self.kd.distributor.rekey(CONFERENCE)
         self.assertEqual(count, 3)
         yield sleep(0.5)
         for member in members:

@@ -142,7 +142,7 @@ class ExpiredOnArrivalTests(RejoinTestCase):
         endpoint.startSending()
         key = endpoint._ekt_sender.ekt_key
         self.kd.conference_keys.ttl = 0  # what this project refuses to configure
-        self.kd.rekey(CONFERENCE)
+        self.successResultOf(self.kd.rekey(CONFERENCE))
         self.advance(endpoint, 12.0)
         # Never protected with: the endpoint still sends under its old key.
         self.assertIs(endpoint._ekt_sender.ekt_key, key)
@@ -159,7 +159,7 @@ class ExpiredOnArrivalTests(RejoinTestCase):
         self.assertGreaterEqual(endpoint.lost, 1)
         # A usable key arrives: taken at once.
         self.kd.conference_keys.ttl = 3600
-        new = self.kd.rekey(CONFERENCE)[0]
+        new = self.successResultOf(self.kd.rekey(CONFERENCE))[0]
         self.advance(endpoint, 8.0)
         self.assertEqual(endpoint._ekt_sender.spi, new.ekt_spi)
         self.assertTrue(endpoint.keyed)
@@ -255,7 +255,7 @@ class KeyLifetimeTests(RejoinTestCase):
         self.assertGreater(endpoint.unsent_key_expired, 0)
         self.assertGreater(self.kd.counters.get("ekt-key-resent", 0), asked)
         # A new key (here from a rekey): taken at once, the old one being expired.
-        new, _ = self.kd.rekey(CONFERENCE)
+        new, _ = self.successResultOf(self.kd.rekey(CONFERENCE))
         self.advance(endpoint, 0.25)
         self.assertEqual(endpoint._ekt_sender.spi, new.ekt_spi)
         sent = endpoint.sent

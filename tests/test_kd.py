@@ -427,7 +427,7 @@ class EktTests(KeyDistributorTestCase):
             self.assertRaises(ValueError, ConferenceKeys, ttl=ttl)
         keys = ConferenceKeys(ttl=1)
         self.assertEqual(keys.key_for(CONFERENCE, 0.0).ekt_ttl, 1)
-        self.assertEqual(keys.rekey(CONFERENCE, 0.0).ekt_ttl, 1)
+        self.assertEqual(self.successResultOf(keys.rekey(CONFERENCE, 0.0)).ekt_ttl, 1)
         # Its last second still has a TTL of 1, not 0.
         self.assertEqual(keys.key_for(CONFERENCE, 0.9).ekt_ttl, 1)
 
@@ -491,7 +491,7 @@ class EktTests(KeyDistributorTestCase):
         aid = uuid.uuid4()
         client = self.ekt_client()
         [old] = self.keys_in(relay_handshake(md, client, aid, self.clock))
-        new, count = self.kd.rekey(CONFERENCE)
+        new, count = self.successResultOf(self.kd.rekey(CONFERENCE))
         self.assertEqual(count, 1)
         self.assertEqual(new.ekt_spi, (old.ekt_spi + 1) & 0xFFFF)
         self.assertNotEqual(new.ekt_key_value, old.ekt_key_value)
@@ -847,7 +847,7 @@ class EktRolloverTests(KeyDistributorTestCase):
     def test_api_rekey_restarts_the_lifetime(self):
         a, _ = self.join()
         self.advance(2.0)
-        new, count = self.kd.rekey(CONFERENCE)
+        new, count = self.successResultOf(self.kd.rekey(CONFERENCE))
         self.assertEqual(count, 1)
         self.assertEqual(self.pump()[a], [new])
         self.assertEqual(self.advance(2.9), {a: []})  # 3 s after the start, not after the rekey
@@ -1196,7 +1196,7 @@ class PeerIdentityTests(KeyDistributorTestCase):
         md.received()
         md.close()
         for _ in range(3):  # three ekt_key messages for a bound of two
-            self.kd.rekey(CONFERENCE)
+            self.successResultOf(self.kd.rekey(CONFERENCE))
         self.assertEqual(self.kd.counters["dropped-waiting-full"], 1)
         self.assertEqual(len(self.logged("Dropping tunnel messages for")), 1)
         self.assertEqual(self.kd.status()["waiting_messages"], 2)

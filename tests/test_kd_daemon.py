@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from perc import pki
 
@@ -116,3 +116,90 @@ class DaemonTests(SynchronousTestCase):
         [line] = [line for line in output.splitlines() if "unusable row" in line]
         self.assertIn("perc-kd: ", line)
         self.assertIn("tls-id", line)
+
+
+class StoreDaemonTests(SynchronousTestCase):
+    """``twistd perc-kd`` refuses an unusable sealing key or database in one line."""
+
+    setUp = DaemonTests.setUp
+    twistd = DaemonTests.twistd
+
+    def start(self, *args):
+        return self.twistd("--pki", self.pki.directory, "--api", "none", "--tunnel-listen",
+                           "tcp:{}:interface=127.0.0.1".format(free_port()), *args)
+
+    def seal_database(self, key):
+        """A current-schema database whose secrets are sealed with ``key``."""
+        import sqlite3
+
+        from perc.kd.store.database import _prepare
+        from perc.kd.store.dialects import SQLITE
+        connection = sqlite3.connect(os.path.join(self.dir, "perc-kd.sqlite3"))
+        _prepare(connection.cursor(), SQLITE, key)
+        connection.commit()
+        connection.close()
+
+    def test_wrong_sealing_key_one_line(self):
+        from perc.kd.sealing import SealingKey
+        self.seal_database(SealingKey.generate())
+        result = self.start()
+        output = result.stdout + result.stderr
+        self.assertNotIn("Traceback", output)
+        [line] = [line for line in output.splitlines() if "sealing key" in line]
+        self.assertIn("perc-kd: ", line)
+        self.assertIn("the sealing key {} is not the one this database's secrets are sealed "
+                      "with".format(os.path.join(self.dir, "perc-kd.sealing-key")), line)
+
+    def test_sealing_key_file_refused_one_line(self):
+        path = os.path.join(self.dir, "short.key")
+        with open(path, "wb") as handle:
+            handle.write(b"too short")
+        os.chmod(path, 0o600)
+        result = self.start("--sealing-key", path)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(result.stderr.strip(),
+                         "perc-kd: sealing key {} is not 32 octets".format(path))
+        os.chmod(path, 0o644)
+        result = self.start("--sealing-key", path)
+        self.assertEqual(result.stderr.strip(), "perc-kd: sealing key {} may be accessed by "
+                         "group or others (mode 0644): chmod 600 it".format(path))
+
+    def test_postgresql_needs_a_sealing_key_file(self):
+        result = self.start("--db", "postgresql://kd:secret@db.invalid/perc")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(result.stderr.strip(),
+                         "perc-kd: --db postgresql://kd:***@db.invalid/perc needs --sealing-key "
+                         "FILE (the same file on every Key Distributor)")
+
+    def test_newer_schema_one_line(self):
+        from perc.kd.sealing import SealingKey
+        self.seal_database(SealingKey.load_or_create(
+            os.path.join(self.dir, "perc-kd.sealing-key")))
+        import sqlite3
+        connection = sqlite3.connect(os.path.join(self.dir, "perc-kd.sqlite3"))
+        connection.execute("UPDATE schema_version SET version = 3")
+        connection.commit()
+        connection.close()
+        result = self.start()
+        output = result.stdout + result.stderr
+        self.assertNotIn("Traceback", output)
+        [line] = [line for line in output.splitlines() if "schema version" in line]
+        self.assertIn("perc-kd: ", line)
+        self.assertIn("database schema version 3 is newer than this perc-kd knows (2)", line)
+
+    def test_unreachable_postgresql_one_line(self):
+        import importlib.util
+        if importlib.util.find_spec("psycopg") is None:
+            raise SkipTest('psycopg is not installed (pip install ".[postgresql]")')
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        key = os.path.join(self.dir, "cluster.sealing-key")
+        result = self.start("--db", "postgresql://kd:secret@127.0.0.1:{}/perc".format(port),
+                            "--sealing-key", key)
+        output = result.stdout + result.stderr
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("secret", output)
+        [line] = [line for line in output.splitlines() if "cannot use database" in line]
+        self.assertIn("perc-kd: cannot use database postgresql://kd:***@127.0.0.1:{}/perc: "
+                      .format(port), line)

@@ -10,7 +10,6 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from perc.errors import ConfigError
-from perc.kd import roster as roster_module
 from perc.kd.roster import (
     KD_TLS_ID_LENGTH,
     REASON_DELETED,
@@ -481,6 +480,3 @@ class OpenErrorTests(RosterTestsMixin, TestCase):
         with self.assertRaises(ConfigError) as caught:
             yield Roster.open(self.path)
         self.assertIn("tls-id", str(caught.exception))
-
-    def test_schema_version_constant(self):
-        self.assertEqual(roster_module._SCHEMA_VERSION, 1)

@@ -238,6 +238,52 @@ class KeyDistributorServiceTests(KeyDistributorServiceMixin, TestCase):
         self.assertEqual(registration.fingerprint, endpoint.fingerprint)
 
 
+class ConferenceKeysAcrossRestartTests(KeyDistributorServiceMixin, TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_conference_key_survives_a_restart_sealed(self):
+        """A restarted Key Distributor hands out the same EKTKey; the file holds it sealed."""
+        key, _ = yield self.service.distributor.rekey(CONFERENCE)
+        yield self.start()
+        keys = self.service.distributor.conference_keys
+        self.assertEqual(keys.key_for(CONFERENCE, reactor.seconds()).ekt_key_value,
+                         key.ekt_key_value)
+        self.assertEqual(os.stat(os.path.join(self.dir, "perc-kd.sealing-key")).st_mode & 0o777,
+                         0o600)
+        with open(os.path.join(self.dir, "kd.sqlite3"), "rb") as handle:
+            stored = handle.read()
+        self.assertNotIn(key.ekt_key_value, stored)
+        self.assertNotIn(key.srtp_master_salt, stored)
+
+
+class PostgresServiceTests(KeyDistributorServiceMixin, TestCase):
+    """``--db postgresql://``: registrations and conference keys across a restart (PERC_TEST_POSTGRES)."""
+
+    timeout = 90
+
+    def setUp(self):
+        from tests.storehelpers import postgres_database
+        self.dsn = postgres_database(self)
+        return super().setUp()
+
+    def options(self, *extra):
+        return super().options("--db", self.dsn, "--sealing-key",
+                               os.path.join(self.dir, "cluster.sealing-key"), *extra)
+
+    @defer.inlineCallbacks
+    def test_registrations_and_conference_keys_survive_a_restart(self):
+        endpoint = dtls.Credentials.self_signed("endpoint")
+        kd_tls_id = yield self.register(endpoint.fingerprint)
+        key, _ = yield self.service.distributor.rekey(CONFERENCE)
+        yield self.start()
+        self.assertEqual(self.service.roster.lookup(TLS_ID).kd_tls_id, kd_tls_id)
+        self.assertEqual(self.service.distributor.conference_keys.key_for(
+            CONFERENCE, reactor.seconds()).ekt_key_value, key.ekt_key_value)
+        ready, reason = yield self.service.readiness()
+        self.assertTrue(ready, reason)
+
+
 class TlsRefusalTests(KeyDistributorServiceMixin, TestCase):
     """
     Every kind of Media Distributor the tunnel listener must refuse: refused

@@ -93,7 +93,7 @@ class NoKeyMaterialTests(test_kd.KeyDistributorTestCase):
         for datagram in client.send_application_data(b"\x01").datagrams:
             md.send(wire.TunneledDtls(aid, datagram))
         self.deliver(md, client, aid)
-        second, _ = self.kd.rekey(test_kd.CONFERENCE)
+        second, _ = self.successResultOf(self.kd.rekey(test_kd.CONFERENCE))
         self.assertEqual(self.keys_in(self.deliver(md, client, aid)), [second])
         [media_keys] = [m for m in md.log if isinstance(m, wire.MediaKeys)]
         md.close()

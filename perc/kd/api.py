@@ -104,7 +104,7 @@ class ControlAPI(resource.Resource):
 
     def __init__(self, roster, token: str, rekey=None, status=None, operations=None):
         """
-        ``rekey(conference) -> (EktKey, endpoints)`` serves the rekey route,
+        ``rekey(conference) -> Deferred of (EktKey, endpoints)`` serves the rekey route,
         ``status() -> dict`` the status route, ``operations`` (an
         OperationsResource) the paths that need no token.
         """
@@ -148,12 +148,18 @@ class ControlAPI(resource.Resource):
                 conference = validate_conference(segments[2])
             except InvalidRegistration as error:
                 return self._error(request, http.BAD_REQUEST, str(error))
-            key, endpoints = self._rekey(conference)
-            log.info("conference {conference} rekeyed (SPI {spi}, {endpoints} endpoints)",
-                     conference=conference, spi=key.ekt_spi, endpoints=endpoints,
-                     peer=peer(request))
-            return self._json(request, http.OK, {"conference": conference,
-                                                 "ekt_spi": key.ekt_spi, "endpoints": endpoints})
+
+            def rekeyed(result):
+                key, endpoints = result
+                log.info("conference {conference} rekeyed (SPI {spi}, {endpoints} endpoints)",
+                         conference=conference, spi=key.ekt_spi, endpoints=endpoints,
+                         peer=peer(request))
+                return self._json(request, http.OK, {
+                    "conference": conference, "ekt_spi": key.ekt_spi, "endpoints": endpoints})
+
+            # The new key is stored before it is sent (perc.kd.conference_keys).
+            return self._respond_later(request, defer.maybeDeferred(self._rekey, conference),
+                                       rekeyed, conference, None)
 
         if (
             len(segments) in (4, 5)

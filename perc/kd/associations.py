@@ -14,6 +14,7 @@ import functools
 import uuid
 from dataclasses import dataclass, field
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from perc import dtls, hello, wire
@@ -594,6 +595,17 @@ class KeyDistributor:
         key = self._currentKey(registration.conference)
         association.ekt = True
         self._joinEktConference(association, registration.conference)
+        if key is None:
+            # No usable key in memory yet: it is stored first, then sent to
+            # every member (this one included).
+            self.log.info(
+                "Association {association_id} accepted: tls-id {tls_id} in conference "
+                "{conference}, profile {profile}; hop-by-hop keys sent to {peer}; EKTKey "
+                "follows once stored", association_id=association.id,
+                tls_id=registration.tls_id, conference=registration.conference,
+                profile=profile.name, peer=self._peer(association))
+            self._issueKey(registration.conference)
+            return ()
         # One log line for both (a log event costs as much as a good part
         # of the handshake's own Python work): resends and rekeys log theirs.
         self.log.info(
@@ -630,6 +642,8 @@ class KeyDistributor:
     #: this Key Distributor (README, "liveness").  The answer is the current
     #: ekt_key message again.
     EKT_KEY_REQUEST = b"\x01"
+    #: Seconds before a rollover whose key could not be stored is tried again.
+    ROLLOVER_RETRY = 5.0
 
     def _applicationData(self, association: _Association, data: bytes) -> tuple:
         if data != self.EKT_KEY_REQUEST or not association.ekt:
@@ -638,9 +652,11 @@ class KeyDistributor:
         if not self._takeEktToken(association):
             self._count("ekt-key-request-rate-limited")
             return ()
+        key = self._currentKey(association.registration.conference)
+        if key is None:
+            return ()  # being stored; sent to every member once it is
         self._count("ekt-key-resent")
-        return self._sendEktKey(association, self._currentKey(
-            association.registration.conference), log=False).datagrams
+        return self._sendEktKey(association, key, log=False).datagrams
 
     def _takeEktToken(self, association: _Association) -> bool:
         """
@@ -676,22 +692,32 @@ class KeyDistributor:
                 conference=association.registration.conference)
         return output
 
-    def rekey(self, conference: str):
+    def rekey(self, conference: str) -> defer.Deferred:
         """
         Give the conference a new EKTKey and send it to every live endpoint
         of it that negotiated EKT; its lifetime (and rollover) starts now.
-        Returns (key, number of endpoints).
+        Fires with (key, number of endpoints) once the key is stored; fails
+        (nothing sent) when it could not be.
         """
         if self.conference_keys is None:
             raise ValueError("EKT is not enabled on this Key Distributor")
-        key, sent = self._replaceKey(conference, log=True)
-        self._count("rekey-api")
-        self.log.info("Conference {conference} rekeyed: EKTKey SPI {spi} sent to {count} "
-                      "endpoints", conference=conference, spi=key.ekt_spi, count=sent)
-        return key, sent
 
-    def _replaceKey(self, conference: str, log: bool):
-        key = self.conference_keys.rekey(conference, self.clock.seconds())
+        def replaced(result):
+            key, sent = result
+            self._count("rekey-api")
+            self.log.info("Conference {conference} rekeyed: EKTKey SPI {spi} sent to {count} "
+                          "endpoints", conference=conference, spi=key.ekt_spi, count=sent)
+            return result
+
+        return self._replaceKey(conference, log=True).addCallback(replaced)
+
+    def _replaceKey(self, conference: str, log: bool) -> defer.Deferred:
+        d = self.conference_keys.rekey(conference, self.clock.seconds())
+        d.addCallback(lambda key: (key, self._sendToMembers(conference, key, log)))
+        return d
+
+    def _sendToMembers(self, conference: str, key, log: bool) -> int:
+        """Send ``key`` to every established EKT association of ``conference``; how many."""
         sent = 0
         for association in list(self._associations.values()):
             registration = association.registration
@@ -701,7 +727,19 @@ class KeyDistributor:
                 sent += 1
         if conference in self._ektConferences:
             self._scheduleRollover(conference)
-        return key, sent
+        return sent
+
+    def _issueKey(self, conference: str) -> None:
+        """Store the conference's key if it has none usable, then send it to its members."""
+
+        def failed(failure):
+            self._count("ekt-key-store-failed")
+            self.log.failure("EKTKey of conference {conference} could not be stored; its "
+                             "members ask again", failure, conference=conference)
+
+        d = self.conference_keys.ensure(conference, self.clock.seconds())
+        d.addCallback(lambda key: self._sendToMembers(conference, key, log=False))
+        d.addErrback(failed)
 
     def _currentKey(self, conference: str):
         """
@@ -720,12 +758,25 @@ class KeyDistributor:
         entry = self._ektConferences.get(conference)
         if entry is not None:
             entry[1] = None
-        key, sent = self._replaceKey(conference, log=False)
-        self._count("ekt-rollover")
-        self.log.info(
-            "Conference {conference} EKTKey rolled over: SPI {spi}, TTL {ttl} s, sent to "
-            "{count} endpoints", conference=conference, spi=key.ekt_spi, ttl=key.ekt_ttl,
-            count=sent)
+
+        def rolled(result):
+            key, sent = result
+            self._count("ekt-rollover")
+            self.log.info(
+                "Conference {conference} EKTKey rolled over: SPI {spi}, TTL {ttl} s, sent to "
+                "{count} endpoints", conference=conference, spi=key.ekt_spi, ttl=key.ekt_ttl,
+                count=sent)
+
+        def failed(failure):
+            # The current key stays valid until its TTL: try again shortly.
+            self._count("ekt-rollover-failed")
+            self.log.failure("EKTKey rollover of conference {conference} failed; retrying",
+                             failure, conference=conference)
+            entry = self._ektConferences.get(conference)
+            if entry is not None and entry[1] is None:
+                entry[1] = self.clock.callLater(self.ROLLOVER_RETRY, self._rollOver, conference)
+
+        self._replaceKey(conference, log=False).addCallbacks(rolled, failed)
 
     def _scheduleRollover(self, conference: str) -> None:
         entry = self._ektConferences[conference]

@@ -3,8 +3,15 @@ The end-to-end key-encryption keys of the Key Distributor's conferences
 (RFC 8870, RFC 8871): one EKTKey per conference, shared by every endpoint in
 it, replaced on demand (rekey) and before it expires (rollover, driven by
 :class:`perc.kd.associations.KeyDistributor`).  Only the Key Distributor
-holds these; the Media Distributor never sees them.  Sans-I/O: times are
-``now`` arguments on the caller's clock.
+holds these; the Media Distributor never sees them.  Times are ``now``
+arguments on the caller's clock.
+
+With a store (:mod:`perc.kd.store`), every key is written, sealed, to the
+database before it is used, and loaded on start, so a restart keeps the
+conference keys.  Reads stay synchronous, from memory (they run inside the
+handshake path); a conference that has no usable key in memory gets one
+through :meth:`ConferenceKeys.ensure`, and a new key whose write fails is
+not used.
 """
 
 from __future__ import annotations
@@ -14,7 +21,10 @@ import math
 import os
 import secrets
 
+from twisted.internet import defer
+
 from perc.ekt import MAX_TTL, EktCipher, EktKey
+from perc.kd.store import StoredConferenceKey
 
 __all__ = ["ConferenceKeys", "CONFERENCE_SALT_LENGTH", "DEFAULT_EKT_TTL",
            "DEFAULT_ROLLOVER", "check_ttl", "check_rollover"]
@@ -54,6 +64,7 @@ def check_rollover(fraction) -> float:
 class _Issued:
     key: EktKey  # with the full TTL
     at: float  # when it was made, on the caller's clock
+    generation: int = 0  # its row's generation in the store (0: not stored)
 
 
 class ConferenceKeys:
@@ -63,38 +74,84 @@ class ConferenceKeys:
     forbids using an EKTKey after its TTL, so a TTL of 0 would be expired on
     arrival (ValueError).  A key is due for replacement once ``rollover``
     (a fraction of its TTL) has passed.
+
+    Without a ``store`` the keys live in memory only and :meth:`key_for`
+    makes a conference's first key on the spot; with one, call :meth:`load`
+    first, and :meth:`key_for` answers None until :meth:`ensure` has stored
+    the conference's key.
     """
 
     def __init__(self, cipher: EktCipher = EktCipher.AESKW_128, ttl: int = DEFAULT_EKT_TTL,
-                 rollover: float = DEFAULT_ROLLOVER, max_conferences: int = 100000):
+                 rollover: float = DEFAULT_ROLLOVER, max_conferences: int = 100000,
+                 store=None):
         self.cipher = EktCipher(cipher)
         self.ttl = check_ttl(ttl)
         self.rollover = check_rollover(rollover)
         self.max_conferences = max_conferences
+        self.store = store
         self._keys: dict[str, _Issued] = {}
+        self._lock = defer.DeferredLock()
+
+    def load(self) -> defer.Deferred:
+        """Read the stored keys into memory (a key of another EKT cipher is left to be replaced)."""
+        if self.store is None:
+            return defer.succeed(None)
+
+        def loaded(rows):
+            for row in rows:
+                issued = self._unpack(row)
+                if issued is not None and len(self._keys) < self.max_conferences:
+                    self._keys[row.conference] = issued
+            return len(self._keys)
+
+        return self.store.load_conference_keys().addCallback(loaded)
+
+    def _unpack(self, row: StoredConferenceKey) -> _Issued | None:
+        material = row.material
+        length = self.cipher.key_length
+        if (material is None or len(material) != 1 + length + CONFERENCE_SALT_LENGTH
+                or material[0] != int(self.cipher)):
+            return None
+        return _Issued(EktKey(material[1:1 + length], material[1 + length:], row.spi, row.ttl),
+                       row.issued_at, row.generation)
+
+    def _pack(self, conference: str, issued: _Issued) -> StoredConferenceKey:
+        key = issued.key
+        return StoredConferenceKey(
+            conference, key.ekt_spi, issued.generation, key.ekt_ttl, issued.at,
+            bytes([int(self.cipher)]) + key.ekt_key_value + key.srtp_master_salt)
 
     def _new(self, spi: int) -> EktKey:
         return EktKey(os.urandom(self.cipher.key_length), os.urandom(CONFERENCE_SALT_LENGTH),
                       spi, self.ttl)
 
+    def _keep(self, conference: str, issued: _Issued) -> None:
+        if conference not in self._keys and len(self._keys) >= self.max_conferences:
+            # Forget the oldest conference's key: endpoints still in it
+            # keep the copy they have; a rekey gives it a new one.
+            self._keys.pop(next(iter(self._keys)))
+        self._keys[conference] = issued
+
     def _issued(self, conference: str, now: float) -> _Issued:
         issued = self._keys.get(conference)
         if issued is None:
-            if len(self._keys) >= self.max_conferences:
-                # Forget the oldest conference's key: endpoints still in it
-                # keep the copy they have; a rekey gives it a new one.
-                self._keys.pop(next(iter(self._keys)))
-            issued = self._keys[conference] = _Issued(
-                self._new(secrets.randbelow(0x10000)), now)
+            issued = _Issued(self._new(secrets.randbelow(0x10000)), now)
+            self._keep(conference, issued)
         return issued
 
-    def key_for(self, conference: str, now: float) -> EktKey:
+    def key_for(self, conference: str, now: float) -> EktKey | None:
         """
-        The conference's EKTKey (created on first use) with the TTL it has
-        left at ``now``: rounded down (to the step, see TTL_LEFT_STEPS), at
-        least 1.
+        The conference's EKTKey with the TTL it has left at ``now``: rounded
+        down (to the step, see TTL_LEFT_STEPS), at least 1.  Without a store
+        it is created on first use; with one, None when there is no key in
+        memory or its TTL has run out (see :meth:`ensure`).
         """
-        issued = self._issued(conference, now)
+        if self.store is None:
+            issued = self._issued(conference, now)
+        else:
+            issued = self._keys.get(conference)
+            if issued is None or now >= issued.at + issued.key.ekt_ttl:
+                return None
         key = issued.key
         if key.ekt_ttl == 0:
             return key  # never made here; nothing to count down
@@ -110,17 +167,57 @@ class ConferenceKeys:
             return None
         return issued.at + issued.key.ekt_ttl * self.rollover
 
-    def rekey(self, conference: str, now: float) -> EktKey:
+    def rekey(self, conference: str, now: float) -> defer.Deferred:
         """
         A new EKTKey for the conference, made at ``now``: new key, new salt,
         the next SPI.  Receivers keep one previous key, so the only SPIs in
         use in the conference are the current one and the one before it;
-        the next one is neither.
+        the next one is neither.  Fires with the key once stored (at once
+        without a store); when another Key Distributor replaced the key
+        first, with that one.  Fails with the store's error, nothing changed.
         """
-        previous = self._issued(conference, now).key
-        key = self._new((previous.ekt_spi + 1) & 0xFFFF)
-        self._keys[conference] = _Issued(key, now)
-        return key
+        return self._lock.run(self._replace, conference, now, False)
+
+    def ensure(self, conference: str, now: float) -> defer.Deferred:
+        """
+        Fires with the conference's current key, first storing a new one if
+        it has none usable at ``now`` (none, or its TTL ran out).
+        """
+        return self._lock.run(self._replace, conference, now, True)
+
+    def _replace(self, conference: str, now: float, keep_usable: bool):
+        if self.store is None:
+            if keep_usable and conference in self._keys:
+                return self._keys[conference].key
+            previous = self._issued(conference, now).key
+            self._keep(conference, _Issued(self._new((previous.ekt_spi + 1) & 0xFFFF), now))
+            return self._keys[conference].key
+        current = self._keys.get(conference)
+        if keep_usable and current is not None and now < current.at + current.key.ekt_ttl:
+            return current.key
+        if current is None:
+            issued = _Issued(self._new(secrets.randbelow(0x10000)), now, 1)
+            d = self.store.create_conference_key(self._pack(conference, issued))
+        else:
+            issued = _Issued(self._new((current.key.ekt_spi + 1) & 0xFFFF), now,
+                             current.generation + 1)
+            d = self.store.replace_conference_key(self._pack(conference, issued),
+                                                  current.generation)
+        return d.addCallback(self._stored, conference, now, retry=True)
+
+    def _stored(self, row: StoredConferenceKey, conference: str, now: float, retry: bool):
+        issued = self._unpack(row)
+        if issued is None:
+            # Another Key Distributor's row that this one cannot use (it does
+            # not open, or another EKT cipher): replace it, once.
+            if not retry:
+                raise ValueError("the stored EKTKey of {} is unusable".format(conference))
+            replacement = _Issued(self._new((row.spi + 1) & 0xFFFF), now, row.generation + 1)
+            return self.store.replace_conference_key(
+                self._pack(conference, replacement), row.generation).addCallback(
+                    self._stored, conference, now, retry=False)
+        self._keep(conference, issued)
+        return issued.key
 
     def forget(self, conference: str) -> None:
         self._keys.pop(conference, None)

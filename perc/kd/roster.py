@@ -32,15 +32,15 @@ from __future__ import annotations
 
 import re
 import secrets
-import sqlite3
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
-from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from perc.errors import ConfigError
+from perc.kd.store import Store
+from perc.kd.store.database import REGISTRATIONS_CHANNEL
 from perc.pki import FINGERPRINT_HASHES, FingerprintError, fingerprint, normalise_fingerprint
 
 __all__ = [
@@ -75,8 +75,6 @@ REASON_FINGERPRINT_CHANGED = "fingerprint-changed"
 
 _TLS_ID = re.compile(r"\A[A-Za-z0-9+/_-]{20,255}\Z")
 _CONFERENCE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z")
-
-_SCHEMA_VERSION = 1
 
 
 # -- errors ------------------------------------------------------------------
@@ -189,82 +187,6 @@ class Registration:
 RemovalObserver = Callable[[Registration, str], object]
 
 
-# -- database operations (run in the pool's thread) --------------------------
-
-
-def _create_schema(cursor) -> None:
-    cursor.execute("PRAGMA user_version")
-    (version,) = cursor.fetchone()
-    if version > _SCHEMA_VERSION:
-        raise ConfigError(
-            "schema version {} is newer than this program's ({})".format(
-                version, _SCHEMA_VERSION
-            )
-        )
-    cursor.execute(
-        "CREATE TABLE IF NOT EXISTS registrations ("
-        " tls_id TEXT PRIMARY KEY NOT NULL,"
-        " conference TEXT NOT NULL,"
-        " fingerprint TEXT NOT NULL,"
-        " kd_tls_id TEXT NOT NULL)"
-    )
-    cursor.execute(
-        "CREATE INDEX IF NOT EXISTS registrations_by_conference"
-        " ON registrations (conference)"
-    )
-    if version != _SCHEMA_VERSION:
-        cursor.execute("PRAGMA user_version = {:d}".format(_SCHEMA_VERSION))
-
-
-def _load(cursor) -> list:
-    _create_schema(cursor)
-    cursor.execute(
-        "SELECT conference, tls_id, fingerprint, kd_tls_id FROM registrations"
-    )
-    return cursor.fetchall()
-
-
-def _insert(cursor, registration: Registration) -> None:
-    cursor.execute(
-        "INSERT INTO registrations (tls_id, conference, fingerprint, kd_tls_id)"
-        " VALUES (?, ?, ?, ?)",
-        (
-            registration.tls_id,
-            registration.conference,
-            registration.fingerprint,
-            registration.kd_tls_id,
-        ),
-    )
-
-
-def _update(cursor, registration: Registration) -> None:
-    cursor.execute(
-        "UPDATE registrations SET fingerprint = ?"
-        " WHERE tls_id = ? AND conference = ? AND kd_tls_id = ?",
-        (
-            registration.fingerprint,
-            registration.tls_id,
-            registration.conference,
-            registration.kd_tls_id,
-        ),
-    )
-    if cursor.rowcount != 1:
-        raise sqlite3.DatabaseError(
-            "registration of {} vanished from the database".format(registration.tls_id)
-        )
-
-
-def _delete(cursor, registration: Registration) -> None:
-    cursor.execute(
-        "DELETE FROM registrations WHERE tls_id = ? AND conference = ?",
-        (registration.tls_id, registration.conference),
-    )
-    if cursor.rowcount != 1:
-        raise sqlite3.DatabaseError(
-            "registration of {} vanished from the database".format(registration.tls_id)
-        )
-
-
 # -- the roster --------------------------------------------------------------
 
 
@@ -278,13 +200,15 @@ class Roster:
     and tells the removal observers.
     """
 
-    def __init__(self, pool, rows: Iterable = (), max_registrations: int = DEFAULT_MAX_REGISTRATIONS):
+    def __init__(self, store: Store | None, rows: Iterable = (),
+                 max_registrations: int = DEFAULT_MAX_REGISTRATIONS, owns_store: bool = False):
         """
-        Use :meth:`open`; this takes an open ``adbapi.ConnectionPool`` and the
-        rows already stored, as ``(conference, tls_id, fingerprint,
-        kd_tls_id)``.
+        Use :meth:`open` or :meth:`load`; this takes an open
+        :class:`perc.kd.store.Store` and the rows already stored, as
+        ``(conference, tls_id, fingerprint, kd_tls_id)``.
         """
-        self._pool = pool
+        self._store = store
+        self._owns_store = owns_store
         self._max = max_registrations
         self._lock = defer.DeferredLock()
         self._closed = False
@@ -293,19 +217,11 @@ class Roster:
         self._by_conference: dict[str, dict[str, Registration]] = {}
         self._by_fingerprint: dict[str, dict[str, Registration]] = {}
         self._hashes_in_use: dict[str, int] = {}
-        for conference, tls_id, fingerprint_text, kd_tls_id in rows:
-            try:
-                registration = Registration(
-                    validate_conference(conference),
-                    validate_tls_id(tls_id),
-                    validate_fingerprint(fingerprint_text),
-                    validate_tls_id(kd_tls_id),
-                )
-            except InvalidRegistration as error:
-                raise ConfigError(
-                    "the registration database holds an unusable row: {}".format(error)
-                ) from None
-            self._remember(registration)
+        for row in rows:
+            self._remember(_registration(row))
+        if store is not None:  # None: a roster that is never written (perc.fuzz)
+            store.notifications.add(REGISTRATIONS_CHANNEL, self._changedElsewhere)
+            store.notifications.add_connected(self._reloadAll)
 
     @classmethod
     def open(
@@ -314,30 +230,32 @@ class Roster:
         max_registrations: int = DEFAULT_MAX_REGISTRATIONS,
     ) -> defer.Deferred:
         """
-        Open (creating if needed) the SQLite database at ``path`` and load it.
-        Fires with a :class:`Roster`, or fails with :class:`ConfigError` when
-        the file cannot be used.
+        Open (creating if needed) the database at ``path`` (an SQLite file or
+        a ``postgresql://`` URL) and load it; the roster closes it.  Fires
+        with a :class:`Roster`, or fails with :class:`ConfigError` when the
+        database cannot be used.
         """
-        pool = adbapi.ConnectionPool(
-            "sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1, cp_noisy=False
-        )
+        d = Store.open(path)
+        d.addCallback(lambda store: cls.load(store, max_registrations, owns_store=True))
+        return d
+
+    @classmethod
+    def load(cls, store: Store, max_registrations: int = DEFAULT_MAX_REGISTRATIONS,
+             owns_store: bool = False) -> defer.Deferred:
+        """Load the roster from an open store; fails with :class:`ConfigError`."""
 
         def loaded(rows):
-            return cls(pool, rows, max_registrations=max_registrations)
+            return cls(store, rows, max_registrations=max_registrations, owns_store=owns_store)
 
         def failed(failure):
-            pool.close()
-            if failure.check(ConfigError):
-                raise ConfigError(
-                    "registration database {}: {}".format(path, failure.value)
-                )
-            if failure.check(sqlite3.Error):
-                raise ConfigError(
-                    "cannot use registration database {}: {}".format(path, failure.value)
-                )
+            if owns_store:
+                store.close()
+            if failure.check(*store.errors):
+                raise ConfigError("cannot read registrations from {}: {}".format(
+                    store.description, failure.getErrorMessage()))
             return failure
 
-        d = pool.runInteraction(_load)
+        d = store.load_registrations()
         d.addCallback(loaded)
         d.addErrback(failed)
         return d
@@ -456,13 +374,13 @@ class Roster:
                     )
                 )
             new = Registration(conference, tls_id, fingerprint_text, new_kd_tls_id())
-            write = _insert
+            write = self._store.insert_registration
         elif old.fingerprint == fingerprint_text:
             # Nothing to change; the same registration again.
             return defer.succeed((old, False))
         else:
             new = Registration(conference, tls_id, fingerprint_text, old.kd_tls_id)
-            write = _update
+            write = self._store.update_registration
 
         def stored(_):
             if old is not None:
@@ -472,7 +390,7 @@ class Roster:
                 self._notify(old, REASON_FINGERPRINT_CHANGED)
             return (new, old is None)
 
-        d = self._pool.runInteraction(write, new)
+        d = write(new)
         d.addCallbacks(stored, self._storage_failed)
         return d
 
@@ -497,12 +415,12 @@ class Roster:
             self._notify(old, REASON_DELETED)
             return True
 
-        d = self._pool.runInteraction(_delete, old)
+        d = self._store.delete_registration(old)
         d.addCallbacks(deleted, self._storage_failed)
         return d
 
     def _storage_failed(self, failure):
-        if failure.check(sqlite3.Error):
+        if failure.check(*self._store.errors):
             log.failure("registration database write failed", failure=failure)
             raise StorageError(
                 "the registration database failed: {}".format(failure.value)
@@ -516,13 +434,12 @@ class Roster:
         """
         if self._closed:
             return defer.fail(StorageError("the registration database is closed"))
-        d = self._pool.runQuery("SELECT 1 FROM registrations LIMIT 1")
+        d = self._store.ping()
         d.addCallbacks(lambda _: None, self._ping_failed)
         return d
 
-    @staticmethod
-    def _ping_failed(failure):
-        failure.trap(sqlite3.Error)
+    def _ping_failed(self, failure):
+        failure.trap(*self._store.errors)
         raise StorageError("the registration database failed: {}".format(failure.value))
 
     def close(self) -> defer.Deferred:
@@ -534,9 +451,64 @@ class Roster:
         def close():
             if not self._closed:
                 self._closed = True
-                self._pool.close()
+                if self._owns_store:
+                    return self._store.close()
 
         return self._lock.run(close)
+
+    # -- changes made by other Key Distributors ------------------------------
+
+    def _changedElsewhere(self, tls_id: str) -> defer.Deferred:
+        """NOTIFY perc_registrations: bring ``tls_id``'s registration in memory up to date."""
+        return self._lock.run(self._reload, tls_id)
+
+    def _reloadAll(self) -> defer.Deferred:
+        """The notification connection (re)connected: whatever changed meanwhile, reload."""
+        return self._lock.run(self._reload, None)
+
+    def _reload(self, tls_id: str | None) -> defer.Deferred:
+        if self._closed:
+            return defer.succeed(None)
+        if tls_id is None:
+            d = self._store.load_registrations()
+        else:
+            d = self._store.get_registration(tls_id).addCallback(
+                lambda row: [] if row is None else [row])
+
+        def apply(rows):
+            stored = {}
+            for row in rows:
+                try:
+                    registration = _registration(row)
+                except ConfigError as error:
+                    log.error("Ignoring a stored registration: {error}", error=str(error))
+                    continue
+                stored[registration.tls_id] = registration
+            known = set(self._by_tls_id) if tls_id is None else {tls_id}
+            for gone in known - set(stored):
+                old = self._by_tls_id.get(gone)
+                if old is not None:
+                    self._forget(old)
+                    self._notify(old, REASON_DELETED)
+            for registration in stored.values():
+                old = self._by_tls_id.get(registration.tls_id)
+                if old == registration:
+                    continue
+                if old is not None:
+                    self._forget(old)
+                self._remember(registration)
+                if old is not None and (old.fingerprint != registration.fingerprint
+                                        or old.conference != registration.conference):
+                    self._notify(old, REASON_FINGERPRINT_CHANGED if old.conference
+                                 == registration.conference else REASON_DELETED)
+
+        def failed(failure):
+            failure.trap(*self._store.errors)
+            log.warn("Could not reload registrations after a change elsewhere: {error}",
+                     error=failure.getErrorMessage())
+
+        d.addCallbacks(apply, failed)
+        return d
 
     # -- in-memory indexes ---------------------------------------------------
 
@@ -565,3 +537,19 @@ class Roster:
         self._hashes_in_use[hash_name] -= 1
         if not self._hashes_in_use[hash_name]:
             del self._hashes_in_use[hash_name]
+
+
+def _registration(row) -> Registration:
+    """A stored ``(conference, tls_id, fingerprint, kd_tls_id)`` row; ConfigError if unusable."""
+    conference, tls_id, fingerprint_text, kd_tls_id = row
+    try:
+        return Registration(
+            validate_conference(conference),
+            validate_tls_id(tls_id),
+            validate_fingerprint(fingerprint_text),
+            validate_tls_id(kd_tls_id),
+        )
+    except InvalidRegistration as error:
+        raise ConfigError(
+            "the registration database holds an unusable row: {}".format(error)
+        ) from None

@@ -19,6 +19,9 @@ from perc.kd.api import make_api_site
 from perc.kd.associations import KeyDistributor, Limits
 from perc.kd.conference_keys import DEFAULT_EKT_TTL, DEFAULT_ROLLOVER, ConferenceKeys
 from perc.kd.roster import Roster
+from perc.kd.sealing import SealingKey
+from perc.kd.store import Store
+from perc.kd.store.database import describe_database, is_postgresql
 from perc.kd.tunnel import KeyDistributorTunnelFactory
 from perc.metrics import KeyDistributorMetrics
 from perc.netutil import (DEFAULT_TUNNEL_TIMEOUT, GatedFactory, server_endpoint,
@@ -27,6 +30,9 @@ from perc.sighup import ReloadOnSighup
 from perc.tls import Authoriser, ReloadableCredentials, TlsCredentials
 
 __all__ = ["KeyDistributorService"]
+
+#: The sealing-key file's name beside an SQLite database (--sealing-key).
+DEFAULT_SEALING_KEY = "perc-kd.sealing-key"
 
 #: Seconds ``GET /readyz`` waits for the registration database to answer.
 READY_TIMEOUT = 5.0
@@ -42,7 +48,7 @@ class KeyDistributorService(service.MultiService):
     log = Logger()
 
     def __init__(self, *, reactor, credentials: TlsCredentials | ReloadableCredentials,
-                 profiles, db_path: str,
+                 profiles, db_path: str, sealing_key: SealingKey | None = None,
                  tunnel_listen: str | None, connect: list, api: str | None,
                  api_token: str | None, allow_md: list, limits: Limits,
                  allow_missing_tls_id: bool, ekt_ttl: int = DEFAULT_EKT_TTL,
@@ -57,6 +63,11 @@ class KeyDistributorService(service.MultiService):
         ReloadOnSighup(self.reloadCredentials, reactor).setServiceParent(self)
         self.profiles = tuple(profiles)
         self.db_path = db_path
+        #: Seals the conference EKTKeys in the database; None: a new random
+        #: one each start (nothing sealed survives a restart).
+        self.sealing_key = sealing_key
+        self.store: Store | None = None
+        self.conferenceKeys: ConferenceKeys | None = None
         self.limits = limits
         self.allow_missing_tls_id = allow_missing_tls_id
         self.ekt_ttl = ekt_ttl
@@ -100,9 +111,20 @@ class KeyDistributorService(service.MultiService):
         credentials = ReloadableCredentials.from_options(
             "kd", cert=config["cert"], key=config["key"], ca=config["ca"], pki_dir=config["pki"])
         db_path = config["db"]
-        directory = os.path.dirname(os.path.abspath(db_path))
-        if not os.path.isdir(directory):
-            raise ConfigError("--db {}: directory {} does not exist".format(db_path, directory))
+        sealing_path = config["sealing-key"]
+        if is_postgresql(db_path):
+            if sealing_path is None:
+                # Every Key Distributor of a cluster must read the same file.
+                raise ConfigError("--db {} needs --sealing-key FILE (the same file on every "
+                                  "Key Distributor)".format(describe_database(db_path)))
+        else:
+            directory = os.path.dirname(os.path.abspath(db_path))
+            if not os.path.isdir(directory):
+                raise ConfigError("--db {}: directory {} does not exist".format(
+                    db_path, directory))
+            if sealing_path is None:
+                sealing_path = os.path.join(directory, DEFAULT_SEALING_KEY)
+        sealing_key = SealingKey.load_or_create(sealing_path)
         api = None if config["api"] == "none" else config["api"]
         token = load_or_create_token(config["api-token-file"]) if api else None
         limits = Limits(
@@ -113,7 +135,7 @@ class KeyDistributorService(service.MultiService):
         )
         return cls(
             reactor=reactor, credentials=credentials, profiles=config["profiles"],
-            db_path=db_path,
+            db_path=db_path, sealing_key=sealing_key,
             tunnel_listen=None if config["tunnel-listen"] == "none" else config["tunnel-listen"],
             connect=config["connect"], api=api, api_token=token, allow_md=config["allow-md"],
             limits=limits, allow_missing_tls_id=config["allow-missing-tls-id"],
@@ -152,9 +174,20 @@ class KeyDistributorService(service.MultiService):
                 "--ekt-ttl {ttl} with --ekt-rollover {rollover} leaves less than 2 s between "
                 "a rollover and the old key's expiry: late joiners may drop packets around "
                 "each rollover", ttl=self.ekt_ttl, rollover=self.ekt_rollover)
-        d = Roster.open(self.db_path)
-        d.addCallback(self._rosterOpened)
+        d = Store.open(self.db_path, self.sealing_key or SealingKey.generate(), self.reactor)
+        d.addCallback(self._storeOpened)
         d.addErrback(self._startFailed)
+
+    @defer.inlineCallbacks
+    def _storeOpened(self, store):
+        self.store = store
+        roster = yield Roster.load(store)
+        self.conferenceKeys = ConferenceKeys(ttl=self.ekt_ttl, rollover=self.ekt_rollover,
+                                             store=store)
+        loaded = yield self.conferenceKeys.load()
+        self.log.info("Database {database}: {keys} conference EKTKeys loaded (sealed)",
+                      database=store.description, keys=loaded)
+        self._rosterOpened(roster)
 
     @property
     def credentials(self) -> TlsCredentials:
@@ -187,7 +220,7 @@ class KeyDistributorService(service.MultiService):
         self.distributor = KeyDistributor(
             roster=roster, credentials=dtls_credentials, profiles=self.profiles,
             clock=self.reactor, limits=self.limits,
-            allow_missing_tls_id=self.allow_missing_tls_id, conference_keys=ConferenceKeys(ttl=self.ekt_ttl, rollover=self.ekt_rollover),
+            allow_missing_tls_id=self.allow_missing_tls_id, conference_keys=self.conferenceKeys,
             observe_handshake=self.metrics.observe_handshake)
         factory = self.tunnelFactory = KeyDistributorTunnelFactory(
             self.distributor, self.authorise)
@@ -249,6 +282,8 @@ class KeyDistributorService(service.MultiService):
             self.distributor.stop()
         if self.roster is not None:
             yield self.roster.close()
+        if self.store is not None:
+            yield self.store.close()
 
 
 def _dtlsCredentials(credentials: TlsCredentials) -> dtls.Credentials:

@@ -59,7 +59,13 @@ class Options(ConfigFileOptions, CommandOptions):
         ["metrics", None, None,
          "Twisted server endpoint description serving GET /metrics, /healthz and /readyz "
          "(no token) on a port of their own; they are on the --api port too."],
-        ["db", None, "perc-kd.sqlite3", "SQLite file holding registrations."],
+        ["db", None, "perc-kd.sqlite3",
+         "Database of registrations and (sealed) conference EKTKeys: an SQLite file, or "
+         "postgresql://USER@HOST:PORT/DB shared by the Key Distributors of a cluster."],
+        ["sealing-key", None, None,
+         "File of 32 random octets that seals the secrets stored in --db; created (mode "
+         "0600) if missing; the same file on every Key Distributor of a cluster. Default: "
+         "perc-kd.sealing-key beside an SQLite --db; required with PostgreSQL."],
         ["max-associations", None, 10000, "Most live associations in total.", positive_int],
         ["max-associations-per-tunnel", None, 5000,
          "Most live associations started through one tunnel.", positive_int],

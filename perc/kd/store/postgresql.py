@@ -1,0 +1,121 @@
+"""
+The PostgreSQL backend (psycopg 3, the optional extra ``postgresql``): a
+small adbapi pool for queries and one dedicated connection, in a thread of
+its own, that LISTENs and hands notifications to the reactor thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from twisted.enterprise import adbapi
+from twisted.internet import threads
+from twisted.logger import Logger
+
+from perc.errors import ConfigError
+
+__all__ = ["Notifications", "connection_pool"]
+
+log = Logger()
+
+#: Seconds the listening thread waits for a notification before it looks
+#: whether it should stop; and before it connects again after a failure.
+_POLL = 0.5
+_RECONNECT_DELAY = 1.0
+
+
+def _psycopg():
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigError('--db postgresql:// needs psycopg: pip install "perc[postgresql]" '
+                          '(or "psycopg[binary]")') from None
+    return psycopg
+
+
+def connection_pool(dsn: str) -> adbapi.ConnectionPool:
+    _psycopg()
+    return adbapi.ConnectionPool("psycopg", dsn, connect_timeout=10, cp_min=1, cp_max=4,
+                                 cp_noisy=False, cp_reconnect=True)
+
+
+class Notifications:
+    """
+    ``add(channel, callback)``: ``callback(payload)`` on the reactor thread
+    for each NOTIFY on ``channel`` (one of the channels given at
+    construction).  ``add_connected(callback)``: ``callback()`` each time
+    the listening connection is (re)established; notifications sent while
+    it was down are lost, so listeners reload.
+    """
+
+    def __init__(self, dsn: str, channels: tuple, reactor):
+        self._dsn = dsn
+        self._channels = tuple(channels)
+        self._reactor = reactor
+        self._callbacks: dict[str, list[Callable[[str], object]]] = {
+            channel: [] for channel in self._channels}
+        self._connected: list[Callable[[], object]] = []
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, channel: str, callback: Callable[[str], object]) -> None:
+        if channel not in self._callbacks:
+            raise ValueError("not a notification channel of this store: {!r}".format(channel))
+        self._callbacks[channel].append(callback)
+
+    def add_connected(self, callback: Callable[[], object]) -> None:
+        self._connected.append(callback)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="perc-kd LISTEN", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Stop listening; a Deferred that fires once the thread has ended."""
+        self._stopping.set()
+        if self._thread is None:
+            return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                             lambda: None)
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                         self._thread.join)
+
+    # -- the listening thread ------------------------------------------------
+
+    def _run(self) -> None:
+        psycopg = _psycopg()
+        from psycopg import sql
+
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as connection:
+                    for channel in self._channels:
+                        connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    self._reactor.callFromThread(self._deliverConnected)
+                    while not self._stopping.is_set():
+                        for notify in connection.notifies(timeout=_POLL):
+                            self._reactor.callFromThread(self._deliver, notify.channel,
+                                                         notify.payload)
+            except psycopg.Error as error:
+                self._reactor.callFromThread(
+                    log.warn, "Database notifications interrupted, reconnecting: {error}",
+                    error=str(error).splitlines()[0] if str(error) else type(error).__name__)
+                self._stopping.wait(_RECONNECT_DELAY)
+
+    # -- on the reactor thread -----------------------------------------------
+
+    def _deliver(self, channel: str, payload: str) -> None:
+        for callback in list(self._callbacks.get(channel, ())):
+            try:
+                callback(payload)
+            except Exception:
+                log.failure("notification callback {callback!r} failed on {channel}",
+                            callback=callback, channel=channel)
+
+    def _deliverConnected(self) -> None:
+        for callback in list(self._connected):
+            try:
+                callback()
+            except Exception:
+                log.failure("notification connected callback {callback!r} failed",
+                            callback=callback)

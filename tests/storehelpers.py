@@ -1,0 +1,97 @@
+"""
+Databases for the store tests: an SQLite file, or a PostgreSQL database of
+its own (random name, dropped at cleanup) on the server PERC_TEST_POSTGRES
+names.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+from urllib.parse import urlsplit, urlunsplit
+
+from twisted.trial.unittest import SkipTest
+
+HOW_TO_RUN = ("set PERC_TEST_POSTGRES=postgresql://postgres@127.0.0.1:5432/postgres (a "
+              "server where that user may create databases), or run .ci/run, to run the "
+              "PostgreSQL tests")
+
+
+def postgres_database(testcase) -> str:
+    """A ``postgresql://`` URL of a new, empty database, dropped at ``testcase``'s cleanup."""
+    server = os.environ.get("PERC_TEST_POSTGRES")
+    if not server:
+        raise SkipTest("PERC_TEST_POSTGRES is not set: " + HOW_TO_RUN)
+    try:
+        import psycopg
+    except ImportError:
+        raise SkipTest('psycopg is not installed (pip install ".[postgresql]"): ' + HOW_TO_RUN)
+    from psycopg import sql
+
+    name = "perc_test_" + secrets.token_hex(8)
+    try:
+        with psycopg.connect(server, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.Error as error:
+        raise SkipTest("PostgreSQL at PERC_TEST_POSTGRES does not answer ({}): {}".format(
+            str(error).strip().splitlines()[0] if str(error).strip() else error, HOW_TO_RUN))
+
+    def drop():
+        with psycopg.connect(server, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+    testcase.addCleanup(drop)
+    return urlunsplit(urlsplit(server)._replace(path="/" + name))
+
+
+class SqliteDatabase:
+    """The SQLite side of a test mixin: ``database`` and raw statements beside the store."""
+
+    def makeDatabase(self) -> str:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        return os.path.join(directory, "kd.sqlite3")
+
+    def execute(self, statement: str, arguments: tuple = ()) -> list:
+        connection = sqlite3.connect(self.database)
+        try:
+            rows = connection.execute(statement, arguments).fetchall()
+            connection.commit()
+            return rows
+        finally:
+            connection.close()
+
+    def refuseWrites(self, table: str) -> None:
+        for event in ("INSERT", "UPDATE"):
+            self.execute("CREATE TRIGGER refuse_{0}_{1} BEFORE {1} ON {0} BEGIN "
+                         "SELECT RAISE(ABORT, 'refused by the test'); END".format(table, event))
+
+    def tables(self) -> list:
+        return [name for (name,) in self.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")]
+
+
+class PostgresDatabase:
+    """The PostgreSQL side of a test mixin."""
+
+    def makeDatabase(self) -> str:
+        return postgres_database(self)
+
+    def execute(self, statement: str, arguments: tuple = ()) -> list:
+        import psycopg
+
+        with psycopg.connect(self.database, autocommit=True) as connection:
+            cursor = connection.execute(statement.replace("?", "%s"), arguments)
+            return cursor.fetchall() if cursor.description else []
+
+    def refuseWrites(self, table: str) -> None:
+        self.execute("CREATE OR REPLACE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+                     "RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql")
+        self.execute("CREATE TRIGGER refuse_{0} BEFORE INSERT OR UPDATE ON {0} FOR EACH ROW "
+                     "EXECUTE FUNCTION refuse()".format(table))
+
+    def tables(self) -> list:
+        return [name for (name,) in self.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]

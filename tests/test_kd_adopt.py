@@ -178,3 +178,14 @@ class AdoptionTests(TestCase):
         self.assertIsInstance(record, AssociationRecord)
         self.assertNotIn(record.state.decode("ascii")[:40], repr(record))
         self.assertNotIn("state", repr(record))
+
+    def test_rekeyed_while_nobody_served_it(self):
+        """A rekey between KD1's death and the adoption reaches the endpoint at adoption."""
+        client, aid, key, record = self.established_on_kd1()
+        md2 = MediaDistributorStandIn(self.kd2, identity=MD)
+        new, count = self.kd2.rekey(CONFERENCE)
+        self.assertEqual(count, 0)
+        self.kd2.adoptAssociation(record, md2.tunnel, self.clock.seconds())
+        events = self.deliver(md2, client, aid)
+        self.assertEqual([e.key for e in events], [new])
+        self.assertTrue(self.kd2.association(aid).engine.ekt_key_acknowledged)

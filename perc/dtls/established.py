@@ -224,6 +224,16 @@ class OwnRecordLayer:
         return self._send_ekt_message()
 
     @property
+    def ekt_key_sent(self) -> Optional[EktKey]:
+        """Server role: the EKTKey of the latest ekt_key message, or None before the first."""
+        if self._ekt_message is None:
+            return None
+        try:
+            return EktKey.decode(self._ekt_message[12:])
+        except EktError:
+            return None
+
+    @property
     def ekt_key_acknowledged(self) -> bool:
         """Server role: True when no ekt_key message awaits the client's ACK."""
         return self._ekt_due is None

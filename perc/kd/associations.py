@@ -992,8 +992,15 @@ class KeyDistributor:
                       "{conference}, via {peer}", association_id=association.id,
                       tls_id=registration.tls_id, conference=registration.conference,
                       peer=self._peer(association))
-        # An ekt_key message that awaited its ACK goes again now.
-        self._process(association, engine.handle_timeout(now))
+        sent = engine.ekt_key_sent
+        key = self._currentKey(registration.conference) if association.ekt and \
+            self.conference_keys is not None else None
+        if key is not None and (sent is None or not sent.same_key(key)):
+            # Rekeyed (or rolled over) while nobody served the association.
+            self._process(association, self._sendEktKey(association, key))
+        else:
+            # An ekt_key message that awaited its ACK goes again now.
+            self._process(association, engine.handle_timeout(now))
         return association.id
 
     # -- registration changes -------------------------------------------

@@ -189,3 +189,9 @@ class AdoptionTests(TestCase):
         events = self.deliver(md2, client, aid)
         self.assertEqual([e.key for e in events], [new])
         self.assertTrue(self.kd2.association(aid).engine.ekt_key_acknowledged)
+
+    def test_adoption_bounded_by_max_associations(self):
+        _, aid, _, record = self.established_on_kd1()
+        self.kd2.limits = Limits(max_associations=0)
+        self.assertRaises(ValueError, self.kd2.adoptAssociation, record, MD, 0.0)
+        self.assertIsNone(self.kd2.association(aid))

@@ -940,7 +940,7 @@ class KeyDistributor:
         there (same conference and fingerprint): if not, the Media
         Distributor is told EndpointDisconnect and None is returned.
         Otherwise returns the association's id; ValueError for an unusable
-        record or one already here.
+        record, one already here, or beyond ``max_associations``.
         """
         if isinstance(tunnel_or_identity, str):
             identity, tunnel = tunnel_or_identity, None
@@ -951,6 +951,9 @@ class KeyDistributor:
                 record.association_id, record.media_distributor))
         if record.association_id in self._associations:
             raise ValueError("association {} is already here".format(record.association_id))
+        if len(self._associations) >= self.limits.max_associations:
+            self._count("adoption-refused")
+            raise ValueError("total association limit reached")
         state = AssociationState.from_bytes(record.state)
         if tunnel is None:
             live = self._peerTunnels.get(identity)

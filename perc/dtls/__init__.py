@@ -51,6 +51,8 @@ The package, by job:
 - :mod:`~perc.dtls.post_handshake`: codecs of handshake messages and ACKs
   after the handshake (RFC 8870's ``ekt_key``).
 - :mod:`~perc.dtls.established`: an association once it left OpenSSL.
+- :mod:`~perc.dtls.state`: an established association's exported state, to
+  continue it elsewhere (:meth:`DtlsAssociation.restore`) with no handshake.
 - :mod:`~perc.dtls.association`: the association state machine (both roles).
 - :mod:`~perc.dtls.listener`: the server role's stateless cookie exchange.
 """
@@ -92,11 +94,13 @@ from perc.dtls.identity import (
     Reject,
 )
 from perc.dtls.listener import ServerListener
+from perc.dtls.state import AssociationState
 
 __all__ = [
     "ACCEPT_ALL",
     "Accept",
     "ApplicationData",
+    "AssociationState",
     "ClientAssociation",
     "Closed",
     "Credentials",

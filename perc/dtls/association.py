@@ -37,6 +37,7 @@ from perc.dtls.contexts import (
 )
 from perc.dtls.datagrams import pack_records, split_records
 from perc.dtls.established import (
+    DEFAULT_SEQUENCE_BLOCK,
     RETRANSMIT_INITIAL,
     OwnRecordLayer,
     joined,
@@ -59,6 +60,7 @@ from perc.dtls.extensions import (
     validate_tls_id,
 )
 from perc.dtls.identity import Credentials
+from perc.dtls.state import AssociationState
 from perc.ekt import EktKey, encode_client_ekt_ciphers
 from perc.profiles import Profile, by_id
 
@@ -131,6 +133,70 @@ class DtlsAssociation(OwnRecordLayer):
         # Runs when the association is closed or garbage collected, whichever
         # comes first; it holds nothing that refers back to the association.
         self._finalizer = weakref.finalize(self, unregister, address, token)
+
+    @classmethod
+    def restore(cls, state: AssociationState, now: float, *, reserve=None,
+                sequence_block: int = DEFAULT_SEQUENCE_BLOCK):
+        """
+        An established association continuing where ``state`` (from
+        :meth:`export_state`, perhaps in another process) left off, on the
+        own record layer, with no OpenSSL and no handshake: it reads the
+        peer's next records, refuses what the exporter had seen, and seals
+        from the exporter's write limit on, once ``reserve(start, end)``
+        (see :meth:`use_write_reservation`) grants a block after it.  An
+        ekt_key message that awaited its ACK is retransmitted at ``now``.
+        ValueError if ``state`` is not usable for this role.
+        """
+        if state.role != cls.role:
+            raise ValueError("state of a {} association, not {}".format(state.role, cls.role))
+        profile = by_id(state.profile_id)
+        if profile is None:
+            raise ValueError("unknown SRTP profile {:#06x}".format(state.profile_id))
+        check_mtu(state.mtu)
+        if state.max_retransmissions < 0:
+            raise ValueError("max_retransmissions must be >= 0")
+        try:
+            protection = records.RecordProtection.from_secrets(state.records)
+            ekt_key = None if state.ekt_key is None else EktKey.decode(state.ekt_key)
+        except (KeyError, TypeError) as e:
+            raise ValueError("malformed record state ({})".format(type(e).__name__))
+        if cls.role == SERVER and (state.next_message_seq is None or
+                                   not 0 <= state.next_message_seq <= 0x10000):
+            raise ValueError("message_seq out of range")
+        self = cls.__new__(cls)
+        ssl_state = SslState(cls.role)
+        ssl_state.peer_tls_id = state.peer_tls_id
+        ssl_state.peer_fingerprint = state.peer_fingerprint
+        ssl_state.ekt_cipher = state.ekt_cipher
+        self._context = None
+        self._conn = None
+        self._state = ssl_state
+        self._profiles = (profile,)
+        self._mtu = state.mtu
+        self._max_retransmissions = state.max_retransmissions
+        self._handshake_timeout = float(DEFAULT_HANDSHAKE_TIMEOUT)
+        self._phase = _ESTABLISHED
+        self._started = True
+        self._started_at = now
+        self._retransmissions = 0
+        self._events = []
+        self._closing = None
+        self.profile = profile
+        self._records = protection
+        self._final_flight = tuple(state.final_flight)
+        self._final_flight_resends = state.final_flight_resends
+        self._write_epoch = protection.epoch
+        self._next_write_sequence = protection.next_write_sequence
+        self._early_records = []
+        self._next_message_seq = state.next_message_seq
+        self._plain_message_seq = -1
+        self._restore_ekt_state(state, ekt_key, now)
+        self._compact_when_established = False
+        self._finalizer = _nothing  # no OpenSSL object to unregister
+        self.use_write_reservation(reserve, sequence_block)
+        if cls.role == SERVER:
+            self.association_id = state.association_id
+        return self
 
     # -- public state ------------------------------------------------------
 
@@ -480,6 +546,10 @@ class DtlsAssociation(OwnRecordLayer):
         # rather than whenever the association itself goes away.
         self._conn = None
         self._context = None
+
+def _nothing() -> None:
+    pass
+
 
 def _group_epoch_zero(pieces: list) -> list:
     """

@@ -9,11 +9,21 @@ close_notify.
 :class:`perc.dtls.association.DtlsAssociation`: it uses the association's
 ``_collect``/``_end`` bookkeeping and owns the state that begins at the
 hand-off (``_records`` and what follows it).
+
+Write sequence numbers are used in reserved blocks (see
+:mod:`perc.dtls.records`): when a block is used up the association asks its
+``reserve(start, end)`` callback (:meth:`OwnRecordLayer.use_write_reservation`)
+for the next ``sequence_block`` numbers; without a callback it grants itself
+the block.  Refused, nothing is sealed: the ekt_key message waits for its
+retransmission timer, application data and alerts are not sent, and
+:attr:`OwnRecordLayer.needs_write_sequences` is True until
+:meth:`OwnRecordLayer.grant_write_sequences`.  :meth:`OwnRecordLayer.export_state`
+gives the state another process continues from (:mod:`perc.dtls.state`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from perc.dtls import records
 from perc.dtls.constants import (
@@ -40,6 +50,7 @@ from perc.dtls.events import (
     Output,
 )
 from perc.dtls.extensions import ekt_cipher_value
+from perc.dtls.state import AssociationState
 from perc.dtls.post_handshake import (
     decode_ack,
     decode_handshake,
@@ -48,7 +59,10 @@ from perc.dtls.post_handshake import (
 )
 from perc.ekt import EktError, EktKey
 
-__all__ = ["OwnRecordLayer", "joined", "last_message_seq"]
+__all__ = ["DEFAULT_SEQUENCE_BLOCK", "OwnRecordLayer", "joined", "last_message_seq"]
+
+#: Write sequence numbers reserved at a time (see the module docstring).
+DEFAULT_SEQUENCE_BLOCK = 1024
 
 #: Peer records of a later epoch kept while OpenSSL runs the handshake, to
 #: prime the own record layer's replay window (a Finished is ~60 octets).
@@ -66,6 +80,115 @@ class OwnRecordLayer:
     """What an association does once it has left OpenSSL (see the module docstring)."""
 
     _records: Optional[records.RecordProtection] = None
+    #: reserve(start, end) -> bool: may [start, end) be used (see the module docstring).
+    _reserve_sequences: Optional[Callable[[int, int], bool]] = None
+    _sequence_block = DEFAULT_SEQUENCE_BLOCK
+    #: Records not sealed because no write sequence numbers were reserved.
+    reservation_refusals = 0
+
+    def use_write_reservation(self, reserve: Optional[Callable[[int, int], bool]],
+                              block: int = DEFAULT_SEQUENCE_BLOCK) -> None:
+        """
+        Reserve write sequence numbers through ``reserve(start, end)``, which
+        returns True once ``[start, end)`` is this holder's (durably, if
+        others may continue the association), ``block`` at a time.  None:
+        the association grants itself each block.
+        """
+        if block < 1:
+            raise ValueError("the sequence block must hold at least one number")
+        self._reserve_sequences = reserve
+        self._sequence_block = block
+
+    @property
+    def write_sequence_limit(self) -> Optional[int]:
+        """The end of the reserved block of write sequence numbers (None before the hand-off)."""
+        return None if self._records is None else self._records.write_limit
+
+    @property
+    def needs_write_sequences(self) -> bool:
+        """True when the reserved block is used up and the callback refused the next."""
+        return self._records is not None and self._records.needs_reservation
+
+    def grant_write_sequences(self, limit: int) -> None:
+        """
+        Sequence numbers below ``limit`` may be used (reserved by the caller
+        outside the callback); a waiting ekt_key message goes at its next
+        retransmission.  ValueError if ``limit`` is behind the current one.
+        """
+        if self._records is not None:
+            self._records.reserve(limit)
+
+    def export_state(self) -> AssociationState:
+        """
+        The state another process continues this association from (see
+        :mod:`perc.dtls.state`): only for an established association on the
+        own record layer (DtlsStateError otherwise).  Secret: seal it.
+        """
+        if not self.established or self._records is None:
+            raise DtlsStateError("only an established association on the own record layer "
+                                 "can be exported")
+        server = self.role == SERVER
+        cipher = self._state.ekt_cipher
+        return AssociationState(
+            role=self.role,
+            association_id=bytes(getattr(self, "association_id", b"")),
+            profile_id=self.profile.id,
+            peer_tls_id=self._state.peer_tls_id,
+            peer_fingerprint=self._state.peer_fingerprint,
+            ekt_cipher=None if cipher is None else int(cipher),
+            mtu=self._mtu,
+            max_retransmissions=self._max_retransmissions,
+            records=self._records.export_secrets(),
+            next_message_seq=self._next_message_seq if server else None,
+            ekt_message=self._ekt_message,
+            ekt_records=tuple(self._ekt_records),
+            ekt_awaiting_ack=self._ekt_due is not None,
+            ekt_tries=self._ekt_tries,
+            ekt_timeout=self._ekt_timeout,
+            ekt_key=None if self._ekt_key is None else self._ekt_key.encode(),
+            ekt_message_seq=self._ekt_message_seq,
+            final_flight=tuple(self._final_flight),
+            final_flight_resends=self._final_flight_resends,
+        )
+
+    def _restore_ekt_state(self, state: AssociationState, ekt_key: Optional[EktKey],
+                           now: float) -> None:
+        """The ekt_key message state of :meth:`export_state`; one awaiting its ACK is due now."""
+        self._ekt_message = state.ekt_message
+        self._ekt_records = list(state.ekt_records)[-_EKT_RECORDS_KEPT:]
+        self._ekt_due = now if state.ekt_awaiting_ack and state.ekt_message else None
+        self._ekt_timeout = max(RETRANSMIT_INITIAL, min(state.ekt_timeout, _RETRANSMIT_MAX))
+        self._ekt_tries = max(0, state.ekt_tries)
+        self._ekt_key = ekt_key
+        self._ekt_message_seq = state.ekt_message_seq
+
+    def _seal(self, content_type: int, plaintext: bytes) -> Optional[bytes]:
+        """
+        One record, or None (nothing sealed) when the reserved write
+        sequence numbers are used up and no more can be had.
+        """
+        protection = self._records
+        if protection.needs_reservation and not self._reserve_block():
+            self.reservation_refusals += 1
+            return None
+        return protection.seal(content_type, plaintext)
+
+    def _reserve_block(self) -> bool:
+        protection = self._records
+        start = protection.write_limit
+        end = min(start + self._sequence_block, records.SEQUENCE_LIMIT)
+        if end <= start:
+            return True  # the epoch's numbers are exhausted: seal() says so
+        reserve = self._reserve_sequences
+        if reserve is not None:
+            try:
+                granted = reserve(start, end)
+            except Exception:
+                granted = False  # the caller's store failed: as a refusal
+            if not granted:
+                return False
+        protection.reserve(end)
+        return True
 
     def send_ekt_key(self, key: EktKey, now: float) -> Output:
         """
@@ -99,6 +222,16 @@ class OwnRecordLayer:
         self._ekt_tries = 0
         self._ekt_due = now + self._ekt_timeout
         return self._send_ekt_message()
+
+    @property
+    def ekt_key_sent(self) -> Optional[EktKey]:
+        """Server role: the EKTKey of the latest ekt_key message, or None before the first."""
+        if self._ekt_message is None:
+            return None
+        try:
+            return EktKey.decode(self._ekt_message[12:])
+        except EktError:
+            return None
 
     @property
     def ekt_key_acknowledged(self) -> bool:
@@ -136,7 +269,9 @@ class OwnRecordLayer:
             protection = records.RecordProtection.from_master_secret(
                 suite, server=server, next_write_sequence=self._next_write_sequence,
                 master_secret=conn.master_key(), client_random=conn.client_random(),
-                server_random=conn.server_random(), epoch=self._write_epoch)
+                server_random=conn.server_random(), epoch=self._write_epoch,
+                # OpenSSL's records used the numbers below; nothing is reserved yet.
+                write_limit=self._next_write_sequence)
         except Exception:
             return
         # Every peer record of this epoch seen so far (its Finished, perhaps
@@ -144,6 +279,7 @@ class OwnRecordLayer:
         protection.prime(self._early_records)
         self._early_records = []
         self._records = protection
+        self._reserve_block()  # the first block, before anything is sealed here
         if server:
             self._final_flight = output.datagrams
         state = self._state
@@ -225,9 +361,9 @@ class OwnRecordLayer:
         self._events.append(EktKeyReceived(key, message_seq))
         return self._ack(record)
 
-    def _ack(self, record: bytes) -> bytes:
+    def _ack(self, record: bytes) -> Optional[bytes]:
         """An ACK record (RFC 9147 section 7) for the record carrying a handshake message."""
-        return self._records.seal(CONTENT_ACK, encode_ack(
+        return self._seal(CONTENT_ACK, encode_ack(
             (records.record_epoch_and_sequence(record),)))
 
     def _refuse_ekt_key(self, description: int, why) -> Output:
@@ -245,10 +381,12 @@ class OwnRecordLayer:
 
     def _send_ekt_message(self) -> Output:
         try:
-            record = self._records.seal(records.CONTENT_HANDSHAKE, self._ekt_message)
+            record = self._seal(records.CONTENT_HANDSHAKE, self._ekt_message)
         except OverflowError as e:
             return self._close_compacted(Closed("association failed: {}".format(e), False),
                                          notify=False)
+        if record is None:
+            return self._collect_with(())  # waits: the retransmission timer tries again
         if len(self._ekt_records) >= _EKT_RECORDS_KEPT:
             del self._ekt_records[0]
         self._ekt_records.append(records.record_epoch_and_sequence(record)[1])
@@ -283,20 +421,22 @@ class OwnRecordLayer:
 
     def _send_compacted(self, content_type: int, plaintext: bytes) -> Output:
         try:
-            record = self._records.seal(content_type, plaintext)
+            record = self._seal(content_type, plaintext)
         except OverflowError as e:
             return self._close_compacted(Closed("association failed: {}".format(e), False),
                                          notify=False)
-        return self._collect_with((record,))
+        return self._collect_with(() if record is None else (record,))
 
     def _close_compacted(self, event: Closed, notify: bool = True,
                          alert: tuple = (ALERT_LEVEL_WARNING, ALERT_CLOSE_NOTIFY)) -> Output:
-        datagrams = ()
+        datagrams: tuple = ()
         if notify:
             try:
-                datagrams = (self._records.seal(records.CONTENT_ALERT, bytes(alert)),)
+                record = self._seal(records.CONTENT_ALERT, bytes(alert))
             except OverflowError:
-                pass
+                record = None
+            if record is not None:
+                datagrams = (record,)
         self._end(event)
         self._records = None
         self._final_flight = ()

@@ -18,6 +18,15 @@ secret with the suite's PRF hash); records are RFC 6347 section 4.1 with
 the nonce and additional data of RFC 5288 section 3 / RFC 7905 section 2,
 and replay detection is the sliding window of RFC 6347 section 4.1.2.6.
 
+Write-sequence reservation: a record is sealed only below the protection's
+``write_limit``; the sequence numbers ``[next, write_limit)`` are the block
+reserved for this holder (see :meth:`RecordProtection.reserve`).  A
+protection built without a limit may use the whole 2^48 space.  Whoever
+takes an association over from exported state starts at the exporter's
+*limit*, never at its next sequence number, so a (key, nonce) pair is never
+used twice even if the exporter sealed up to its limit after its last
+export (see :mod:`perc.dtls.state`).
+
 Sans-I/O and free of key material in any repr.
 """
 
@@ -46,6 +55,8 @@ __all__ = [
     "CONTENT_HANDSHAKE",
     "MAX_PLAINTEXT",
     "RecordProtection",
+    "ReservationNeeded",
+    "SEQUENCE_LIMIT",
     "Suite",
     "record_epoch_and_sequence",
     "suite_for",
@@ -56,7 +67,7 @@ __all__ = [
 _DTLS_1_2 = b"\xfe\xfd"
 _HEADER = struct.Struct("!B2sH6sH")  # type, version, epoch, sequence (48 bits), length
 _HEADER_LENGTH = _HEADER.size
-_SEQUENCE_LIMIT = 1 << 48
+_SEQUENCE_LIMIT = SEQUENCE_LIMIT = 1 << 48
 _TAG_LENGTH = 16
 _REPLAY_WINDOW = 64
 _WINDOW_MASK = (1 << _REPLAY_WINDOW) - 1
@@ -128,6 +139,10 @@ def record_epoch_and_sequence(record: bytes) -> Optional[tuple]:
     return (int.from_bytes(record[3:5], "big"), int.from_bytes(record[5:11], "big"))
 
 
+class ReservationNeeded(Exception):
+    """:meth:`RecordProtection.seal` reached the reserved limit: reserve more first."""
+
+
 class _ReplayWindow:
     """RFC 6347 section 4.1.2.6: the highest sequence number seen and a bitmap below it."""
 
@@ -175,25 +190,98 @@ class RecordProtection:
     """
 
     __slots__ = ("suite", "epoch", "_read", "_read_iv", "_write", "_write_iv",
-                 "_write_sequence", "_window")
+                 "_write_sequence", "_write_limit", "_window", "_keys")
 
     def __init__(self, suite: Suite, *, read_key: bytes, read_iv: bytes, write_key: bytes,
-                 write_iv: bytes, epoch: int, next_write_sequence: int) -> None:
+                 write_iv: bytes, epoch: int, next_write_sequence: int,
+                 write_limit: Optional[int] = None) -> None:
+        """``write_limit`` None: no reservation (the whole sequence space)."""
         if not 0 <= next_write_sequence < _SEQUENCE_LIMIT:
             raise ValueError("sequence number out of range")
+        if write_limit is not None and not next_write_sequence <= write_limit <= \
+                _SEQUENCE_LIMIT:
+            raise ValueError("write limit out of range")
         self.suite = suite
         self.epoch = epoch
         self._read = suite.aead(read_key)
         self._read_iv = read_iv
         self._write = suite.aead(write_key)
         self._write_iv = write_iv
+        self._keys = (bytes(read_key), bytes(write_key))  # for export_secrets only
         self._write_sequence = next_write_sequence
+        self._write_limit = _SEQUENCE_LIMIT if write_limit is None else write_limit
         self._window = _ReplayWindow()
+
+    @property
+    def next_write_sequence(self) -> int:
+        """The sequence number the next sealed record takes."""
+        return self._write_sequence
+
+    @property
+    def write_limit(self) -> int:
+        """Records are sealed only below this sequence number (the reserved block's end)."""
+        return self._write_limit
+
+    @property
+    def needs_reservation(self) -> bool:
+        """True when the reserved block is used up: :meth:`seal` refuses until :meth:`reserve`."""
+        return self._write_sequence >= self._write_limit
+
+    def reserve(self, limit: int) -> None:
+        """
+        Sequence numbers up to (not including) ``limit`` may now be used; a
+        limit never moves back (ValueError), nor past 2^48.
+        """
+        if not self._write_limit <= limit <= _SEQUENCE_LIMIT:
+            raise ValueError("a reservation only moves the limit forward")
+        self._write_limit = limit
+
+    def export_secrets(self) -> dict:
+        """
+        Everything needed to rebuild this protection elsewhere (keys
+        included: the caller seals it), with the *limit* as where the
+        rebuilt one must continue.  See :meth:`from_secrets`.
+        """
+        return {"suite": self.suite.name, "epoch": self.epoch,
+                "read_key": self._keys[0], "read_iv": bytes(self._read_iv),
+                "write_key": self._keys[1], "write_iv": bytes(self._write_iv),
+                "write_limit": self._write_limit, "replay_highest": self._window.highest,
+                "replay_bitmap": self._window.bitmap}
+
+    @classmethod
+    def from_secrets(cls, secrets: dict) -> "RecordProtection":
+        """
+        The protection :meth:`export_secrets` described, continuing at its
+        write limit with nothing reserved yet (the first seal needs a
+        :meth:`reserve`), and with its replay window.  ValueError if the
+        description is unusable.
+        """
+        suite = suite_for(secrets["suite"])
+        if suite is None:
+            raise ValueError("cipher suite not handled by the own record layer")
+        keys = [bytes(secrets[name]) for name in ("read_key", "read_iv", "write_key",
+                                                  "write_iv")]
+        if len(keys[0]) != suite.key_length or len(keys[2]) != suite.key_length or \
+                len(keys[1]) != suite.iv_length or len(keys[3]) != suite.iv_length:
+            raise ValueError("key or IV length does not fit the cipher suite")
+        limit = int(secrets["write_limit"])
+        epoch = int(secrets["epoch"])
+        highest, bitmap = int(secrets["replay_highest"]), int(secrets["replay_bitmap"])
+        if not 0 < epoch <= 0xFFFF or not 0 <= limit < _SEQUENCE_LIMIT or \
+                not -1 <= highest < _SEQUENCE_LIMIT or not 0 <= bitmap <= _WINDOW_MASK:
+            raise ValueError("epoch, write limit or replay window out of range")
+        protection = cls(suite, read_key=keys[0], read_iv=keys[1], write_key=keys[2],
+                         write_iv=keys[3], epoch=epoch,
+                         next_write_sequence=limit, write_limit=limit)
+        protection._window.highest = highest
+        protection._window.bitmap = bitmap
+        return protection
 
     @classmethod
     def from_master_secret(cls, suite: Suite, *, server: bool, master_secret: bytes,
                            client_random: bytes, server_random: bytes, epoch: int,
-                           next_write_sequence: int) -> "RecordProtection":
+                           next_write_sequence: int,
+                           write_limit: Optional[int] = None) -> "RecordProtection":
         """RFC 5246 section 6.3: the key block, split for the server or the client side."""
         k, i = suite.key_length, suite.iv_length
         block = tls12_prf(suite.prf_hash, master_secret, b"key expansion",
@@ -203,9 +291,11 @@ class RecordProtection:
         client_iv, server_iv = block[2 * k:2 * k + i], block[2 * k + i:]
         if server:
             return cls(suite, read_key=client_key, read_iv=client_iv, write_key=server_key,
-                       write_iv=server_iv, epoch=epoch, next_write_sequence=next_write_sequence)
+                       write_iv=server_iv, epoch=epoch, next_write_sequence=next_write_sequence,
+                       write_limit=write_limit)
         return cls(suite, read_key=server_key, read_iv=server_iv, write_key=client_key,
-                   write_iv=client_iv, epoch=epoch, next_write_sequence=next_write_sequence)
+                   write_iv=client_iv, epoch=epoch, next_write_sequence=next_write_sequence,
+                   write_limit=write_limit)
 
     def __repr__(self) -> str:
         return "<RecordProtection {} epoch {}>".format(self.suite.name, self.epoch)
@@ -239,7 +329,8 @@ class RecordProtection:
     def seal(self, content_type: int, plaintext: bytes) -> bytes:
         """
         One record carrying ``plaintext``; raises ValueError above
-        MAX_PLAINTEXT octets and OverflowError when the sequence runs out.
+        MAX_PLAINTEXT octets, OverflowError when the sequence runs out and
+        :class:`ReservationNeeded` at the reserved limit (nothing sealed).
         """
         if len(plaintext) > MAX_PLAINTEXT:
             raise ValueError("a record carries at most {} octets, not {}".format(
@@ -247,6 +338,8 @@ class RecordProtection:
         sequence = self._write_sequence
         if sequence >= _SEQUENCE_LIMIT:
             raise OverflowError("record sequence numbers exhausted in this epoch")
+        if sequence >= self._write_limit:
+            raise ReservationNeeded(sequence)
         self._write_sequence = sequence + 1
         epoch_and_sequence = self.epoch.to_bytes(2, "big") + sequence.to_bytes(6, "big")
         additional = epoch_and_sequence + bytes((content_type,)) + _DTLS_1_2 + \

@@ -6,6 +6,14 @@ its messages arrive on.  It drives the sans-I/O DTLS engine
 (:mod:`perc.dtls`), decides identities against the registration roster,
 sends MediaKeys before the server's final flight, and keeps every table
 bounded.  Time comes from an injected ``IReactorTime``.
+
+Failover (issue 14): :meth:`KeyDistributor.exportAssociation` gives an
+:class:`AssociationRecord` for an established association (its engine state,
+see :mod:`perc.dtls.state`, secret: the store seals it), and another Key
+Distributor of the same identity continues it with
+:meth:`KeyDistributor.adoptAssociation`, with no handshake and no MediaKeys
+resent.  Write sequence numbers are reserved through ``write_reservation``
+(see :mod:`perc.dtls.records` for the rule that no nonce is used twice).
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ from twisted.logger import Logger
 from perc import dtls, hello, wire
 from perc.backpressure import DEFAULT_MAX_PAUSED_OCTETS, DEFAULT_MAX_PAUSED_SECONDS
 from perc.dtls.constants import ALERT_HANDSHAKE_FAILURE, ALERT_INTERNAL_ERROR
+from perc.dtls.state import AssociationState
 from perc.profiles import Profile
 from perc.waitingroom import WaitingRoom
 
-__all__ = ["KeyDistributor", "Limits"]
+__all__ = ["AssociationRecord", "KeyDistributor", "Limits"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,47 @@ class Limits:
     #: for the association's whole life; beyond the rate it is ignored.
     ekt_key_request_burst: int = 10
     ekt_key_requests_per_second: float = 1.0
+    #: Write sequence numbers an association reserves at a time (see
+    #: KeyDistributor's ``write_reservation``).
+    write_sequence_block: int = 1024
+
+
+@dataclass(frozen=True, repr=False)
+class AssociationRecord:
+    """
+    What a store keeps so that a Key Distributor of the same identity can
+    adopt an established association (:meth:`KeyDistributor.adoptAssociation`).
+    ``state`` is :meth:`perc.dtls.state.AssociationState.to_bytes`: secret,
+    to be sealed; its write limit is where the adopter continues.
+    """
+
+    association_id: uuid.UUID
+    state: bytes
+    tls_id: str
+    conference: str
+    #: The Media Distributor's certificate identity (the tunnel's).
+    media_distributor: str
+    ekt: bool
+
+    def __repr__(self) -> str:
+        return "<AssociationRecord {} tls-id {} in {} via {}>".format(
+            self.association_id, self.tls_id, self.conference, self.media_distributor)
+
+
+class _AdoptedOrigin:
+    """
+    The origin of an adopted association whose Media Distributor has no
+    tunnel here yet: only its identity (what decides which tunnels may
+    carry the association).
+    """
+
+    media_distributor_profiles = ()
+
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+
+    def peerDescription(self) -> str:
+        return "Media Distributor {}".format(self.identity)
 
 
 @dataclass(eq=False)
@@ -93,15 +143,19 @@ class KeyDistributor:
 
     def __init__(self, *, roster, credentials: dtls.Credentials, profiles: tuple,
                  clock, limits: Limits = Limits(), allow_missing_tls_id: bool = False,
-                 conference_keys=None, observe_handshake=None):
+                 conference_keys=None, observe_handshake=None, write_reservation=None):
         """
         ``conference_keys`` (a :class:`perc.kd.conference_keys.ConferenceKeys`)
         enables EKT: extension 39 is negotiated with endpoints that offer it
         and they get their conference's EKTKey after the handshake.
         ``observe_handshake(seconds)`` is told how long each completed
         handshake took, on ``clock`` (ClientHello with the cookie to
-        HandshakeComplete).
+        HandshakeComplete).  ``write_reservation(association_id, start, end)``
+        returns True once write sequence numbers ``[start, end)`` of that
+        association are reserved for this Key Distributor (a cluster's
+        store); None: each association grants itself its blocks.
         """
+        self.write_reservation = write_reservation
         self.observe_handshake = observe_handshake
         self.roster = roster
         self.credentials = credentials
@@ -462,6 +516,7 @@ class KeyDistributor:
             if not replies:
                 self._count("dtls-not-client-hello")
             return
+        self._useReservation(engine, association_id)
         association = _Association(association_id, engine, tunnel, tunnel, listen_profiles,
                                    offered=offered, started=now)
         self._associations[association_id] = association
@@ -890,6 +945,117 @@ class KeyDistributor:
     def _conference(self, association: _Association) -> str:
         registration = association.registration
         return registration.conference if registration is not None else "(unidentified)"
+
+    # -- failover --------------------------------------------------------
+
+    def _useReservation(self, engine: dtls.ServerAssociation,
+                        association_id: uuid.UUID) -> None:
+        reserve = self.write_reservation
+        engine.use_write_reservation(
+            None if reserve is None else functools.partial(reserve, association_id),
+            self.limits.write_sequence_block)
+
+    def exportAssociation(self, association_id: uuid.UUID) -> AssociationRecord:
+        """
+        What a store must seal and keep so that another Key Distributor of
+        this identity can adopt the association.  ValueError unless it is
+        established, on the own record layer, and came through a tunnel
+        with a certificate identity.
+        """
+        association = self._associations.get(association_id)
+        if association is None or not association.established or \
+                not association.engine.compacted or association.registration is None:
+            raise ValueError("association {} is not established here on the own record "
+                             "layer".format(association_id))
+        identity = association.origin.identity
+        if identity is None:
+            raise ValueError("association {} came through a tunnel without a certificate "
+                             "identity".format(association_id))
+        registration = association.registration
+        return AssociationRecord(
+            association_id=association.id,
+            state=association.engine.export_state().to_bytes(),
+            tls_id=registration.tls_id, conference=registration.conference,
+            media_distributor=identity, ekt=association.ekt)
+
+    def adoptAssociation(self, record: AssociationRecord, tunnel_or_identity, now: float):
+        """
+        Continue an association another Key Distributor of this identity
+        established (``record`` from its :meth:`exportAssociation`): live at
+        once, with no handshake and no MediaKeys (the Media Distributor has
+        them), carried by that Media Distributor's current tunnel here
+        (``tunnel_or_identity``: a tunnel of it, or its identity; with none
+        up its messages wait as after a tunnel loss).  It then answers
+        EKTKey requests, gets rekeys and rollovers, and ends with
+        EndpointDisconnect as any other.  Its registration must still be
+        there (same conference and fingerprint): if not, the Media
+        Distributor is told EndpointDisconnect and None is returned.
+        Otherwise returns the association's id; ValueError for an unusable
+        record, one already here, or beyond ``max_associations``.
+        """
+        if isinstance(tunnel_or_identity, str):
+            identity, tunnel = tunnel_or_identity, None
+        else:
+            identity, tunnel = tunnel_or_identity.identity, tunnel_or_identity
+        if identity is None or identity != record.media_distributor:
+            raise ValueError("association {} belongs to Media Distributor {}".format(
+                record.association_id, record.media_distributor))
+        if record.association_id in self._associations:
+            raise ValueError("association {} is already here".format(record.association_id))
+        if len(self._associations) >= self.limits.max_associations:
+            self._count("adoption-refused")
+            raise ValueError("total association limit reached")
+        state = AssociationState.from_bytes(record.state)
+        if tunnel is None:
+            live = self._peerTunnels.get(identity)
+            tunnel = live[-1] if live else None
+        origin = tunnel if tunnel is not None else _AdoptedOrigin(identity)
+        registration = self.roster.lookup(record.tls_id)
+        if registration is None or registration.conference != record.conference or (
+                state.peer_fingerprint is not None and
+                registration.fingerprint.startswith("sha-256 ") and
+                registration.fingerprint != state.peer_fingerprint):
+            self._count("adoption-refused")
+            self.log.info("Association {association_id} not adopted: tls-id {tls_id} is no "
+                          "longer registered in {conference} with that certificate",
+                          association_id=record.association_id, tls_id=record.tls_id,
+                          conference=record.conference)
+            message = wire.EndpointDisconnect(record.association_id)
+            if (tunnel is None or not tunnel.sendMessage(message)) and \
+                    not self._waiting.put(identity, message):
+                self._count("dropped-waiting-full")
+            return None
+        engine = dtls.ServerAssociation.restore(
+            state, now, reserve=None if self.write_reservation is None else
+            functools.partial(self.write_reservation, record.association_id),
+            sequence_block=self.limits.write_sequence_block)
+        association = _Association(record.association_id, engine, origin, None,
+                                   (engine.profile,), registration=registration,
+                                   established=True, ekt=record.ekt, started=now)
+        self._associations[association.id] = association
+        self._moveTo(association, tunnel)
+        self._holdConferenceProfile(association, registration.conference, engine.profile)
+        self._establishedByTlsId.setdefault(registration.tls_id, []).append(association)
+        if association.ekt and self.conference_keys is not None:
+            self._joinEktConference(association, registration.conference)
+        if tunnel is None and identity not in self._graceTimers:
+            self._graceTimers[identity] = self.clock.callLater(
+                self.limits.tunnel_grace, self._graceExpired, identity)
+        self._count("adopted")
+        self.log.info("Association {association_id} adopted: tls-id {tls_id} in conference "
+                      "{conference}, via {peer}", association_id=association.id,
+                      tls_id=registration.tls_id, conference=registration.conference,
+                      peer=self._peer(association))
+        sent = engine.ekt_key_sent
+        key = self._currentKey(registration.conference) if association.ekt and \
+            self.conference_keys is not None else None
+        if key is not None and (sent is None or not sent.same_key(key)):
+            # Rekeyed (or rolled over) while nobody served the association.
+            self._process(association, self._sendEktKey(association, key))
+        else:
+            # An ekt_key message that awaited its ACK goes again now.
+            self._process(association, engine.handle_timeout(now))
+        return association.id
 
     # -- registration changes -------------------------------------------
 

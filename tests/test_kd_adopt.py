@@ -106,7 +106,7 @@ class AdoptionTests(TestCase):
         [event] = self.deliver(md2, client, aid)
         self.assertTrue(event.key.same_key(key))
         # A rekey on KD2 reaches the endpoint, which reads and acknowledges it.
-        new, count = self.kd2.rekey(CONFERENCE)
+        new, count = self.successResultOf(self.kd2.rekey(CONFERENCE))
         self.assertEqual(count, 1)
         events = self.deliver(md2, client, aid)
         self.assertEqual([(e.key, e.repeated) for e in events], [(new, False)])
@@ -149,7 +149,7 @@ class AdoptionTests(TestCase):
         client, aid, _, record = self.established_on_kd1()
         self.kd2.adoptAssociation(record, MD, self.clock.seconds())
         self.assertIsNone(self.kd2.association(aid).tunnel)
-        new, _ = self.kd2.rekey(CONFERENCE)
+        new, _ = self.successResultOf(self.kd2.rekey(CONFERENCE))
         md2 = MediaDistributorStandIn(self.kd2, identity=MD)
         self.assertIs(self.kd2.association(aid).tunnel, md2.tunnel)
         events = self.deliver(md2, client, aid)
@@ -183,7 +183,7 @@ class AdoptionTests(TestCase):
         """A rekey between KD1's death and the adoption reaches the endpoint at adoption."""
         client, aid, key, record = self.established_on_kd1()
         md2 = MediaDistributorStandIn(self.kd2, identity=MD)
-        new, count = self.kd2.rekey(CONFERENCE)
+        new, count = self.successResultOf(self.kd2.rekey(CONFERENCE))
         self.assertEqual(count, 0)
         self.kd2.adoptAssociation(record, md2.tunnel, self.clock.seconds())
         events = self.deliver(md2, client, aid)

@@ -154,7 +154,12 @@ class FfmpegBridgeTests(MembersMixin, TestCase):
         code, _, err = yield mediatools.run(reactor, mediatools.stream_args(
             clip, "127.0.0.1", rtp_in, video_pt=96, audio_pt=97))
         self.assertEqual(code, 0, err)
-        yield sleep(0.5)
+        # Every packet the sender sent has been verified and handed to the
+        # decoder's sockets (on a loaded machine the relay lags behind
+        # ffmpeg's real-time pace); then the decoder gets a moment to read them.
+        yield eventually(lambda: sum(s.verified for s in receiver.stats.values())
+                         >= sender.sent)
+        yield sleep(1.0)
         decoder.signalProcess("INT")
         code, _, err = yield decoded
         self.assertIn(code, (0, 255), err)

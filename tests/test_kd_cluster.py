@@ -23,7 +23,7 @@ from perc.testing.tcprelay import TcpRelay
 
 from tests.storehelpers import PostgresDatabase
 from tests.test_kd_service import (CONFERENCE, TLS_ID, KeyDistributorServiceMixin,
-                                   eventually)
+                                   TestMediaDistributor, eventually)
 
 CONFERENCE_KEY_GENERATION = "SELECT generation FROM conference_keys WHERE conference = ?"
 
@@ -149,11 +149,12 @@ class StoreClusterTests(ClusterDatabaseMixin, TestCase):
         self.assertEqual(one.key_for("conf", 200.0), two.key_for("conf", 200.0))
 
     @defer.inlineCallbacks
-    def test_concurrent_rekeys_each_make_a_key_with_its_own_spi(self):
+    def test_concurrent_rekeys_spis_unique(self):
         """
         Rekeys through two nodes at once (each from a stale generation):
-        every rekey stores a key of its own after the other, every SPI
-        differs from the one before it, and no key is lost or shared.
+        each ends with a key newer than the one before it (its own, or one
+        stored after it was asked for), every stored key has the next SPI,
+        and no two keys share an SPI.
         """
         one, two = ConferenceKeys(store=(yield self.open())), ConferenceKeys(
             store=(yield self.open()))
@@ -161,10 +162,13 @@ class StoreClusterTests(ClusterDatabaseMixin, TestCase):
         yield two.load()
         keys = yield defer.gatherResults([keys.rekey("conf", 200.0) for _ in range(3)
                                           for keys in (one, two)])
-        self.assertEqual(len({key.ekt_key_value for key in keys}), 6)
-        self.assertEqual(self.execute(CONFERENCE_KEY_GENERATION, ("conf",)), [(7,)])
-        spis = sorted(key.ekt_spi for key in keys)
-        self.assertEqual(spis, sorted((first.ekt_spi + i) & 0xFFFF for i in range(1, 7)))
+        spi_of = {key.ekt_key_value: key.ekt_spi for key in keys}
+        self.assertEqual(len(set(spi_of.values())), len(spi_of))
+        self.assertNotIn(first.ekt_key_value, spi_of)
+        [(generation,)] = self.execute(CONFERENCE_KEY_GENERATION, ("conf",))
+        self.assertGreaterEqual(generation, 1 + len(spi_of))
+        self.assertLessEqual(set(spi_of.values()), {(first.ekt_spi + i) & 0xFFFF
+                                                    for i in range(1, generation)})
 
     @defer.inlineCallbacks
     def test_a_key_written_by_one_node_reaches_the_other(self):
@@ -290,6 +294,36 @@ class TwoKeyDistributorsTests(KeyDistributorServiceMixin, TestCase):
                             lambda key: key.ekt_spi == rekeyed["ekt_spi"])
         self.assertEqual(self.first.distributor.conference_keys.key_for(
             CONFERENCE, reactor.seconds()).ekt_key_value, received[-1].ekt_key_value)
+
+    @defer.inlineCallbacks
+    def test_lease_lost_stops_serving(self):
+        """Its lease lost, a Key Distributor closes its tunnels, refuses new ones and is not ready."""
+        self.tunnel_port = self.first_tunnel
+        md = yield self.tunnel()
+        yield eventually(lambda: len(self.first.tunnelFactory.connections) == 1)
+        self.first.node._expire()  # what the deadline timer does (see LeaseTests)
+        yield md.lost.addTimeout(20, reactor)
+        ready, reason = yield self.first.readiness()
+        self.assertFalse(ready)
+        self.assertIn("lease", reason)
+        refused = TestMediaDistributor()
+        try:
+            yield self.tunnelTo(refused)
+        except Exception:
+            pass  # refused at once
+        yield refused.lost.addTimeout(20, reactor)
+        self.assertEqual(len(self.first.tunnelFactory.connections), 0)
+        ready, reason = yield self.second.readiness()
+        self.assertTrue(ready, reason)
+
+    def tunnelTo(self, md):
+        from twisted.internet.endpoints import connectProtocol
+
+        from perc.netutil import tls_client_endpoint
+
+        endpoint = tls_client_endpoint(reactor, "tcp:127.0.0.1:{}".format(self.first_tunnel),
+                                       self.md_credentials, "--kd")
+        return connectProtocol(endpoint, md)
 
     @defer.inlineCallbacks
     def rekeyThroughSecond(self):

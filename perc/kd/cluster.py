@@ -138,6 +138,8 @@ class ClusterNode:
             max(0.0, deadline - self.clock.seconds()), self._expire)
 
     def _expire(self) -> None:
+        if self._deadlineTimer is not None and self._deadlineTimer.active():
+            self._deadlineTimer.cancel()
         self._deadlineTimer = None
         if not self.serving:
             return

@@ -216,9 +216,11 @@ class ConferenceKeys:
             return None
         return issued.at + issued.key.ekt_ttl * self.rollover
 
-    #: Compare-and-swaps an explicit rekey tries before it settles for the
-    #: key another Key Distributor stored meanwhile.
-    REKEY_ATTEMPTS = 3
+    #: Compare-and-swaps an explicit rekey tries.  The first may lose to a
+    #: key this node had not heard of (older than the request); the second
+    #: starts from a generation read during the request, so a key that
+    #: beats it was made after the request: the rekey settles for it.
+    REKEY_ATTEMPTS = 2
 
     def rekey(self, conference: str, now: float, rollover: bool = False) -> defer.Deferred:
         """
@@ -228,8 +230,8 @@ class ConferenceKeys:
         the next one is neither.  Fires with the key once stored (at once
         without a store).  When another Key Distributor replaced the key
         first: a ``rollover`` takes that one (so a cluster's nodes rolling
-        over at once end with one key); a rekey writes its own after it (a
-        rekey promises a key made after it was asked for).  Fails with the
+        over at once end with one key); a rekey writes its own after it, or
+        takes one made after it was asked for (see REKEY_ATTEMPTS).  Fails with the
         store's error, nothing changed.
         """
         return self._lock.run(self._replace, conference, now, False,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from twisted.application import internet, service
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from perc import dtls
@@ -265,7 +265,7 @@ class KeyDistributorService(service.MultiService):
         The lease could not be renewed: stop serving before it expires, so
         that no association is served here and by the node adopting it.
         """
-        self._tunnelGate.open(None)  # refuse new tunnels
+        self._tunnelGate.open(protocol.Factory.forProtocol(_RefusedTunnel))
         for client in self._clients:
             if client.running:
                 client.stopService()
@@ -334,6 +334,13 @@ class KeyDistributorService(service.MultiService):
             yield self.roster.close()
         if self.store is not None:
             yield self.store.close()
+
+
+class _RefusedTunnel(protocol.Protocol):
+    """A tunnel accepted while this node holds no lease: closed at once."""
+
+    def connectionMade(self):
+        self.transport.abortConnection()
 
 
 def _dtlsCredentials(credentials: TlsCredentials) -> dtls.Credentials:

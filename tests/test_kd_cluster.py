@@ -12,18 +12,33 @@ import os
 import uuid
 
 from twisted.internet import defer, reactor
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
 from perc import dtls, wire
-from perc.kd.cluster import ClusterNode, default_node_id
+from perc.kd.associations import KeyDistributor, Limits
+from perc.kd.cluster import (
+    AssociationOwnership,
+    ClusterNode,
+    default_node_id,
+    export_association_state,
+)
 from perc.kd.conference_keys import ConferenceKeys
+from perc.kd.roster import Roster
 from perc.kd.sealing import SealingKey
 from perc.kd.store import Store
+from perc.profiles import DEFAULT_PROFILES
 from perc.testing.tcprelay import TcpRelay
-
-from tests.storehelpers import PostgresDatabase
-from tests.test_kd_service import (CONFERENCE, TLS_ID, KeyDistributorServiceMixin,
-                                   TestMediaDistributor, eventually)
+from tests import test_kd
+from tests.kdhelpers import MediaDistributorStandIn, relay_handshake
+from tests.storehelpers import PostgresDatabase, SqliteDatabase
+from tests.test_kd_service import (
+    CONFERENCE,
+    TLS_ID,
+    KeyDistributorServiceMixin,
+    TestMediaDistributor,
+    eventually,
+)
 
 CONFERENCE_KEY_GENERATION = "SELECT generation FROM conference_keys WHERE conference = ?"
 
@@ -280,7 +295,7 @@ class TwoKeyDistributorsTests(KeyDistributorServiceMixin, TestCase):
         kd_tls_id = yield self.register(endpoint.fingerprint)
         self.tunnel_port = self.first_tunnel
         md = yield self.tunnel()
-        client = dtls.ClientAssociation(endpoint, (by_id_default(),), tls_id=TLS_ID.encode(),
+        client = dtls.ClientAssociation(endpoint, DEFAULT_PROFILES[:1], tls_id=TLS_ID.encode(),
                                         expected_peer_tls_id=kd_tls_id.encode(),
                                         ekt_ciphers=(1,))
         aid = uuid.uuid4()
@@ -307,10 +322,7 @@ class TwoKeyDistributorsTests(KeyDistributorServiceMixin, TestCase):
         self.assertFalse(ready)
         self.assertIn("lease", reason)
         refused = TestMediaDistributor()
-        try:
-            yield self.tunnelTo(refused)
-        except Exception:
-            pass  # refused at once
+        yield self.tunnelTo(refused)  # TCP accepted, then closed at once
         yield refused.lost.addTimeout(20, reactor)
         self.assertEqual(len(self.first.tunnelFactory.connections), 0)
         ready, reason = yield self.second.readiness()
@@ -355,10 +367,70 @@ class TwoKeyDistributorsTests(KeyDistributorServiceMixin, TestCase):
                 md.sendMessage(wire.TunneledDtls(aid, datagram))
 
 
-def by_id_default():
-    from perc.profiles import DEFAULT_PROFILES
+class OwnershipRowsTests(SqliteDatabase, TestCase):
+    """
+    A real KeyDistributor's ownership rows (any database: SQLite here): a
+    row once an association is established, with the exported state as an
+    opaque blob until ``exportAssociation`` lands; gone when it ends; kept
+    when the Key Distributor stops (so that a survivor may adopt it).
+    """
 
-    return DEFAULT_PROFILES[0]
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.database = self.makeDatabase()
+        store = yield Store.open(self.database, SealingKey.generate(), reactor)
+        self.addCleanup(store.close)
+        self.roster = yield Roster.load(store)
+        self.registration, _ = yield self.roster.put(
+            test_kd.CONFERENCE, test_kd.TLS_ID, test_kd._ENDPOINT.fingerprint)
+        self.clock = MemoryReactorClock()
+        self.kd = KeyDistributor(roster=self.roster, credentials=test_kd._KD_CREDENTIALS,
+                                 profiles=DEFAULT_PROFILES, clock=self.clock, limits=Limits())
+        self.addCleanup(self.kd.stop)
+        self.node = ClusterNode(store=store, node_id="kd-1", clock=self.clock)
+        self.ownership = AssociationOwnership(
+            self.node, export=lambda kd, association: (b"opaque " + association.id.bytes, 4096))
+        self.kd.ownership = self.ownership
+
+    def join(self):
+        md = MediaDistributorStandIn(self.kd)
+        client = dtls.ClientAssociation(
+            test_kd._ENDPOINT, DEFAULT_PROFILES, tls_id=test_kd.TLS_ID.encode(),
+            expected_peer_tls_id=self.registration.kd_tls_id.encode())
+        aid = uuid.uuid4()
+        events = relay_handshake(md, client, aid, self.clock)
+        self.assertTrue(any(isinstance(e, dtls.HandshakeComplete) for e in events))
+        return aid
+
+    def rows(self):
+        return self.execute("SELECT association_id, owner_node, md_identity, sequence_reserved"
+                            " FROM associations")
+
+    @defer.inlineCallbacks
+    def test_row_while_established(self):
+        aid = self.join()
+        yield self.ownership.writing()
+        self.assertEqual(self.rows(), [(str(aid), "kd-1", "md.test", 4096)])
+        record = yield self.node.store.get_association(str(aid))
+        self.assertEqual(record.state, b"opaque " + aid.bytes)
+        yield self.roster.delete(test_kd.CONFERENCE, test_kd.TLS_ID)
+        self.assertIsNone(self.kd.association(aid))
+        yield self.ownership.writing()
+        self.assertEqual(self.rows(), [])
+
+    @defer.inlineCallbacks
+    def test_row_kept_when_the_key_distributor_stops(self):
+        aid = self.join()
+        self.kd.stop()
+        yield self.ownership.writing()
+        self.assertEqual([row[0] for row in self.rows()], [str(aid)])
+
+    @defer.inlineCallbacks
+    def test_no_row_without_an_export(self):
+        self.ownership.export = export_association_state  # no exportAssociation yet
+        self.join()
+        yield self.ownership.writing()
+        self.assertEqual(self.rows(), [])
 
 
 class NodeIdTests(TestCase):

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from perc.kd.store import AssociationRecord, Store
 
-__all__ = ["ClusterNode", "DEFAULT_LEASE_SECONDS", "default_node_id"]
+__all__ = ["DEFAULT_LEASE_SECONDS", "ClusterNode", "default_node_id"]
 
 #: Seconds a node's lease lasts; renewed every third of it.
 DEFAULT_LEASE_SECONDS = 10.0

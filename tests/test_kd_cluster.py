@@ -433,6 +433,51 @@ class OwnershipRowsTests(SqliteDatabase, TestCase):
         self.assertEqual(self.rows(), [])
 
 
+class OwnOrphansTests(SqliteDatabase, TestCase):
+    """
+    A node's own rows from before it (re)gained its lease hold state it no
+    longer has (a restart with the same --node-id, or a lapse): its next
+    claimOrphans returns them, once; rows it wrote since are not orphans.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.database = self.makeDatabase()
+        self.store = yield Store.open(self.database, SealingKey.generate(), reactor)
+        self.addCleanup(self.store.close)
+
+    @defer.inlineCallbacks
+    def node(self, **kwargs):
+        node = ClusterNode(store=self.store, node_id="kd-1", clock=reactor, lease_seconds=30,
+                           **kwargs)
+        yield node.start()
+        self.addCleanup(node.stop, False)
+        return node
+
+    @defer.inlineCallbacks
+    def test_restart_with_the_same_node_id(self):
+        before = yield self.node()
+        yield before.recordAssociation("old", "md.test", b"old state", 0)
+        yield before.stop(release=False)
+        after = yield self.node()
+        yield after.recordAssociation("new", "md.test", b"new state", 0)
+        [record] = yield after.claimOrphans()
+        self.assertEqual((record.association_id, record.state), ("old", b"old state"))
+        self.assertEqual((yield after.claimOrphans()), [])
+
+    @defer.inlineCallbacks
+    def test_lease_regained(self):
+        regained = []
+        node = yield self.node(regained=lambda: regained.append(True))
+        yield node.recordAssociation("aid", "md.test", b"state", 0)
+        self.assertEqual((yield node.claimOrphans()), [])
+        node._expire()  # the deadline passed: state dropped
+        self.assertEqual((yield node.claimOrphans()), [])  # not serving
+        yield node._renew()
+        self.assertEqual(regained, [True])
+        self.assertEqual([r.association_id for r in (yield node.claimOrphans())], ["aid"])
+
+
 class NodeIdTests(TestCase):
     def test_default_node_id(self):
         self.assertTrue(default_node_id("tcp:4740").endswith(":4740"))

@@ -81,6 +81,10 @@ class ClusterNode:
         self._renewing = False
         self._stopped = False
         self._failing = False
+        #: Rows this node owned when it (re)gained its lease: their state
+        #: is not in memory (a restart, or a lapse that dropped it), so
+        #: they are orphans too, returned by the next claimOrphans.
+        self._ownOrphans: set[str] = set()
 
     # -- the lease -----------------------------------------------------------
 
@@ -90,6 +94,8 @@ class ClusterNode:
         return self._renew(first=True)
 
     def _renew(self, first: bool = False) -> defer.Deferred:
+        if self._renewTimer is not None and self._renewTimer.active():
+            self._renewTimer.cancel()  # called early
         self._renewTimer = None
         if self._stopped or self._renewing:
             return defer.succeed(None)
@@ -103,13 +109,26 @@ class ClusterNode:
                 return
             self._failing = False
             self._armDeadline(sent + self.lease_seconds * self.STOP_AT)
-            if not self.serving:
-                self.serving = True
-                if not first:
-                    self.log.info("Node {node} holds its lease again: serving",
-                                  node=self.node_id)
-                    self._regained()
             self._scheduleRenewal(sent)
+            if not self.serving:
+                return self.store.owned_associations(self.node_id).addCallbacks(
+                    serve, notYet)
+
+        def serve(owned):
+            if self._stopped or self.serving:
+                return
+            self._ownOrphans = set(owned)
+            self.serving = True
+            if not first:
+                self.log.info("Node {node} holds its lease again: serving", node=self.node_id)
+                self._regained()
+
+        def notYet(failure):
+            if first:
+                return failure
+            # Not serving yet: the next renewal tries again.
+            self.log.warn("Node {node} could not read its rows: {error}", node=self.node_id,
+                          error=failure.getErrorMessage())
 
         def failed(failure):
             self._renewing = False
@@ -192,11 +211,16 @@ class ClusterNode:
         """
         Claim the rows of every node whose lease expired; fires with the
         sealed records (opened) this node now owns and must adopt
-        (``KeyDistributor.adoptAssociation``).  Nothing while not serving.
+        (``KeyDistributor.adoptAssociation``): those, and its own rows from
+        before it (re)gained its lease (once).  Nothing while not serving.
         """
         if not self.serving:
             return defer.succeed([])
-        return self.store.claim_orphans(self.node_id)
+        own, self._ownOrphans = sorted(self._ownOrphans), set()
+        d = self.store.claim_orphans(self.node_id)
+        d.addCallback(lambda claimed: self.store.owned_records(self.node_id, own).addCallback(
+            lambda mine: mine + claimed))
+        return d
 
 
 def export_association_state(distributor, association):

@@ -273,6 +273,10 @@ class Store:
                          " WHERE owner_node = ? ORDER BY association_id",
                          (owner_node,)).addCallback(lambda rows: [row[0] for row in rows])
 
+    def owned_records(self, owner_node: str, association_ids: list) -> defer.Deferred:
+        """The :class:`AssociationRecord` of each of ``association_ids`` ``owner_node`` still owns."""
+        return self._run(_ownedRecords, self._sealing(), owner_node, list(association_ids))
+
     def claim_orphans(self, node_id: str) -> defer.Deferred:
         """
         Make ``node_id`` the owner of every row whose owner's lease has
@@ -495,15 +499,30 @@ def _claimOrphans(cursor, dialect, sealing_key: SealingKey, node_id: str) -> lis
         if cursor.rowcount != 1:
             continue
         dialect.notify(cursor, ASSOCIATIONS_CHANNEL, association_id)
-        try:
-            record = _getAssociation(cursor, dialect, sealing_key, association_id)
-        except SealingError:
-            log.error("The state of association {association_id}, claimed from node {dead}, "
-                      "does not open (moved or altered): it cannot be adopted",
-                      association_id=association_id, dead=dead)
-            continue
-        claimed.append(record)
+        record = _openedOrLogged(cursor, dialect, sealing_key, association_id, dead)
+        if record is not None:
+            claimed.append(record)
     return claimed
+
+
+def _openedOrLogged(cursor, dialect, sealing_key: SealingKey, association_id: str,
+                    previous_owner: str):
+    try:
+        return _getAssociation(cursor, dialect, sealing_key, association_id)
+    except SealingError:
+        log.error("The state of association {association_id}, claimed from node {dead}, "
+                  "does not open (moved or altered): it cannot be adopted",
+                  association_id=association_id, dead=previous_owner)
+        return None
+
+
+def _ownedRecords(cursor, dialect, sealing_key: SealingKey, owner_node: str, ids: list) -> list:
+    found = []
+    for association_id in ids:
+        record = _openedOrLogged(cursor, dialect, sealing_key, association_id, owner_node)
+        if record is not None and record.owner_node == owner_node:
+            found.append(record)
+    return found
 
 
 def _renewLease(cursor, dialect, node_id: str, seconds: float, listen_address, api_address):

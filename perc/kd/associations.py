@@ -194,6 +194,11 @@ class KeyDistributor:
         #: at), so that a join does not walk the whole table.
         self._establishedByTlsId: dict[str, list] = {}
         roster.add_removal_observer(self._registrationRemoved)
+        #: A cluster's ownership rows (perc.kd.cluster.AssociationOwnership):
+        #: told of each association that is established and that ends.
+        self.ownership = None
+        if conference_keys is not None:
+            conference_keys.add_observer(self._keyReplacedElsewhere)
 
     def useCredentials(self, credentials: dtls.Credentials) -> None:
         """New associations present ``credentials``; live ones keep the ones they began with."""
@@ -639,6 +644,8 @@ class KeyDistributor:
             association.id, profile.id, b"", hbh.client_key, hbh.server_key,
             hbh.client_salt, hbh.server_salt))
         self._supersede(association)
+        if self.ownership is not None:
+            self.ownership.established(self, association)
         if event.ekt_cipher is None or self.conference_keys is None:
             self.log.info(
                 "Association {association_id} accepted: tls-id {tls_id} in conference "
@@ -766,8 +773,8 @@ class KeyDistributor:
 
         return self._replaceKey(conference, log=True).addCallback(replaced)
 
-    def _replaceKey(self, conference: str, log: bool) -> defer.Deferred:
-        d = self.conference_keys.rekey(conference, self.clock.seconds())
+    def _replaceKey(self, conference: str, log: bool, rollover: bool = False) -> defer.Deferred:
+        d = self.conference_keys.rekey(conference, self.clock.seconds(), rollover=rollover)
         d.addCallback(lambda key: (key, self._sendToMembers(conference, key, log)))
         return d
 
@@ -831,7 +838,24 @@ class KeyDistributor:
             if entry is not None and entry[1] is None:
                 entry[1] = self.clock.callLater(self.ROLLOVER_RETRY, self._rollOver, conference)
 
-        self._replaceKey(conference, log=False).addCallbacks(rolled, failed)
+        self._replaceKey(conference, log=False, rollover=True).addCallbacks(rolled, failed)
+
+    def _keyReplacedElsewhere(self, conference: str) -> None:
+        """
+        Another Key Distributor of the cluster rekeyed or rolled the
+        conference over (its key reached ours by NOTIFY): send it to this
+        one's members of the conference.
+        """
+        if conference not in self._ektConferences:
+            return  # no members here; a joiner gets the key in memory
+        key = self.conference_keys.key_for(conference, self.clock.seconds())
+        if key is None:
+            return
+        self._count("ekt-key-from-cluster")
+        sent = self._sendToMembers(conference, key, log=False)
+        self.log.info("Conference {conference}: EKTKey SPI {spi} from another Key Distributor "
+                      "sent to {count} endpoints", conference=conference, spi=key.ekt_spi,
+                      count=sent)
 
     def _scheduleRollover(self, conference: str) -> None:
         entry = self._ektConferences[conference]
@@ -909,6 +933,8 @@ class KeyDistributor:
             self._process(association, association.engine.handle_timeout(self.clock.seconds()))
 
     def _forget(self, association: _Association) -> None:
+        if self.ownership is not None and association.established:
+            self.ownership.ended(association)
         self._unindex(association)
         self._releaseConferenceProfile(association)
         self._leaveEktConference(association)
@@ -1072,8 +1098,11 @@ class KeyDistributor:
 
     def stop(self) -> None:
         """Forget everything (service shutdown); cancels every timer."""
+        # Their ownership rows stay: another Key Distributor may adopt them.
+        ownership, self.ownership = self.ownership, None
         for association in list(self._associations.values()):
             self._forget(association)
+        self.ownership = ownership
         for timer in self._graceTimers.values():
             if timer.active():
                 timer.cancel()

@@ -8,7 +8,10 @@ arguments on the caller's clock.
 
 With a store (:mod:`perc.kd.store`), every key is written, sealed, to the
 database before it is used, and loaded on start, so a restart keeps the
-conference keys.  Reads stay synchronous, from memory (they run inside the
+conference keys.  In a cluster (PostgreSQL) the keys are cluster-wide: a key
+written by any Key Distributor reaches every other one's memory by NOTIFY
+(:meth:`ConferenceKeys.watch`), newer generations only, and its observers
+(the KeyDistributor) send it to their own members.  Reads stay synchronous, from memory (they run inside the
 handshake path); a conference that has no usable key in memory gets one
 through :meth:`ConferenceKeys.ensure`, and a new key whose write fails is
 not used.
@@ -22,12 +25,16 @@ import os
 import secrets
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from perc.ekt import MAX_TTL, EktCipher, EktKey
 from perc.kd.store import StoredConferenceKey
+from perc.kd.store.database import CONFERENCE_KEYS_CHANNEL
 
 __all__ = ["ConferenceKeys", "CONFERENCE_SALT_LENGTH", "DEFAULT_EKT_TTL",
            "DEFAULT_ROLLOVER", "check_ttl", "check_rollover"]
+
+log = Logger()
 
 #: The double AEAD profiles' end-to-end master salt is 12 octets.
 CONFERENCE_SALT_LENGTH = 12
@@ -91,6 +98,48 @@ class ConferenceKeys:
         self.store = store
         self._keys: dict[str, _Issued] = {}
         self._lock = defer.DeferredLock()
+        #: ``callback(conference)`` when another Key Distributor's key replaced ours.
+        self._observers: list = []
+
+    def add_observer(self, callback) -> None:
+        """``callback(conference)`` each time a newer key written elsewhere is taken in."""
+        self._observers.append(callback)
+
+    def watch(self, notifications) -> None:
+        """Take in the keys other Key Distributors write (the store's ``notifications``)."""
+        notifications.add(CONFERENCE_KEYS_CHANNEL, self.refresh)
+        notifications.add_connected(self.refresh_all)
+
+    def refresh(self, conference: str) -> defer.Deferred:
+        """Read ``conference``'s stored key; take it in if newer than ours."""
+        d = self.store.get_conference_key(conference)
+        d.addCallback(lambda row: None if row is None else self._takeIn(row))
+        d.addErrback(self._refreshFailed, conference)
+        return d
+
+    def refresh_all(self) -> defer.Deferred:
+        """Read every stored key (after missed notifications); take in the newer ones."""
+        d = self.store.load_conference_keys()
+        d.addCallback(lambda rows: [self._takeIn(row) for row in rows])
+        d.addErrback(self._refreshFailed, None)
+        return d
+
+    def _refreshFailed(self, failure, conference) -> None:
+        log.warn("Could not read the stored EKTKey of {conference}: {error} (the next "
+                      "notification or reconnection reads it again)",
+                      conference=conference or "every conference",
+                      error=failure.getErrorMessage())
+
+    def _takeIn(self, row: StoredConferenceKey) -> None:
+        current = self._keys.get(row.conference)
+        if current is not None and row.generation <= current.generation:
+            return  # ours, or older than ours (notifications may arrive late)
+        issued = self._unpack(row)
+        if issued is None:
+            return
+        self._keep(row.conference, issued)
+        for observer in list(self._observers):
+            observer(row.conference)
 
     def load(self) -> defer.Deferred:
         """Read the stored keys into memory (a key of another EKT cipher is left to be replaced)."""
@@ -167,16 +216,26 @@ class ConferenceKeys:
             return None
         return issued.at + issued.key.ekt_ttl * self.rollover
 
-    def rekey(self, conference: str, now: float) -> defer.Deferred:
+    #: Compare-and-swaps an explicit rekey tries.  The first may lose to a
+    #: key this node had not heard of (older than the request); the second
+    #: starts from a generation read during the request, so a key that
+    #: beats it was made after the request: the rekey settles for it.
+    REKEY_ATTEMPTS = 2
+
+    def rekey(self, conference: str, now: float, rollover: bool = False) -> defer.Deferred:
         """
         A new EKTKey for the conference, made at ``now``: new key, new salt,
         the next SPI.  Receivers keep one previous key, so the only SPIs in
         use in the conference are the current one and the one before it;
         the next one is neither.  Fires with the key once stored (at once
-        without a store); when another Key Distributor replaced the key
-        first, with that one.  Fails with the store's error, nothing changed.
+        without a store).  When another Key Distributor replaced the key
+        first: a ``rollover`` takes that one (so a cluster's nodes rolling
+        over at once end with one key); a rekey writes its own after it, or
+        takes one made after it was asked for (see REKEY_ATTEMPTS).  Fails with the
+        store's error, nothing changed.
         """
-        return self._lock.run(self._replace, conference, now, False)
+        return self._lock.run(self._replace, conference, now, False,
+                              0 if rollover else self.REKEY_ATTEMPTS - 1)
 
     def ensure(self, conference: str, now: float) -> defer.Deferred:
         """
@@ -185,7 +244,7 @@ class ConferenceKeys:
         """
         return self._lock.run(self._replace, conference, now, True)
 
-    def _replace(self, conference: str, now: float, keep_usable: bool):
+    def _replace(self, conference: str, now: float, keep_usable: bool, again: int = 0):
         if self.store is None:
             if keep_usable and conference in self._keys:
                 return self._keys[conference].key
@@ -203,7 +262,14 @@ class ConferenceKeys:
                              current.generation + 1)
             d = self.store.replace_conference_key(self._pack(conference, issued),
                                                   current.generation)
-        return d.addCallback(self._stored, conference, now, retry=True)
+        d.addCallback(self._stored, conference, now, retry=True)
+
+        def written(key):
+            if again > 0 and key.ekt_key_value != issued.key.ekt_key_value:
+                return self._replace(conference, now, False, again - 1)
+            return key
+
+        return d.addCallback(written)
 
     def _stored(self, row: StoredConferenceKey, conference: str, now: float, retry: bool):
         issued = self._unpack(row)
@@ -216,6 +282,9 @@ class ConferenceKeys:
             return self.store.replace_conference_key(
                 self._pack(conference, replacement), row.generation).addCallback(
                     self._stored, conference, now, retry=False)
+        current = self._keys.get(conference)
+        if current is not None and current.generation > issued.generation:
+            return current.key  # a newer one arrived by notification meanwhile
         self._keep(conference, issued)
         return issued.key
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from twisted.application import internet, service
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from perc import dtls
@@ -17,6 +17,8 @@ from perc.errors import ConfigError
 from perc.httpapi import OperationsResource, make_site
 from perc.kd.api import make_api_site
 from perc.kd.associations import KeyDistributor, Limits
+from perc.kd.cluster import (DEFAULT_LEASE_SECONDS, AssociationOwnership, ClusterNode,
+                             default_node_id)
 from perc.kd.conference_keys import DEFAULT_EKT_TTL, DEFAULT_ROLLOVER, ConferenceKeys
 from perc.kd.roster import Roster
 from perc.kd.sealing import SealingKey
@@ -54,7 +56,8 @@ class KeyDistributorService(service.MultiService):
                  allow_missing_tls_id: bool, ekt_ttl: int = DEFAULT_EKT_TTL,
                  ekt_rollover: float = DEFAULT_ROLLOVER,
                  tunnel_timeout: float | None = DEFAULT_TUNNEL_TIMEOUT,
-                 metrics: str | None = None):
+                 metrics: str | None = None, node_id: str | None = None,
+                 lease_seconds: float = DEFAULT_LEASE_SECONDS):
         super().__init__()
         self.reactor = reactor
         #: What new tunnels and associations present; SIGHUP reloads it (reloadCredentials).
@@ -75,6 +78,13 @@ class KeyDistributorService(service.MultiService):
         #: Seconds before a silent tunnel peer counts as dead (None: the kernel's defaults).
         self.tunnel_timeout = tunnel_timeout
         self.authorise = Authoriser(allow_md or None)
+        #: This Key Distributor in the database's nodes table (perc.kd.cluster).
+        self.node_id = node_id or default_node_id(tunnel_listen)
+        self.lease_seconds = lease_seconds
+        self.node: ClusterNode | None = None
+        self._api_description = api
+        self._tunnel_description = tunnel_listen
+        self._clients: list = []
         self.distributor: KeyDistributor | None = None
         self.tunnelFactory: KeyDistributorTunnelFactory | None = None
         self.roster: Roster | None = None
@@ -140,7 +150,8 @@ class KeyDistributorService(service.MultiService):
             connect=config["connect"], api=api, api_token=token, allow_md=config["allow-md"],
             limits=limits, allow_missing_tls_id=config["allow-missing-tls-id"],
             ekt_ttl=config["ekt-ttl"], ekt_rollover=config["ekt-rollover"],
-            tunnel_timeout=config["tunnel-timeout"], metrics=config["metrics"])
+            tunnel_timeout=config["tunnel-timeout"], metrics=config["metrics"],
+            node_id=config["node-id"], lease_seconds=config["lease-seconds"])
 
     def privilegedStartService(self):
         super().privilegedStartService()
@@ -185,6 +196,15 @@ class KeyDistributorService(service.MultiService):
         self.conferenceKeys = ConferenceKeys(ttl=self.ekt_ttl, rollover=self.ekt_rollover,
                                              store=store)
         loaded = yield self.conferenceKeys.load()
+        # Keys another Key Distributor writes reach this one's members.
+        self.conferenceKeys.watch(store.notifications)
+        self.node = ClusterNode(
+            store=store, node_id=self.node_id, lease_seconds=self.lease_seconds,
+            clock=self.reactor, lost=self._leaseLost, regained=self._leaseRegained,
+            listen_address=self._tunnel_description, api_address=self._api_description)
+        yield self.node.start()
+        self.log.info("Node {node} holds its lease ({seconds} s)", node=self.node_id,
+                      seconds=self.lease_seconds)
         self.log.info("Database {database}: {keys} conference EKTKeys loaded (sealed)",
                       database=store.description, keys=loaded)
         self._rosterOpened(roster)
@@ -222,6 +242,7 @@ class KeyDistributorService(service.MultiService):
             clock=self.reactor, limits=self.limits,
             allow_missing_tls_id=self.allow_missing_tls_id, conference_keys=self.conferenceKeys,
             observe_handshake=self.metrics.observe_handshake)
+        self.distributor.ownership = AssociationOwnership(self.node)
         factory = self.tunnelFactory = KeyDistributorTunnelFactory(
             self.distributor, self.authorise)
         self._tunnelGate.open(factory)
@@ -231,12 +252,37 @@ class KeyDistributorService(service.MultiService):
         for endpoint in self._connect:
             client = internet.ClientService(endpoint, factory, clock=self.reactor)
             client.setServiceParent(self)
+            self._clients.append(client)
         self.log.info(
             "Key Distributor ready: {registrations} registrations, profiles {profiles}, "
             "DTLS certificate {fingerprint}",
             registrations=len(roster), profiles=",".join(p.name for p in self.profiles),
             fingerprint=dtls_credentials.fingerprint)
         self.ready.callback(self)
+
+    def _leaseLost(self) -> None:
+        """
+        The lease could not be renewed: stop serving before it expires, so
+        that no association is served here and by the node adopting it.
+        """
+        self._tunnelGate.open(protocol.Factory.forProtocol(_RefusedTunnel))
+        for client in self._clients:
+            if client.running:
+                client.stopService()
+        if self.tunnelFactory is not None:
+            self.tunnelFactory.closeAll()
+        if self.distributor is not None:
+            self.distributor.stop()
+
+    def _leaseRegained(self) -> None:
+        """The lease is held again: serve new tunnels (associations start afresh)."""
+        if self.tunnelFactory is None:
+            return
+        self._tunnelGate.open(self.tunnelFactory)
+        for client in self._clients:
+            if not client.running:
+                client.startService()
+        self.conferenceKeys.refresh_all()
 
     def readiness(self):
         """
@@ -246,6 +292,8 @@ class KeyDistributorService(service.MultiService):
         """
         if self.distributor is None or not self.running:
             return False, "not serving yet: the registration database is not open"
+        if not self.node.serving:
+            return False, "not serving: this node could not renew its lease in the database"
 
         def failed(failure):
             return False, "the registration database does not answer: {}".format(
@@ -280,10 +328,19 @@ class KeyDistributorService(service.MultiService):
         self._ports = []
         if self.distributor is not None:
             self.distributor.stop()
+        if self.node is not None:
+            yield self.node.stop(release=True)
         if self.roster is not None:
             yield self.roster.close()
         if self.store is not None:
             yield self.store.close()
+
+
+class _RefusedTunnel(protocol.Protocol):
+    """A tunnel accepted while this node holds no lease: closed at once."""
+
+    def connectionMade(self):
+        self.transport.abortConnection()
 
 
 def _dtlsCredentials(credentials: TlsCredentials) -> dtls.Credentials:

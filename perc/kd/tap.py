@@ -9,6 +9,7 @@ from twisted.python import usage
 from perc import profiles
 from perc.config import ConfigFileOptions
 from perc.errors import ConfigError
+from perc.kd.cluster import DEFAULT_LEASE_SECONDS
 from perc.kd.conference_keys import (
     DEFAULT_EKT_TTL,
     DEFAULT_ROLLOVER,
@@ -84,6 +85,14 @@ class Options(ConfigFileOptions, CommandOptions):
          "Seconds (2 to 32767) after which a tunnel whose Media Distributor stopped "
          "answering is dropped as dead (TCP keepalive and TCP_USER_TIMEOUT; Linux), "
          "and a --connect tunnel dialled again.", tunnel_timeout],
+        ["node-id", None, None,
+         "This Key Distributor's name in the database's nodes table (each of a cluster's "
+         "Key Distributors has its own). Default: HOSTNAME:PORT of --tunnel-listen, or "
+         "HOSTNAME: and random hex."],
+        ["lease-seconds", None, DEFAULT_LEASE_SECONDS,
+         "Seconds of this Key Distributor's lease in the database, renewed every third of "
+         "it; one that cannot renew stops serving before it expires, and once it has "
+         "expired the others may adopt its associations.", positive_float],
     ]
 
     optFlags = [

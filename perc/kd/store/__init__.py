@@ -25,12 +25,18 @@ start, a newer one refuses to start):
     A known value sealed with the sealing key: a Key Distributor whose key
     does not open it refuses to start.
 ``nodes`` (node_id PK, lease_expires_at, listen_address, api_address)
-    Cluster members and their leases (created here; used by the cluster).
+    Cluster members and their leases (:mod:`perc.kd.cluster`).
+    ``lease_expires_at`` is written and compared on the database's clock
+    (``{now}`` in :mod:`perc.kd.store.dialects`), never a node's.
 ``associations`` (association_id PK, owner_node, md_identity,
 sealed_state, sequence_reserved)
     Established association record state, AEAD-sealed bound to
     (association_id, md_identity), the node that owns it, and the end of
-    the write-sequence block reserved in the database before use.
+    the write-sequence block reserved in the database before use
+    (``reserve_block``: one UPDATE moves it).  Updates and reservations
+    name the owner and match nothing once another node claimed the row;
+    ``claim_orphans`` moves a row whose owner's lease expired with a
+    compare-and-swap on that owner, so it goes to one survivor.
 
 NOTIFY channels (PostgreSQL; sent in the writing transaction, so delivered
 on commit; payloads never hold secrets): ``perc_registrations`` (payload:

@@ -249,6 +249,61 @@ class Store:
         """Fires with whether there was a row."""
         return self._run(_deleteAssociation, association_id)
 
+    def update_association(self, record: AssociationRecord) -> defer.Deferred:
+        """
+        Replace the row's state and reserved limit if ``record.owner_node``
+        still owns it; fires with whether it did (False: adopted by another
+        node, or gone).
+        """
+        return self._run(_updateAssociation, self._sealing(), record)
+
+    def reserve_block(self, association_id: str, size: int, owner_node: str) -> defer.Deferred:
+        """
+        Move the row's reserved write-sequence limit ``size`` further, in one
+        statement, if ``owner_node`` owns it; fires with the block ``(start,
+        limit)`` now reserved, or None (not this node's, or gone).
+        """
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError("a sequence block has a positive size, not {!r}".format(size))
+        return self._run(_reserveBlock, association_id, size, owner_node)
+
+    def owned_associations(self, owner_node: str) -> defer.Deferred:
+        """The ids of the rows ``owner_node`` owns."""
+        return self._run(_select, "SELECT association_id FROM associations"
+                         " WHERE owner_node = ? ORDER BY association_id",
+                         (owner_node,)).addCallback(lambda rows: [row[0] for row in rows])
+
+    def owned_records(self, owner_node: str, association_ids: list) -> defer.Deferred:
+        """The :class:`AssociationRecord` of each of ``association_ids`` ``owner_node`` still owns."""
+        return self._run(_ownedRecords, self._sealing(), owner_node, list(association_ids))
+
+    def claim_orphans(self, node_id: str) -> defer.Deferred:
+        """
+        Make ``node_id`` the owner of every row whose owner's lease has
+        expired (on the database's clock), row by row with a
+        compare-and-swap on the old owner: of two nodes claiming at once,
+        each row goes to exactly one.  Fires with the
+        :class:`AssociationRecord` of each row claimed (one that does not
+        open is claimed, logged and left out).
+        """
+        return self._run(_claimOrphans, self._sealing(), node_id)
+
+    # -- node leases ---------------------------------------------------------
+
+    def renew_lease(self, node_id: str, seconds: float, listen_address: str | None = None,
+                    api_address: str | None = None) -> defer.Deferred:
+        """Insert or renew ``node_id``'s lease: it expires ``seconds`` from now on the database's clock."""
+        return self._run(_renewLease, node_id, float(seconds), listen_address, api_address)
+
+    def release_lease(self, node_id: str) -> defer.Deferred:
+        """Expire ``node_id``'s lease now (a clean stop: its rows may be adopted at once)."""
+        return self._run(_releaseLease, node_id)
+
+    def nodes(self) -> defer.Deferred:
+        """``[(node_id, seconds its lease has left (negative: expired))]``."""
+        return self._run(_select, "SELECT node_id, lease_expires_at - {now} FROM nodes"
+                         " ORDER BY node_id", ())
+
     # -- upkeep --------------------------------------------------------------
 
     def ping(self) -> defer.Deferred:
@@ -399,3 +454,87 @@ def _deleteAssociation(cursor, dialect, association_id: str) -> bool:
     if cursor.rowcount:
         dialect.notify(cursor, ASSOCIATIONS_CHANNEL, association_id)
     return bool(cursor.rowcount)
+
+
+def _updateAssociation(cursor, dialect, sealing_key: SealingKey, record: AssociationRecord) -> bool:
+    sealed = sealing_key.seal(record.state, "associations", record.binding())
+    cursor.execute(dialect.sql(
+        "UPDATE associations SET sealed_state = ?, sequence_reserved = ?"
+        " WHERE association_id = ? AND owner_node = ? AND md_identity = ?"),
+        (sealed, record.sequence_reserved, record.association_id, record.owner_node,
+         record.md_identity))
+    if cursor.rowcount != 1:
+        return False
+    dialect.notify(cursor, ASSOCIATIONS_CHANNEL, record.association_id)
+    return True
+
+
+def _reserveBlock(cursor, dialect, association_id: str, size: int, owner_node: str):
+    # The UPDATE locks the row until commit: a concurrent reservation waits
+    # and then adds to the limit this one wrote.
+    cursor.execute(dialect.sql(
+        "UPDATE associations SET sequence_reserved = sequence_reserved + ?"
+        " WHERE association_id = ? AND owner_node = ?"), (size, association_id, owner_node))
+    if cursor.rowcount != 1:
+        return None
+    cursor.execute(dialect.sql("SELECT sequence_reserved FROM associations"
+                               " WHERE association_id = ?"), (association_id,))
+    limit = cursor.fetchone()[0]
+    return (limit - size, limit)
+
+
+def _claimOrphans(cursor, dialect, sealing_key: SealingKey, node_id: str) -> list:
+    cursor.execute(dialect.sql(
+        "SELECT association_id, owner_node FROM associations WHERE owner_node IN"
+        " (SELECT node_id FROM nodes WHERE lease_expires_at < {now} AND node_id <> ?)"
+        " ORDER BY association_id"), (node_id,))
+    claimed = []
+    for association_id, dead in cursor.fetchall():
+        # Compare-and-swap on the old owner (and its lease, checked again):
+        # a row another survivor claimed meanwhile matches nothing.
+        cursor.execute(dialect.sql(
+            "UPDATE associations SET owner_node = ? WHERE association_id = ? AND owner_node = ?"
+            " AND EXISTS (SELECT 1 FROM nodes WHERE node_id = ? AND lease_expires_at < {now})"),
+            (node_id, association_id, dead, dead))
+        if cursor.rowcount != 1:
+            continue
+        dialect.notify(cursor, ASSOCIATIONS_CHANNEL, association_id)
+        record = _openedOrLogged(cursor, dialect, sealing_key, association_id, dead)
+        if record is not None:
+            claimed.append(record)
+    return claimed
+
+
+def _openedOrLogged(cursor, dialect, sealing_key: SealingKey, association_id: str,
+                    previous_owner: str):
+    try:
+        return _getAssociation(cursor, dialect, sealing_key, association_id)
+    except SealingError:
+        log.error("The state of association {association_id}, claimed from node {dead}, "
+                  "does not open (moved or altered): it cannot be adopted",
+                  association_id=association_id, dead=previous_owner)
+        return None
+
+
+def _ownedRecords(cursor, dialect, sealing_key: SealingKey, owner_node: str, ids: list) -> list:
+    found = []
+    for association_id in ids:
+        record = _openedOrLogged(cursor, dialect, sealing_key, association_id, owner_node)
+        if record is not None and record.owner_node == owner_node:
+            found.append(record)
+    return found
+
+
+def _renewLease(cursor, dialect, node_id: str, seconds: float, listen_address, api_address):
+    cursor.execute(dialect.sql(
+        "INSERT INTO nodes (node_id, lease_expires_at, listen_address, api_address)"
+        " VALUES (?, {now} + ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+        " lease_expires_at = excluded.lease_expires_at, listen_address ="
+        " excluded.listen_address, api_address = excluded.api_address"),
+        (node_id, seconds, listen_address, api_address))
+
+
+def _releaseLease(cursor, dialect, node_id: str) -> None:
+    cursor.execute(dialect.sql("UPDATE nodes SET lease_expires_at = {now} - 1 WHERE node_id = ?"),
+                   (node_id,))
+    dialect.notify(cursor, NODES_CHANNEL, node_id)

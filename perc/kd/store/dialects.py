@@ -18,7 +18,10 @@ class Dialect:
     name = "sqlite"
     #: DB-API module given to ``adbapi.ConnectionPool``.
     module = "sqlite3"
-    types = {"blob": "BLOB", "real": "REAL"}
+    types = {"blob": "BLOB", "real": "REAL",
+             # The database's clock in seconds since the epoch: leases are
+             # written and judged on one clock, whatever the nodes' clocks say.
+             "now": "((julianday('now') - 2440587.5) * 86400.0)"}
     #: Appended to a SELECT that reads a row it is about to replace.
     for_update = ""
 
@@ -57,7 +60,8 @@ class Dialect:
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
     module = "psycopg"
-    types = {"blob": "BYTEA", "real": "DOUBLE PRECISION"}
+    types = {"blob": "BYTEA", "real": "DOUBLE PRECISION",
+             "now": "(extract(epoch from clock_timestamp())::double precision)"}
     for_update = " FOR UPDATE"
     #: pg_advisory_xact_lock key of the schema upgrade ("perc" in ASCII).
     UPGRADE_LOCK = 0x70657263

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 import uuid
 from dataclasses import dataclass, field
-from errno import ECONNREFUSED, EMSGSIZE
+from errno import ECONNREFUSED, EMSGSIZE, errorcode
 
 import pylibsrtp
 from twisted.internet import error, protocol, task, udp
@@ -192,6 +192,9 @@ class MediaRelay(protocol.DatagramProtocol):
         self._ssrc_owners: dict[str, dict[int, Endpoint]] = {}
         self._ssrc_total = 0
         self._sendto = None
+        # While a batch from datagramsReceived is handled: the (datagram,
+        # address) pairs to send when it is done, in order.
+        self._outbox: list | None = None
         self._new_per_host: dict[str, int] = {}
         # A ClientHello split into fragments names its endpoint only once
         # whole; the Key Distributor then gets it whole too.
@@ -245,6 +248,31 @@ class MediaRelay(protocol.DatagramProtocol):
             self._dtls(data, address)
         else:
             self._count("dropped-" + kind.name.lower())
+
+    def datagramsReceived(self, datagrams) -> None:
+        """
+        A batch of ``(data, address)`` pairs read at once (a transport with
+        ``writeMany``, :class:`perc.md.batchport.BatchedPort`): each is
+        handled as :meth:`datagramReceived` would, and the media and RTCP
+        they cause go out together at the end, in the same order.  What
+        the transport could not send is counted ``dropped-send-<errno>``.
+        """
+        outbox = self._outbox = []
+        try:
+            for data, address in datagrams:
+                try:
+                    self.datagramReceived(data, address)
+                except Exception:
+                    # As Twisted's port does for one datagram: logged, and
+                    # the rest of the batch is still handled.
+                    self.log.failure("Unhandled error in a datagram from {address}",
+                                     address=address)
+        finally:
+            self._outbox = None
+        if outbox:
+            result = self.transport.writeMany(outbox)
+            for number, count in result.failed.items():
+                self._count("dropped-send-" + errorcode.get(number, str(number)).lower(), count)
 
     def _dtls(self, data: bytes, address) -> None:
         data = self._helloFragments.feed(address, data, self.clock.seconds())
@@ -388,6 +416,7 @@ class MediaRelay(protocol.DatagramProtocol):
         send = self._sendto
         if send is None:
             send = self.transport.write
+        outbox = self._outbox
         forwarded = 0
         for other, other_address, protect, other_ekt in members:
             if other is endpoint:
@@ -403,10 +432,13 @@ class MediaRelay(protocol.DatagramProtocol):
                 # Only a receiver that negotiated EKT expects (and can
                 # authenticate past) a trailing EKT field.
                 out += ekt_field
-            try:
-                send(out, other_address)
-            except OSError as problem:
-                _sendto_failed(problem)
+            if outbox is not None:
+                outbox.append((out, other_address))
+            else:
+                try:
+                    send(out, other_address)
+                except OSError as problem:
+                    _sendto_failed(problem)
             forwarded += 1
         counters = self.counters
         counters["forwarded-rtp"] = counters.get("forwarded-rtp", 0) + forwarded
@@ -460,6 +492,7 @@ class MediaRelay(protocol.DatagramProtocol):
         send = self._sendto
         if send is None:
             send = self.transport.write
+        outbox = self._outbox
         forwarded = 0
         for other, other_address, protect, _ in members:
             if other is endpoint:
@@ -477,10 +510,13 @@ class MediaRelay(protocol.DatagramProtocol):
             except (pylibsrtp.Error, ValueError):
                 self._count("dropped-protect-failed")
                 continue
-            try:
-                send(out, other_address)
-            except OSError as problem:
-                _sendto_failed(problem)
+            if outbox is not None:
+                outbox.append((out, other_address))
+            else:
+                try:
+                    send(out, other_address)
+                except OSError as problem:
+                    _sendto_failed(problem)
             forwarded += 1
         self._count("forwarded-rtcp", forwarded)
 

@@ -95,10 +95,18 @@ class SendResult:
 class BatchSocket:
     """
     ``recvmmsg``/``sendmmsg`` on one non-blocking UDP socket of ``family``,
-    ``batch`` messages a call.  Not thread-safe; one per socket.
+    ``batch`` messages a call, datagrams received up to ``max_packet``
+    octets and sent up to ``send_slot``.  Not thread-safe; one per socket.
+
+    Two ways to send: :meth:`send` copies ``(data, address)`` pairs into
+    the send slots; a producer that writes datagrams straight into the
+    slots (``send_view``, slot ``i`` at ``i * send_slot``) sets
+    ``send_lengths[i]`` and ``send_names[i]`` (:meth:`name`) and calls
+    :meth:`send_queued`.
     """
 
-    def __init__(self, fileno: int, family: int, batch: int = 64, max_packet: int = 8192):
+    def __init__(self, fileno: int, family: int, batch: int = 64, max_packet: int = 8192,
+                 send_slot: int = 2048):
         ffi, libc = _load()
         if ffi is None:
             raise OSError("recvmmsg/sendmmsg are not available")
@@ -110,7 +118,9 @@ class BatchSocket:
         self._sendmmsg = libc.sendmmsg
         self._ffi = ffi
         self._addresses: dict[bytes, tuple] = {}
-        self._names: dict[tuple, object] = {}
+        #: address -> its sockaddr as an int for ``send_names`` (:meth:`name`
+        #: fills it; a hit here saves the call).
+        self.names: dict[tuple, int] = {}
         # Receive side: fixed slots; the kernel writes lengths and names.
         self._rbuf = ffi.new("char[]", batch * max_packet)
         self._rnames = ffi.new("char[]", batch * _NAME_SIZE)
@@ -121,19 +131,34 @@ class BatchSocket:
         offset = ffi.offsetof("struct mmsghdr", "msg_len") // 4
         self._lengths = memoryview(ffi.buffer(self._rhdrs)).cast("I")
         self._length_slice = (offset, stride)
-        # Send side: fixed data slots; per message its length and name are set.
-        self._sbuf = ffi.new("char[]", batch * max_packet)
+        # Send side: fixed data slots of ``send_slot`` octets; per message its
+        # length and name are written as machine words (``send_lengths[i]``,
+        # ``send_names[i]``: strided memoryviews over the iovecs and headers,
+        # cheaper than a cffi attribute each).
+        self.batch = batch
+        self.send_slot = send_slot
+        self._sbuf = ffi.new("char[]", batch * send_slot)
         self._siov = ffi.new("struct iovec[]", batch)
         self._shdrs = ffi.new("struct mmsghdr[]", batch)
         for i in range(batch):
-            self._siov[i].iov_base = self._sbuf + i * max_packet
+            self._siov[i].iov_base = self._sbuf + i * send_slot
             hdr = self._shdrs[i].msg_hdr
             hdr.msg_iov = self._siov + i
             hdr.msg_iovlen = 1
             hdr.msg_namelen = _NAME_SIZE
-        self._sdata = memoryview(ffi.buffer(self._sbuf))
-        self._shdr_list = [self._shdrs[i].msg_hdr for i in range(batch)]
-        self._siov_list = [self._siov[i] for i in range(batch)]
+        word = ffi.sizeof("size_t")
+        #: The send slots' octets, and the address of the first as an int.
+        self.send_view = memoryview(ffi.buffer(self._sbuf))
+        self.send_address = int(ffi.cast("uintptr_t", self._sbuf))
+        self.send_lengths = memoryview(ffi.buffer(self._siov)).cast("N")[
+            ffi.offsetof("struct iovec", "iov_len") // word::ffi.sizeof("struct iovec") // word]
+        self.send_names = memoryview(ffi.buffer(self._shdrs)).cast("N")[
+            ffi.offsetof("struct mmsghdr", "msg_hdr") // word
+            + ffi.offsetof("struct msghdr", "msg_name") // word::
+            ffi.sizeof("struct mmsghdr") // word]
+        #: address -> the sockaddr's cdata, kept alive while it is named.
+        self._name_cdata: dict[tuple, object] = {}
+        self._prepared = 0
 
     def _headers(self, buf, names):
         ffi = self._ffi
@@ -210,8 +235,21 @@ class BatchSocket:
 
     # -- sending ----------------------------------------------------------
 
-    def _name(self, address: tuple):
-        """A sockaddr for ``address`` (a (host, port) tuple), remembered (bounded)."""
+    def name(self, address: tuple) -> int:
+        """
+        The sockaddr for ``address`` (a (host, port) tuple) as an int for
+        ``send_names``, remembered (bounded).  Raises ValueError if it is
+        not a numeric address of the socket's family.
+        """
+        name = self.names.get(address)
+        if name is not None:
+            return name
+        try:
+            return self._name(address)
+        except (OSError, ValueError, TypeError, IndexError, OverflowError) as problem:
+            raise ValueError("not a numeric address: {!r} ({})".format(address, problem))
+
+    def _name(self, address: tuple) -> int:
         ffi = self._ffi
         host, port = address[0], address[1]
         if self._family == socket.AF_INET6:
@@ -227,67 +265,92 @@ class BatchSocket:
         else:
             packed = (socket.AF_INET.to_bytes(2, sys.byteorder)
                       + _PORT.pack(port) + socket.inet_pton(socket.AF_INET, host) + bytes(8))
-        if len(self._names) >= _MAX_CACHED_ADDRESSES:
-            self._names.clear()
-        name = self._names[address] = ffi.new("char[]", packed.ljust(_NAME_SIZE, b"\0"))
+        if len(self.names) >= _MAX_CACHED_ADDRESSES:
+            self.names.clear()
+            self._name_cdata.clear()
+        cdata = self._name_cdata[address] = ffi.new("char[]", packed.ljust(_NAME_SIZE, b"\0"))
+        name = self.names[address] = int(ffi.cast("uintptr_t", cdata))
         return name
 
     def send(self, messages: list, result: SendResult | None = None) -> SendResult:
         """
         Send ``messages`` (``(data, (host, port))`` pairs) in order, ``batch``
-        a call.  A message the kernel refuses (its errno) is skipped and
-        counted; when the send buffer is full (EAGAIN, ENOBUFS) the rest is
-        not sent and counted: a datagram socket does not queue.  A message
-        longer than a slot (EMSGSIZE), or to an address that is not a
-        numeric one of the socket's family (EINVAL), is skipped and counted.
+        a call.  A message longer than a slot (EMSGSIZE), or to an address
+        that is not a numeric one of the socket's family (EINVAL), is
+        skipped and counted; the rest as :meth:`send_queued` says.
         """
         if result is None:
             result = SendResult()
-        total = len(messages)
-        done = 0
-        while done < total:
-            chunk = messages[done:done + self._batch]
-            filled = self._fill(chunk, result)
-            index = 0
-            while index < filled:
-                count = self._sendmmsg(self._fd, self._shdrs + index, filled - index, 0)
-                if count > 0:
-                    result.sent += count
-                    index += count
-                    continue
-                number = self._ffi.errno
-                if count == 0 or number == errno.EINTR:
-                    continue
-                if number in _SEND_BUFFER_FULL:
-                    result._fail(number, filled - index + total - done - len(chunk))
-                    return result
-                result._fail(number, 1)  # this message only
-                index += 1
-            done += len(chunk)
+        batch = self.batch
+        for done in range(0, len(messages), batch):
+            filled = self._fill(messages[done:done + batch], result)
+            if not self.send_queued(filled, result):
+                result._fail(errno.EAGAIN, max(0, len(messages) - done - batch))
+                break
         return result
+
+    def send_queued(self, count: int, result: SendResult) -> bool:
+        """
+        Send slots 0 to ``count`` - 1 in order (as many ``sendmmsg`` calls as
+        the kernel needs).  A message the kernel refuses is skipped and
+        counted under its errno; when the send buffer is full (EAGAIN,
+        ENOBUFS) the rest is not sent, counted, and False is returned: a
+        datagram socket does not queue.
+        """
+        index = 0
+        while index < count:
+            sent = self._sendmmsg(self._fd, self._shdrs + index, count - index, 0)
+            if sent > 0:
+                result.sent += sent
+                index += sent
+                continue
+            number = self._ffi.errno
+            if sent == 0 or number == errno.EINTR:
+                continue
+            if number in _SEND_BUFFER_FULL:
+                result._fail(number, count - index)
+                return False
+            result._fail(number, 1)  # this message only
+            index += 1
+        return True
+
+    def prepare(self, messages: list) -> int:
+        """
+        Fill the send slots with up to ``batch`` messages once, for
+        :meth:`send_prepared` (the benchmark's floor: the kernel's send path
+        with no Python per datagram).  Returns how many were prepared.
+        """
+        result = SendResult()
+        self._prepared = self._fill(messages[:self.batch], result)
+        if result.failed:
+            raise ValueError("cannot prepare these messages: {}".format(result.failed))
+        return self._prepared
+
+    def send_prepared(self) -> int:
+        """One ``sendmmsg`` of the prepared messages; returns how many went (-1: error)."""
+        return self._sendmmsg(self._fd, self._shdrs, self._prepared, 0)
 
     def _fill(self, chunk: list, result: SendResult) -> int:
         """Copy ``chunk`` into the send slots; returns how many messages it holds."""
-        data = self._sdata
-        names = self._names
-        slot = self._slot
-        hdrs, iovs = self._shdr_list, self._siov_list
+        data, lengths, names = self.send_view, self.send_lengths, self.send_names
+        known = self.names
+        slot = self.send_slot
         index = 0
         for payload, address in chunk:
             length = len(payload)
             if length > slot:
                 result._fail(errno.EMSGSIZE, 1)
                 continue
-            name = names.get(address)
+            name = known.get(address)
             if name is None:
                 try:
-                    name = self._name(address)
-                except (OSError, ValueError, TypeError, IndexError, OverflowError):
-                    result._fail(errno.EINVAL, 1)  # not a numeric address of this family
+                    name = self.name(address)
+                except ValueError:
+                    result._fail(errno.EINVAL, 1)
                     continue
             start = index * slot
             data[start:start + length] = payload
-            iovs[index].iov_len = length
-            hdrs[index].msg_name = name
+            lengths[index] = length
+            names[index] = name
             index += 1
         return index

@@ -2,8 +2,9 @@
 The Media Distributor's UDP port with batched I/O: a Twisted UDP port whose
 read path (``doRead``, what the reactor calls when the socket is readable)
 drains the socket with ``recvmmsg`` and hands each batch to the protocol's
-``datagramsReceived``, and whose ``writeMany`` sends a batch with one
-``sendmmsg`` (:mod:`perc.mmsg`).  Everything else (``write``, binding,
+``datagramsReceived``, and whose ``srtpBatch`` (:mod:`perc.md.srtpbatch`)
+is where the protocol protects what it forwards, sent with ``sendmmsg``
+(:mod:`perc.mmsg`) when the batch is handled.  Everything else (``write``, binding,
 stopping, ``getHost``) is Twisted's own :class:`twisted.internet.udp.Port`.
 
 :func:`listen_media_udp` picks this port where batched I/O is available
@@ -20,6 +21,7 @@ from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 
 from perc import mmsg
+from perc.md import srtpbatch
 
 __all__ = ["BatchedPort", "listen_media_udp"]
 
@@ -42,8 +44,11 @@ class BatchedPort(udp.Port):
 
     def _bindSocket(self):
         super()._bindSocket()
-        self._batchSocket = mmsg.BatchSocket(self.socket.fileno(), self.addressFamily,
-                                             self.batchSize, self.maxPacketSize)
+        self._batchSocket = mmsg.BatchSocket(
+            self.socket.fileno(), self.addressFamily, self.batchSize, self.maxPacketSize,
+            send_slot=self.maxPacketSize + srtpbatch.SLOT_EXTRA)
+        #: Where the protocol queues SRTP/SRTCP it forwards (it flushes).
+        self.srtpBatch = srtpbatch.SrtpSendBatch(self._batchSocket)
 
     def doRead(self):
         receive = self._batchSocket.receive
@@ -62,28 +67,22 @@ class BatchedPort(udp.Port):
                 self.log.failure("Unhandled error handling a batch of {count} datagrams",
                                  count=len(batch))
 
-    def writeMany(self, messages: list) -> mmsg.SendResult:
-        """
-        Send ``(datagram, (host, port))`` pairs in order; what could not be
-        sent is in the result's ``failed`` (errno -> count), never raised.
-        """
-        return self._batchSocket.send(messages)
-
     def connectionLost(self, reason=None):
         super().connectionLost(reason)
-        self._batchSocket = None
+        self._batchSocket = self.srtpBatch = None
 
 
 def listen_media_udp(reactor, port: int, protocol, interface: str = "",
                      maxPacketSize: int = 8192, batched: bool | None = None):
     """
     Listen on UDP ``port`` for ``protocol``: a :class:`BatchedPort` when
-    ``batched`` (None: when :func:`perc.mmsg.available`, the protocol has
-    ``datagramsReceived`` and the reactor watches file descriptors), else
-    ``reactor.listenUDP``.
+    ``batched`` (None: when :func:`perc.mmsg.available` and
+    :func:`perc.md.srtpbatch.available`, the protocol has ``datagramsReceived``
+    and the reactor watches file descriptors), else ``reactor.listenUDP``.
     """
     if batched is None:
-        batched = (mmsg.available() and hasattr(protocol, "datagramsReceived")
+        batched = (mmsg.available() and srtpbatch.available()
+                   and hasattr(protocol, "datagramsReceived")
                    and IReactorFDSet.providedBy(reactor))
     if not batched:
         return reactor.listenUDP(port, protocol, interface=interface,

@@ -26,6 +26,7 @@ from twisted.internet import error, protocol, task, udp
 from twisted.logger import Logger
 
 from perc import hello, rtp, wire
+from perc.md import srtpbatch
 from perc.profiles import Profile, by_id
 from perc.waitingroom import WaitingRoom
 
@@ -192,9 +193,9 @@ class MediaRelay(protocol.DatagramProtocol):
         self._ssrc_owners: dict[str, dict[int, Endpoint]] = {}
         self._ssrc_total = 0
         self._sendto = None
-        # While a batch from datagramsReceived is handled: the (datagram,
-        # address) pairs to send when it is done, in order.
-        self._outbox: list | None = None
+        # While a batch from datagramsReceived is handled: where forwarded
+        # packets are protected and queued (the port's SrtpSendBatch).
+        self._outbox: srtpbatch.SrtpSendBatch | None = None
         self._new_per_host: dict[str, int] = {}
         # A ClientHello split into fragments names its endpoint only once
         # whole; the Key Distributor then gets it whole too.
@@ -252,12 +253,12 @@ class MediaRelay(protocol.DatagramProtocol):
     def datagramsReceived(self, datagrams) -> None:
         """
         A batch of ``(data, address)`` pairs read at once (a transport with
-        ``writeMany``, :class:`perc.md.batchport.BatchedPort`): each is
+        an ``srtpBatch``, :class:`perc.md.batchport.BatchedPort`): each is
         handled as :meth:`datagramReceived` would, and the media and RTCP
         they cause go out together at the end, in the same order.  What
         the transport could not send is counted ``dropped-send-<errno>``.
         """
-        outbox = self._outbox = []
+        outbox = self._outbox = self.transport.srtpBatch
         try:
             for data, address in datagrams:
                 try:
@@ -269,8 +270,8 @@ class MediaRelay(protocol.DatagramProtocol):
                                      address=address)
         finally:
             self._outbox = None
-        if outbox:
-            result = self.transport.writeMany(outbox)
+            result = outbox.flush()
+        if result.failed:
             for number, count in result.failed.items():
                 self._count("dropped-send-" + errorcode.get(number, str(number)).lower(), count)
 
@@ -417,8 +418,15 @@ class MediaRelay(protocol.DatagramProtocol):
         if send is None:
             send = self.transport.write
         outbox = self._outbox
+        if outbox is not None:
+            forwarded, failed = outbox.rtp(plain, members, endpoint, ekt_field)
+            if failed:
+                self._count("dropped-protect-failed", failed)
+            counters = self.counters
+            counters["forwarded-rtp"] = counters.get("forwarded-rtp", 0) + forwarded
+            return
         forwarded = 0
-        for other, other_address, protect, other_ekt in members:
+        for other, other_address, protect, other_ekt, _ in members:
             if other is endpoint:
                 continue
             try:
@@ -432,13 +440,10 @@ class MediaRelay(protocol.DatagramProtocol):
                 # Only a receiver that negotiated EKT expects (and can
                 # authenticate past) a trailing EKT field.
                 out += ekt_field
-            if outbox is not None:
-                outbox.append((out, other_address))
-            else:
-                try:
-                    send(out, other_address)
-                except OSError as problem:
-                    _sendto_failed(problem)
+            try:
+                send(out, other_address)
+            except OSError as problem:
+                _sendto_failed(problem)
             forwarded += 1
         counters = self.counters
         counters["forwarded-rtp"] = counters.get("forwarded-rtp", 0) + forwarded
@@ -494,7 +499,7 @@ class MediaRelay(protocol.DatagramProtocol):
             send = self.transport.write
         outbox = self._outbox
         forwarded = 0
-        for other, other_address, protect, _ in members:
+        for other, other_address, protect, _, context in members:
             if other is endpoint:
                 continue
             mine = plain
@@ -505,18 +510,21 @@ class MediaRelay(protocol.DatagramProtocol):
                     continue
                 if len(chosen) != len(parts):
                     mine = b"".join(chosen)
+            if outbox is not None:
+                if outbox.rtcp(mine, context, other_address):
+                    forwarded += 1
+                else:
+                    self._count("dropped-protect-failed")
+                continue
             try:
                 out = protect(mine)
             except (pylibsrtp.Error, ValueError):
                 self._count("dropped-protect-failed")
                 continue
-            if outbox is not None:
-                outbox.append((out, other_address))
-            else:
-                try:
-                    send(out, other_address)
-                except OSError as problem:
-                    _sendto_failed(problem)
+            try:
+                send(out, other_address)
+            except OSError as problem:
+                _sendto_failed(problem)
             forwarded += 1
         self._count("forwarded-rtcp", forwarded)
 
@@ -569,7 +577,11 @@ class MediaRelay(protocol.DatagramProtocol):
         self._fanout.pop(conference, None)
 
     def _buildFanout(self, conference: str):
-        """The (endpoint, address, protect, ekt) tables for RTP and RTCP, or None."""
+        """
+        The (endpoint, address, protect, ekt, libsrtp context) tables for RTP
+        and RTCP, or None.  The bound ``protect`` keeps the session (and so
+        its context) alive while the table is.
+        """
         members = self._conferences.get(conference)
         if not members:
             return None
@@ -577,8 +589,10 @@ class MediaRelay(protocol.DatagramProtocol):
         # order iterating the set gives.
         ordered = tuple(members)
         fanout = self._fanout[conference] = (
-            tuple((m, m.address, m.outbound.protect, m.ekt) for m in ordered),
-            tuple((m, m.address, m.outbound.protect_rtcp, False) for m in ordered))
+            tuple((m, m.address, m.outbound.protect, m.ekt, srtpbatch.context(m.outbound))
+                  for m in ordered),
+            tuple((m, m.address, m.outbound.protect_rtcp, False, srtpbatch.context(m.outbound))
+                  for m in ordered))
         return fanout
 
     # -- messages from tunnels ------------------------------------------

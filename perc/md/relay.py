@@ -250,6 +250,9 @@ class MediaRelay(protocol.DatagramProtocol):
         else:
             self._count("dropped-" + kind.name.lower())
 
+    # What datagramsReceived does with each datagram of a batch.
+    _handleDatagram = datagramReceived
+
     def datagramsReceived(self, datagrams) -> None:
         """
         A batch of ``(data, address)`` pairs read at once (a transport with
@@ -259,10 +262,11 @@ class MediaRelay(protocol.DatagramProtocol):
         the transport could not send is counted ``dropped-send-<errno>``.
         """
         outbox = self._outbox = self.transport.srtpBatch
+        handle = self._handleDatagram
         try:
             for data, address in datagrams:
                 try:
-                    self.datagramReceived(data, address)
+                    handle(data, address)
                 except Exception:
                     # As Twisted's port does for one datagram: logged, and
                     # the rest of the batch is still handled.

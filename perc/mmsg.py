@@ -23,7 +23,7 @@ import socket
 import struct
 import sys
 
-__all__ = ["available", "BatchSocket", "SendResult"]
+__all__ = ["BatchSocket", "SendResult", "available"]
 
 _CDEF = """
 struct iovec { void *iov_base; size_t iov_len; };
@@ -81,7 +81,7 @@ def available() -> bool:
 class SendResult:
     """What :meth:`BatchSocket.send` did: messages sent, and not sent by errno."""
 
-    __slots__ = ("sent", "failed")
+    __slots__ = ("failed", "sent")
 
     def __init__(self):
         self.sent = 0

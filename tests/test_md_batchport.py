@@ -21,8 +21,18 @@ from perc.md import batchport, srtpbatch
 from perc.md.conference import Memberships
 from perc.md.relay import MediaRelay
 from perc.profiles import DEFAULT_PROFILES
-from tests.test_md_relay import (DOUBLE_128, TLS_A, TLS_B, TLS_C, FakePool, FakeTunnel, Peer,
-                                 client_hello, hbh_keys, server_hello)
+from tests.test_md_relay import (
+    DOUBLE_128,
+    TLS_A,
+    TLS_B,
+    TLS_C,
+    FakePool,
+    FakeTunnel,
+    Peer,
+    client_hello,
+    hbh_keys,
+    server_hello,
+)
 
 ANY_SOCKET = ("127.0.0.1", 0)
 

@@ -63,7 +63,7 @@ class BatchedPort(udp.Port):
                 return
             try:
                 self.protocol.datagramsReceived(batch)
-            except BaseException:
+            except Exception:  # noqa: BLE001 (as Twisted's port: logged, reading goes on)
                 self.log.failure("Unhandled error handling a batch of {count} datagrams",
                                  count=len(batch))
 

@@ -267,7 +267,7 @@ class MediaRelay(protocol.DatagramProtocol):
             for data, address in datagrams:
                 try:
                     handle(data, address)
-                except Exception:
+                except Exception:  # noqa: BLE001
                     # As Twisted's port does for one datagram: logged, and
                     # the rest of the batch is still handled.
                     self.log.failure("Unhandled error in a datagram from {address}",

@@ -21,7 +21,7 @@ import pylibsrtp
 
 from perc.mmsg import BatchSocket, SendResult
 
-__all__ = ["available", "context", "SrtpSendBatch"]
+__all__ = ["SrtpSendBatch", "available", "context"]
 
 #: What pylibsrtp's ``protect``/``protect_rtcp`` accept: its 1500-octet
 #: buffer less the largest trailer.  Longer packets fail, as there.
@@ -74,7 +74,7 @@ def _self_check() -> bool:
             if ffi.buffer(buffer, length[0])[:] != expected:
                 return False
         return True
-    except Exception:  # any surprise in pylibsrtp's internals: the portable path
+    except Exception:  # noqa: BLE001 (any surprise in pylibsrtp's internals: portable path)
         return False
 
 

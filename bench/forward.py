@@ -19,9 +19,11 @@ Media: endpoint 1 sends RTP packets with a ``--payload``-octet payload
 protected with its exported hop-by-hop client key, each followed by a
 ShortEKTField when EKT was negotiated (as a PERC endpoint sends).  The K-1
 other endpoints count what arrives (their sockets have large buffers: loss
-is never theirs; ``drops`` in the table shows where it happened) and check
-the outer layer of every 64th packet with their hop-by-hop server key, and
-that the payload and EKT field are the ones sent.
+is never theirs; ``drops`` in the table shows where it happened) and keep
+what arrives; after each trial's figures are taken, every packet kept is
+checked (``--sample-every N``: every N-th): its outer layer with the
+receiver's hop-by-hop server key, its header, payload and EKT field against
+what was sent.  The search's time budget does not count that checking.
 
 Baseline: a subprocess with one plain blocking UDP socket and, per endpoint,
 the same pylibsrtp sessions the Media Distributor has (same exported keys):
@@ -83,8 +85,6 @@ from perc.md.tap import DEFAULT_UDP_RECEIVE_BUFFER  # noqa: E402
 from perc.netutil import set_receive_buffer  # noqa: E402
 
 CONFERENCE = "bench-forward"
-#: Every SAMPLE_EVERY-th packet a receiver gets is kept and verified.
-SAMPLE_EVERY = 64
 #: Receive buffer of each endpoint socket: the receivers must never be where loss happens.
 ENDPOINT_RCVBUF = 8 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -135,6 +135,9 @@ def parse_args(argv):
                              "different CPUs (pinned by default when there are two or more)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (PKI, daemon logs)")
+    parser.add_argument("--sample-every", type=int, default=1, metavar="N",
+                        help="verify every N-th packet each receiver gets (default 1: every "
+                             "forwarded packet, byte for byte, after each trial's figures)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="whole runs (fresh daemons each); the ratios are reported as "
                              "min, median and max over them (default 3)")
@@ -145,6 +148,8 @@ def parse_args(argv):
         return args
     if not 1 <= args.repeat <= 20:
         parser.error("--repeat must be 1 to 20")
+    if args.sample_every < 1:
+        parser.error("--sample-every must be 1 or more")
     if not 2 <= args.endpoints <= 50:
         parser.error("--endpoints must be 2 to 50")
     if not 0.2 <= args.seconds <= 10:
@@ -563,7 +568,11 @@ def udp_drops(ports):
 class Load:
     """The sender (endpoint 1) and the receivers (the others), driven from one loop."""
 
-    def __init__(self, endpoints, payload_size, ekt):
+    def __init__(self, endpoints, payload_size, ekt, sample_every=1):
+        self.sample_every = sample_every
+        #: Wall time spent verifying (after each trial's figures): the
+        #: search's time budget does not count it (see clock()).
+        self.verify_seconds = 0.0
         self.sender = endpoints[0]
         self.receivers = endpoints[1:]
         # Opaque bytes standing for inner ciphertext + inner tag; the last
@@ -596,6 +605,7 @@ class Load:
         buffer = self.buffer
         length = self.wire_length
         tag = self.ssrc_tag
+        every = self.sample_every
         for fd, _ in self.poller.poll(timeout):
             r = self.by_fd[fd]
             recv_into = r.sock.recv_into
@@ -608,8 +618,8 @@ class Load:
                     # up may still deliver the end of the previous one).
                     if n == length and buffer[8:12] == tag:
                         count += 1
-                        if not count % SAMPLE_EVERY:
-                            r.samples.append(bytes(buffer[:n]))
+                        if not count % every:
+                            r.samples.append(buffer[:n])
                     else:
                         r.other += 1
             except BlockingIOError:
@@ -626,8 +636,19 @@ class Load:
             r.count = r.other = 0
             r.samples = []
 
+    def clock(self):
+        """time.monotonic() less the time spent verifying: the search's clock."""
+        return time.monotonic() - self.verify_seconds
+
     def verify(self, ssrc):
         """Unprotect every kept sample with the receiver's hop-by-hop key; raise if one fails."""
+        started = time.monotonic()
+        try:
+            self._verify(ssrc)
+        finally:
+            self.verify_seconds += time.monotonic() - started
+
+    def _verify(self, ssrc):
         import pylibsrtp
 
         tail = len(self.ekt_tail)
@@ -637,7 +658,7 @@ class Load:
                     raise BenchFailure("endpoint {}: the EKT field was not passed through".format(
                         r.index + 1))
                 try:
-                    plain = r.inbound.unprotect(packet[:len(packet) - tail])
+                    plain = r.inbound.unprotect(bytes(packet[:len(packet) - tail]))
                 except (pylibsrtp.Error, ValueError) as error:
                     raise BenchFailure("endpoint {}: outer layer failed verification: {}".format(
                         r.index + 1, error))
@@ -776,7 +797,7 @@ def _attempt(load, state, relay, ssrc, rate, seconds, retries, deadline, label, 
             label, " slipped" if slipped else " again" if attempt else ""), trial)
         if trial["loss"] == 0:
             return True, trial
-        late = time.monotonic() > deadline
+        late = load.clock() > deadline
         if slipped and trial["relay_cpu_share"] < 0.85:
             # This process could not keep the pace and the relay was not
             # busy all the time: something else held them up, the loss says
@@ -829,7 +850,7 @@ def search(load, relays, seconds, steps, retries, log, deadline):
                         max_slips)
 
     ramping = list(results.values())
-    while ramping and time.monotonic() <= deadline:
+    while ramping and load.clock() <= deadline:
         for state in list(ramping):
             rate = state["ramp"]
             verdict, trial = run(state, rate, "ramp")
@@ -840,7 +861,7 @@ def search(load, relays, seconds, steps, retries, log, deadline):
                 state["hi"] = rate
                 ramping.remove(state)
     for step in range(steps):
-        if time.monotonic() > deadline:
+        if load.clock() > deadline:
             print("  (time budget reached: search stopped after {} bisection steps)".format(step))
             break
         for state in results.values():
@@ -855,7 +876,7 @@ def search(load, relays, seconds, steps, retries, log, deadline):
     for name, (relay, ssrc) in relays.items():
         state = results[name]
         rate = state["hi"] or RAMP_START
-        while state["best"] is None and rate > 20 and time.monotonic() < deadline + 10:
+        while state["best"] is None and rate > 20 and load.clock() < deadline + 10:
             # Nothing was loss-free (a very busy machine?): go lower.
             rate /= 2
             trial = load.trial(relay, ssrc, rate, seconds)
@@ -918,7 +939,7 @@ def run(args):
             address = distributors.media_address
             pid = distributors.md.pid
 
-        load = Load(endpoints, args.payload, ekt)
+        load = Load(endpoints, args.payload, ekt, args.sample_every)
         print("perc bench forward: {} endpoints (1 sender, {} receivers), {}-octet payload "
               "({}-octet SRTP packets{}), {}".format(
                   args.endpoints, args.endpoints - 1, args.payload, load.wire_length,

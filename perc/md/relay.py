@@ -418,17 +418,18 @@ class MediaRelay(protocol.DatagramProtocol):
         if fanout is None:
             fanout = self._buildFanout(endpoint.conference)
         members = () if fanout is None else fanout[0]
-        send = self._sendto
-        if send is None:
-            send = self.transport.write
         outbox = self._outbox
         if outbox is not None:
+            # Batched: protected in place into the port's send slots.
             forwarded, failed = outbox.rtp(plain, members, endpoint, ekt_field)
             if failed:
                 self._count("dropped-protect-failed", failed)
             counters = self.counters
             counters["forwarded-rtp"] = counters.get("forwarded-rtp", 0) + forwarded
             return
+        send = self._sendto
+        if send is None:
+            send = self.transport.write
         forwarded = 0
         for other, other_address, protect, other_ekt, _ in members:
             if other is endpoint:

@@ -31,6 +31,7 @@ __all__ = [
     "http_json",
     "register_endpoint",
     "cpu_seconds",
+    "cpu_times",
     "print_json_last",
 ]
 
@@ -247,12 +248,17 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat``)."""
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid`` so far (``/proc/PID/stat``)."""
     with open("/proc/{}/stat".format(pid)) as f:
         stat = f.read()
     # The command name (field 2) may hold spaces: split after its ')'.
     fields = stat[stat.rindex(")") + 2:].split()
     # Fields 14 and 15 (utime, stime) are at 11 and 12 after the state (field 3).
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
 
 
 def print_json_last(document: dict) -> None:

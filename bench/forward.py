@@ -19,9 +19,11 @@ Media: endpoint 1 sends RTP packets with a ``--payload``-octet payload
 protected with its exported hop-by-hop client key, each followed by a
 ShortEKTField when EKT was negotiated (as a PERC endpoint sends).  The K-1
 other endpoints count what arrives (their sockets have large buffers: loss
-is never theirs; ``drops`` in the table shows where it happened) and check
-the outer layer of every 64th packet with their hop-by-hop server key, and
-that the payload and EKT field are the ones sent.
+is never theirs; ``drops`` in the table shows where it happened) and keep
+what arrives; after each trial's figures are taken, every packet kept is
+checked (``--sample-every N``: every N-th): its outer layer with the
+receiver's hop-by-hop server key, its header, payload and EKT field against
+what was sent.  The search's time budget does not count that checking.
 
 Baseline: a subprocess with one plain blocking UDP socket and, per endpoint,
 the same pylibsrtp sessions the Media Distributor has (same exported keys):
@@ -83,8 +85,6 @@ from perc.md.tap import DEFAULT_UDP_RECEIVE_BUFFER  # noqa: E402
 from perc.netutil import set_receive_buffer  # noqa: E402
 
 CONFERENCE = "bench-forward"
-#: Every SAMPLE_EVERY-th packet a receiver gets is kept and verified.
-SAMPLE_EVERY = 64
 #: Receive buffer of each endpoint socket: the receivers must never be where loss happens.
 ENDPOINT_RCVBUF = 8 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -135,10 +135,21 @@ def parse_args(argv):
                              "different CPUs (pinned by default when there are two or more)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (PKI, daemon logs)")
+    parser.add_argument("--sample-every", type=int, default=1, metavar="N",
+                        help="verify every N-th packet each receiver gets (default 1: every "
+                             "forwarded packet, byte for byte, after each trial's figures)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="whole runs (fresh daemons each); the ratios are reported as "
+                             "min, median and max over them (default 3)")
     parser.add_argument("--baseline-relay", metavar="CONFIG", help=argparse.SUPPRESS)
+    parser.add_argument("--floor", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.baseline_relay:
+    if args.baseline_relay or args.floor:
         return args
+    if not 1 <= args.repeat <= 20:
+        parser.error("--repeat must be 1 to 20")
+    if args.sample_every < 1:
+        parser.error("--sample-every must be 1 or more")
     if not 2 <= args.endpoints <= 50:
         parser.error("--endpoints must be 2 to 50")
     if not 0.2 <= args.seconds <= 10:
@@ -213,6 +224,132 @@ def run_baseline_relay(config_path: str) -> int:
             continue
         for protect, other in entry[1]:
             sendto(protect(plain) + tail, other)
+
+
+def run_floor(config_path: str) -> int:
+    """
+    The physical floor under a relay's cost per forwarded packet, measured
+    in a process of its own (pinned like the relays): the kernel's send
+    path alone (``sendmmsg`` of prebuilt datagrams of the forwarded size to
+    the receivers, no Python per datagram) and one pylibsrtp protect alone
+    (distinct packets of the sent size, the receivers' profile).  Prints
+    one JSON line: user and system CPU seconds per datagram of each.
+    """
+    import pylibsrtp
+
+    from perc import mmsg
+
+    with open(config_path) as f:
+        config = json.load(f)
+    os.unlink(config_path)
+    seconds = config["seconds"]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    receivers = [tuple(a) for a in config["receivers"]]
+    batch = mmsg.BatchSocket(sock.fileno(), socket.AF_INET)
+    wire = os.urandom(config["wire_length"])
+    messages = [(wire, receivers[i % len(receivers)])
+                for i in range(64 // len(receivers) * len(receivers))]
+    batch.prepare(messages)
+    send = batch.send_prepared
+    figures = {}
+    before, sent, start = os.times(), 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(16):
+            count = send()
+            if count > 0:
+                sent += count
+    after = os.times()
+    figures["send_user_s"] = (after.user - before.user) / max(1, sent)
+    figures["send_system_s"] = (after.system - before.system) / max(1, sent)
+    figures["sent"] = sent
+    session = pylibsrtp.Session(pylibsrtp.Policy(
+        key=bytes.fromhex(config["key"]), ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
+        srtp_profile=config["srtp_profile"]))
+    payload = os.urandom(config["plain_length"] - RTP_HEADER.size)
+    protect = session.protect
+    protected = 0
+    before, start = os.times(), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        plains = [RTP_HEADER.pack(0x80, 96, s & 0xFFFF, s * 160, 0x5EED) + payload
+                  for s in range(protected + 1, protected + 2001)]
+        for plain in plains:
+            protect(plain)
+        protected += len(plains)
+    after = os.times()
+    # The packets' construction is charged too: a few percent of a
+    # protect, so the floor is slightly high, never low.
+    figures["protect_user_s"] = (after.user - before.user) / protected
+    figures["protect_system_s"] = (after.system - before.system) / protected
+    figures["protected"] = protected
+    # For the record, not in the floor: libsrtp's protect in place (what
+    # perc-md's batched path calls), without pylibsrtp's Python wrapper.
+    from perc.md import srtpbatch
+
+    if srtpbatch.available():
+        from pylibsrtp import _binding
+
+        ffi, lib = _binding.ffi, _binding.lib
+        buffer, cell = ffi.new("char[]", 1500), ffi.new("int *")
+        view = ffi.buffer(buffer)
+        context, srtp_protect = srtpbatch.context(session), lib.srtp_protect
+        done = 0
+        before, start = os.times(), time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            plains = [RTP_HEADER.pack(0x80, 96, s & 0xFFFF, s * 160, 0x5EEE) + payload
+                      for s in range(done + 1, done + 2001)]
+            for plain in plains:
+                view[0:len(plain)] = plain
+                cell[0] = len(plain)
+                srtp_protect(context, buffer, cell)
+            done += len(plains)
+        after = os.times()
+        figures["protect_in_place_s"] = (after.user - before.user + after.system
+                                         - before.system) / done
+    print(json.dumps(figures), flush=True)
+    return 0
+
+
+def measure_floor(directory, load, srtp_profile, pin_cpu, seconds=1.0):
+    """
+    Run :func:`run_floor` in a subprocess while this process drains the
+    receivers; returns its figures plus ``floor_s`` (send + protect, user +
+    system) per forwarded packet.
+    """
+    config_path = os.path.join(directory, "floor.json")
+    fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    receiver = load.receivers[0]
+    with os.fdopen(fd, "w") as f:
+        json.dump({"seconds": seconds, "srtp_profile": srtp_profile,
+                   "receivers": [list(r.address) for r in load.receivers],
+                   "wire_length": load.wire_length,
+                   "plain_length": RTP_HEADER.size + len(load.payload),
+                   "key": (receiver.hbh.server_key + receiver.hbh.server_salt).hex()}, f)
+    process = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--floor", config_path],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        if pin_cpu is not None:
+            os.sched_setaffinity(process.pid, {pin_cpu})
+        while process.poll() is None:
+            load.drain(0.01)
+        output = process.stdout.read()
+    finally:
+        process.stdout.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    load.discard()
+    try:
+        figures = json.loads(output.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BenchFailure("the floor measurement failed (exit status {})".format(
+            process.returncode))
+    figures["send_s"] = figures["send_user_s"] + figures["send_system_s"]
+    figures["protect_s"] = figures["protect_user_s"] + figures["protect_system_s"]
+    figures["floor_s"] = figures["send_s"] + figures["protect_s"]
+    return figures
 
 
 class BaselineRelay:
@@ -374,14 +511,17 @@ def equal_rate(load, relays, rate, seconds, rounds, log):
     Every relay at the same paced ``rate``, alternately, ``rounds`` times:
     CPU seconds per forwarded packet when both do the same work.
     """
-    totals = {name: [0.0, 0] for name in relays}
+    totals = {name: [0.0, 0.0, 0] for name in relays}
     for _ in range(rounds):
         for name, (relay, ssrc) in relays.items():
             trial = load.trial(relay, ssrc, rate, seconds)
             log(name, "same rate", trial)
-            totals[name][0] += trial["relay_cpu_s"]
-            totals[name][1] += trial["received"]
-    return {name: cpu / max(1, received) for name, (cpu, received) in totals.items()}
+            totals[name][0] += trial["relay_user_s"]
+            totals[name][1] += trial["relay_system_s"]
+            totals[name][2] += trial["received"]
+    return {name: {"cpu": (user + system) / max(1, received), "user": user / max(1, received),
+                   "system": system / max(1, received)}
+            for name, (user, system, received) in totals.items()}
 
 
 def pin(relay_pids):
@@ -428,7 +568,11 @@ def udp_drops(ports):
 class Load:
     """The sender (endpoint 1) and the receivers (the others), driven from one loop."""
 
-    def __init__(self, endpoints, payload_size, ekt):
+    def __init__(self, endpoints, payload_size, ekt, sample_every=1):
+        self.sample_every = sample_every
+        #: Wall time spent verifying (after each trial's figures): the
+        #: search's time budget does not count it (see clock()).
+        self.verify_seconds = 0.0
         self.sender = endpoints[0]
         self.receivers = endpoints[1:]
         # Opaque bytes standing for inner ciphertext + inner tag; the last
@@ -461,6 +605,7 @@ class Load:
         buffer = self.buffer
         length = self.wire_length
         tag = self.ssrc_tag
+        every = self.sample_every
         for fd, _ in self.poller.poll(timeout):
             r = self.by_fd[fd]
             recv_into = r.sock.recv_into
@@ -473,8 +618,8 @@ class Load:
                     # up may still deliver the end of the previous one).
                     if n == length and buffer[8:12] == tag:
                         count += 1
-                        if not count % SAMPLE_EVERY:
-                            r.samples.append(bytes(buffer[:n]))
+                        if not count % every:
+                            r.samples.append(buffer[:n])
                     else:
                         r.other += 1
             except BlockingIOError:
@@ -491,8 +636,19 @@ class Load:
             r.count = r.other = 0
             r.samples = []
 
+    def clock(self):
+        """time.monotonic() less the time spent verifying: the search's clock."""
+        return time.monotonic() - self.verify_seconds
+
     def verify(self, ssrc):
         """Unprotect every kept sample with the receiver's hop-by-hop key; raise if one fails."""
+        started = time.monotonic()
+        try:
+            self._verify(ssrc)
+        finally:
+            self.verify_seconds += time.monotonic() - started
+
+    def _verify(self, ssrc):
         import pylibsrtp
 
         tail = len(self.ekt_tail)
@@ -502,7 +658,7 @@ class Load:
                     raise BenchFailure("endpoint {}: the EKT field was not passed through".format(
                         r.index + 1))
                 try:
-                    plain = r.inbound.unprotect(packet[:len(packet) - tail])
+                    plain = r.inbound.unprotect(bytes(packet[:len(packet) - tail]))
                 except (pylibsrtp.Error, ValueError) as error:
                     raise BenchFailure("endpoint {}: outer layer failed verification: {}".format(
                         r.index + 1, error))
@@ -532,7 +688,7 @@ class Load:
         address = relay.address
         drain = self.drain
         drops_before = udp_drops([relay.address[1]] + [r.address[1] for r in self.receivers])
-        cpu_before = _common.cpu_seconds(relay.pid)
+        user_before, system_before = _common.cpu_times(relay.pid)
         load_before = time.process_time()
         sent = 0
         start = last_arrival = time.perf_counter()
@@ -580,7 +736,9 @@ class Load:
                   and not udp_receive_queue(relay.address[1])):
                 break
         load_cpu = time.process_time() - load_before
-        relay_cpu = _common.cpu_seconds(relay.pid) - cpu_before
+        user_after, system_after = _common.cpu_times(relay.pid)
+        relay_user, relay_system = user_after - user_before, system_after - system_before
+        relay_cpu = relay_user + relay_system
         wall = time.perf_counter() - start
         drops_after = udp_drops([relay.address[1]] + [r.address[1] for r in self.receivers])
         received = sum(r.count for r in self.receivers)
@@ -604,6 +762,8 @@ class Load:
             "delivered_in_pps": received / len(self.receivers) / max(
                 last_arrival - start, send_seconds),
             "relay_cpu_s": relay_cpu,
+            "relay_user_s": relay_user,
+            "relay_system_s": relay_system,
             "relay_cpu_share": relay_cpu / wall,
             "relay_cpu_s_per_packet": relay_cpu / received if received else None,
             "load_cpu_share": load_cpu / wall,
@@ -637,7 +797,7 @@ def _attempt(load, state, relay, ssrc, rate, seconds, retries, deadline, label, 
             label, " slipped" if slipped else " again" if attempt else ""), trial)
         if trial["loss"] == 0:
             return True, trial
-        late = time.monotonic() > deadline
+        late = load.clock() > deadline
         if slipped and trial["relay_cpu_share"] < 0.85:
             # This process could not keep the pace and the relay was not
             # busy all the time: something else held them up, the loss says
@@ -690,7 +850,7 @@ def search(load, relays, seconds, steps, retries, log, deadline):
                         max_slips)
 
     ramping = list(results.values())
-    while ramping and time.monotonic() <= deadline:
+    while ramping and load.clock() <= deadline:
         for state in list(ramping):
             rate = state["ramp"]
             verdict, trial = run(state, rate, "ramp")
@@ -701,7 +861,7 @@ def search(load, relays, seconds, steps, retries, log, deadline):
                 state["hi"] = rate
                 ramping.remove(state)
     for step in range(steps):
-        if time.monotonic() > deadline:
+        if load.clock() > deadline:
             print("  (time budget reached: search stopped after {} bisection steps)".format(step))
             break
         for state in results.values():
@@ -716,7 +876,7 @@ def search(load, relays, seconds, steps, retries, log, deadline):
     for name, (relay, ssrc) in relays.items():
         state = results[name]
         rate = state["hi"] or RAMP_START
-        while state["best"] is None and rate > 20 and time.monotonic() < deadline + 10:
+        while state["best"] is None and rate > 20 and load.clock() < deadline + 10:
             # Nothing was loss-free (a very busy machine?): go lower.
             rate /= 2
             trial = load.trial(relay, ssrc, rate, seconds)
@@ -779,7 +939,7 @@ def run(args):
             address = distributors.media_address
             pid = distributors.md.pid
 
-        load = Load(endpoints, args.payload, ekt)
+        load = Load(endpoints, args.payload, ekt, args.sample_every)
         print("perc bench forward: {} endpoints (1 sender, {} receivers), {}-octet payload "
               "({}-octet SRTP packets{}), {}".format(
                   args.endpoints, args.endpoints - 1, args.payload, load.wire_length,
@@ -803,6 +963,11 @@ def run(args):
                          started + max(30.0, 40 * args.seconds))
         same_rate = 0.8 * min(r["best"]["offered_pps"] for r in results.values())
         same = equal_rate(load, relays, same_rate, args.seconds, 2, log)
+        floor = measure_floor(directory, load, args.profile.hbh_libsrtp_profile,
+                              sorted(os.sched_getaffinity(0))[-1] if placement else None,
+                              args.seconds)
+        md_same = same["perc-md"]
+        floor_ratio = md_same["cpu"] / floor["floor_s"]
         status, md_status = _common.http_json("GET", distributors.md_api + "/v1/status",
                                               distributors.md_token)
         counters = (md_status or {}).get("counters", {})
@@ -843,8 +1008,24 @@ def run(args):
         print("  ratio     {:.3f} (perc-md / baseline; loss 0 at both rates)".format(ratio))
         print("  both at {:.0f} packets/s: perc-md {:.2f} us, baseline {:.2f} us CPU per forwarded "
               "packet (baseline / perc-md = {:.3f})".format(
-                  same_rate, same["perc-md"] * 1e6, same["baseline"] * 1e6,
-                  same["baseline"] / same["perc-md"]))
+                  same_rate, md_same["cpu"] * 1e6, same["baseline"]["cpu"] * 1e6,
+                  same["baseline"]["cpu"] / md_same["cpu"]))
+        print("    user / system: perc-md {:.2f} / {:.2f} us, baseline {:.2f} / {:.2f} us".format(
+            md_same["user"] * 1e6, md_same["system"] * 1e6, same["baseline"]["user"] * 1e6,
+            same["baseline"]["system"] * 1e6))
+        print("  floor {:.2f} us per forwarded packet = kernel send path {:.2f} us (user {:.2f}, "
+              "system {:.2f}; sendmmsg of prebuilt datagrams) + pylibsrtp protect {:.2f} us "
+              "(user {:.2f}, system {:.2f})".format(
+                  floor["floor_s"] * 1e6, floor["send_s"] * 1e6, floor["send_user_s"] * 1e6,
+                  floor["send_system_s"] * 1e6, floor["protect_s"] * 1e6,
+                  floor["protect_user_s"] * 1e6, floor["protect_system_s"] * 1e6))
+        print("  perc-md CPU per forwarded packet / floor = {:.3f} (at the same rate)".format(
+            floor_ratio))
+        if "protect_in_place_s" in floor:
+            print("    (libsrtp protect in place, without pylibsrtp's wrapper: {:.2f} us; with it "
+                  "in the floor instead, the ratio would be {:.3f})".format(
+                      floor["protect_in_place_s"] * 1e6,
+                      md_same["cpu"] / (floor["send_s"] + floor["protect_in_place_s"])))
         md_full, base_full = results["perc-md"]["full"], results["baseline"]["full"]
         print("  at full speed: perc-md delivered {:.0f}/s (loss {:.1%}), baseline {:.0f}/s "
               "(loss {:.1%})".format(md_full["delivered_in_pps"], md_full["loss"],
@@ -878,9 +1059,20 @@ def run(args):
             "forward_out_pps": round(forward_pps * receivers, 1),
             "md_cpu_s_per_packet": md_best["relay_cpu_s_per_packet"],
             "same_rate_pps": round(same_rate, 1),
-            "md_cpu_s_per_packet_same_rate": same["perc-md"],
-            "baseline_cpu_s_per_packet_same_rate": same["baseline"],
-            "cpu_ratio_same_rate": round(same["baseline"] / same["perc-md"], 4),
+            "md_cpu_s_per_packet_same_rate": md_same["cpu"],
+            "md_user_s_per_packet_same_rate": md_same["user"],
+            "md_system_s_per_packet_same_rate": md_same["system"],
+            "baseline_cpu_s_per_packet_same_rate": same["baseline"]["cpu"],
+            "baseline_user_s_per_packet_same_rate": same["baseline"]["user"],
+            "baseline_system_s_per_packet_same_rate": same["baseline"]["system"],
+            "cpu_ratio_same_rate": round(same["baseline"]["cpu"] / md_same["cpu"], 4),
+            "floor": {key: floor[key] for key in (
+                "floor_s", "send_s", "send_user_s", "send_system_s", "protect_s",
+                "protect_user_s", "protect_system_s", "protect_in_place_s") if key in floor},
+            "md_cpu_per_packet_over_floor": round(floor_ratio, 4),
+            "md_udp_io": "recvfrom/sendto" if os.environ.get("PERC_UDP_BATCH", "1").strip()
+                         in ("0", "no", "false", "off") else "default (recvmmsg/sendmmsg "
+                                                             "where available)",
             "relay_receive_buffer": baseline.receive_buffer,
             "baseline_cpu_s_per_packet": base_best["relay_cpu_s_per_packet"],
             "md_cpu_share": round(md_best["relay_cpu_share"], 3),
@@ -923,12 +1115,28 @@ def start_distributors(directory, md_args, kd_args, md_profile):
                                       md_twistd_options=options)
 
 
+def _spread(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    median = (ordered[middle] if len(ordered) % 2
+              else (ordered[middle - 1] + ordered[middle]) / 2)
+    return {"min": round(ordered[0], 4), "median": round(median, 4),
+            "max": round(ordered[-1], 4)}
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.baseline_relay:
         return run_baseline_relay(args.baseline_relay)
+    if args.floor:
+        return run_floor(args.floor)
+    runs = []
     try:
-        document = run(args)
+        for number in range(args.repeat):
+            if args.repeat > 1:
+                print("== run {} of {}".format(number + 1, args.repeat), flush=True)
+            runs.append(run(args))
+            print()
     except (BenchFailure, RuntimeError) as error:
         print("FAILED: {}".format(error), file=sys.stderr, flush=True)
         _common.print_json_last({"benchmark": "forward", "ok": False, "error": str(error)})
@@ -942,6 +1150,19 @@ def main(argv=None):
             pstats.Stats(args.md_profile).sort_stats("tottime").print_stats(25)
         except (OSError, TypeError, ValueError) as error:
             print("  cannot read {}: {}".format(args.md_profile, error))
+    document = dict(runs[-1])
+    document["repeat"] = args.repeat
+    document["runs"] = [{key: run[key] for key in (
+        "ratio", "cpu_ratio_same_rate", "md_cpu_per_packet_over_floor", "forward_pps",
+        "baseline_pps", "md_cpu_s_per_packet_same_rate")} for run in runs]
+    for key in ("ratio", "cpu_ratio_same_rate", "md_cpu_per_packet_over_floor"):
+        document[key + "_spread"] = _spread([run[key] for run in runs])
+    print("Over {} runs (min / median / max): ratio {ratio[min]} / {ratio[median]} / "
+          "{ratio[max]}; same-rate CPU ratio {cpu[min]} / {cpu[median]} / {cpu[max]}; "
+          "perc-md / floor {floor[min]} / {floor[median]} / {floor[max]}".format(
+              len(runs), ratio=document["ratio_spread"],
+              cpu=document["cpu_ratio_same_rate_spread"],
+              floor=document["md_cpu_per_packet_over_floor_spread"]))
     _common.print_json_last(document)
     return 0
 

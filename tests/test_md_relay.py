@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import struct
 import uuid
 
@@ -20,11 +21,13 @@ import pylibsrtp
 from hypothesis import given, settings, strategies as st
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from perc import dtls, hello, rtp, wire
+from perc import dtls, hello, mmsg, rtp, wire
+from perc.md import srtpbatch
 from perc.md.conference import Memberships
 from perc.md.relay import MediaRelay, RelayLimits
+from perc.mmsg import BatchSocket
 from perc.profiles import DEFAULT_PROFILES, by_id
 
 from tests.test_hello import rewrite, server_flight
@@ -1589,3 +1592,90 @@ class RtcpTableBoundTests(RelayTestCase):
         self.assertEqual(self.relay._ssrc_total, 2)
         media(b, 0xB3)
         self.assertEqual(placed(0xB3), [ADDR_B])
+
+
+# --------------------------------------------------------------------------
+# Every test above again, through the batched path
+
+
+class RecordingBatchSocket(BatchSocket):
+    """
+    A real BatchSocket (its slots filled and protected in place by the
+    relay's SrtpSendBatch) whose ``sendmmsg`` is replaced by recording each
+    queued datagram, read back from its slot, into ``transport``: the test
+    addresses are not ours to send to.
+    """
+
+    def __init__(self, transport: RecordingTransport):
+        self._unused = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        super().__init__(self._unused.fileno(), socket.AF_INET, batch=8,
+                         send_slot=8192 + srtpbatch.SLOT_EXTRA)
+        self.transport = transport
+
+    def send_queued(self, count, result):
+        addresses = {name: address for address, name in self.names.items()}
+        for index in range(count):
+            start = index * self.send_slot
+            self.transport.written.append(
+                (bytes(self.send_view[start:start + self.send_lengths[index]]),
+                 addresses[self.send_names[index]]))
+        result.sent += count
+        return True
+
+    def close(self):
+        self._unused.close()
+
+
+class BatchedRelayMixin:
+    """
+    The relay gets each datagram as a batch of one (``datagramsReceived``)
+    and queues what it forwards in an SrtpSendBatch (8 slots, so that the
+    largest fan-outs fill them more than once).
+    """
+
+    def setUp(self):
+        super().setUp()
+        sock = RecordingBatchSocket(self.transport)
+        self.addCleanup(sock.close)
+        self.transport.srtpBatch = srtpbatch.SrtpSendBatch(sock)
+        self.relay.datagramReceived = lambda data, address: self.relay.datagramsReceived(
+            [(data, address)])
+
+
+class BatchErrorTests(BatchedRelayMixin, RelayTestCase):
+    def test_error_in_one_datagram_does_not_lose_the_batch(self):
+        """It is logged as Twisted's port logs it; the rest of the batch is forwarded."""
+        a = self.join("A", ADDR_A, TLS_A)
+        b = self.join("B", ADDR_B, TLS_B)
+
+        def broken(association_id, data):
+            raise RuntimeError("the tunnel broke")
+
+        self.tunnel.sendDtls = broken
+        self.memberships.put("conf", TLS_C)
+        self.transport.clear()
+        plains = [a.rtp(), a.rtp()]
+        self.relay.datagramsReceived([(a.protect(plains[0]), ADDR_A),
+                                      (client_hello(TLS_C), ADDR_C),
+                                      (a.protect(plains[1]), ADDR_A)])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual([b.receiver.unprotect(data) for data in self.transport.to(ADDR_B)],
+                         plains)
+
+
+def _skip_hypothesis(self):
+    raise SkipTest("a hypothesis test runs on the portable path only")
+
+
+if mmsg.available() and srtpbatch.available():
+    for _name, _case in list(globals().items()):
+        if (isinstance(_case, type) and issubclass(_case, RelayTestCase)
+                and _case is not RelayTestCase and not issubclass(_case, BatchedRelayMixin)):
+            # Hypothesis refuses one test method run by two classes: those
+            # stay on the portable path (test_md_batchport covers batches).
+            _skips = {attribute: _skip_hypothesis for attribute in dir(_case)
+                      if attribute.startswith("test_")
+                      and hasattr(getattr(_case, attribute), "hypothesis")}
+            globals()["Batched" + _name] = type("Batched" + _name, (BatchedRelayMixin, _case),
+                                               dict(_skips, __module__=__name__))
+    del _name, _case, _skips

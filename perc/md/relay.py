@@ -19,13 +19,14 @@ from __future__ import annotations
 import struct
 import uuid
 from dataclasses import dataclass, field
-from errno import ECONNREFUSED, EMSGSIZE
+from errno import ECONNREFUSED, EMSGSIZE, errorcode
 
 import pylibsrtp
 from twisted.internet import error, protocol, task, udp
 from twisted.logger import Logger
 
 from perc import hello, rtp, wire
+from perc.md import srtpbatch
 from perc.profiles import Profile, by_id
 from perc.waitingroom import WaitingRoom
 
@@ -192,6 +193,9 @@ class MediaRelay(protocol.DatagramProtocol):
         self._ssrc_owners: dict[str, dict[int, Endpoint]] = {}
         self._ssrc_total = 0
         self._sendto = None
+        # While a batch from datagramsReceived is handled: where forwarded
+        # packets are protected and queued (the port's SrtpSendBatch).
+        self._outbox: srtpbatch.SrtpSendBatch | None = None
         self._new_per_host: dict[str, int] = {}
         # A ClientHello split into fragments names its endpoint only once
         # whole; the Key Distributor then gets it whole too.
@@ -245,6 +249,35 @@ class MediaRelay(protocol.DatagramProtocol):
             self._dtls(data, address)
         else:
             self._count("dropped-" + kind.name.lower())
+
+    # What datagramsReceived does with each datagram of a batch.
+    _handleDatagram = datagramReceived
+
+    def datagramsReceived(self, datagrams) -> None:
+        """
+        A batch of ``(data, address)`` pairs read at once (a transport with
+        an ``srtpBatch``, :class:`perc.md.batchport.BatchedPort`): each is
+        handled as :meth:`datagramReceived` would, and the media and RTCP
+        they cause go out together at the end, in the same order.  What
+        the transport could not send is counted ``dropped-send-<errno>``.
+        """
+        outbox = self._outbox = self.transport.srtpBatch
+        handle = self._handleDatagram
+        try:
+            for data, address in datagrams:
+                try:
+                    handle(data, address)
+                except Exception:  # noqa: BLE001
+                    # As Twisted's port does for one datagram: logged, and
+                    # the rest of the batch is still handled.
+                    self.log.failure("Unhandled error in a datagram from {address}",
+                                     address=address)
+        finally:
+            self._outbox = None
+            result = outbox.flush()
+        if result.failed:
+            for number, count in result.failed.items():
+                self._count("dropped-send-" + errorcode.get(number, str(number)).lower(), count)
 
     def _dtls(self, data: bytes, address) -> None:
         data = self._helloFragments.feed(address, data, self.clock.seconds())
@@ -385,11 +418,20 @@ class MediaRelay(protocol.DatagramProtocol):
         if fanout is None:
             fanout = self._buildFanout(endpoint.conference)
         members = () if fanout is None else fanout[0]
+        outbox = self._outbox
+        if outbox is not None:
+            # Batched: protected in place into the port's send slots.
+            forwarded, failed = outbox.rtp(plain, members, endpoint, ekt_field)
+            if failed:
+                self._count("dropped-protect-failed", failed)
+            counters = self.counters
+            counters["forwarded-rtp"] = counters.get("forwarded-rtp", 0) + forwarded
+            return
         send = self._sendto
         if send is None:
             send = self.transport.write
         forwarded = 0
-        for other, other_address, protect, other_ekt in members:
+        for other, other_address, protect, other_ekt, _ in members:
             if other is endpoint:
                 continue
             try:
@@ -460,8 +502,9 @@ class MediaRelay(protocol.DatagramProtocol):
         send = self._sendto
         if send is None:
             send = self.transport.write
+        outbox = self._outbox
         forwarded = 0
-        for other, other_address, protect, _ in members:
+        for other, other_address, protect, _, context in members:
             if other is endpoint:
                 continue
             mine = plain
@@ -472,6 +515,12 @@ class MediaRelay(protocol.DatagramProtocol):
                     continue
                 if len(chosen) != len(parts):
                     mine = b"".join(chosen)
+            if outbox is not None:
+                if outbox.rtcp(mine, context, other_address):
+                    forwarded += 1
+                else:
+                    self._count("dropped-protect-failed")
+                continue
             try:
                 out = protect(mine)
             except (pylibsrtp.Error, ValueError):
@@ -533,7 +582,11 @@ class MediaRelay(protocol.DatagramProtocol):
         self._fanout.pop(conference, None)
 
     def _buildFanout(self, conference: str):
-        """The (endpoint, address, protect, ekt) tables for RTP and RTCP, or None."""
+        """
+        The (endpoint, address, protect, ekt, libsrtp context) tables for RTP
+        and RTCP, or None.  The bound ``protect`` keeps the session (and so
+        its context) alive while the table is.
+        """
         members = self._conferences.get(conference)
         if not members:
             return None
@@ -541,8 +594,10 @@ class MediaRelay(protocol.DatagramProtocol):
         # order iterating the set gives.
         ordered = tuple(members)
         fanout = self._fanout[conference] = (
-            tuple((m, m.address, m.outbound.protect, m.ekt) for m in ordered),
-            tuple((m, m.address, m.outbound.protect_rtcp, False) for m in ordered))
+            tuple((m, m.address, m.outbound.protect, m.ekt, srtpbatch.context(m.outbound))
+                  for m in ordered),
+            tuple((m, m.address, m.outbound.protect_rtcp, False, srtpbatch.context(m.outbound))
+                  for m in ordered))
         return fanout
 
     # -- messages from tunnels ------------------------------------------

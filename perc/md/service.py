@@ -14,6 +14,7 @@ from perc.errors import ConfigError
 from perc.httpapi import OperationsResource, make_site
 from perc.kd.roster import InvalidRegistration
 from perc.md.api import make_api_site
+from perc.md.batchport import BatchedPort, listen_media_udp
 from perc.md.conference import Memberships
 from perc.md.relay import MediaRelay, RelayLimits
 from perc.md.tunnel import TunnelPool
@@ -112,12 +113,15 @@ class MediaDistributorService(service.MultiService):
 
     def privilegedStartService(self):
         try:
-            self.ports["media"] = self.reactor.listenUDP(
-                self.media_port, self.relay, interface=self.media_interface)
+            # recvmmsg/sendmmsg where available (PERC_UDP_BATCH=0: recvfrom/sendto).
+            self.ports["media"] = listen_media_udp(
+                self.reactor, self.media_port, self.relay, interface=self.media_interface)
         except Exception as error:
             raise SystemExit("perc-md: cannot bind --media-port {} on {}: {}".format(
                 self.media_port, self.media_interface, error))
-        self.log.info("Endpoints' UDP port: {address}", address=self.ports["media"].getHost())
+        self.log.info("Endpoints' UDP port: {address} ({io})", address=self.ports["media"].getHost(),
+                      io="recvmmsg/sendmmsg" if isinstance(self.ports["media"], BatchedPort)
+                      else "recvfrom/sendto")
         if self.udp_receive_buffer is not None:
             granted = set_receive_buffer(self.ports["media"].socket, self.udp_receive_buffer)
             if granted < self.udp_receive_buffer:

@@ -16,11 +16,15 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
 from perc import dtls, wire
+from perc.dtls.state import AssociationState
+from perc.kd.associations import AssociationRecord as AdoptionRecord
 from perc.kd.associations import KeyDistributor, Limits
 from perc.kd.cluster import (
     AssociationOwnership,
     ClusterNode,
     default_node_id,
+    decode_association_record,
+    encode_association_record,
     export_association_state,
 )
 from perc.kd.conference_keys import ConferenceKeys
@@ -426,11 +430,30 @@ class OwnershipRowsTests(SqliteDatabase, TestCase):
         self.assertEqual([row[0] for row in self.rows()], [str(aid)])
 
     @defer.inlineCallbacks
-    def test_no_row_without_an_export(self):
-        self.ownership.export = export_association_state  # no exportAssociation yet
-        self.join()
+    def test_row_holds_the_exported_association(self):
+        """The real export: what a survivor needs to adopt it, and the reserved limit."""
+        self.ownership.export = export_association_state
+        aid = self.join()
         yield self.ownership.writing()
-        self.assertEqual(self.rows(), [])
+        [(row_id, owner, md_identity, reserved)] = self.rows()
+        self.assertEqual((row_id, owner, md_identity), (str(aid), "kd-1", "md.test"))
+        row = yield self.node.store.get_association(str(aid))
+        record = decode_association_record(row.state)
+        self.assertEqual((record.association_id, record.tls_id, record.conference,
+                          record.media_distributor),
+                         (aid, test_kd.TLS_ID, test_kd.CONFERENCE, "md.test"))
+        self.assertEqual(reserved, AssociationState.from_bytes(record.state).write_limit)
+        self.assertGreater(reserved, 0)
+        # Nothing secret in the row's clear columns; the state itself is sealed.
+        self.assertNotIn(record.state, self.execute("SELECT * FROM associations")[0])
+
+    def test_record_encoding_round_trips_and_refuses_junk(self):
+        record = AdoptionRecord(association_id=uuid.uuid4(), state=b"\x00\x01secret",
+                                tls_id=test_kd.TLS_ID, conference="c", media_distributor="md",
+                                ekt=True)
+        self.assertEqual(decode_association_record(encode_association_record(record)), record)
+        for junk in (b"", b"{}", b"[1]", b'{"format": 2}', b"\xff"):
+            self.assertRaises(ValueError, decode_association_record, junk)
 
 
 class OwnOrphansTests(SqliteDatabase, TestCase):

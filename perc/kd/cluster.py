@@ -12,13 +12,17 @@ lease as expired, whatever the two clocks read.
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
+import uuid
 from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from perc.dtls.state import AssociationState
+from perc.kd import associations
 from perc.kd.store import AssociationRecord, Store
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "ClusterNode", "default_node_id"]
@@ -223,17 +227,52 @@ class ClusterNode:
         return d
 
 
+#: Version of :func:`encode_association_record`'s format.
+RECORD_FORMAT = 1
+
+
+def encode_association_record(record: associations.AssociationRecord) -> bytes:
+    """
+    An :class:`perc.kd.associations.AssociationRecord` as the octets an
+    ownership row keeps (sealed by the store): JSON of primitives, the
+    engine state in hex.  Secret: never log it.
+    """
+    return json.dumps({
+        "format": RECORD_FORMAT, "association_id": str(record.association_id),
+        "state": record.state.hex(), "tls_id": record.tls_id,
+        "conference": record.conference, "media_distributor": record.media_distributor,
+        "ekt": bool(record.ekt)}, sort_keys=True).encode("ascii")
+
+
+def decode_association_record(data: bytes) -> associations.AssociationRecord:
+    """Inverse of :func:`encode_association_record`; ValueError for anything else."""
+    try:
+        fields = json.loads(bytes(data).decode("ascii"))
+        if not isinstance(fields, dict) or fields.get("format") != RECORD_FORMAT:
+            raise ValueError("not an association record of format {}".format(RECORD_FORMAT))
+        return associations.AssociationRecord(
+            association_id=uuid.UUID(fields["association_id"]),
+            state=bytes.fromhex(fields["state"]), tls_id=str(fields["tls_id"]),
+            conference=str(fields["conference"]),
+            media_distributor=str(fields["media_distributor"]), ekt=bool(fields["ekt"]))
+    except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError("malformed association record: {}".format(error)) from None
+
+
 def export_association_state(distributor, association):
     """
-    HOOK, wired to ``KeyDistributor.exportAssociation`` once that lands (the
-    engine side of failover): ``(state, sequence_reserved)`` of an
-    established association, or None while the distributor cannot export
-    (then no row is written and the association cannot be adopted).
+    ``(record octets, reserved write limit)`` of an established association
+    (:meth:`KeyDistributor.exportAssociation`, encoded by
+    :func:`encode_association_record`), or None when it cannot be adopted
+    (not on the own record layer, or its tunnel has no certificate
+    identity): then no row is written.
     """
-    export = getattr(distributor, "exportAssociation", None)
-    if export is None:
+    try:
+        record = distributor.exportAssociation(association.id)
+    except ValueError:
         return None
-    return export(association.id)
+    return (encode_association_record(record),
+            AssociationState.from_bytes(record.state).write_limit)
 
 
 class AssociationOwnership:

@@ -46,7 +46,7 @@ setup(
     extras_require={"test": ["hypothesis>=6.100", "imageio-ffmpeg>=0.5"],
                     # perc bench fuzz: coverage-guided fuzzing and its line coverage.
                     "fuzz": ["atheris>=2.3", "coverage>=7.0"]},
-    entry_points={"console_scripts": ["perc = perc.cli:main"]},
+    entry_points={"console_scripts": ["perc = perc.scripts.cli:main"]},
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",

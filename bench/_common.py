@@ -37,7 +37,7 @@ __all__ = [
 #: ``twistd`` of the running interpreter (works without the venv's bin/ on PATH).
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 #: The ``perc`` command of the running interpreter.
-PERC = [sys.executable, "-m", "perc.cli"]
+PERC = [sys.executable, "-m", "perc.scripts.cli"]
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

@@ -203,7 +203,7 @@ class Deployment:
 
     async def rekey(self, conference: str) -> bool:
         from perc.errors import ConfigError
-        from perc.register_cli import put_json
+        from perc.scripts.register import put_json
 
         url = "http://127.0.0.1:{}/v1/conferences/{}/rekey".format(self.kd_api_port, conference)
         try:
@@ -238,7 +238,7 @@ class Deployment:
     async def _put(self, which: str, conference: str, tls_id: str, body: dict):
         from urllib.parse import quote
 
-        from perc.register_cli import put_json
+        from perc.scripts.register import put_json
 
         port, token = ((self.kd_api_port, self.kd_token) if which == "kd"
                        else (self.md_api_port, self.md_token))

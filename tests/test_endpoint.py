@@ -12,7 +12,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from perc import dtls
-from perc.demo import run_demo
+from perc.scripts.demo import run_demo
 from perc.endpoint import ReferenceEndpoint
 from perc.profiles import by_id
 

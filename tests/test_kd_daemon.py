@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from perc import pki
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-PERC = [sys.executable, "-m", "perc.cli"]
+PERC = [sys.executable, "-m", "perc.scripts.cli"]
 
 
 def free_port() -> int:

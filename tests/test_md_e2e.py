@@ -10,7 +10,6 @@ import os
 import socket
 import struct
 
-import pylibsrtp
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase

@@ -128,7 +128,9 @@ class ConferenceOfProcessesTests(SynchronousTestCase):
             "--api", "tcp:0:interface=127.0.0.1"])
         md_api, media = md.port("api"), md.port("media")
         kd.wait_for("Tunnel with")
-        runs = []
+        # Both registered before either starts: an endpoint sends for two
+        # seconds, which a slow ``perc register`` for the other could outlast.
+        registered_ids = []
         for name in ("alice", "bob"):
             fingerprint = subprocess.run(
                 PERC + ["pki", "endpoint", directory, "--name", name],
@@ -142,7 +144,9 @@ class ConferenceOfProcessesTests(SynchronousTestCase):
                 "--conference", "processes", "--tls-id", tls_id, "--fingerprint", fingerprint],
                 capture_output=True, text=True, timeout=60)
             self.assertEqual(registered.returncode, 0, registered.stderr)
-            kd_tls_id = registered.stdout.strip().splitlines()[-1]
+            registered_ids.append((name, tls_id, registered.stdout.strip().splitlines()[-1]))
+        runs = []
+        for name, tls_id, kd_tls_id in registered_ids:
             runs.append(subprocess.Popen(PERC + [
                 "endpoint", "--media", "127.0.0.1:{}".format(media), "--name", name,
                 "--cert", os.path.join(directory, name + ".pem"),

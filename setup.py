@@ -32,23 +32,30 @@ setup(
     # install drops it into site-packages/twisted/plugins.
     package_data={"twisted.plugins": ["perc_plugins.py"], "perc": ["py.typed"]},
     include_package_data=False,
+    # The minimums are what .ci/run tests (a second venv with each one pinned).
     install_requires=[
-        "Twisted>=24.3",
-        "pyOpenSSL>=26.0",  # public DTLS cookie callbacks with the cookie length checked (CVE-2026-27459)
-        "service-identity>=24.1",
+        # 25.5: Site(parsePOSTFormSubmission=); 26.10: twistd exits 1 on a usage error.
+        "Twisted>=26.10",
+        # 26.0: public DTLS cookie callbacks with the cookie length checked
+        # (CVE-2026-27459); 26.2: Connection.set_options, which tests/test_tls.py reads.
+        "pyOpenSSL>=26.2",
+        "service-identity>=24.2",  # 24.1 calls X509.get_extension, gone from pyOpenSSL 26
         "pylibsrtp>=0.10",
-        "zope.interface>=6.0",
-        "cryptography>=44",
+        "zope.interface>=8.0",  # Twisted 26.10 needs it
+        "cryptography>=46",  # pyOpenSSL 26.2 needs it
         "prometheus-client>=0.20",
     ],
     # imageio-ffmpeg: an ffmpeg (libx264, libopus) for the RTP bridge tests and
-    # perc demo --media video.
+    # perc demo --media video; before 0.8 its ffmpeg fails the bridge test.
     # postgresql: perc-kd --db postgresql://... (psycopg 3.2+: notifies(timeout=)).
     extras_require={"postgresql": ["psycopg[binary]>=3.2"],
-                    "test": ["hypothesis>=6.100", "imageio-ffmpeg>=0.5", "psycopg[binary]>=3.2"],
+                    "test": ["hypothesis>=6.100", "imageio-ffmpeg>=0.8", "psycopg[binary]>=3.2"],
                     # perc bench fuzz: coverage-guided fuzzing and its line coverage.
-                    "fuzz": ["atheris>=2.3", "coverage>=7.0"]},
-    entry_points={"console_scripts": ["perc = perc.cli:main"]},
+                    "fuzz": ["atheris>=2.3", "coverage>=7.0"],
+                    # .ci/run's checks (pyproject.toml), pinned so that a new
+                    # release's rules cannot fail a commit that did not change.
+                    "lint": ["ruff==0.17.6", "mypy==2.4.1", "mypy-zope==1.0.17"]},
+    entry_points={"console_scripts": ["perc = perc.scripts.cli:main"]},
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,8 +23,7 @@ import urllib.request
 __all__ = [
     "TWISTD",
     "PERC",
-    "free_port",
-    "free_ports",
+    "bound_port",
     "Daemon",
     "Distributors",
     "start_distributors",
@@ -38,28 +37,22 @@ __all__ = [
 #: ``twistd`` of the running interpreter (works without the venv's bin/ on PATH).
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 #: The ``perc`` command of the running interpreter.
-PERC = [sys.executable, "-m", "perc.cli"]
+PERC = [sys.executable, "-m", "perc.scripts.cli"]
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port on 127.0.0.1 that was free a moment ago (TCP by default)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(count: int, kind: int = socket.SOCK_STREAM) -> list:
-    """``count`` different ports on 127.0.0.1 that were free a moment ago."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, kind)
-            sockets.append(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+def bound_port(output: str, what: str) -> int:
+    """
+    The port a daemon bound for ``what`` ("tunnel-listen", "api", "metrics"
+    or "media"), read from its log ``output``.  The daemons are given port 0:
+    no port is picked, closed and hoped free until a daemon binds it.
+    """
+    text = "Endpoints' UDP port: " if what == "media" else "Listening for {} on ".format(what)
+    for line in output.splitlines():
+        if text in line:
+            match = re.search(r"port=(\d+)\)", line)
+            if match:
+                return int(match.group(1))
+    raise RuntimeError("no {!r} line with a port in:\n{}".format(text, output))
 
 
 def _die_with_parent() -> None:
@@ -179,23 +172,22 @@ def start_distributors(directory: str, md_args=(), kd_args=(), timeout: float = 
     from perc import pki
 
     dev = pki.create_dev_pki(os.path.join(directory, "pki"))
-    kd_port, kd_api, md_api = free_ports(3)
-    media_port = free_port(socket.SOCK_DGRAM)
     kd = Daemon(directory, list(kd_twistd_options) + [
         "perc-kd", "--pki", dev.directory,
-        "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(kd_port),
-        "--api", "tcp:{}:interface=127.0.0.1".format(kd_api),
+        "--tunnel-listen", "tcp:0:interface=127.0.0.1", "--api", "tcp:0:interface=127.0.0.1",
         "--db", os.path.join(directory, "perc-kd.sqlite3")] + list(kd_args), "perc-kd.log")
     md = None
     try:
         kd.wait_for("Key Distributor ready", timeout)
+        kd_port, kd_api = bound_port(kd.output(), "tunnel-listen"), bound_port(kd.output(), "api")
         md = Daemon(directory, list(md_twistd_options) + [
             "perc-md", "--pki", dev.directory, "--kd", "tcp:127.0.0.1:{}".format(kd_port),
-            "--media-port", str(media_port), "--media-interface", "127.0.0.1",
-            "--api", "tcp:{}:interface=127.0.0.1".format(md_api)] + list(md_args),
+            "--media-port", "0", "--media-interface", "127.0.0.1",
+            "--api", "tcp:0:interface=127.0.0.1"] + list(md_args),
             "perc-md.log")
         try:
             kd.wait_for("Tunnel with", timeout)
+            md_api, media_port = bound_port(md.output(), "api"), bound_port(md.output(), "media")
         except RuntimeError as error:
             raise RuntimeError("{}\nperc-md output (exit status {}):\n{}".format(
                 error, md.process.poll(), md.output())) from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 
 import _common
@@ -129,12 +128,12 @@ class Deployment:
         from twisted.web.client import Agent
 
         self.pki = pki.create_dev_pki(os.path.join(self.directory, "pki"))
-        self.kd_port, self.kd_api_port, self.md_api_port = _common.free_ports(3)
-        self.media_port = _common.free_port(socket.SOCK_DGRAM)
-        self.relay = TcpRelay(self.reactor, ("127.0.0.1", self.kd_port))
-        self.relay.listen()
+        # Port 0 the first time, read back from the logs; restarts reuse them.
+        self.kd_port = self.kd_api_port = self.md_api_port = self.media_port = 0
         self.agent = Agent(self.reactor)
         await self.start_kd()
+        self.relay = TcpRelay(self.reactor, ("127.0.0.1", self.kd_port))
+        self.relay.listen()
         await self.start_md()
         with open(os.path.join(self.directory, "perc-kd-api.token")) as f:
             self.kd_token = f.read().strip()
@@ -153,6 +152,10 @@ class Deployment:
         self.kd = _common.Daemon(self.directory, args + self.kd_args,
                                  "perc-kd.{}.log".format(self.kd_lives), die_with_parent=True)
         await self._wait_log(self.kd, "Key Distributor ready")
+        if not self.kd_port:
+            output = self.kd.output()
+            self.kd_port = _common.bound_port(output, "tunnel-listen")
+            self.kd_api_port = _common.bound_port(output, "api")
 
     async def start_md(self) -> None:
         self.md_lives += 1
@@ -163,6 +166,10 @@ class Deployment:
         self.md = _common.Daemon(self.directory, args + self.md_args,
                                  "perc-md.{}.log".format(self.md_lives), die_with_parent=True)
         await self._wait_log(self.md, "up: sent SupportedProfiles")
+        if not self.md_api_port:
+            output = self.md.output()
+            self.md_api_port = _common.bound_port(output, "api")
+            self.media_port = _common.bound_port(output, "media")
 
     async def _wait_log(self, daemon, text: str, timeout: float = 30.0) -> None:
         def seen():
@@ -203,7 +210,7 @@ class Deployment:
 
     async def rekey(self, conference: str) -> bool:
         from perc.errors import ConfigError
-        from perc.register_cli import put_json
+        from perc.scripts.register import put_json
 
         url = "http://127.0.0.1:{}/v1/conferences/{}/rekey".format(self.kd_api_port, conference)
         try:
@@ -238,7 +245,7 @@ class Deployment:
     async def _put(self, which: str, conference: str, tls_id: str, body: dict):
         from urllib.parse import quote
 
-        from perc.register_cli import put_json
+        from perc.scripts.register import put_json
 
         port, token = ((self.kd_api_port, self.kd_token) if which == "kd"
                        else (self.md_api_port, self.md_token))

@@ -17,7 +17,7 @@ refused at once.
 
 The flood: a *flood process* (this script with ``--flood-worker``) sends
 first ClientHellos (a real client engine's, each with a fresh client random
-and a random tls-id: ``perc.flood``) from ``--hosts`` loopback addresses
+and a random tls-id: ``perc.testing.flood``) from ``--hosts`` loopback addresses
 (127.64.0.1 upward), each datagram from a fresh socket (a fresh source
 port), at ``--per-host-rate`` ClientHellos per host per second (default 5,
 the Media Distributor's default limit) for ``--seconds``.  It never answers
@@ -126,7 +126,7 @@ def parse_args(argv):
 
 
 def run_flood_worker(config_path):
-    from perc import flood
+    from perc.testing import flood
 
     with open(config_path) as f:
         config = json.load(f)

@@ -832,7 +832,7 @@ def search(load, relays, seconds, steps, retries, log, deadline):
     is.  Returns per-relay results.
     """
     results = {}
-    for name, (relay, ssrc) in relays.items():
+    for relay, ssrc in relays.values():
         # Warm-up (sessions' streams created, caches warm), not reported.
         load.trial(relay, ssrc, None, seconds, count=3000)
     for name, (relay, ssrc) in relays.items():

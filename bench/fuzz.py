@@ -1,5 +1,5 @@
 """
-perc bench fuzz: run the fuzz targets of perc.fuzz (a live Key Distributor,
+perc bench fuzz: run the fuzz targets of perc.testing.fuzz (a live Key Distributor,
 a live Media Distributor) with coverage guidance, then measure the line
 coverage their inputs reached.
 
@@ -87,9 +87,9 @@ def worker(args):
             for module in ("perc.kd.associations", "perc.kd.tunnel", "perc.md.relay",
                            "perc.md.tunnel", "perc.dtls", "perc.wire", "perc.hello"):
                 importlib.import_module(module)
-            from perc import fuzz
+            from perc.testing import fuzz
     else:
-        from perc import fuzz
+        from perc.testing import fuzz
     target = fuzz.TARGETS[args.worker]()
     counter = [0]
     check = _stop_after(args.executions, args.seconds, args.stats, counter,
@@ -168,7 +168,7 @@ def replay(args):
     measured = _measured_files()
     cov = coverage.Coverage(include=measured, data_file=None)
     cov.start()
-    from perc import fuzz
+    from perc.testing import fuzz
     target = fuzz.TARGETS[args.replay]()
     inputs = sorted(glob.glob(os.path.join(args.corpus, "*"))) if not args.fixture_only else []
     for path in inputs:

@@ -295,7 +295,7 @@ class Media:
 
 
 def run_worker(config_path):
-    from perc import flood
+    from perc.testing import flood
 
     with open(config_path) as f:
         config = json.load(f)

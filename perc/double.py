@@ -519,11 +519,12 @@ class DoubleSender:
                 parse_full_ekt_field(ekt_field)
             except EktFieldError as e:
                 raise MalformedPacketError("bad EKT field: {}".format(e), ssrc=header.ssrc) from None
+        # extension_profile is an int whenever header.extension is set.
         if header.extension and not (header.extension_profile == _RFC8285_ONE_BYTE
-                                     or header.extension_profile & 0xFFF0 == 0x1000):
+                                     or header.extension_profile & 0xFFF0 == 0x1000):  # type: ignore[operator]
             # RFC 8723 section 5.1 step 1.
             raise MalformedPacketError(
-                "header extension profile {:#06x} is not RFC 8285".format(header.extension_profile),
+                "header extension profile {:#06x} is not RFC 8285".format(header.extension_profile),  # type: ignore[str-format]
                 ssrc=header.ssrc)
         if repair is None:
             repair = header.payload_type in self.repair_payload_types

@@ -412,6 +412,8 @@ class EktSender:
     is the caller's business.
     """
 
+    _cache: Optional[tuple[int, int, bytes]]  # (roc, epoch, FullEKTField)
+
     def __init__(self, ekt_key: EktKey, cipher, ssrc: int, srtp_master_key: bytes,
                  roc_source: Callable[[], int], *,
                  received_at: Optional[float] = None,

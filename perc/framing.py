@@ -82,9 +82,10 @@ class TunnelFramingProtocol(protocol.Protocol):
         """Handle one decoded tunnel message.  Subclasses override this."""
         raise NotImplementedError(self.__class__.__name__ + ".messageReceived")
 
-    def sendMessage(self, message: wire.Message) -> None:
-        """Encode and write one tunnel message."""
+    def sendMessage(self, message: wire.Message) -> bool:
+        """Encode and write one tunnel message; True (subclasses may refuse: False)."""
         self.transport.write(message.encode())
+        return True
 
     def peerDescription(self) -> str:
         """

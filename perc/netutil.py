@@ -301,6 +301,12 @@ class TunnelTLSFactory(TLSMemoryBIOFactory):
         super().__init__(contextFactory, isClient, wrappedFactory)
         self.tunnelTimeout = tunnel_timeout
 
+    def buildProtocol(self, addr):
+        """None (the connection is closed) when the wrapped factory refuses it, as a closed
+        :class:`GatedFactory` does while a daemon starts: there is nothing to wrap."""
+        inner = self.wrappedFactory.buildProtocol(addr)
+        return None if inner is None else self.protocol(self, inner)
+
 
 @implementer(IStreamClientEndpoint)
 class _TunnelClientEndpoint:

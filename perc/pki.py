@@ -83,7 +83,7 @@ def fingerprint(certificate: x509.Certificate, hash_name: str = "sha-256") -> st
     algorithm = FINGERPRINT_HASHES.get(hash_name.lower())
     if algorithm is None:
         raise FingerprintError("unknown fingerprint hash {!r}".format(hash_name))
-    digest = certificate.fingerprint(algorithm())
+    digest = certificate.fingerprint(algorithm())  # type: ignore[abstract]  # concrete classes
     return "{} {}".format(hash_name.lower(), digest.hex(":").upper())
 
 
@@ -219,7 +219,7 @@ def subject_alt_names(names: Iterable[str]) -> x509.SubjectAlternativeName:
                 raise PkiError(
                     "{!r} is neither a DNS name nor an IP address"
                     " (internationalised names must be given in xn-- form)".format(raw))
-            key = ("dns", dns.lower())
+            key: tuple[str, object] = ("dns", dns.lower())
             entry: x509.GeneralName = x509.DNSName(dns)
         else:
             key = ("ip", address)
@@ -431,6 +431,7 @@ def _write_file(path: str, data: bytes, mode: int, force: bool) -> None:
     creates it 0600) renamed over ``path``: the old file's permissions are
     never reused, so a key never sits in a world-readable file.
     """
+    fd: int | None  # None once os.fdopen owns it
     try:
         if force:
             fd, temporary = tempfile.mkstemp(

@@ -271,7 +271,7 @@ class RtcpPacket(NamedTuple):
     """
 
     packet_type: int
-    count: int
+    count: int  # type: ignore[assignment]  # RTCP's field name; shadows tuple.count
     start: int
     end: int
     media_ssrcs: tuple = ()

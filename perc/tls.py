@@ -26,10 +26,11 @@ import datetime
 import os
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import (
@@ -177,7 +178,7 @@ def _public_bytes(public_key) -> bytes:
 
 def _is_not_a_ca(certificate: x509.Certificate) -> bool:
     try:
-        constraints = certificate.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS)
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
     except x509.ExtensionNotFound:
         # A v1 certificate has no extensions; OpenSSL may still accept it
         # as a trust anchor, so do not refuse it here.
@@ -202,7 +203,7 @@ class TlsCredentials:
     @classmethod
     def from_files(cls, cert: str | os.PathLike, key: str | os.PathLike, ca: str | os.PathLike,
                    *, now: datetime.datetime | None = None,
-                   labels: tuple[str, str, str] = DEFAULT_LABELS) -> TlsCredentials:
+                   labels: tuple[str, ...] = DEFAULT_LABELS) -> TlsCredentials:
         """
         Load from PEM files: ``cert`` (own certificate first, then any
         intermediates), ``key`` (its unencrypted private key), ``ca`` (one or
@@ -245,7 +246,7 @@ class TlsCredentials:
 
     @classmethod
     def from_options(cls, role: str, cert: str | None = None, key: str | None = None,
-                     ca: str | None = None, pki_dir: str | None = None,
+                     ca: str | None = None, pki_dir: str | os.PathLike | None = None,
                      *, now: datetime.datetime | None = None) -> TlsCredentials:
         """
         Resolve a daemon's ``--cert/--key/--ca`` and ``--pki DIR`` options:
@@ -436,7 +437,7 @@ def peer_certificate(peer) -> x509.Certificate | None:
 def certificate_dns_names(certificate: x509.Certificate) -> list[str]:
     """The subjectAltName dNSName entries of ``certificate``, in order."""
     try:
-        san = certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
     return san.value.get_values_for_type(x509.DNSName)
@@ -537,6 +538,7 @@ class PeerAuthorisationMixin:
     authorise = None
     peerIdentity: str | None = None
     peerAuthorised = False
+    transport: Any  # the TLS connection of the protocol this is mixed into
 
     def handshakeCompleted(self) -> None:
         authorise = self.authorise if self.authorise is not None else authorise_peer

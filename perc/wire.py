@@ -18,6 +18,7 @@ import enum
 import struct
 import uuid
 from dataclasses import dataclass
+from typing import Any, Callable
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -451,7 +452,7 @@ def _fast_endpoint_disconnect(body: bytes):
     return message
 
 
-_FAST_DECODERS = {
+_FAST_DECODERS: dict[int, Callable[[bytes], Any]] = {
     MessageType.SUPPORTED_PROFILES: _fast_supported_profiles,
     MessageType.UNSUPPORTED_VERSION: _fast_unsupported_version,
     MessageType.MEDIA_KEYS: _fast_media_keys,
@@ -459,7 +460,7 @@ _FAST_DECODERS = {
     MessageType.ENDPOINT_DISCONNECT: _fast_endpoint_disconnect,
 }
 
-_DECODERS = {
+_DECODERS: dict[int, tuple] = {
     MessageType.SUPPORTED_PROFILES: ("SupportedProfiles", _decode_supported_profiles),
     MessageType.UNSUPPORTED_VERSION: ("UnsupportedVersion", _decode_unsupported_version),
     MessageType.MEDIA_KEYS: ("MediaKeys", _decode_media_keys),

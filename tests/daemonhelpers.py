@@ -1,26 +1,23 @@
 """
 Running ``twistd`` daemons in tests: their output read line by line with a
 deadline on every wait, so a daemon that never says something fails the
-test instead of hanging it.
+test instead of hanging it.  Daemons are given port 0 and report the port
+they bound (:func:`listening_port`): no port is picked, closed and hoped
+free until the daemon binds it.
 """
 
 from __future__ import annotations
 
 import queue
-import socket
+import re
 import subprocess
 import sys
 import threading
 import time
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+PERC = [sys.executable, "-m", "perc.scripts.cli"]
 WAIT = 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DaemonOutput:
@@ -75,3 +72,26 @@ class DaemonOutput:
             self.process.kill()
         self.process.wait(timeout=WAIT)
         self.process.stdout.close()
+
+
+#: What the daemons log once they listen, by what listens: the option's name
+#: (``Listening for api on IPv4Address(..., port=4741)``) or "media", the
+#: Media Distributor's UDP port.
+_LISTENING = "Listening for {} on "
+_MEDIA = "Endpoints' UDP port: "
+_PORT = re.compile(r"port=(\d+)\)")
+
+
+def listening_port(output: DaemonOutput, what: str) -> int:
+    """
+    The port the daemon says it bound for ``what`` ("tunnel-listen", "api",
+    "metrics" or "media"), from a line already read or the next one to say
+    it (AssertionError after the deadline, as :meth:`DaemonOutput.wait_for`).
+    """
+    text = _MEDIA if what == "media" else _LISTENING.format(what)
+    lines = [line for line in output.lines if text in line]
+    line = lines[0] if lines else output.wait_for(text)
+    match = _PORT.search(line)
+    if match is None:
+        raise AssertionError("no port in {!r}".format(line))
+    return int(match.group(1))

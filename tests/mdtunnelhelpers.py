@@ -13,7 +13,6 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from perc import wire
 from perc.md.tunnel import ITunnelOwner
 
 from tests.kdhelpers import split_messages  # noqa: F401 (re-exported for the tests)

@@ -16,7 +16,7 @@ from perc import pki, profiles
 from perc.config import ConfigFileError
 from perc.kd import tap as kd_tap
 from perc.md import tap as md_tap
-from tests.daemonhelpers import TWISTD, DaemonOutput, free_port
+from tests.daemonhelpers import TWISTD, DaemonOutput, listening_port
 
 
 class ConfigFileTestsMixin:
@@ -137,20 +137,20 @@ class DaemonFromConfigFileTests(SynchronousTestCase):
     def test_daemons_from_config_files(self):
         directory = os.path.abspath(self.mktemp())
         dev = pki.create_dev_pki(os.path.join(directory, "pki"))
-        tunnel = free_port()
         with open(os.path.join(directory, "kd.toml"), "w") as target:
             target.write('pki = "pki"\napi = "none"\n'
-                         'tunnel-listen = "tcp:{}:interface=127.0.0.1"\n'
-                         'allow-md = ["localhost"]\n'.format(tunnel))
-        with open(os.path.join(directory, "md.toml"), "w") as target:
-            target.write('pki = "pki"\napi = "none"\nmedia-port = 0\n'
-                         'media-interface = "127.0.0.1"\n'
-                         'kd = ["tcp:127.0.0.1:{}"]\nkd-name = "localhost"\n'.format(tunnel))
+                         'tunnel-listen = "tcp:0:interface=127.0.0.1"\n'
+                         'allow-md = ["localhost"]\n')
         kd = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "perc-kd", "--config", "kd.toml"],
                               cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         kd_output = DaemonOutput(kd)
         self.addCleanup(kd_output.stop)
         kd_output.wait_for("Key Distributor ready")
+        tunnel = listening_port(kd_output, "tunnel-listen")
+        with open(os.path.join(directory, "md.toml"), "w") as target:
+            target.write('pki = "pki"\napi = "none"\nmedia-port = 0\n'
+                         'media-interface = "127.0.0.1"\n'
+                         'kd = ["tcp:127.0.0.1:{}"]\nkd-name = "localhost"\n'.format(tunnel))
         md = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "perc-md", "--config", "md.toml"],
                               cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         md_output = DaemonOutput(md)

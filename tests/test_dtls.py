@@ -784,7 +784,7 @@ class GarbageTests(SynchronousTestCase):
 
     def test_junk_established(self):
         harness = handshake()
-        for i, junk in enumerate(self.junk(1)):
+        for junk in self.junk(1):
             for association in (harness.client, harness.server):
                 association.receive(junk, 1.0)
         self.assertTrue(harness.client.established)

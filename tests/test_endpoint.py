@@ -12,7 +12,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from perc import dtls
-from perc.demo import run_demo
+from perc.scripts.demo import run_demo
 from perc.endpoint import ReferenceEndpoint
 from perc.profiles import by_id
 
@@ -21,6 +21,28 @@ from tests.test_md_e2e import CONFERENCE, WAIT, DistributorsMixin, eventually
 
 def sleep(seconds):
     return deferLater(reactor, seconds, lambda: None)
+
+
+def verified_at_least(members, counts):
+    """
+    A predicate: every member has verified at least ``counts(receiver,
+    sender_ssrc)`` packets from every other member.
+    """
+    def predicate():
+        for member in members:
+            others = {m.ssrc for m in members} - {member.ssrc}
+            if set(member.stats) != others:
+                return False
+            if any(member.stats[ssrc].verified < counts(member, ssrc) for ssrc in others):
+                return False
+        return True
+    return predicate
+
+
+def forwarded_everything(test, members):
+    """A predicate: the Media Distributor forwarded every packet sent to every other member."""
+    return lambda: (test.md.relay.counters.get("forwarded-rtp", 0)
+                    == sum(m.sent for m in members) * (len(members) - 1))
 
 
 class MembersMixin(DistributorsMixin):
@@ -55,13 +77,18 @@ class ReferenceEndpointTests(MembersMixin, TestCase):
             members.append(member)
         for member in members:
             member.startSending()
-        yield sleep(0.5)
+        yield eventually(verified_at_least(members, lambda r, s: 30),
+                         what="30 packets verified on every stream")
         key, count = yield self.kd.distributor.rekey(CONFERENCE)
         self.assertEqual(count, 3)
-        yield sleep(0.5)
+        yield eventually(lambda: all(m.rekeys == 1 for m in members), what="the rekey everywhere")
+        # 31 more on every stream once everyone holds the new key.
+        before = {(m.ssrc, ssrc): s.verified for m in members for ssrc, s in m.stats.items()}
+        yield eventually(verified_at_least(members, lambda r, s: before[r.ssrc, s] + 31),
+                         what="31 more packets verified on every stream after the rekey")
         for member in members:
             member.stopSending()
-        yield sleep(0.3)
+        yield eventually(forwarded_everything(self, members), what="every packet forwarded")
         for member in members:
             self.assertEqual(member.rekeys, 1)
             others = {m.ssrc for m in members} - {member.ssrc}
@@ -87,7 +114,8 @@ class ReferenceEndpointTests(MembersMixin, TestCase):
         alice = yield self.member("alice")
         yield alice.joined.addTimeout(WAIT, reactor)
         alice.startSending()
-        yield sleep(0.5)  # well past alice's first FullEKTFields
+        # Well past alice's first FullEKTFields (at most 100 ms apart).
+        yield eventually(lambda: alice.sent >= 50, what="alice sending for 0.5 s")
         bob = yield self.member("bob")
         yield bob.joined.addTimeout(WAIT, reactor)
         yield eventually(lambda: alice.ssrc in bob.stats and bob.stats[alice.ssrc].verified > 5)
@@ -123,10 +151,14 @@ class RolloverTests(MembersMixin, TestCase):
         yield defer.gatherResults([m.joined for m in members]).addTimeout(WAIT, reactor)
         for member in members:
             member.startSending()
-        yield sleep(8.5)
+        # Over two TTLs (a rollover every 2 s) and 6 s of media on every stream.
+        yield eventually(lambda: counters.get("ekt-rollover", 0) >= 3, timeout=30,
+                         what="three rollovers")
+        yield eventually(verified_at_least(members, lambda r, s: 601), timeout=30,
+                         what="601 packets verified on every stream")
         for member in members:
             member.stopSending()
-        yield sleep(0.3)
+        yield eventually(forwarded_everything(self, members), what="every packet forwarded")
         rollovers = counters.get("ekt-rollover", 0)
         self.assertGreaterEqual(rollovers, 3)  # over 2 TTLs
         for member in members:

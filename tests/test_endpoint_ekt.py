@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from perc.double import DoubleSender
 from perc.ekt import EktKey, EktSender
-from perc.endpoint_cli import EndpointOptions
+from perc.scripts.endpoint import EndpointOptions
 from perc.profiles import by_id
 from perc.rtp import full_ekt_field, parse_full_ekt_field, split_ekt_field
 

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls, hello, pki, rtp, wire
 from perc.endpoint import ReferenceEndpoint, backoff
-from perc.endpoint_cli import EndpointOptions
+from perc.scripts.endpoint import EndpointOptions
 from perc.kd.associations import Limits
 from perc.profiles import by_id
 

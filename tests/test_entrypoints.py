@@ -12,7 +12,7 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 
-from perc import cli
+from perc.scripts import cli
 
 
 class TwistdPluginTests(SynchronousTestCase):
@@ -79,8 +79,8 @@ class PercCommandTests(SynchronousTestCase):
         self.assertIn("perc: error:", err)
 
     def test_console_script(self):
-        """``python -m perc.cli --help`` runs the same entry point."""
-        result = subprocess.run([sys.executable, "-m", "perc.cli", "--help"],
+        """``python -m perc.scripts.cli --help`` runs the same entry point."""
+        result = subprocess.run([sys.executable, "-m", "perc.scripts.cli", "--help"],
                                 capture_output=True, text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("Usage: perc", result.stdout)

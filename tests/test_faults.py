@@ -95,7 +95,7 @@ class FaultMixin(DistributorsMixin):
 
     def assertNothingFailed(self, members):
         for member in members:
-            for ssrc, stats in member.stats.items():
+            for stats in member.stats.values():
                 self.assertEqual(stats.failed, 0, (member.name, member.summary()))
 
 

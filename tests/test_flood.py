@@ -30,8 +30,9 @@ from twisted.internet import defer, task
 from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from perc import dtls, flood, hello
+from perc import dtls, hello
 from perc.md.relay import RelayLimits
+from perc.testing import flood
 
 from tests.test_md_e2e import DistributorsMixin, eventually
 from tests.test_md_relay import (ADDR_A, ADDR_B, ADDR_C, TLS_A, TLS_B, TLS_C, RelayTestCase,

@@ -9,7 +9,8 @@ import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from perc import dtls, fuzz
+from perc import dtls
+from perc.testing import fuzz
 
 
 def _program(*choices) -> bytes:

@@ -9,21 +9,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from perc import pki
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-PERC = [sys.executable, "-m", "perc.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.daemonhelpers import PERC, TWISTD, DaemonOutput, listening_port
 
 
 class DaemonTests(SynchronousTestCase):
@@ -60,23 +51,15 @@ class DaemonTests(SynchronousTestCase):
         self.assertNotIn("Traceback", result.stdout + result.stderr)
 
     def test_daemon_serves_registrations(self):
-        api_port = free_port()
         process = subprocess.Popen(
             TWISTD + ["-n", "--pidfile=", "perc-kd", "--pki", self.pki.directory,
-                      "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(free_port()),
-                      "--api", "tcp:{}:interface=127.0.0.1".format(api_port)],
+                      "--tunnel-listen", "tcp:0:interface=127.0.0.1",
+                      "--api", "tcp:0:interface=127.0.0.1"],
             cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.addCleanup(process.kill)
-        deadline = time.monotonic() + 30
-        lines = []
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Key Distributor ready" in line:
-                break
-        self.assertIn("Key Distributor ready", "".join(lines))
+        output = DaemonOutput(process)
+        self.addCleanup(output.stop)
+        output.wait_for("Key Distributor ready")
+        api_port = listening_port(output, "api")
         token_file = os.path.join(self.dir, "perc-kd-api.token")
         self.assertEqual(os.stat(token_file).st_mode & 0o777, 0o600)
         endpoint = pki.self_signed_certificate("endpoint")[0]
@@ -110,7 +93,7 @@ class DaemonTests(SynchronousTestCase):
         connection.commit()
         connection.close()
         result = self.twistd("--pki", self.pki.directory, "--api", "none",
-                             "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(free_port()))
+                             "--tunnel-listen", "tcp:0:interface=127.0.0.1")
         output = result.stdout + result.stderr
         self.assertNotIn("Traceback", output)
         [line] = [line for line in output.splitlines() if "unusable row" in line]

@@ -24,7 +24,7 @@ from perc.kd import tap
 from perc.kd.service import KeyDistributorService
 from perc.netutil import tls_client_endpoint
 from perc.profiles import by_id
-from perc.register_cli import register_with_key_distributor
+from perc.scripts.register import register_with_key_distributor
 from perc.tls import TlsCredentials
 
 from tests import tlshelpers

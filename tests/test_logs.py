@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from perc import dtls, logs, pki, wire
 from perc.dtls import records
 from tests import test_kd
-from tests.daemonhelpers import TWISTD, DaemonOutput, free_port
+from tests.daemonhelpers import TWISTD, DaemonOutput
 from tests.kdhelpers import MediaDistributorStandIn, relay_handshake
 
 
@@ -127,7 +127,7 @@ class TwistdJsonLoggerTests(SynchronousTestCase):
         process = subprocess.Popen(
             TWISTD + ["-n", "--pidfile=", "--logger", "perc.logs.json", "perc-kd",
                       "--pki", dev.directory, "--api", "none", "--allow-missing-tls-id",
-                      "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(free_port())],
+                      "--tunnel-listen", "tcp:0:interface=127.0.0.1"],
             cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         output = DaemonOutput(process)
         self.addCleanup(output.stop)

@@ -15,7 +15,8 @@ from perc import dtls
 from perc.endpoint import ReferenceEndpoint
 from perc.profiles import by_id
 
-from tests.test_md_e2e import CONFERENCE, DistributorsMixin, sleep
+from tests.test_endpoint import verified_at_least
+from tests.test_md_e2e import CONFERENCE, DistributorsMixin, eventually
 
 
 class LossyRelay(protocol.DatagramProtocol):
@@ -82,10 +83,10 @@ class LossyNetworkTests(DistributorsMixin, TestCase):
         self.assertTrue(any(relay.dropped for _, relay in members))
         for member, _ in members:
             member.startSending()
-        yield sleep(1.5)
+        yield eventually(verified_at_least([m for m, _ in members], lambda r, s: 10),
+                         what="10 packets verified on every stream through the loss")
         for member, _ in members:
             member.stopSending()
-        yield sleep(0.3)
         for member, _ in members:
             self.assertEqual(len(member.stats), 2)
             for stats in member.stats.values():

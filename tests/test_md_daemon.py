@@ -10,8 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 import urllib.request
 
 from cryptography import x509
@@ -19,29 +17,25 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from perc import pki
 
-from tests.test_kd_daemon import PERC, TWISTD, free_port
+from tests.daemonhelpers import PERC, TWISTD, DaemonOutput, listening_port
 
 
 class Daemon:
-    """A twistd process whose output is read until a line appears."""
+    """A twistd process, its output read with deadlines (:class:`DaemonOutput`)."""
 
     def __init__(self, test, directory, args):
         self.process = subprocess.Popen(
             TWISTD + ["-n", "--pidfile="] + args, cwd=directory,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output = DaemonOutput(self.process)
         test.addCleanup(self.stop)
-        self.lines = []
 
-    def wait_for(self, text, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if text in line:
-                return line
-        raise AssertionError("{!r} not seen; output:\n{}".format(text, "".join(self.lines)))
+    def wait_for(self, text):
+        return self.output.wait_for(text)
+
+    def port(self, what):
+        """The port bound for ``what`` (tests.daemonhelpers.listening_port)."""
+        return listening_port(self.output, what)
 
     def stop(self):
         if self.process.stdout.closed:
@@ -53,7 +47,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.rest = self.process.stdout.read()
+        self.rest = "".join(self.output.rest())
         self.process.stdout.close()
 
 
@@ -78,16 +72,16 @@ class MediaDistributorDaemonTests(SynchronousTestCase):
         self.assertEqual(result.stderr.strip(), "perc-md: --key missing.key: no such file")
 
     def test_daemons_together(self):
-        kd_port, kd_api, md_api, media = free_port(), free_port(), free_port(), free_port()
         kd = Daemon(self, self.dir, [
-            "perc-kd", "--pki", self.pki.directory,
-            "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(kd_port),
-            "--api", "tcp:{}:interface=127.0.0.1".format(kd_api)])
+            "perc-kd", "--pki", self.pki.directory, "--tunnel-listen", "tcp:0:interface=127.0.0.1",
+            "--api", "tcp:0:interface=127.0.0.1"])
         kd.wait_for("Key Distributor ready")
+        kd_port, kd_api = kd.port("tunnel-listen"), kd.port("api")
         md = Daemon(self, self.dir, [
             "perc-md", "--pki", self.pki.directory, "--kd", "tcp:127.0.0.1:{}".format(kd_port),
-            "--media-port", str(media), "--media-interface", "127.0.0.1",
-            "--api", "tcp:{}:interface=127.0.0.1".format(md_api)])
+            "--media-port", "0", "--media-interface", "127.0.0.1",
+            "--api", "tcp:0:interface=127.0.0.1"])
+        md_api = md.port("api")
         kd.wait_for("Tunnel with")
         md_token_file = os.path.join(self.dir, "perc-md-api.token")
         with open(md_token_file) as f:
@@ -123,18 +117,20 @@ class ConferenceOfProcessesTests(SynchronousTestCase):
     def test_endpoints_verify_each_other(self):
         directory = os.path.abspath(self.mktemp())
         dev = pki.create_dev_pki(os.path.join(directory, "pki"))
-        kd_port, kd_api, md_api, media = free_port(), free_port(), free_port(), free_port()
         kd = Daemon(self, directory, [
-            "perc-kd", "--pki", dev.directory,
-            "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(kd_port),
-            "--api", "tcp:{}:interface=127.0.0.1".format(kd_api)])
+            "perc-kd", "--pki", dev.directory, "--tunnel-listen", "tcp:0:interface=127.0.0.1",
+            "--api", "tcp:0:interface=127.0.0.1"])
         kd.wait_for("Key Distributor ready")
+        kd_port, kd_api = kd.port("tunnel-listen"), kd.port("api")
         md = Daemon(self, directory, [
             "perc-md", "--pki", dev.directory, "--kd", "tcp:127.0.0.1:{}".format(kd_port),
-            "--media-port", str(media), "--media-interface", "127.0.0.1",
-            "--api", "tcp:{}:interface=127.0.0.1".format(md_api)])
+            "--media-port", "0", "--media-interface", "127.0.0.1",
+            "--api", "tcp:0:interface=127.0.0.1"])
+        md_api, media = md.port("api"), md.port("media")
         kd.wait_for("Tunnel with")
-        runs = []
+        # Both registered before either starts: an endpoint sends for two
+        # seconds, which a slow ``perc register`` for the other could outlast.
+        registered_ids = []
         for name in ("alice", "bob"):
             fingerprint = subprocess.run(
                 PERC + ["pki", "endpoint", directory, "--name", name],
@@ -148,7 +144,9 @@ class ConferenceOfProcessesTests(SynchronousTestCase):
                 "--conference", "processes", "--tls-id", tls_id, "--fingerprint", fingerprint],
                 capture_output=True, text=True, timeout=60)
             self.assertEqual(registered.returncode, 0, registered.stderr)
-            kd_tls_id = registered.stdout.strip().splitlines()[-1]
+            registered_ids.append((name, tls_id, registered.stdout.strip().splitlines()[-1]))
+        runs = []
+        for name, tls_id, kd_tls_id in registered_ids:
             runs.append(subprocess.Popen(PERC + [
                 "endpoint", "--media", "127.0.0.1:{}".format(media), "--name", name,
                 "--cert", os.path.join(directory, name + ".pem"),

@@ -10,7 +10,6 @@ import os
 import socket
 import struct
 
-import pylibsrtp
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
@@ -34,11 +33,16 @@ def sleep(seconds):
 
 
 @defer.inlineCallbacks
-def eventually(predicate, timeout=WAIT, step=0.02):
+def eventually(predicate, timeout=WAIT, step=0.02, what="condition"):
+    """
+    Fires once ``predicate()`` is true, polled every ``step`` s; fails with
+    an AssertionError naming ``what`` after ``timeout`` s.  Tests wait for
+    what they expect rather than sleep for a time and hope.
+    """
     deadline = reactor.seconds() + timeout
     while not predicate():
         if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached within {} s".format(timeout))
+            raise AssertionError("{} not reached within {} s".format(what, timeout))
         yield sleep(step)
 
 
@@ -242,7 +246,8 @@ class ConferenceTests(DistributorsMixin, TestCase):
         x = yield self.join("xavier", conference="other-room")
         a.send_rtp(rtp_packet(0x0A, 1, b"for bob\x00"))
         yield self.receive(b)
-        yield sleep(0.2)
+        # Counted per copy sent: one, to bob, none to the other conference.
+        self.assertEqual(self.md.relay.counters.get("forwarded-rtp"), 1)
         self.assertEqual(x.media.pending, [])
 
     @defer.inlineCallbacks
@@ -257,14 +262,12 @@ class ConferenceTests(DistributorsMixin, TestCase):
         a.send_rtp(packet)
         protected = yield self.receive(b)
         self.assertEqual(b.inbound.unprotect(protected), packet)
-        # The Media Distributor keeps trying, with backoff: a few attempts
-        # in three seconds, not one per refused connection.
+        # The Media Distributor keeps trying (with backoff: test_md_tunnel
+        # drives that with a clock).
         [link] = self.md.pool.managers
         before = link.status()["connection_attempts"]
-        yield sleep(3.0)
-        attempts = link.status()["connection_attempts"] - before
-        self.assertGreaterEqual(attempts, 1)
-        self.assertLessEqual(attempts, 4)
+        yield eventually(lambda: link.status()["connection_attempts"] > before,
+                         what="a reconnection attempt")
         yield self.startKeyDistributor("tcp:{}:interface=127.0.0.1".format(self.kd_port))
         # The tunnel comes back by itself and says SupportedProfiles again:
         # the new Key Distributor has an up tunnel, which only that makes.
@@ -273,7 +276,9 @@ class ConferenceTests(DistributorsMixin, TestCase):
         [tunnel] = self.kd.distributor.tunnels
         self.assertEqual(tunnel.media_distributor_profiles, (0x0009, 0x000A))
         status = link.status()
-        self.assertEqual(status["connections"], 2)
+        # A redial may land while the new KD is still opening its roster
+        # (refused at its gate): more connections, still two tunnels' SupportedProfiles.
+        self.assertGreaterEqual(status["connections"], 2)
         self.assertEqual(status["messages_sent"]["SupportedProfiles"], 2)
         # A new endpoint can join through the new tunnel; the old ones still talk.
         c = yield self.join("carol")

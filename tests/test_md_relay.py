@@ -916,7 +916,7 @@ class TimeoutTests(RelayTestCase):
         a = self.join("A", ADDR_A, TLS_A)
         b = self.join("B", ADDR_B, TLS_B)
         c = self.join("C", ADDR_C, TLS_C)
-        for second in range(1, 10):
+        for _ in range(1, 10):
             self.clock.advance(1)
             self.send(a, a.protect(a.rtp()))
             self.send(c, c.protect_rtcp(c.rtcp()))          # RTCP counts as talking

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import socket
 
-from twisted.internet import reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from perc import pki
 from perc.md import tap as md_tap
 from perc.md.service import MediaDistributorService
-from perc.netutil import set_receive_buffer
+from perc.netutil import GatedFactory, set_receive_buffer, tls_server_factory
+from perc.tls import TlsCredentials
 
 
 def rmem_max():
@@ -61,3 +62,29 @@ class ReceiveBufferTests(TestCase):
         config = md_tap.Options()
         self.assertRaises(usage.UsageError, config.parseOptions,
                           ["--tunnel-listen", "tcp:0", "--udp-receive-buffer", "0"])
+
+
+class _Closed(protocol.Protocol):
+    def __init__(self):
+        self.closed = defer.Deferred()
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+
+class ClosedGateTests(TestCase):
+    """A tunnel connecting while the daemon's gate is still closed (it is starting)."""
+
+    @defer.inlineCallbacks
+    def test_connection_closed_without_an_error(self):
+        dev = pki.create_dev_pki(os.path.join(os.path.abspath(self.mktemp()), "pki"))
+        factory = tls_server_factory(TlsCredentials.from_pki_dir(dev.directory, "kd"),
+                                     GatedFactory())
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = _Closed()
+        yield protocol.ClientCreator(reactor, lambda: client).connectTCP(
+            "127.0.0.1", port.getHost().port)
+        # Closed by the listener (before the fix: an AttributeError in the
+        # reactor, which trial reports, and a connection left open).
+        yield client.closed.addTimeout(30, reactor)

@@ -13,10 +13,11 @@ from contextlib import redirect_stderr, redirect_stdout
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from perc import __version__, cli
+from perc import __version__
 from perc.kd import tap as kd_tap
 from perc.md import tap as md_tap
 from perc.optiontypes import udp_port
+from perc.scripts import cli
 
 #: Every ``perc`` subcommand, as typed.
 SUBCOMMANDS = (("bench",), ("demo",), ("endpoint",), ("pki",), ("pki", "init"),
@@ -108,7 +109,7 @@ class UsageTests(SynchronousTestCase):
         self.assertIn("(certificate subjectAltName DNS name) allowed to open tunnels", paragraph)
 
     def test_register_example_names_the_kd_api_default_port(self):
-        from perc.register_cli import RegisterOptions
+        from perc.scripts.register import RegisterOptions
 
         default_api = {row[0]: row[2] for row in kd_tap.Options.optParameters}["api"]
         port = re.match(r"tcp:(\d+)", default_api).group(1)

@@ -1,5 +1,5 @@
 """
-Tests for the development PKI (perc.pki) and ``perc pki`` (perc.pki_cli).
+Tests for the development PKI (perc.pki) and ``perc pki`` (perc.scripts.pki).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from twisted.trial.unittest import SynchronousTestCase
 
-from perc import cli, pki
+from perc import pki
 from perc.errors import ConfigError
+from perc.scripts import cli
 
 
 def load_certificate(path) -> x509.Certificate:

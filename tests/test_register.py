@@ -1,5 +1,5 @@
 """
-Tests for ``perc register`` (perc.register_cli) against a live control API on
+Tests for ``perc register`` (perc.scripts.register) against a live control API on
 loopback.
 """
 
@@ -15,7 +15,7 @@ from twisted.web import resource, server
 
 import perc
 from perc.errors import ConfigError
-from perc.register_cli import (
+from perc.scripts.register import (
     RegisterOptions,
     check_api_url,
     endpoint_url,
@@ -229,14 +229,14 @@ class RegisterOptionsTests(SynchronousTestCase):
 
 
 class RegisterCommandTests(RegisterTestsBase):
-    """The real ``perc`` command, in a fresh process, through perc.cli.main."""
+    """The real ``perc`` command, in a fresh process, through perc.scripts.cli.main."""
 
     def perc(self, *argv):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [CHECKOUT, env.get("PYTHONPATH")]))
         return getProcessOutputAndValue(
             sys.executable,
-            ["-c", "import sys; from perc.cli import main; sys.exit(main(sys.argv[1:]))"] + list(argv),
+            ["-c", "import sys; from perc.scripts.cli import main; sys.exit(main(sys.argv[1:]))"] + list(argv),
             env=env, path=CHECKOUT)
 
     def assertOneLineError(self, result, *fragments):

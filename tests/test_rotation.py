@@ -25,7 +25,7 @@ from perc.netutil import tls_client_endpoint, tls_server_factory
 from perc.profiles import by_id
 from perc.tls import TlsCredentials, peer_certificate
 from tests import tlshelpers
-from tests.daemonhelpers import TWISTD, DaemonOutput, free_port
+from tests.daemonhelpers import TWISTD, DaemonOutput, listening_port
 from tests.test_kd_service import (
     TLS_ID,
     WAIT,
@@ -225,14 +225,14 @@ class SighupTests(TestCase):
     def test_sighup_reloads_the_certificate(self):
         directory = os.path.abspath(self.mktemp())
         dev = pki.create_dev_pki(os.path.join(directory, "pki"))
-        port = free_port()
         process = subprocess.Popen(
             TWISTD + ["-n", "--pidfile=", "perc-kd", "--pki", dev.directory, "--api", "none",
-                      "--tunnel-listen", "tcp:{}:interface=127.0.0.1".format(port)],
+                      "--tunnel-listen", "tcp:0:interface=127.0.0.1"],
             cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         output = DaemonOutput(process)
         self.addCleanup(output.stop)
         output.wait_for("Key Distributor ready")
+        port = listening_port(output, "tunnel-listen")
         md = TlsCredentials.from_pki_dir(dev.directory, "md")
         certificate = yield presented_certificate(port, md, self)
         self.assertEqual(certificate, TlsCredentials.from_pki_dir(dev.directory, "kd").certificate)

@@ -17,9 +17,9 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, TestCase
 
 from perc import mediatools, rtpbridge
-from perc.demo import run_demo
+from perc.scripts.demo import run_demo
 from perc.double import DoubleError, DoubleReceiver, DoubleSender, relay_rewrite
-from perc.endpoint_cli import EndpointOptions
+from perc.scripts.endpoint import EndpointOptions
 from perc.profiles import by_id
 
 from tests.test_endpoint import MembersMixin, sleep

@@ -2,6 +2,7 @@
 Tests for perc.wire, the tunnel message codec.
 """
 
+import dataclasses
 import struct
 import uuid
 
@@ -84,7 +85,7 @@ class TestVectors(SynchronousTestCase):
 
     def test_messages_are_immutable(self):
         message = wire.EndpointDisconnect(AID)
-        with self.assertRaises(Exception):
+        with self.assertRaises(dataclasses.FrozenInstanceError):
             message.association_id = uuid.uuid4()
 
 

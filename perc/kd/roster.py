@@ -219,7 +219,7 @@ class Roster:
         self._hashes_in_use: dict[str, int] = {}
         for row in rows:
             self._remember(_registration(row))
-        if store is not None:  # None: a roster that is never written (perc.fuzz)
+        if store is not None:  # None: a roster that is never written (perc.testing.fuzz)
             store.notifications.add(REGISTRATIONS_CHANNEL, self._changedElsewhere)
             store.notifications.add_connected(self._reloadAll)
 

@@ -192,6 +192,6 @@ class EndpointOptions(CommandOptions):
         return 0 if verified_senders >= self["expect-senders"] and not failed else 1
 
     def run(self):
-        from perc.register_cli import run_in_reactor
+        from perc.scripts.register import run_in_reactor
 
         return run_in_reactor(lambda reactor: self._run(reactor, sys.stdout))

@@ -29,11 +29,11 @@ class PercOptions(CommandOptions):
 
 
 def _load_subcommands():
-    from perc.bench_cli import BenchOptions
-    from perc.demo import DemoOptions
-    from perc.endpoint_cli import EndpointOptions
-    from perc.pki_cli import PkiOptions
-    from perc.register_cli import RegisterOptions
+    from perc.scripts.bench import BenchOptions
+    from perc.scripts.demo import DemoOptions
+    from perc.scripts.endpoint import EndpointOptions
+    from perc.scripts.pki import PkiOptions
+    from perc.scripts.register import RegisterOptions
 
     return [
         ["bench", None, BenchOptions, "Run a benchmark from bench/ (forward, handshake, ...)"],

@@ -23,7 +23,7 @@ from perc.double import DoubleError, DoubleReceiver
 from perc.endpoint import ReferenceEndpoint
 from perc.errors import ConfigError
 from perc.options import CommandOptions
-from perc.register_cli import (
+from perc.scripts.register import (
     put_json,
     register_with_key_distributor,
     register_with_media_distributor,
@@ -67,7 +67,7 @@ class DemoOptions(CommandOptions):
             raise usage.UsageError("--media: only 'video'")
 
     def run(self):
-        from perc.register_cli import run_in_reactor
+        from perc.scripts.register import run_in_reactor
 
         return run_in_reactor(lambda reactor: run_demo(
             reactor, self["endpoints"], self["seconds"], self["profile"],

@@ -90,7 +90,7 @@ def check_api_url(url: str, option: str) -> str:
     """
     try:
         parts = urlsplit(url)
-        parts.port  # raises ValueError for a bad port
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
     except ValueError as error:
         raise ConfigError("--{}: invalid URL {!r}: {}".format(option, url, error)) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:

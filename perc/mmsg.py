@@ -150,9 +150,10 @@ class BatchSocket:
         #: The send slots' octets, and the address of the first as an int.
         self.send_view = memoryview(ffi.buffer(self._sbuf))
         self.send_address = int(ffi.cast("uintptr_t", self._sbuf))
-        self.send_lengths = memoryview(ffi.buffer(self._siov)).cast("N")[
+        # "N" (size_t) is a valid format that typeshed's overloads do not list.
+        self.send_lengths = memoryview(ffi.buffer(self._siov)).cast("N")[  # type: ignore[call-overload]
             ffi.offsetof("struct iovec", "iov_len") // word::ffi.sizeof("struct iovec") // word]
-        self.send_names = memoryview(ffi.buffer(self._shdrs)).cast("N")[
+        self.send_names = memoryview(ffi.buffer(self._shdrs)).cast("N")[  # type: ignore[call-overload]
             ffi.offsetof("struct mmsghdr", "msg_hdr") // word
             + ffi.offsetof("struct msghdr", "msg_name") // word::
             ffi.sizeof("struct mmsghdr") // word]

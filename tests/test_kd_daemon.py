@@ -109,7 +109,7 @@ class StoreDaemonTests(SynchronousTestCase):
 
     def start(self, *args):
         return self.twistd("--pki", self.pki.directory, "--api", "none", "--tunnel-listen",
-                           "tcp:{}:interface=127.0.0.1".format(free_port()), *args)
+                           "tcp:0:interface=127.0.0.1", *args)
 
     def seal_database(self, key):
         """A current-schema database whose secrets are sealed with ``key``."""

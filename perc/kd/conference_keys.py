@@ -113,14 +113,22 @@ class ConferenceKeys:
     def refresh(self, conference: str) -> defer.Deferred:
         """Read ``conference``'s stored key; take it in if newer than ours."""
         d = self.store.get_conference_key(conference)
-        d.addCallback(lambda row: None if row is None else self._takeIn(row))
+
+        def takeIn(row) -> None:
+            if row is not None:
+                self._takeIn(row)
+        d.addCallback(takeIn)
         d.addErrback(self._refreshFailed, conference)
         return d
 
     def refresh_all(self) -> defer.Deferred:
         """Read every stored key (after missed notifications); take in the newer ones."""
         d = self.store.load_conference_keys()
-        d.addCallback(lambda rows: [self._takeIn(row) for row in rows])
+
+        def takeIn(rows) -> None:
+            for row in rows:
+                self._takeIn(row)
+        d.addCallback(takeIn)
         d.addErrback(self._refreshFailed, None)
         return d
 
@@ -195,6 +203,7 @@ class ConferenceKeys:
         it is created on first use; with one, None when there is no key in
         memory or its TTL has run out (see :meth:`ensure`).
         """
+        issued: _Issued | None
         if self.store is None:
             issued = self._issued(conference, now)
         else:

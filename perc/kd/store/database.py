@@ -8,6 +8,7 @@ are described in :mod:`perc.kd.store`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet import defer
@@ -16,7 +17,7 @@ from twisted.logger import Logger
 from perc.errors import ConfigError
 from perc.kd.sealing import SealingError, SealingKey
 from perc.kd.store import schema
-from perc.kd.store.dialects import POSTGRESQL, SQLITE
+from perc.kd.store.dialects import POSTGRESQL, SQLITE, Dialect
 
 __all__ = [
     "NOTIFY_CHANNELS",
@@ -135,6 +136,8 @@ class Store:
         if reactor is None:
             from twisted.internet import reactor
         description = describe_database(db)
+        dialect: Dialect
+        notifications: Any  # postgresql.Notifications or _NoNotifications: start(), stop()
         if is_postgresql(db):
             from perc.kd.store import postgresql
 

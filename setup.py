@@ -47,9 +47,10 @@ setup(
     ],
     # imageio-ffmpeg: an ffmpeg (libx264, libopus) for the RTP bridge tests and
     # perc demo --media video; before 0.8 its ffmpeg fails the bridge test.
-    # postgresql: perc-kd --db postgresql://... (psycopg 3.2+: notifies(timeout=)).
-    extras_require={"postgresql": ["psycopg[binary]>=3.2"],
-                    "test": ["hypothesis>=6.100", "imageio-ffmpeg>=0.8", "psycopg[binary]>=3.2"],
+    # postgresql: perc-kd --db postgresql://... (psycopg 3.2+: notifies(timeout=);
+    # 3.2.0 itself names a psycopg-binary that was never released).
+    extras_require={"postgresql": ["psycopg[binary]>=3.2.1"],
+                    "test": ["hypothesis>=6.100", "imageio-ffmpeg>=0.8", "psycopg[binary]>=3.2.1"],
                     # perc bench fuzz: coverage-guided fuzzing and its line coverage.
                     "fuzz": ["atheris>=2.3", "coverage>=7.0"],
                     # .ci/run's checks (pyproject.toml), pinned so that a new

@@ -151,16 +151,14 @@ def parse_server_hello(datagram) -> Optional[ServerHelloInfo]:
 # Records and handshake messages
 
 
-def _find_message(datagram, wanted: int):
+def _handshake_fragments(data: bytes):
     """
-    ``(body, message_seq)`` of the first unfragmented handshake message of
-    type ``wanted`` in an epoch-0 handshake record, or None.
+    Every handshake message fragment in ``data``'s epoch-0 handshake records,
+    as ``(record header, msg_type, msg_length, message_seq, fragment_offset,
+    body start, body end)``; at most MAX_RECORDS records and MAX_MESSAGES
+    fragments are walked.  Records of other types or epochs cost only their
+    header.  HelloError for anything that does not parse.
     """
-    # bytes(bytes) is the same object: no copy in the common case.
-    data = bytes(datagram)
-    # Every record is walked (a flight packs several: ServerHello,
-    # Certificate, ...); records of other types or epochs cost only their
-    # header.
     total = len(data)
     offset = 0
     records = 0
@@ -174,19 +172,16 @@ def _find_message(datagram, wanted: int):
         end = start + length
         if end > total:
             raise HelloError("DTLS record of {} octets overruns the datagram".format(length))
-        content_type = data[offset]
-        epoch = (data[offset + 3] << 8) | data[offset + 4]
+        header_at = offset
         offset = end
-        if content_type != _CONTENT_HANDSHAKE or epoch != 0:
+        if data[header_at] != _CONTENT_HANDSHAKE or data[header_at + 3] or data[header_at + 4]:
             continue
         position = start
         while position < end and messages < MAX_MESSAGES:
             messages += 1
             if end - position < _HANDSHAKE_HEADER:
                 raise HelloError("truncated handshake header")
-            msg_type = data[position]
             msg_length = int.from_bytes(data[position + 1:position + 4], "big")
-            message_seq = (data[position + 4] << 8) | data[position + 5]
             fragment_offset = int.from_bytes(data[position + 6:position + 9], "big")
             fragment_length = int.from_bytes(data[position + 9:position + 12], "big")
             body = position + _HANDSHAKE_HEADER
@@ -194,10 +189,23 @@ def _find_message(datagram, wanted: int):
                 raise HelloError("handshake fragment overruns its record")
             if fragment_offset + fragment_length > msg_length:
                 raise HelloError("handshake fragment lies beyond its message length")
+            yield (data[header_at:start], data[position], msg_length,
+                   (data[position + 4] << 8) | data[position + 5], fragment_offset,
+                   body, body + fragment_length)
             position = body + fragment_length
-            if (msg_type == wanted and fragment_offset == 0
-                    and fragment_length == msg_length):
-                return data[body:position], message_seq
+
+
+def _find_message(datagram, wanted: int):
+    """
+    ``(body, message_seq)`` of the first unfragmented handshake message of
+    type ``wanted`` in an epoch-0 handshake record, or None.
+    """
+    # bytes(bytes) is the same object: no copy in the common case.
+    data = bytes(datagram)
+    for _, msg_type, msg_length, message_seq, fragment_offset, body, body_end in \
+            _handshake_fragments(data):
+        if msg_type == wanted and fragment_offset == 0 and body_end - body == msg_length:
+            return data[body:body_end], message_seq
     return None
 
 
@@ -540,43 +548,14 @@ def _client_hello_fragments(datagram):
     data)``, or None when it holds none or holds a whole ClientHello.
     """
     data = bytes(datagram)
-    total = len(data)
-    offset = 0
-    records = 0
     found = []
-    while offset < total and records < MAX_RECORDS:
-        records += 1
-        if total - offset < _RECORD_HEADER:
-            raise HelloError("truncated DTLS record header")
-        length = (data[offset + 11] << 8) | data[offset + 12]
-        start = offset + _RECORD_HEADER
-        end = start + length
-        if end > total:
-            raise HelloError("DTLS record of {} octets overruns the datagram".format(length))
-        header = data[offset:start]
-        offset = end
-        if header[0] != _CONTENT_HANDSHAKE or header[3:5] != b"\x00\x00":
+    for header, msg_type, msg_length, message_seq, fragment_offset, body, body_end in \
+            _handshake_fragments(data):
+        if msg_type != _CLIENT_HELLO:
             continue
-        position = start
-        while position < end and len(found) < MAX_MESSAGES:
-            if end - position < _HANDSHAKE_HEADER:
-                raise HelloError("truncated handshake header")
-            msg_type = data[position]
-            msg_length = int.from_bytes(data[position + 1:position + 4], "big")
-            message_seq = (data[position + 4] << 8) | data[position + 5]
-            fragment_offset = int.from_bytes(data[position + 6:position + 9], "big")
-            fragment_length = int.from_bytes(data[position + 9:position + 12], "big")
-            body = position + _HANDSHAKE_HEADER
-            if body + fragment_length > end:
-                raise HelloError("handshake fragment overruns its record")
-            if fragment_offset + fragment_length > msg_length:
-                raise HelloError("handshake fragment lies beyond its message length")
-            position = body + fragment_length
-            if msg_type != _CLIENT_HELLO:
-                continue
-            if fragment_offset == 0 and fragment_length == msg_length:
-                return None
-            if fragment_length:
-                found.append((header[1:3], header[5:11], msg_length, message_seq,
-                              fragment_offset, data[body:position]))
+        if fragment_offset == 0 and body_end - body == msg_length:
+            return None
+        if body_end > body:
+            found.append((header[1:3], header[5:11], msg_length, message_seq,
+                          fragment_offset, data[body:body_end]))
     return found or None

@@ -312,6 +312,24 @@ class AssociationOwnership:
             return d
         self._then(str(association.id), record)
 
+    def updated(self, distributor, association) -> None:
+        """Its state changed in a way an adopter needs (an ekt_key message sent): the row follows."""
+        exported = self.export(distributor, association)
+        if exported is None:
+            return
+        state, reserved = exported
+        md_identity = getattr(association.origin, "identity", None) or ""
+
+        def update(aid):
+            d = self.node.updateAssociation(aid, md_identity, state, reserved)
+
+            def checked(ours):
+                if not ours:
+                    self.log.warn("Ownership row of association {association_id} is not this "
+                                  "node's: not updated", association_id=aid)
+            return d.addCallback(checked)
+        self._then(str(association.id), update)
+
     def ended(self, association) -> None:
         if self.sequences is not None:
             self.sequences.forget(str(association.id))

@@ -216,5 +216,6 @@ class CrashedKeyDistributorTests(KeyDistributorServiceMixin, TestCase):
         self.assertTrue(sequences)
         # Every record KD2 sealed lies beyond what KD1 may have used.
         for epoch, sequence in sequences:
+            self.assertEqual(epoch, 1)
             self.assertGreaterEqual(sequence, reserved_by_first)
         self.assertEqual(self.second.distributor.counters.get("adopted"), 1)

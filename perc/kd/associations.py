@@ -644,9 +644,9 @@ class KeyDistributor:
             association.id, profile.id, b"", hbh.client_key, hbh.server_key,
             hbh.client_salt, hbh.server_salt))
         self._supersede(association)
-        if self.ownership is not None:
-            self.ownership.established(self, association)
         if event.ekt_cipher is None or self.conference_keys is None:
+            if self.ownership is not None:
+                self.ownership.established(self, association)
             self.log.info(
                 "Association {association_id} accepted: tls-id {tls_id} in conference "
                 "{conference}, profile {profile}; hop-by-hop keys sent to {peer}",
@@ -658,6 +658,8 @@ class KeyDistributor:
         association.ekt = True
         self._joinEktConference(association, registration.conference)
         if key is None:
+            if self.ownership is not None:
+                self.ownership.established(self, association)
             # No usable key in memory yet: it is stored first, then sent to
             # every member (this one included).
             self.log.info(
@@ -676,7 +678,11 @@ class KeyDistributor:
             "EKTKey SPI {spi} sent", association_id=association.id,
             tls_id=registration.tls_id, conference=registration.conference,
             profile=profile.name, peer=self._peer(association), spi=key.ekt_spi)
-        return self._sendEktKey(association, key, log=False).datagrams
+        output = self._sendEktKey(association, key, log=False, record=False)
+        if self.ownership is not None:
+            # Its row holds the ekt_key message just sent (an adopter goes on with it).
+            self.ownership.established(self, association)
+        return output.datagrams
 
     def _supersede(self, association: _Association) -> None:
         """
@@ -740,13 +746,17 @@ class KeyDistributor:
         association.ekt_tokens = tokens - 1.0
         return True
 
-    def _sendEktKey(self, association: _Association, key, log: bool = True) -> dtls.Output:
+    def _sendEktKey(self, association: _Association, key, log: bool = True,
+                    record: bool = True) -> dtls.Output:
         """
         The EKTKey as RFC 8870's ekt_key handshake message; the engine
         retransmits it until the endpoint's ACK (its timer is scheduled by
-        :meth:`_process`).
+        :meth:`_process`).  With ``record``, a cluster's ownership row gets
+        the new state (its message_seq and key: an adopter continues them).
         """
         output = association.engine.send_ekt_key(key, self.clock.seconds())
+        if record and self.ownership is not None and association.established:
+            self.ownership.updated(self, association)
         if log:
             self.log.info(
                 "EKTKey SPI {spi} sent to association {association_id} ({conference})",

@@ -12,6 +12,7 @@ lease as expired, whatever the two clocks read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import socket
@@ -25,7 +26,8 @@ from perc.dtls.state import AssociationState
 from perc.kd import associations
 from perc.kd.store import AssociationRecord, Store
 
-__all__ = ["DEFAULT_LEASE_SECONDS", "ClusterNode", "default_node_id"]
+__all__ = ["DEFAULT_LEASE_SECONDS", "AssociationOwnership", "ClusterNode", "OrphanAdoption",
+           "WriteSequences", "default_node_id"]
 
 #: Seconds a node's lease lasts; renewed every third of it.
 DEFAULT_LEASE_SECONDS = 10.0
@@ -285,9 +287,12 @@ class AssociationOwnership:
 
     log = Logger()
 
-    def __init__(self, node: ClusterNode, export=export_association_state):
+    def __init__(self, node: ClusterNode, export=export_association_state,
+                 sequences: WriteSequences | None = None):
         self.node = node
         self.export = export
+        #: Told when a row is written (its later blocks come from it) and ends.
+        self.sequences = sequences
         #: association id -> the last write of its row still under way.
         self._pending: dict[str, defer.Deferred] = {}
 
@@ -298,10 +303,36 @@ class AssociationOwnership:
         state, reserved = exported
         tunnel = association.origin
         md_identity = getattr(tunnel, "identity", None) or ""
-        self._then(str(association.id), lambda aid: self.node.recordAssociation(
-            aid, md_identity, state, reserved))
+        sequences = self.sequences
+
+        def record(aid):
+            d = self.node.recordAssociation(aid, md_identity, state, reserved)
+            if sequences is not None:
+                d.addCallback(lambda _: sequences.recorded(aid))
+            return d
+        self._then(str(association.id), record)
+
+    def updated(self, distributor, association) -> None:
+        """Its state changed in a way an adopter needs (an ekt_key message sent): the row follows."""
+        exported = self.export(distributor, association)
+        if exported is None:
+            return
+        state, reserved = exported
+        md_identity = getattr(association.origin, "identity", None) or ""
+
+        def update(aid):
+            d = self.node.updateAssociation(aid, md_identity, state, reserved)
+
+            def checked(ours):
+                if not ours:
+                    self.log.warn("Ownership row of association {association_id} is not this "
+                                  "node's: not updated", association_id=aid)
+            return d.addCallback(checked)
+        self._then(str(association.id), update)
 
     def ended(self, association) -> None:
+        if self.sequences is not None:
+            self.sequences.forget(str(association.id))
         self._then(str(association.id), self.node.forgetAssociation)
 
     def _then(self, association_id: str, write) -> None:
@@ -332,3 +363,254 @@ class AssociationOwnership:
         """Fires once every row write begun so far has finished (tests, shutdown)."""
         return defer.DeferredList([p for p in self._pending.values()]).addCallback(
             lambda _: None)
+
+
+class WriteSequences:
+    """
+    A cluster node's ``write_reservation`` for its KeyDistributor (README,
+    "Key Distributor cluster"): no write sequence number is sealed unless
+    it lies in a block the database reserved for this node (the row's
+    ``sequence_reserved``), so no (key, nonce) pair is used by two nodes.
+
+    :meth:`reserve` is synchronous (called inside seal): it grants the
+    engine's block (``block`` numbers) only from what the database already
+    reserved; the database is asked for ``2 * block`` at a time, and for the
+    next such block as soon as its first half has been granted (half used),
+    so the engine rarely waits.  With nothing ready it refuses (nothing is
+    sealed; the ekt_key retransmission timer retries) and, once the
+    reservation lands, grants through ``grant_write_sequences``.
+
+    A new association's first block is granted before its row exists: the
+    row is written with that block's end as ``sequence_reserved``, and an
+    association without a row is never adopted.  An adopted one starts at
+    its row's ``sequence_reserved`` (:meth:`adopting`).  Nothing is granted
+    while the node does not hold its lease.
+    """
+
+    log = Logger()
+
+    def __init__(self, node: ClusterNode, block: int, distributor=None):
+        if block < 1:
+            raise ValueError("a sequence block holds at least one number")
+        self.node = node
+        self.block = block
+        #: The KeyDistributor whose engines are granted what lands late.
+        self.distributor = distributor
+        #: association id -> [floor, limit, row written]: [floor, limit) is
+        #: this node's, reserved in the database (or the local first block).
+        self._held: dict[str, list] = {}
+        self._pending: dict[str, defer.Deferred] = {}
+        #: Refusals and reservations, for status and tests.
+        self.refusals = 0
+        self.reservations = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def reserve(self, association_id, start: int, end: int) -> bool:
+        """``KeyDistributor(write_reservation=...)``: may ``[start, end)`` be sealed now."""
+        key = str(association_id)
+        if not self.node.serving:
+            self.refusals += 1
+            return False
+        held = self._held.get(key)
+        if held is None:
+            if not self._isNew(association_id):
+                # Established here but unknown: never grant it locally.
+                self.refusals += 1
+                return False
+            self._held[key] = [start, end, False]
+            return True
+        floor, limit, recorded = held
+        if start >= floor and end <= limit:
+            if limit - end < self.block and recorded:
+                self._fetch(key)  # the block's second half goes out: reserve the next
+            return True
+        self.refusals += 1
+        if recorded:
+            self._fetch(key)
+        return False
+
+    def _isNew(self, association_id) -> bool:
+        distributor = self.distributor
+        if distributor is None:
+            return False
+        try:
+            association = distributor.association(uuid.UUID(str(association_id)))
+        except ValueError:
+            return False
+        return association is None or not association.established
+
+    def recorded(self, association_id: str) -> None:
+        """The association's row is written: its next blocks come from the database."""
+        held = self._held.get(association_id)
+        if held is not None:
+            held[2] = True
+            self._fetch(association_id)
+
+    def adopting(self, association_id: str, floor: int) -> None:
+        """This node adopts the association, its row reserved up to ``floor``: it starts there."""
+        self._held[association_id] = [floor, floor, True]
+
+    def forget(self, association_id: str) -> None:
+        self._held.pop(association_id, None)
+
+    def clear(self) -> None:
+        """The node stopped serving: every association starts afresh or is adopted again."""
+        self._held.clear()
+
+    def _fetch(self, key: str) -> None:
+        if key in self._pending:
+            return
+        d = self._pending[key] = self.node.reserveBlock(key, 2 * self.block)
+
+        def landed(block):
+            held = self._held.get(key)
+            if held is None:
+                return
+            if block is None:
+                # Not this node's row any more: it seals nothing further.
+                held[2] = False
+                self.log.warn("Association {association_id} is no longer this node's in the "
+                              "database: its write sequence numbers are not extended",
+                              association_id=key)
+                return
+            self.reservations += 1
+            held[1] = max(held[1], block[1])
+            self._grantWaiting(key, held)
+
+        def failed(failure):
+            self.log.warn("Write sequence numbers of association {association_id} not "
+                          "reserved: {error}", association_id=key,
+                          error=failure.getErrorMessage())
+
+        def done(_):
+            if self._pending.get(key) is d:
+                del self._pending[key]
+
+        d.addCallbacks(landed, failed)
+        d.addBoth(done)
+
+    def _grantWaiting(self, key: str, held: list) -> None:
+        """An engine refused earlier gets its next block now (its ekt_key goes on its timer)."""
+        if self.distributor is None or not self.node.serving:
+            return
+        association = self.distributor.association(uuid.UUID(key))
+        if association is None:
+            return
+        engine = association.engine
+        if not engine.needs_write_sequences:
+            return
+        current = engine.write_sequence_limit
+        grant = min(held[1], current + self.block)
+        if current >= held[0] and grant > current:
+            engine.grant_write_sequences(grant)
+            if held[1] - grant < self.block:
+                self._fetch(key)
+
+
+class OrphanAdoption:
+    """
+    Every ``interval`` seconds (on the node's clock), while the node holds
+    its lease, claims the rows of dead nodes (:meth:`ClusterNode.claimOrphans`)
+    and adopts each into ``distributor`` with no handshake; a record that
+    cannot be adopted (does not decode, or is refused) has its row deleted.
+    One log line per batch, counts only.
+    """
+
+    log = Logger()
+
+    def __init__(self, node: ClusterNode, distributor, sequences: WriteSequences | None,
+                 interval: float):
+        self.node = node
+        self.distributor = distributor
+        self.sequences = sequences
+        self.interval = interval
+        self._timer = None
+        self._running: defer.Deferred | None = None
+        #: Totals, for status and tests.
+        self.adopted = 0
+        self.failed = 0
+
+    def start(self) -> None:
+        self._schedule()
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _schedule(self) -> None:
+        self._timer = self.node.clock.callLater(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.run().addBoth(lambda _: self._schedule())
+
+    def run(self) -> defer.Deferred:
+        """One claim and adoption batch; fires with ``(adopted, failed)``."""
+        if self._running is not None:
+            return defer.succeed((0, 0))
+        d = self._running = self.node.claimOrphans()
+        d.addCallback(self._adopt)
+
+        def failed(failure):
+            self.log.warn("Node {node} could not claim orphaned associations: {error}",
+                          node=self.node.node_id, error=failure.getErrorMessage())
+            return (0, 0)
+
+        def done(result):
+            self._running = None
+            return result
+
+        return d.addErrback(failed).addBoth(done)
+
+    def _adopt(self, rows) -> tuple:
+        if not rows:
+            return (0, 0)
+        if not self.node.serving:
+            # The rows are this node's: once it serves again they are its own orphans.
+            return (0, 0)
+        adopted = failed = 0
+        now = self.node.clock.seconds()
+        for row in rows:
+            if self.distributor.association(uuid.UUID(row.association_id)) is not None:
+                continue  # still live here (claimed twice): nothing to do
+            try:
+                record = self._startingAt(decode_association_record(row.state),
+                                          row.sequence_reserved)
+                if self.sequences is not None:
+                    self.sequences.adopting(row.association_id, AssociationState.from_bytes(
+                        record.state).write_limit)
+                result = self.distributor.adoptAssociation(
+                    record, record.media_distributor, now)
+            except ValueError as error:
+                result = None
+                self.log.warn("Association {association_id} not adopted: {error}",
+                              association_id=row.association_id, error=str(error))
+            if result is None:
+                failed += 1
+                if self.sequences is not None:
+                    self.sequences.forget(row.association_id)
+                self.node.forgetAssociation(row.association_id).addErrback(
+                    lambda failure: self.log.warn("Row not deleted: {error}",
+                                                  error=failure.getErrorMessage()))
+            else:
+                adopted += 1
+        self.adopted += adopted
+        self.failed += failed
+        self.log.info("Node {node} adopted {adopted} associations of dead nodes "
+                      "({failed} could not be adopted; their rows deleted)",
+                      node=self.node.node_id, adopted=adopted, failed=failed)
+        return (adopted, failed)
+
+    @staticmethod
+    def _startingAt(record: associations.AssociationRecord,
+                    sequence_reserved: int) -> associations.AssociationRecord:
+        """``record`` sealing from the row's ``sequence_reserved`` on (never below it)."""
+        state = AssociationState.from_bytes(record.state)
+        if sequence_reserved <= state.write_limit:
+            return record
+        state = dataclasses.replace(
+            state, records=dict(state.records, write_limit=sequence_reserved))
+        return dataclasses.replace(record, state=state.to_bytes())

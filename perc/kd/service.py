@@ -18,7 +18,7 @@ from perc.httpapi import OperationsResource, make_site
 from perc.kd.api import make_api_site
 from perc.kd.associations import KeyDistributor, Limits
 from perc.kd.cluster import (DEFAULT_LEASE_SECONDS, AssociationOwnership, ClusterNode,
-                             default_node_id)
+                             OrphanAdoption, WriteSequences, default_node_id)
 from perc.kd.conference_keys import DEFAULT_EKT_TTL, DEFAULT_ROLLOVER, ConferenceKeys
 from perc.kd.roster import Roster
 from perc.kd.sealing import SealingKey
@@ -82,6 +82,10 @@ class KeyDistributorService(service.MultiService):
         self.node_id = node_id or default_node_id(tunnel_listen)
         self.lease_seconds = lease_seconds
         self.node: ClusterNode | None = None
+        #: Cluster mode (PostgreSQL): write-sequence blocks from the
+        #: database and the adoption of dead nodes' associations.
+        self.writeSequences: WriteSequences | None = None
+        self.adoption: OrphanAdoption | None = None
         self._api_description = api
         self._tunnel_description = tunnel_listen
         self._clients: list = []
@@ -237,12 +241,22 @@ class KeyDistributorService(service.MultiService):
     def _rosterOpened(self, roster):
         self.roster = roster
         dtls_credentials = _dtlsCredentials(self.credentials)
+        if is_postgresql(self.db_path):
+            self.writeSequences = WriteSequences(self.node, self.limits.write_sequence_block)
         self.distributor = KeyDistributor(
             roster=roster, credentials=dtls_credentials, profiles=self.profiles,
             clock=self.reactor, limits=self.limits,
             allow_missing_tls_id=self.allow_missing_tls_id, conference_keys=self.conferenceKeys,
-            observe_handshake=self.metrics.observe_handshake)
-        self.distributor.ownership = AssociationOwnership(self.node)
+            observe_handshake=self.metrics.observe_handshake,
+            write_reservation=None if self.writeSequences is None else
+            self.writeSequences.reserve)
+        self.distributor.ownership = AssociationOwnership(self.node,
+                                                          sequences=self.writeSequences)
+        if self.writeSequences is not None:
+            self.writeSequences.distributor = self.distributor
+            self.adoption = OrphanAdoption(self.node, self.distributor, self.writeSequences,
+                                           self.lease_seconds / 3)
+            self.adoption.start()
         factory = self.tunnelFactory = KeyDistributorTunnelFactory(
             self.distributor, self.authorise)
         self._tunnelGate.open(factory)
@@ -273,6 +287,8 @@ class KeyDistributorService(service.MultiService):
             self.tunnelFactory.closeAll()
         if self.distributor is not None:
             self.distributor.stop()
+        if self.writeSequences is not None:
+            self.writeSequences.clear()
 
     def _leaseRegained(self) -> None:
         """The lease is held again: serve new tunnels (associations start afresh)."""
@@ -323,6 +339,8 @@ class KeyDistributorService(service.MultiService):
         if self.tunnelFactory is not None:
             self.tunnelFactory.closeAll()
         yield super().stopService()
+        if self.adoption is not None:
+            self.adoption.stop()
         for port in self._ports:
             yield port.stopListening()
         self._ports = []

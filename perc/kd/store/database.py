@@ -461,11 +461,13 @@ def _deleteAssociation(cursor, dialect, association_id: str) -> bool:
 
 def _updateAssociation(cursor, dialect, sealing_key: SealingKey, record: AssociationRecord) -> bool:
     sealed = sealing_key.seal(record.state, "associations", record.binding())
+    # Never lowered: a block reserved after the state was exported may be in use.
     cursor.execute(dialect.sql(
-        "UPDATE associations SET sealed_state = ?, sequence_reserved = ?"
+        "UPDATE associations SET sealed_state = ?, sequence_reserved = CASE WHEN"
+        " sequence_reserved > ? THEN sequence_reserved ELSE ? END"
         " WHERE association_id = ? AND owner_node = ? AND md_identity = ?"),
-        (sealed, record.sequence_reserved, record.association_id, record.owner_node,
-         record.md_identity))
+        (sealed, record.sequence_reserved, record.sequence_reserved, record.association_id,
+         record.owner_node, record.md_identity))
     if cursor.rowcount != 1:
         return False
     dialect.notify(cursor, ASSOCIATIONS_CHANNEL, record.association_id)

@@ -40,7 +40,7 @@ setup(
         # (CVE-2026-27459); 26.2: Connection.set_options, which tests/test_tls.py reads.
         "pyOpenSSL>=26.2",
         "service-identity>=24.2",  # 24.1 calls X509.get_extension, gone from pyOpenSSL 26
-        "pylibsrtp>=0.10",
+        "pylibsrtp>=1.0",  # the MD's in-place batch protect needs 1.0's libsrtp binding constants
         "zope.interface>=8.0",  # Twisted 26.10 needs it
         "cryptography>=46",  # pyOpenSSL 26.2 needs it
         "prometheus-client>=0.20",

@@ -693,6 +693,7 @@ def bare_openssl_cpu_per_handshake(count, profile_id):
 
     from perc import pki
     from perc.dtls.constants import DEFAULT_MTU, DTLS1_2_VERSION, EXPORTER_LABEL
+    from perc.dtls.contexts import drain
     from perc.profiles import by_id
 
     profile = by_id(profile_id)
@@ -714,18 +715,6 @@ def bare_openssl_cpu_per_handshake(count, profile_id):
             mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
         ctx.set_verify(mode)
         return ctx
-
-    def drain(connection):
-        chunks = []
-        while True:
-            try:
-                chunk = connection.bio_read(65536)
-            except SSL.WantReadError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def step(connection, data):
         if data:

@@ -31,6 +31,7 @@ from perc.dtls.constants import (
 from perc.dtls.contexts import (
     check_mtu,
     context_for,
+    drain,
     error_text,
     new_connection,
     normalise_profiles,
@@ -505,24 +506,10 @@ class DtlsAssociation(OwnRecordLayer):
             self._closing = event
 
     def _discard_output(self) -> None:
-        self._read_bio()
-
-    def _read_bio(self) -> bytes:
-        chunks = []
-        while True:
-            try:
-                chunk = self._conn.bio_read(65536)
-            except SSL.WantReadError:
-                break
-            except Exception:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+        drain(self._conn)
 
     def _collect(self) -> Output:
-        data = self._read_bio() if self._conn is not None else b""
+        data = drain(self._conn) if self._conn is not None else b""
         written = split_records(data) if data else ()
         for record in written:
             header = records.record_epoch_and_sequence(record)

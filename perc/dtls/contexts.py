@@ -93,3 +93,17 @@ def check_mtu(mtu: int) -> int:
     if not isinstance(mtu, int) or mtu < MIN_MTU or mtu > 65535:
         raise ValueError("mtu must be an integer from {} to 65535".format(MIN_MTU))
     return mtu
+
+
+def drain(connection: SSL.Connection) -> bytes:
+    """Everything OpenSSL has written to the connection's memory BIO; never raises."""
+    chunks = []
+    while True:
+        try:
+            chunk = connection.bio_read(65536)
+        except Exception:  # WantReadError: nothing more; anything else: nothing usable
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)

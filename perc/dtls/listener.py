@@ -24,6 +24,7 @@ from perc.dtls.constants import (
 from perc.dtls.contexts import (
     check_mtu,
     context_for,
+    drain,
     new_connection,
     normalise_profiles,
 )
@@ -130,7 +131,7 @@ class ServerListener:
             except SSL.WantReadError:
                 # No valid cookie: OpenSSL wrote a HelloVerifyRequest (or
                 # nothing, for junk).  Nothing of this attempt is kept.
-                return tuple(pack_records(split_records(_drain(connection)), self.mtu)), None
+                return tuple(pack_records(split_records(drain(connection)), self.mtu)), None
             except Exception:
                 return (), None
         finally:
@@ -162,15 +163,3 @@ def _looks_like_client_hello(datagram) -> bool:
         and datagram[RECORD_HEADER_LENGTH] == HANDSHAKE_CLIENT_HELLO
     )
 
-
-def _drain(connection: SSL.Connection) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = connection.bio_read(65536)
-        except SSL.WantReadError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -310,26 +310,24 @@ class KeyDistributorTarget:
     # -- fixtures -------------------------------------------------------
 
     def _openTunnel(self) -> None:
-        from perc.kd.tunnel import KeyDistributorTunnel
-        if self.tunnel is not None:
-            self.tunnel.connectionLost(None)
-        self.tunnel = KeyDistributorTunnel(self.kd)
-        self.transport = StringTransport()
-        self.tunnel.makeConnection(self.transport)
         # The same Media Distributor again: its associations may move here.
-        self.tunnel.identity = "md.fuzz"
-        self.tunnel.dataReceived(wire.SupportedProfiles(0, (9, 10)).encode())
+        self.tunnel, self.transport = self._newTunnel(self.tunnel, "md.fuzz", (9, 10))
 
     def _other(self) -> None:
         """Another Media Distributor's tunnel, which must not touch these associations."""
+        self.other, self.otherTransport = self._newTunnel(self.other, "md.other", (9,))
+
+    def _newTunnel(self, old, identity: str, profiles: tuple):
+        """A tunnel up from the Media Distributor ``identity`` (``old`` is lost first)."""
         from perc.kd.tunnel import KeyDistributorTunnel
-        if self.other is not None:
-            self.other.connectionLost(None)
-        self.other = KeyDistributorTunnel(self.kd)
-        self.otherTransport = StringTransport()
-        self.other.makeConnection(self.otherTransport)
-        self.other.identity = "md.other"
-        self.other.dataReceived(wire.SupportedProfiles(0, (9,)).encode())
+        if old is not None:
+            old.connectionLost(None)
+        tunnel = KeyDistributorTunnel(self.kd)
+        transport = StringTransport()
+        tunnel.makeConnection(transport)
+        tunnel.identity = identity
+        tunnel.dataReceived(wire.SupportedProfiles(0, profiles).encode())
+        return tunnel, transport
 
     def _send(self, message, tunnel=None) -> None:
         (tunnel or self.tunnel).dataReceived(message.encode())

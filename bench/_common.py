@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+
+from perc.daemons import TWISTD, Daemon, bound_port
 
 __all__ = [
     "TWISTD",
@@ -34,87 +33,8 @@ __all__ = [
     "print_json_last",
 ]
 
-#: ``twistd`` of the running interpreter (works without the venv's bin/ on PATH).
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 #: The ``perc`` command of the running interpreter.
 PERC = [sys.executable, "-m", "perc.scripts.cli"]
-
-
-def bound_port(output: str, what: str) -> int:
-    """
-    The port a daemon bound for ``what`` ("tunnel-listen", "api", "metrics"
-    or "media"), read from its log ``output``.  The daemons are given port 0:
-    no port is picked, closed and hoped free until a daemon binds it.
-    """
-    text = "Endpoints' UDP port: " if what == "media" else "Listening for {} on ".format(what)
-    for line in output.splitlines():
-        if text in line:
-            match = re.search(r"port=(\d+)\)", line)
-            if match:
-                return int(match.group(1))
-    raise RuntimeError("no {!r} line with a port in:\n{}".format(text, output))
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (Linux; else nothing)."""
-    try:
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-class Daemon:
-    """
-    A ``twistd -n`` process whose combined output goes to ``log_path`` (a
-    file, not a pipe: a daemon that logs a lot never blocks on a reader).
-    With ``die_with_parent`` (Linux) the kernel sends it SIGTERM if the
-    benchmark process dies without stopping it: no orphan daemons.
-    """
-
-    def __init__(self, directory: str, args: list, log_name: str,
-                 die_with_parent: bool = False):
-        self.log_path = os.path.join(directory, log_name)
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            TWISTD + ["-n", "--pidfile="] + list(args), cwd=directory,
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if die_with_parent else None)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def output(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def wait_for(self, text: str, timeout: float = 30.0) -> None:
-        """Wait until ``text`` appears in the output; raise with the output if it does not."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.output():
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError("{!r} not seen (exit status {}); output:\n{}".format(
-            text, self.process.poll(), self.output()))
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if not self._log.closed:
-            self._log.close()
-        return self.process.returncode
 
 
 class Distributors:

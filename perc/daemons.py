@@ -135,3 +135,59 @@ class Daemon:
     def _close_log(self) -> None:
         if not self._log.closed:
             self._log.close()
+
+
+class KeyDistributorProcess:
+    """
+    One ``twistd -n perc-kd`` of a cluster: its :class:`Daemon`, node id and
+    the ports it bound (tunnel listener, registration API).
+    """
+
+    def __init__(self, daemon: Daemon, node_id: str):
+        self.daemon = daemon
+        self.node_id = node_id
+        self.tunnel_port = daemon.port("tunnel-listen")
+        self.api_port = daemon.port("api")
+
+    @property
+    def api_url(self) -> str:
+        return "http://127.0.0.1:{}".format(self.api_port)
+
+    @property
+    def tunnel_endpoint(self) -> str:
+        """Client endpoint description a Media Distributor's ``--kd`` takes."""
+        return "tcp:127.0.0.1:{}".format(self.tunnel_port)
+
+
+async def start_key_distributors(reactor, directory: str, count: int, *, pki_directory: str,
+                                 db: str, lease_seconds: float = 10.0, extra_args=(),
+                                 log_prefix: str = "perc-kd") -> list:
+    """
+    Start ``count`` Key Distributors sharing ``db`` (a PostgreSQL DSN for
+    more than one), the PKI in ``pki_directory``, one sealing key and one API
+    token (files in ``directory``), each with its own node id
+    (``kd-1`` ...) and ports on 127.0.0.1; return their
+    :class:`KeyDistributorProcess` once each has said it is ready.  They die
+    with this process; a failure stops those already started.
+    """
+    started = []
+    try:
+        for index in range(1, count + 1):
+            node_id = "kd-{}".format(index)
+            args = ["perc-kd", "--pki", pki_directory, "--db", db,
+                    "--sealing-key", os.path.join(directory, "perc-kd.sealing-key"),
+                    "--api-token-file", os.path.join(directory, "perc-kd-api.token"),
+                    "--tunnel-listen", "tcp:0:interface=127.0.0.1",
+                    "--api", "tcp:0:interface=127.0.0.1",
+                    "--node-id", node_id, "--lease-seconds", str(lease_seconds)]
+            daemon = Daemon(directory, args + list(extra_args),
+                            "{}.{}.log".format(log_prefix, index), die_with_parent=True)
+            started.append(daemon)
+            # One at a time: the first creates the sealing key, token and schema.
+            await daemon.said(reactor, "Key Distributor ready")
+        return [KeyDistributorProcess(daemon, "kd-{}".format(n + 1))
+                for n, daemon in enumerate(started)]
+    except BaseException:
+        for daemon in started:
+            daemon.kill()
+        raise

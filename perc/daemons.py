@@ -161,7 +161,7 @@ class KeyDistributorProcess:
 
 async def start_key_distributors(reactor, directory: str, count: int, *, pki_directory: str,
                                  db: str, lease_seconds: float = 10.0, extra_args=(),
-                                 log_prefix: str = "perc-kd") -> list:
+                                 log_prefix: str = "perc-kd", node_prefix: str = "") -> list:
     """
     Start ``count`` Key Distributors sharing ``db`` (a PostgreSQL DSN for
     more than one), the PKI in ``pki_directory``, one sealing key and one API
@@ -172,8 +172,8 @@ async def start_key_distributors(reactor, directory: str, count: int, *, pki_dir
     """
     started = []
     try:
-        for index in range(1, count + 1):
-            node_id = "kd-{}".format(index)
+        names = ["kd-{}".format(index) for index in range(1, count + 1)]
+        for index, node_id in enumerate(names, 1):
             args = ["perc-kd", "--pki", pki_directory, "--db", db,
                     "--sealing-key", os.path.join(directory, "perc-kd.sealing-key"),
                     "--api-token-file", os.path.join(directory, "perc-kd-api.token"),
@@ -185,8 +185,7 @@ async def start_key_distributors(reactor, directory: str, count: int, *, pki_dir
             started.append(daemon)
             # One at a time: the first creates the sealing key, token and schema.
             await daemon.said(reactor, "Key Distributor ready")
-        return [KeyDistributorProcess(daemon, "kd-{}".format(n + 1))
-                for n, daemon in enumerate(started)]
+        return [KeyDistributorProcess(daemon, name) for daemon, name in zip(started, names)]
     except BaseException:
         for daemon in started:
             daemon.kill()

@@ -7,9 +7,7 @@ names.
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
-from urllib.parse import urlsplit, urlunsplit
 
 from twisted.trial.unittest import SkipTest
 
@@ -24,26 +22,19 @@ def postgres_database(testcase) -> str:
     if not server:
         raise SkipTest("PERC_TEST_POSTGRES is not set: " + HOW_TO_RUN)
     try:
-        import psycopg
+        import psycopg  # noqa: F401
     except ImportError:
         raise SkipTest('psycopg is not installed (pip install ".[postgresql]"): ' + HOW_TO_RUN)
-    from psycopg import sql
+    from perc.errors import ConfigError
+    from perc.kd.store.postgresql import create_scratch_database, drop_database
 
-    name = "perc_test_" + secrets.token_hex(8)
     try:
-        with psycopg.connect(server, autocommit=True, connect_timeout=5) as connection:
-            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    except psycopg.Error as error:
+        url = create_scratch_database(server, "perc_test")
+    except ConfigError as error:
         raise SkipTest("PostgreSQL at PERC_TEST_POSTGRES does not answer ({}): {}".format(
-            str(error).strip().splitlines()[0] if str(error).strip() else error, HOW_TO_RUN))
-
-    def drop():
-        with psycopg.connect(server, autocommit=True, connect_timeout=5) as connection:
-            connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
-
-    testcase.addCleanup(drop)
-    return urlunsplit(urlsplit(server)._replace(path="/" + name))
+            error, HOW_TO_RUN))
+    testcase.addCleanup(drop_database, url, server)
+    return url
 
 
 class SqliteDatabase:

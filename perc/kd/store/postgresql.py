@@ -34,6 +34,60 @@ def _psycopg():
     return psycopg
 
 
+def create_scratch_database(server: str, prefix: str) -> str:
+    """
+    Create a new empty database named ``prefix`` and random hex on the
+    PostgreSQL server of URL ``server`` (blocking); return its URL.
+    ConfigError, in one line, when the server cannot be reached or refuses.
+    """
+    import secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    psycopg = _psycopg()
+    from psycopg import sql
+
+    from perc.kd.store.database import describe_database
+
+    name = "{}_{}".format(prefix, secrets.token_hex(6))
+    try:
+        with psycopg.connect(server, autocommit=True, connect_timeout=10) as connection:
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.Error as error:
+        raise ConfigError("cannot create a database on {}: {}".format(
+            describe_database(server), _first_line(error))) from None
+    return urlunsplit(urlsplit(server)._replace(path="/" + name))
+
+
+def drop_database(url: str, server: str | None = None) -> None:
+    """
+    Drop the database of ``url`` (blocking), connected through ``server``
+    (a URL of another database on the same server; default: its
+    ``postgres`` database).
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    psycopg = _psycopg()
+    from psycopg import sql
+
+    from perc.kd.store.database import describe_database
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    maintenance = server or urlunsplit(parts._replace(path="/postgres"))
+    try:
+        with psycopg.connect(maintenance, autocommit=True, connect_timeout=10) as connection:
+            connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+    except psycopg.Error as error:
+        raise ConfigError("cannot drop database {} on {}: {}".format(
+            name, describe_database(maintenance), _first_line(error))) from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def connection_pool(dsn: str) -> adbapi.ConnectionPool:
     _psycopg()
     return adbapi.ConnectionPool("psycopg", dsn, connect_timeout=10, cp_min=1, cp_max=4,

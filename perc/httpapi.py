@@ -18,7 +18,7 @@ from perc.metrics import CONTENT_TYPE, exposition
 
 __all__ = ["MAX_BODY", "APIRequest", "BodyError", "json_response", "error_response",
            "not_allowed", "refuse_unauthenticated", "parse_json_object", "peer", "make_site",
-           "OperationsResource"]
+           "OperationsResource", "TokenAPI"]
 
 log = Logger()
 
@@ -142,6 +142,38 @@ def make_site(root) -> server.Site:
     site.displayTracebacks = False
     site.noisy = False
     return site
+
+
+class TokenAPI(resource.Resource):
+    """
+    A control API as one leaf resource: :class:`OperationsResource`'s paths
+    go to ``operations`` with no token; every other request must present
+    ``token`` and is routed by :meth:`route` on its percent-decoded path
+    segments (so a tls-id holding ``/`` travels as ``%2F``).
+    """
+
+    isLeaf = True
+
+    def __init__(self, token: str, operations=None):
+        super().__init__()
+        self._token = token
+        self._operations = operations
+
+    def render(self, request):
+        if self._operations is not None and self._operations.serves(request):
+            return self._operations.render(request)
+        refusal = refuse_unauthenticated(request, self._token)
+        if refusal is not None:
+            return refusal
+        try:
+            segments = [s.decode("utf-8") for s in request.postpath]
+        except UnicodeDecodeError:
+            return error_response(request, http.BAD_REQUEST, "path is not UTF-8")
+        return self.route(request, segments)
+
+    def route(self, request, segments: list[str]):
+        """The answer (bytes or ``NOT_DONE_YET``) to an authenticated request."""
+        raise NotImplementedError
 
 
 class OperationsResource(resource.Resource):

@@ -49,7 +49,7 @@ from urllib.parse import quote
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import http, resource, server
+from twisted.web import http, server
 
 from perc.httpapi import (
     MAX_BODY,
@@ -60,7 +60,7 @@ from perc.httpapi import (
     not_allowed,
     parse_json_object,
     peer,
-    refuse_unauthenticated,
+    TokenAPI,
 )
 from perc.kd.roster import (
     InvalidRegistration,
@@ -94,13 +94,11 @@ def _endpoint_path(conference: str, tls_id: str) -> bytes:
     ).encode("ascii")
 
 
-class ControlAPI(resource.Resource):
+class ControlAPI(TokenAPI):
     """
     The whole API as one leaf resource that routes on the decoded path
     segments.  Changes go to ``roster``; requests must present ``token``.
     """
-
-    isLeaf = True
 
     def __init__(self, roster, token: str, rekey=None, status=None, operations=None):
         """
@@ -108,12 +106,10 @@ class ControlAPI(resource.Resource):
         ``status() -> dict`` the status route, ``operations`` (an
         OperationsResource) the paths that need no token.
         """
-        super().__init__()
+        super().__init__(token, operations)
         self._roster = roster
-        self._token = token
         self._rekey = rekey
         self._status = status
-        self._operations = operations
 
     _json = staticmethod(json_response)
     _error = staticmethod(error_response)
@@ -121,18 +117,7 @@ class ControlAPI(resource.Resource):
 
     # -- dispatch --------------------------------------------------------
 
-    def render(self, request):
-        if self._operations is not None and self._operations.serves(request):
-            return self._operations.render(request)
-        refusal = refuse_unauthenticated(request, self._token)
-        if refusal is not None:
-            return refusal
-
-        try:
-            segments = [s.decode("utf-8") for s in request.postpath]
-        except UnicodeDecodeError:
-            return self._error(request, http.BAD_REQUEST, "path is not UTF-8")
-
+    def route(self, request, segments):
         if segments == ["v1", "status"] and self._status is not None:
             if request.method != b"GET":
                 return self._not_allowed(request, b"GET")

@@ -28,7 +28,7 @@ error.
 from __future__ import annotations
 
 from twisted.logger import Logger
-from twisted.web import http, resource, server
+from twisted.web import http, server
 
 from perc.httpapi import (
     MAX_BODY,
@@ -39,7 +39,7 @@ from perc.httpapi import (
     not_allowed,
     parse_json_object,
     peer,
-    refuse_unauthenticated,
+    TokenAPI,
 )
 from perc.kd.roster import InvalidRegistration, validate_conference, validate_tls_id
 from perc.md.conference import MembershipsFull
@@ -49,30 +49,17 @@ __all__ = ["MediaDistributorAPI", "make_api_site"]
 log = Logger()
 
 
-class MediaDistributorAPI(resource.Resource):
-    isLeaf = True
-
+class MediaDistributorAPI(TokenAPI):
     def __init__(self, memberships, status, token: str, operations=None):
         """
         ``status()`` returns the JSON-serialisable status document;
         ``operations`` (an OperationsResource) serves the paths that need no token.
         """
-        super().__init__()
+        super().__init__(token, operations)
         self._memberships = memberships
         self._status = status
-        self._token = token
-        self._operations = operations
 
-    def render(self, request):
-        if self._operations is not None and self._operations.serves(request):
-            return self._operations.render(request)
-        refusal = refuse_unauthenticated(request, self._token)
-        if refusal is not None:
-            return refusal
-        try:
-            segments = [s.decode("utf-8") for s in request.postpath]
-        except UnicodeDecodeError:
-            return error_response(request, http.BAD_REQUEST, "path is not UTF-8")
+    def route(self, request, segments):
         method = request.method
         if segments == ["v1", "status"]:
             if method != b"GET":

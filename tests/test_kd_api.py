@@ -95,7 +95,40 @@ def endpoint_path(conference, tls_id):
     return "/v1/conferences/{}/endpoints/{}".format(quote(conference, safe=""), quote(tls_id, safe=""))
 
 
-class APITestsBase(TestCase):
+_OWN_TOKEN = object()
+
+
+class APIClient:
+    """``request()`` to ``self.base`` through ``self.agent``, bearing ``self.apiToken``."""
+
+    @defer.inlineCallbacks
+    def request(self, method, path, body=None, token=_OWN_TOKEN, authorization=None,
+                chunked=False, headers=None):
+        """``token=None``: no Authorization header; ``authorization``: that header as it is."""
+        if token is _OWN_TOKEN:
+            token = self.apiToken
+        headers = Headers(headers or {})
+        if authorization is not None:
+            headers.addRawHeader(b"authorization", authorization)
+        elif token is not None:
+            headers.addRawHeader(b"authorization", b"Bearer " + token.encode())
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        producer = Body(body, chunked) if body is not None else None
+        response = yield self.agent.request(
+            method, (self.base + path).encode("ascii"), headers, producer)
+        data = yield readBody(response)
+        answer = None
+        if data:
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"),
+                             [b"application/json"])
+            answer = json.loads(data)
+        return response, answer
+
+
+class APITestsBase(APIClient, TestCase):
+    apiToken = TOKEN
+
     @defer.inlineCallbacks
     def setUp(self):
         directory = self.mktemp()
@@ -119,25 +152,6 @@ class APITestsBase(TestCase):
         site = make_api_site(roster, TOKEN)
         self.base, self.stop_serving = serve_site(self, site)
 
-    @defer.inlineCallbacks
-    def request(self, method, path, body=None, token=TOKEN, authorization=None, chunked=False,
-                headers=None):
-        headers = Headers(headers or {})
-        if authorization is not None:
-            headers.addRawHeader(b"authorization", authorization)
-        elif token is not None:
-            headers.addRawHeader(b"authorization", b"Bearer " + token.encode())
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body).encode()
-        producer = Body(body, chunked) if body is not None else None
-        response = yield self.agent.request(
-            method, (self.base + path).encode("ascii"), headers, producer)
-        data = yield readBody(response)
-        answer = None
-        if data:
-            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
-            answer = json.loads(data)
-        return response, answer
 
     def put(self, conference, tls_id, fingerprint, **kwargs):
         return self.request(b"PUT", endpoint_path(conference, tls_id), {"fingerprint": fingerprint}, **kwargs)

@@ -14,8 +14,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
-from twisted.web.http_headers import Headers
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from perc import wire
 from perc.httpapi import MAX_BODY
@@ -24,7 +23,7 @@ from perc.md.conference import Memberships
 from perc.md.relay import MediaRelay
 from perc.profiles import DEFAULT_PROFILES
 
-from tests.test_kd_api import Body, endpoint_path, serve_site
+from tests.test_kd_api import APIClient, endpoint_path, serve_site
 from tests.test_md_relay import FakePool, FakeTunnel, RecordingTransport, client_hello, hbh_keys
 
 TOKEN = "md-test-token-0123456789abcdefghijklmnopqrs"
@@ -35,8 +34,9 @@ ADDR_A = ("192.0.2.1", 5001)
 ADDR_B = ("192.0.2.2", 5002)
 
 
-class APITestsBase(TestCase):
+class APITestsBase(APIClient, TestCase):
     max_entries = 100
+    apiToken = TOKEN
 
     def setUp(self):
         self.memberships = Memberships(max_entries=self.max_entries)
@@ -58,25 +58,6 @@ class APITestsBase(TestCase):
         site = make_api_site(self.memberships, self.relay.status, TOKEN)
         self.base, _ = serve_site(self, site)
 
-    @defer.inlineCallbacks
-    def request(self, method, path, body=None, token=TOKEN, authorization=None, chunked=False):
-        headers = Headers({})
-        if authorization is not None:
-            headers.addRawHeader(b"authorization", authorization)
-        elif token is not None:
-            headers.addRawHeader(b"authorization", b"Bearer " + token.encode())
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body).encode()
-        producer = Body(body, chunked) if body is not None else None
-        response = yield self.agent.request(
-            method, (self.base + path).encode("ascii"), headers, producer)
-        data = yield readBody(response)
-        answer = None
-        if data:
-            self.assertEqual(response.headers.getRawHeaders(b"content-type"),
-                             [b"application/json"])
-            answer = json.loads(data)
-        return response, answer
 
     def put(self, conference, tls_id, body=None, **kwargs):
         return self.request(b"PUT", endpoint_path(conference, tls_id),

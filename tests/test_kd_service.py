@@ -29,10 +29,10 @@ from perc.tls import TlsCredentials
 
 from tests import tlshelpers
 from tests.test_dtls_interop import EXPORT, KEYING_MATERIAL, OPENSSL, OpenSSLProcess, material
+from tests.waits import WAIT, eventually
 
 CONFERENCE = "e2e"
 TLS_ID = "EndToEndTlsId-0123456789"
-WAIT = 20
 
 
 class TestMediaDistributor(TunnelFramingProtocol):
@@ -429,15 +429,6 @@ class BackpressureOverTcpTests(KeyDistributorServiceMixin, TestCase):
         tcp.resumeProducing()
         yield md.lost.addTimeout(WAIT, reactor)
         self.assertGreater(sent, 0)
-
-
-@defer.inlineCallbacks
-def eventually(predicate, timeout=WAIT):
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached within {} s".format(timeout))
-        yield deferLater(0.02)
 
 
 def deferLater(seconds):

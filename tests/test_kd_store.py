@@ -15,8 +15,7 @@ import os
 import sqlite3
 import uuid
 
-from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
@@ -32,20 +31,11 @@ from tests import test_kd
 from tests.kdhelpers import MediaDistributorStandIn, relay_handshake
 from tests.storehelpers import PostgresDatabase, SqliteDatabase
 from tests.test_logs import encodings
+from tests.waits import eventually
 
 FP1 = "sha-256 " + ":".join(["AB"] * 32)
 FP2 = "sha-256 " + ":".join(["CD"] * 32)
 TLS_A = "StoreTestTlsId-AAAAAAAAAA"
-
-
-@defer.inlineCallbacks
-def eventually(predicate, tries=500):
-    """Wait (on the real reactor) until ``predicate()``; fail after ``tries`` turns."""
-    for _ in range(tries):
-        if predicate():
-            return
-        yield deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition never reached")
 
 
 def key_row(conference="conf", spi=7, generation=1, material=b"m" * 29, ttl=3600,

@@ -11,7 +11,6 @@ import socket
 import struct
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from perc import dtls, pki
@@ -23,27 +22,9 @@ from perc.profiles import by_id
 from perc.tls import TlsCredentials
 
 from tests.endpointhelpers import UdpEndpoint, rtp_packet
+from tests.waits import WAIT, eventually
 
 CONFERENCE = "room"
-WAIT = 20
-
-
-def sleep(seconds):
-    return deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def eventually(predicate, timeout=WAIT, step=0.02, what="condition"):
-    """
-    Fires once ``predicate()`` is true, polled every ``step`` s; fails with
-    an AssertionError naming ``what`` after ``timeout`` s.  Tests wait for
-    what they expect rather than sleep for a time and hope.
-    """
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("{} not reached within {} s".format(what, timeout))
-        yield sleep(step)
 
 
 class DistributorsMixin:

@@ -38,6 +38,7 @@ from tests.mdtunnelhelpers import (
     connect,
     split_messages,
 )
+from tests.waits import eventually
 
 PROFILES = (0x0009, 0x000A)
 HELLO = wire.SupportedProfiles(0, PROFILES).encode()
@@ -819,12 +820,3 @@ class ListenRefusalTests(TestCase):
         self.assertEqual(self.owner.names(), ["tunnelUp"])
         yield self.pool.stopService()
         yield peer.lost
-
-
-@defer.inlineCallbacks
-def eventually(predicate, timeout=tlshelpers.WAIT):
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached within {} s".format(timeout))
-        yield deferLater(reactor, 0.02, lambda: None)

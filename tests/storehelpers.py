@@ -7,9 +7,7 @@ names.
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
-from urllib.parse import urlsplit, urlunsplit
 
 from twisted.trial.unittest import SkipTest
 
@@ -27,23 +25,15 @@ def postgres_database(testcase) -> str:
         import psycopg
     except ImportError:
         raise SkipTest('psycopg is not installed (pip install ".[postgresql]"): ' + HOW_TO_RUN)
-    from psycopg import sql
+    from perc.testing.postgres import create_database, drop_database, first_line
 
-    name = "perc_test_" + secrets.token_hex(8)
     try:
-        with psycopg.connect(server, autocommit=True, connect_timeout=5) as connection:
-            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        url = create_database(server, "perc_test_")
     except psycopg.Error as error:
         raise SkipTest("PostgreSQL at PERC_TEST_POSTGRES does not answer ({}): {}".format(
-            str(error).strip().splitlines()[0] if str(error).strip() else error, HOW_TO_RUN))
-
-    def drop():
-        with psycopg.connect(server, autocommit=True, connect_timeout=5) as connection:
-            connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
-
-    testcase.addCleanup(drop)
-    return urlunsplit(urlsplit(server)._replace(path="/" + name))
+            first_line(error), HOW_TO_RUN))
+    testcase.addCleanup(drop_database, server, url)
+    return url
 
 
 class SqliteDatabase:

@@ -487,7 +487,8 @@ async def throughput(reactor, directory: str, args) -> dict:
 
 async def bench(reactor, directory: str, args) -> dict:
     print("perc bench failover: PostgreSQL at {}; {} CPUs (the daemons, the endpoints and this "
-          "process share them)".format(redacted(args.db), os.cpu_count()), flush=True)
+          "process share them), load average {:.2f}".format(
+              redacted(args.db), os.cpu_count(), os.getloadavg()[0]), flush=True)
     figures = {
         "benchmark": "failover",
         "parameters": {k: getattr(args, k) for k in (
@@ -495,7 +496,9 @@ async def bench(reactor, directory: str, args) -> dict:
             "lease_seconds", "observe", "handshake_endpoints", "concurrency", "rounds",
             "only")},
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    # Other work on the machine (it is shared) at the start.
+                    "loadavg_1m_start": round(os.getloadavg()[0], 2)},
     }
     if args.only in (None, "failover"):
         print("failover: {} endpoints in {} conferences at {:g} packets/s across {} Key "
@@ -508,6 +511,7 @@ async def bench(reactor, directory: str, args) -> dict:
               "then 2 KDs".format(args.handshake_endpoints, args.concurrency, args.rounds),
               flush=True)
         figures["throughput"] = await throughput(reactor, directory, args)
+    figures["machine"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     if "failover" in figures:
         runs = figures["failover"]["runs"]
         problems = ["kill #{run}: served after {served_s} s (target < {target:g})".format(

@@ -51,7 +51,8 @@ once (all of them by default).  A join lasts from the first ClientHello
 until the endpoint holds its keys and the conference EKTKey.  Figures per
 set-up: joins per second (joins / first ClientHello to last join), join
 p50/p99, the joins each Key Distributor completed, and the CPU the daemons
-and the worker used during the joins, in cores busy.  ``throughput_2kd_vs_1kd``
+and the worker used during the joins (``/proc``), in cores busy and in
+milliseconds per join (all of them, and the Key Distributors alone).  ``throughput_2kd_vs_1kd``
 is the 2-KD joins per second over the 1-KD ones.  The worker, the Media
 Distributor and the Key Distributors share this machine's CPUs: with 2, a
 second Key Distributor cannot add a core of its own (the output says how
@@ -441,6 +442,8 @@ async def joins_through(reactor, directory: str, args, kds: int) -> dict:
 def join_figures(rounds: list) -> dict:
     joins = [j for r in rounds for j in r["join_times"]]
     elapsed = sum(r["elapsed_s"] for r in rounds)
+    cpu = sum(sum(r["cpu_s"].values()) for r in rounds)
+    kd_cpu = sum(v for r in rounds for name, v in r["cpu_s"].items() if name.startswith("kd-"))
     return {
         "joins": len(joins), "joins_per_s": round(len(joins) / elapsed, 1),
         "join_p50_s": round(_common.percentile(joins, 0.50), 4),
@@ -448,6 +451,9 @@ def join_figures(rounds: list) -> dict:
         "rounds_joins_per_s": [r["joins_per_s"] for r in rounds],
         "completed_per_kd": [r["completed_per_kd"] for r in rounds],
         "cores_busy": [r["cores_busy"] for r in rounds],
+        # CPU per join of every process taking part, and of the Key Distributors alone.
+        "cpu_ms_per_join": round(cpu / len(joins) * 1000, 2),
+        "kd_cpu_ms_per_join": round(kd_cpu / len(joins) * 1000, 2),
     }
 
 
@@ -473,7 +479,9 @@ async def throughput(reactor, directory: str, args) -> dict:
          ["join p50 ms", round(one["join_p50_s"] * ms, 1), round(two["join_p50_s"] * ms, 1)],
          ["join p99 ms", round(one["join_p99_s"] * ms, 1), round(two["join_p99_s"] * ms, 1)],
          ["joins per KD", one["completed_per_kd"], two["completed_per_kd"]],
-         ["cores busy", one["cores_busy"], two["cores_busy"]]]))
+         ["cores busy", one["cores_busy"], two["cores_busy"]],
+         ["CPU ms per join (all)", one["cpu_ms_per_join"], two["cpu_ms_per_join"]],
+         ["KD CPU ms per join", one["kd_cpu_ms_per_join"], two["kd_cpu_ms_per_join"]]]))
     print("throughput 2 KDs vs 1: {:.2f} ({} CPUs here, shared by the Key Distributors, the "
           "Media Distributor and the endpoints' worker)".format(ratio, os.cpu_count()),
           flush=True)

@@ -373,16 +373,24 @@ class Deployment:
             raise BenchFailure("{} refused {}: {} {}".format(which, tls_id, code, answer))
         return answer
 
-    async def _add_endpoints(self) -> None:
+    @property
+    def kd_fingerprint(self) -> str:
+        """Fingerprint of the Key Distributors' certificate (one identity for a cluster)."""
         from cryptography import x509
+
+        from perc import pki
+
+        with open(self.pki.kd_certificate, "rb") as f:
+            return pki.fingerprint(x509.load_pem_x509_certificate(f.read()))
+
+    async def _add_endpoints(self) -> None:
         from twisted.internet import defer
 
-        from perc import dtls, pki
+        from perc import dtls
         from perc.endpoint import ReferenceEndpoint
         from perc.profiles import by_id
 
-        with open(self.pki.kd_certificate, "rb") as f:
-            kd_fingerprint = pki.fingerprint(x509.load_pem_x509_certificate(f.read()))
+        kd_fingerprint = self.kd_fingerprint
         registered = []
         for index in range(self.endpoint_count):
             conference = self.conferences[index % len(self.conferences)]

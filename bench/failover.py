@@ -22,7 +22,7 @@ reactor; ``bench/_deployment.py``) in ``--conferences`` conferences sending
 ``--rate`` packets per second.  Once the conferences are steady (every
 member verifying every other, no join for 3 s), the associations each Key
 Distributor holds are read from its ``/v1/status`` (both must hold some),
-and the one holding the most is killed with SIGKILL.  Measured from the
+and the one holding the most (the first on a tie) is killed with SIGKILL.  Measured from the
 kill:
 
 - ``adopted_s``: until the survivor's ``adopted`` counter (its
@@ -201,9 +201,9 @@ class ScratchDatabase:
     """A database of its own on ``server`` for one cluster: ``url``; :meth:`drop` at the end."""
 
     def __init__(self, server: str):
-        from perc.testing.postgres import create_database, first_line
-
         import psycopg
+
+        from perc.testing.postgres import create_database, first_line
 
         self.server = server
         try:
@@ -213,9 +213,16 @@ class ScratchDatabase:
                 redacted(server), first_line(error))) from None
 
     def drop(self) -> None:
-        from perc.testing.postgres import drop_database
+        """Drop it; a failure is one line (the run's outcome matters more than its cleanup)."""
+        import psycopg
 
-        drop_database(self.server, self.url)
+        from perc.testing.postgres import drop_database, first_line
+
+        try:
+            drop_database(self.server, self.url)
+        except psycopg.Error as error:
+            print("could not drop {}: {}".format(redacted(self.url), first_line(error)),
+                  flush=True)
 
 
 def spread(values) -> dict:
@@ -395,16 +402,11 @@ async def joins_through(reactor, directory: str, args, kds: int) -> dict:
     try:
         await threads.deferToThread(worker.expect, "credentials", 120)
         await deployment.start()
-        with open(deployment.pki.kd_certificate, "rb") as f:
-            from cryptography import x509
-
-            from perc import pki
-
-            kd_fingerprint = pki.fingerprint(x509.load_pem_x509_certificate(f.read()))
         worker.send({"media": ["127.0.0.1", deployment.media_port],
                      "kd_api": deployment.cluster[0].api_url, "kd_token": deployment.kd_token,
                      "md_api": "http://127.0.0.1:{}".format(deployment.md_api_port),
-                     "md_token": deployment.md_token, "kd_fingerprint": kd_fingerprint})
+                     "md_token": deployment.md_token,
+                     "kd_fingerprint": deployment.kd_fingerprint})
         await threads.deferToThread(worker.expect, "registered", 300)
         for kd in deployment.cluster[1:]:
             await deployment.registrations_known(kd, args.handshake_endpoints)

@@ -1,12 +1,18 @@
 """
-The live deployment ``bench/soak.py`` and ``bench/faults.py`` put faults
-into: a development PKI, ``twistd -n perc-kd`` and ``twistd -n perc-md`` as
-real processes on loopback with the tunnel through an in-process TCP relay
-(:class:`perc.testing.tcprelay.TcpRelay`), and reference endpoints (real
-UDP, real DTLS) on this process's reactor, registered through both control
-APIs.  :class:`Deployment` makes the faults; :class:`Monitor` measures what
-each did to the media; :func:`run_on_reactor` runs a benchmark on it and
-stops its daemons whatever happens.
+The live deployment ``bench/soak.py``, ``bench/faults.py`` and
+``bench/failover.py`` put faults into: a development PKI, ``twistd -n
+perc-kd`` and ``twistd -n perc-md`` as real processes on loopback, and
+reference endpoints (real UDP, real DTLS) on this process's reactor,
+registered through both control APIs.  By default one Key Distributor on
+SQLite, its tunnel through an in-process TCP relay
+(:class:`perc.testing.tcprelay.TcpRelay`); with a PostgreSQL ``db``, a
+cluster of Key Distributors on it
+(:func:`perc.daemons.start_key_distributors`), each dialled directly by the
+Media Distributor (one ``--kd`` each).  :class:`Deployment` makes the
+faults; :class:`Monitor` measures what each did to the media;
+:func:`run_on_reactor` runs a benchmark on one deployment and
+:func:`run_in_directory` one that makes its own, their daemons stopped
+whatever happens.
 """
 
 from __future__ import annotations
@@ -79,10 +85,19 @@ async def sleep(reactor, seconds: float) -> None:
     await task.deferLater(reactor, max(0.0, seconds), lambda: None)
 
 
-async def wait_until(reactor, predicate, timeout: float, what: str, poll: float = 0.05) -> None:
-    """Poll ``predicate`` until it holds; BenchFailure("no <what> ...") after ``timeout``."""
+async def wait_until(reactor, predicate, timeout: float, what: str, poll: float = 0.05,
+                     refresh=None) -> None:
+    """
+    Poll ``predicate`` until it holds; BenchFailure("<what> not seen ...")
+    after ``timeout``.  ``refresh`` (a coroutine function) is awaited before
+    each check: for a predicate on what a request answers.
+    """
     deadline = reactor.seconds() + timeout
-    while not predicate():
+    while True:
+        if refresh is not None:
+            await refresh()
+        if predicate():
+            return
         if reactor.seconds() > deadline:
             raise BenchFailure("{} not seen within {} s".format(what, timeout))
         await sleep(reactor, poll)
@@ -97,16 +112,29 @@ class Deployment:
     """
     The daemons, the relay between them and the endpoints of one run, on
     ``reactor``; faults are methods.  :meth:`kill` (synchronous, idempotent)
-    stops the daemons from anywhere, a reactor shutdown trigger included.
+    stops the daemons from anywhere; it runs at reactor shutdown too.
+
+    With ``db`` (a PostgreSQL URL), ``key_distributors`` Key Distributors
+    share it (``lease_seconds`` each) and no relay is used:
+    :attr:`cluster` holds them (:class:`perc.daemons.KeyDistributorProcess`),
+    :attr:`kd` is None and the KD-restarting and tunnel-resetting faults are
+    not available.  ``endpoints=0`` starts the daemons only.
     """
 
     def __init__(self, reactor, directory: str, *, endpoints: int = 10, conferences: int = 2,
                  rate: float = 20.0, ekt_ttl=None, keepalive: float = 5.0,
-                 keepalive_timeout: float = 5.0, kd_args=(), md_args=()):
+                 keepalive_timeout: float = 5.0, kd_args=(), md_args=(), db: str | None = None,
+                 key_distributors: int = 1, lease_seconds: float = 10.0,
+                 conference_prefix: str = "soak"):
         self.reactor = reactor
         self.directory = directory
         self.endpoint_count = endpoints
-        self.conferences = ["soak-{}".format(n + 1) for n in range(conferences)]
+        self.conferences = ["{}-{}".format(conference_prefix, n + 1)
+                            for n in range(conferences)]
+        self.db = db
+        self.key_distributor_count = key_distributors if db is not None else 1
+        self.lease_seconds = lease_seconds
+        self.cluster = []
         self.rate = rate
         self.ekt_ttl = ekt_ttl
         self.keepalive = keepalive
@@ -119,6 +147,8 @@ class Deployment:
         self._ports = []
         self.relay = None
         self.joins_source = None
+        # Whatever ends the reactor (a signal included) ends the daemons first.
+        self._shutdown = reactor.addSystemEventTrigger("before", "shutdown", self.kill)
 
     # -- daemons --------------------------------------------------------
 
@@ -131,15 +161,43 @@ class Deployment:
         # Port 0 the first time, read back from the logs; restarts reuse them.
         self.kd_port = self.kd_api_port = self.md_api_port = self.media_port = 0
         self.agent = Agent(self.reactor)
-        await self.start_kd()
-        self.relay = TcpRelay(self.reactor, ("127.0.0.1", self.kd_port))
-        self.relay.listen()
+        if self.db is None:
+            await self.start_kd()
+            self.relay = TcpRelay(self.reactor, ("127.0.0.1", self.kd_port))
+            self.relay.listen()
+        else:
+            await self.start_cluster()
         await self.start_md()
         with open(os.path.join(self.directory, "perc-kd-api.token")) as f:
             self.kd_token = f.read().strip()
         with open(os.path.join(self.directory, "perc-md-api.token")) as f:
             self.md_token = f.read().strip()
-        await self._add_endpoints()
+        if self.cluster:
+            # The Media Distributor spreads associations only over tunnels that are up.
+            up = {"n": 0}
+
+            async def refresh():
+                up["n"] = ((await self.status("md")) or {}).get("tunnels", {}).get("up", 0)
+
+            await wait_until(self.reactor, lambda: up["n"] == len(self.cluster), 30,
+                             "every Key Distributor tunnel up at the Media Distributor",
+                             poll=0.1, refresh=refresh)
+        if self.endpoint_count:
+            await self._add_endpoints()
+
+    async def start_cluster(self) -> None:
+        from perc.daemons import start_key_distributors
+
+        args = list(self.kd_args)
+        if self.ekt_ttl is not None:
+            args += ["--ekt-ttl", str(self.ekt_ttl)]
+        self.kd_lives += 1
+        self.cluster = await start_key_distributors(
+            self.reactor, self.directory, self.key_distributor_count,
+            pki_directory=self.pki.directory, db=self.db, lease_seconds=self.lease_seconds,
+            extra_args=args)
+        # Registrations and rekeys go through the first unless told otherwise.
+        self.kd_api_port = self.cluster[0].api_port
 
     async def start_kd(self) -> None:
         self.kd_lives += 1
@@ -159,9 +217,14 @@ class Deployment:
 
     async def start_md(self) -> None:
         self.md_lives += 1
-        args = ["perc-md", "--pki", self.pki.directory,
-                "--kd", "tcp:127.0.0.1:{}".format(self.relay.port.getHost().port),
-                "--media-port", str(self.media_port), "--media-interface", "127.0.0.1",
+        if self.cluster:
+            kds = [kd.tunnel_endpoint for kd in self.cluster]
+        else:
+            kds = ["tcp:127.0.0.1:{}".format(self.relay.port.getHost().port)]
+        args = ["perc-md", "--pki", self.pki.directory]
+        for kd in kds:
+            args += ["--kd", kd]
+        args += ["--media-port", str(self.media_port), "--media-interface", "127.0.0.1",
                 "--api", "tcp:{}:interface=127.0.0.1".format(self.md_api_port)]
         self.md = _common.Daemon(self.directory, args + self.md_args,
                                  "perc-md.{}.log".format(self.md_lives), die_with_parent=True)
@@ -194,6 +257,8 @@ class Deployment:
 
     async def restart_kd(self) -> None:
         """SIGTERM, then the same ports and roster database."""
+        if self.kd is None:
+            raise BenchFailure("restart_kd: not with a Key Distributor cluster")
         await self._stop_daemon(self.kd)
         await self.start_kd()
 
@@ -206,25 +271,74 @@ class Deployment:
 
     def reset_tunnel(self) -> int:
         """Reset both TCP connections of every tunnel through the relay."""
+        if self.relay is None:
+            raise BenchFailure("reset_tunnel: no relay with a Key Distributor cluster")
         return self.relay.reset()
 
-    async def rekey(self, conference: str) -> bool:
+    async def rekey(self, conference: str, via=None):
+        """
+        A rekey of ``conference`` through the API of ``via`` (a
+        :class:`perc.daemons.KeyDistributorProcess`; default: the first Key
+        Distributor); its answer (``ekt_spi``, ``endpoints``), or None if
+        it did not answer 200.
+        """
         from perc.errors import ConfigError
         from perc.scripts.register import put_json
 
-        url = "http://127.0.0.1:{}/v1/conferences/{}/rekey".format(self.kd_api_port, conference)
+        port = self.kd_api_port if via is None else via.api_port
+        url = "http://127.0.0.1:{}/v1/conferences/{}/rekey".format(port, conference)
         try:
-            code, _ = await put_json(self.agent, url.encode("ascii"), self.kd_token, {},
-                                     reactor=self.reactor, timeout=10, method=b"POST")
+            code, answer = await put_json(self.agent, url.encode("ascii"), self.kd_token, {},
+                                          reactor=self.reactor, timeout=10, method=b"POST")
         except ConfigError:
-            return False  # the Key Distributor is restarting
-        return code == 200
+            return None  # the Key Distributor is restarting
+        return answer if code == 200 and isinstance(answer, dict) else None
+
+    async def status(self, which, timeout: float = 10):
+        """
+        ``GET /v1/status`` of ``"md"``, ``"kd"`` (the first Key Distributor)
+        or a :class:`perc.daemons.KeyDistributorProcess`; None if it does
+        not answer 200.
+        """
+        import json
+
+        from twisted.web.client import readBody
+        from twisted.web.http_headers import Headers
+
+        if which == "md":
+            port, token = self.md_api_port, self.md_token
+        else:
+            port = self.kd_api_port if which == "kd" else which.api_port
+            token = self.kd_token
+        url = "http://127.0.0.1:{}/v1/status".format(port).encode("ascii")
+        try:
+            d = self.agent.request(b"GET", url, Headers(
+                {b"authorization": [b"Bearer " + token.encode("ascii")]}))
+            response = await d.addTimeout(timeout, self.reactor)
+            body = await readBody(response)
+        except Exception:
+            return None  # refused, reset or timed out: the daemon is not answering
+        if response.code != 200:
+            return None
+        try:
+            return json.loads(body)
+        except ValueError:
+            return None
+
+    def kill_key_distributor(self, kd) -> None:
+        """SIGKILL one Key Distributor of the cluster (a crash: its lease is not released)."""
+        kd.daemon.kill()
+
+    @property
+    def daemons(self) -> list:
+        """Every daemon of the deployment, Media Distributor first."""
+        return [d for d in [self.md, self.kd] + [kd.daemon for kd in self.cluster]
+                if d is not None]
 
     def kill(self) -> None:
-        """Stop both daemons now (blocking; for exit paths)."""
-        for daemon in (self.md, self.kd):
-            if daemon is not None:
-                daemon.stop(timeout=10)
+        """Stop every daemon now (blocking; for exit paths)."""
+        for daemon in self.daemons:
+            daemon.stop(timeout=10)
 
     async def stop(self) -> None:
         from twisted.internet import defer
@@ -236,9 +350,11 @@ class Deployment:
         self._ports = []
         if self.relay is not None:
             await defer.maybeDeferred(self.relay.stop)
-        for daemon in (self.md, self.kd):
-            if daemon is not None:
-                await self._stop_daemon(daemon)
+        for daemon in self.daemons:
+            await self._stop_daemon(daemon)
+        if self._shutdown is not None:
+            self.reactor.removeSystemEventTrigger(self._shutdown)
+            self._shutdown = None
 
     # -- endpoints ------------------------------------------------------
 
@@ -257,16 +373,25 @@ class Deployment:
             raise BenchFailure("{} refused {}: {} {}".format(which, tls_id, code, answer))
         return answer
 
-    async def _add_endpoints(self) -> None:
+    @property
+    def kd_fingerprint(self) -> str:
+        """Fingerprint of the Key Distributors' certificate (one identity for a cluster)."""
         from cryptography import x509
+
+        from perc import pki
+
+        with open(self.pki.kd_certificate, "rb") as f:
+            return pki.fingerprint(x509.load_pem_x509_certificate(f.read()))
+
+    async def _add_endpoints(self) -> None:
         from twisted.internet import defer
 
-        from perc import dtls, pki
+        from perc import dtls
         from perc.endpoint import ReferenceEndpoint
         from perc.profiles import by_id
 
-        with open(self.pki.kd_certificate, "rb") as f:
-            kd_fingerprint = pki.fingerprint(x509.load_pem_x509_certificate(f.read()))
+        kd_fingerprint = self.kd_fingerprint
+        registered = []
         for index in range(self.endpoint_count):
             conference = self.conferences[index % len(self.conferences)]
             name = "endpoint-{}".format(index + 1)
@@ -275,10 +400,16 @@ class Deployment:
             answer = await self._put("kd", conference, tls_id,
                                      {"fingerprint": credentials.fingerprint})
             await self._put("md", conference, tls_id, {})
+            registered.append((conference, name, credentials, tls_id, answer["kd_tls_id"]))
+        for kd in self.cluster[1:]:
+            # The others learn the registrations by NOTIFY: an endpoint
+            # placed on one that has not yet would be refused.
+            await self.registrations_known(kd, len(registered))
+        for conference, name, credentials, tls_id, kd_tls_id in registered:
             endpoint = ReferenceEndpoint(
                 name=name, credentials=credentials, tls_id=tls_id,
                 server=("127.0.0.1", self.media_port), profile=by_id(0x0009),
-                clock=self.reactor, expected_kd_tls_id=answer["kd_tls_id"],
+                clock=self.reactor, expected_kd_tls_id=kd_tls_id,
                 expected_kd_fingerprint=kd_fingerprint, rate=self.rate,
                 keepalive=self.keepalive, keepalive_timeout=self.keepalive_timeout)
             endpoint.conference = conference
@@ -291,6 +422,17 @@ class Deployment:
                              else "derived: first join + rejoins")
         for endpoint in self.endpoints:
             endpoint.startSending()
+
+    async def registrations_known(self, kd, count: int, timeout: float = 30.0) -> None:
+        """Until Key Distributor ``kd`` holds at least ``count`` registrations."""
+        known = {"n": 0}
+
+        async def refresh():
+            known["n"] = ((await self.status(kd)) or {}).get("registrations", 0)
+
+        await wait_until(self.reactor, lambda: known["n"] >= count, timeout,
+                         "{} registrations on {}".format(count, kd.node_id), poll=0.1,
+                         refresh=refresh)
 
     # -- what the endpoints saw -------------------------------------------
 
@@ -325,6 +467,26 @@ class Deployment:
                 totals["lost"] += stats.lost
                 totals["undecryptable"] += stats.undecryptable
         return totals
+
+
+async def steady(reactor, deployment: Deployment, quiet: float, timeout: float = 120.0) -> None:
+    """Every endpoint keyed and every member verifying every other, with no join for ``quiet`` s."""
+    def verified():
+        return {(r.name, s.name): (r.stats[s.ssrc].verified if s.ssrc in r.stats else 0)
+                for r, s in deployment.pairs()}
+
+    deadline = reactor.seconds() + timeout
+    while True:
+        joins = sum(deployment.joins(e) for e in deployment.endpoints)
+        before = verified()
+        await sleep(reactor, quiet)
+        after = verified()
+        if (all(e.keyed for e in deployment.endpoints)
+                and all(after[k] > before[k] for k in after)
+                and joins == sum(deployment.joins(e) for e in deployment.endpoints)):
+            return
+        if reactor.seconds() > deadline:
+            raise BenchFailure("the conference was not steady within {} s".format(timeout))
 
 
 class Monitor:
@@ -472,6 +634,25 @@ def run_on_reactor(name: str, coroutine_function, args):
     reactor with a fresh :class:`Deployment` in a temporary directory;
     return its figures.  The daemons are stopped whatever happens.
     """
+    async def with_deployment(reactor, directory, args):
+        deployment = deployment_from(reactor, directory, args)
+        try:
+            await deployment.start()
+            return await coroutine_function(reactor, deployment, args)
+        finally:
+            await deployment.stop()
+
+    return run_in_directory(name, with_deployment, args)
+
+
+def run_in_directory(name: str, coroutine_function, args):
+    """
+    Run ``coroutine_function(reactor, directory, args)`` on the global
+    reactor, ``directory`` a new temporary one (kept with ``args.keep`` or
+    when the run fails, removed otherwise), the reactor's log in its
+    ``bench.log``; return its figures (a dict) or raise BenchFailure.  The
+    deployments it makes are killed if the reactor stops under them.
+    """
     from twisted.internet import defer, reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
@@ -479,19 +660,10 @@ def run_on_reactor(name: str, coroutine_function, args):
     log_file = open(os.path.join(directory, "bench.log"), "w")
     globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)],
                                      redirectStandardIO=False)
-    deployment = deployment_from(reactor, directory, args)
-    reactor.addSystemEventTrigger("before", "shutdown", deployment.kill)
     outcome = {}
 
-    async def main():
-        try:
-            await deployment.start()
-            return await coroutine_function(reactor, deployment, args)
-        finally:
-            await deployment.stop()
-
     def started():
-        d = defer.ensureDeferred(main())
+        d = defer.ensureDeferred(coroutine_function(reactor, directory, args))
         d.addBoth(lambda result: outcome.__setitem__("result", result))
         d.addBoth(lambda _: reactor.stop())
 
@@ -499,7 +671,6 @@ def run_on_reactor(name: str, coroutine_function, args):
     try:
         reactor.run()
     finally:
-        deployment.kill()
         log_file.close()
         failed = not isinstance(outcome.get("result"), dict)
         if args.keep or failed:

@@ -49,6 +49,7 @@ from _deployment import (  # noqa: E402
     parse_ekt_ttl,
     run_on_reactor,
     sleep,
+    steady,
 )
 
 FAULTS = ("tunnel-flap", "kd-restart", "md-restart")
@@ -93,26 +94,6 @@ def parse_args(argv):
         parser.error("--observe must be at least 5 seconds")
     check_deployment_options(parser, args)
     return args
-
-
-async def steady(reactor, deployment, quiet: float, timeout: float = 120.0) -> None:
-    """Every endpoint keyed and every member verifying every other, with no join for ``quiet`` s."""
-    def verified():
-        return {(r.name, s.name): (r.stats[s.ssrc].verified if s.ssrc in r.stats else 0)
-                for r, s in deployment.pairs()}
-
-    deadline = reactor.seconds() + timeout
-    while True:
-        joins = sum(deployment.joins(e) for e in deployment.endpoints)
-        before = verified()
-        await sleep(reactor, quiet)
-        after = verified()
-        if (all(e.keyed for e in deployment.endpoints)
-                and all(after[k] > before[k] for k in after)
-                and joins == sum(deployment.joins(e) for e in deployment.endpoints)):
-            return
-        if reactor.seconds() > deadline:
-            raise BenchFailure("the conference was not steady within {} s".format(timeout))
 
 
 async def faults(reactor, deployment, args) -> dict:

@@ -54,7 +54,7 @@ def create_scratch_database(server: str, prefix: str) -> str:
             connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     except psycopg.Error as error:
         raise ConfigError("cannot create a database on {}: {}".format(
-            describe_database(server), _first_line(error))) from None
+            describe_database(server), error_line(error))) from None
     return urlunsplit(urlsplit(server)._replace(path="/" + name))
 
 
@@ -80,10 +80,11 @@ def drop_database(url: str, server: str | None = None) -> None:
                 sql.Identifier(name)))
     except psycopg.Error as error:
         raise ConfigError("cannot drop database {} on {}: {}".format(
-            name, describe_database(maintenance), _first_line(error))) from None
+            name, describe_database(maintenance), error_line(error))) from None
 
 
-def _first_line(error: Exception) -> str:
+def error_line(error: Exception) -> str:
+    """The first line of a driver error's message (psycopg's run over several)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 

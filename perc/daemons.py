@@ -132,6 +132,21 @@ class Daemon:
         self._close_log()
         return self.process.returncode
 
+    async def stopped(self, reactor, timeout: float = 15.0, poll: float = 0.05) -> int | None:
+        """
+        :meth:`stop` (SIGTERM, SIGKILL after ``timeout``) without blocking
+        ``reactor`` (an IReactorTime): what the daemon needs while it stops
+        (a relay to its database, say) may run on that reactor.
+        """
+        from twisted.internet import task
+
+        if self.running:
+            self.process.send_signal(signal.SIGTERM)
+            deadline = reactor.seconds() + timeout
+            while self.running and reactor.seconds() < deadline:
+                await task.deferLater(reactor, poll, lambda: None)
+        return self.kill() if self.running else self.stop()
+
     def _close_log(self) -> None:
         if not self._log.closed:
             self._log.close()
@@ -160,21 +175,25 @@ class KeyDistributorProcess:
 
 
 async def start_key_distributors(reactor, directory: str, count: int, *, pki_directory: str,
-                                 db: str, lease_seconds: float = 10.0, extra_args=(),
-                                 log_prefix: str = "perc-kd", node_prefix: str = "") -> list:
+                                 db, lease_seconds: float = 10.0, extra_args=(),
+                                 log_prefix: str = "perc-kd") -> list:
     """
     Start ``count`` Key Distributors sharing ``db`` (a PostgreSQL DSN for
-    more than one), the PKI in ``pki_directory``, one sealing key and one API
-    token (files in ``directory``), each with its own node id
-    (``kd-1`` ...) and ports on 127.0.0.1; return their
+    more than one; or a list of ``count`` DSNs of one database, e.g. one
+    through a relay that a test cuts), the PKI in ``pki_directory``, one
+    sealing key and one API token (files in ``directory``), each with its
+    own node id (``kd-1`` ...) and ports on 127.0.0.1; return their
     :class:`KeyDistributorProcess` once each has said it is ready.  They die
     with this process; a failure stops those already started.
     """
+    dsns = [db] * count if isinstance(db, str) else list(db)
+    if len(dsns) != count:
+        raise ValueError("{} database DSNs for {} Key Distributors".format(len(dsns), count))
     started = []
     try:
-        names = ["kd-{}".format(index) for index in range(1, count + 1)]
-        for index, node_id in enumerate(names, 1):
-            args = ["perc-kd", "--pki", pki_directory, "--db", db,
+        for index, dsn in enumerate(dsns, 1):
+            node_id = "kd-{}".format(index)
+            args = ["perc-kd", "--pki", pki_directory, "--db", dsn,
                     "--sealing-key", os.path.join(directory, "perc-kd.sealing-key"),
                     "--api-token-file", os.path.join(directory, "perc-kd-api.token"),
                     "--tunnel-listen", "tcp:0:interface=127.0.0.1",
@@ -185,7 +204,8 @@ async def start_key_distributors(reactor, directory: str, count: int, *, pki_dir
             started.append(daemon)
             # One at a time: the first creates the sealing key, token and schema.
             await daemon.said(reactor, "Key Distributor ready")
-        return [KeyDistributorProcess(daemon, name) for daemon, name in zip(started, names)]
+        return [KeyDistributorProcess(daemon, "kd-{}".format(index))
+                for index, daemon in enumerate(started, 1)]
     except BaseException:
         for daemon in started:
             daemon.kill()

@@ -6,7 +6,8 @@ versions and the in-place upgrade of a version-1 file, the sealing-key
 check, sealed conference EKTKeys and association state bound to their rows,
 atomic (compare-and-swap) key replacement, conference keys across a restart,
 a failed write whose key is not used, nothing secret in any table after a
-real handshake + EKT + rekey, and NOTIFY reaching another Key Distributor.
+real handshake + EKT + rekey, NOTIFY reaching another Key Distributor, and
+connections the server ended replaced without a failed query.
 """
 
 from __future__ import annotations
@@ -329,6 +330,33 @@ class PostgresStoreTests(PostgresDatabase, StoreTestsMixin, TestCase):
         connected = []
         listener.notifications.add_connected(lambda: connected.append(True))
         yield eventually(lambda: connected)
+        yield writer.create_conference_key(key_row("conf-x"))
+        yield eventually(lambda: heard)
+        self.assertEqual(heard, ["conf-x"])
+
+    @defer.inlineCallbacks
+    def test_connections_the_server_ended_are_replaced(self):
+        """
+        The server ends every connection of a store (what a restart or a
+        network cut does to them): each pooled connection fails its next
+        query, is dropped (one log line, no traceback) and the query runs
+        once more on a new connection, so none fails; the LISTEN connection
+        is established again and notifications arrive through it.
+        """
+        store = yield self.open()
+        heard, connected = [], []
+        store.notifications.add("perc_conference_keys", heard.append)
+        store.notifications.add_connected(lambda: connected.append(True))
+        yield eventually(lambda: connected)
+        pings = 4  # as many as the pool has connections: each thread holds one
+        yield defer.gatherResults([store.ping() for _ in range(pings)])
+        ended = self.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        self.assertGreaterEqual(len(ended), 2)  # the pool's and the LISTEN connection
+        answers = yield defer.gatherResults([store.ping() for _ in range(pings)])
+        self.assertEqual(answers, [(1,)] * pings)
+        yield eventually(lambda: len(connected) == 2)
+        writer = yield self.open()
         yield writer.create_conference_key(key_row("conf-x"))
         yield eventually(lambda: heard)
         self.assertEqual(heard, ["conf-x"])

@@ -1,7 +1,10 @@
 """
 The PostgreSQL backend (psycopg 3, the optional extra ``postgresql``): a
 small adbapi pool for queries and one dedicated connection, in a thread of
-its own, that LISTENs and hands notifications to the reactor thread.
+its own, that LISTENs and hands notifications to the reactor thread.  Both
+outlive a restart of the server or a network cut: the pool drops a
+connection the server ended and connects again, the listening thread
+connects again (README, "Key Distributor cluster").
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from twisted.internet import threads
 from twisted.logger import Logger
 
 from perc.errors import ConfigError
+from perc.kd.store.database import _oneLine
 
 __all__ = ["Notifications", "connection_pool"]
 
@@ -91,8 +95,70 @@ def error_line(error: Exception) -> str:
 
 def connection_pool(dsn: str) -> adbapi.ConnectionPool:
     _psycopg()
-    return adbapi.ConnectionPool("psycopg", dsn, connect_timeout=10, cp_min=1, cp_max=4,
-                                 cp_noisy=False, cp_reconnect=True)
+    return _ConnectionPool("psycopg", dsn, connect_timeout=10, cp_min=1, cp_max=4,
+                           cp_noisy=False, cp_reconnect=True)
+
+
+class _Connection(adbapi.Connection):
+    """
+    adbapi's connection, whose ``rollback`` drops a connection the server
+    ended (a restart, a network cut) from the pool and raises
+    ConnectionLost, without adbapi's two logged tracebacks.
+    """
+
+    def rollback(self):
+        try:
+            self._connection.rollback()
+        except Exception:
+            self._pool.disconnect(self._connection)
+            raise adbapi.ConnectionLost() from None
+
+
+class _ConnectionPool(adbapi.ConnectionPool):
+    """
+    adbapi's pool, for a server that restarts: a pooled connection does not
+    know that the server ended it until it is used, so after a restart the
+    first interaction on each would fail although the server is back.  An
+    interaction that failed on a connection found lost, before its commit,
+    runs once more on a new connection: nothing of it was committed, so
+    nothing is applied twice.  A failed commit is never retried.  Each lost
+    connection is one log line.
+    """
+
+    connectionFactory = _Connection
+
+    def _runInteraction(self, interaction, *args, **kw):
+        for last in (False, True):
+            connection = self.connectionFactory(self)
+            transaction = self.transactionFactory(self, connection)
+            try:
+                result = interaction(transaction, *args, **kw)
+                transaction.close()
+            except Exception as error:
+                if not self._lost(connection, error, retry=not last):
+                    raise
+                if last:
+                    raise
+                continue
+            try:
+                connection.commit()
+            except Exception as error:
+                self._lost(connection, error, retry=False)
+                raise
+            return result
+
+    def _lost(self, connection: _Connection, error: Exception, retry: bool) -> bool:
+        """Roll back; True if the connection was lost instead (dropped, and logged)."""
+        try:
+            connection.rollback()
+        except adbapi.ConnectionLost:
+            self._reactor.callFromThread(
+                log.info, "Database connection lost ({error}): {then}",
+                error=_oneLine(error),
+                then="trying once more on a new connection" if retry else
+                "the next query opens a new one")
+            return True
+        return False
 
 
 class Notifications:
@@ -141,20 +207,29 @@ class Notifications:
         psycopg = _psycopg()
         from psycopg import sql
 
+        interrupted = False
         while not self._stopping.is_set():
             try:
                 with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as connection:
                     for channel in self._channels:
                         connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    if interrupted:
+                        interrupted = False
+                        self._reactor.callFromThread(
+                            log.info, "Database notifications listening again (what may have "
+                            "been missed is read again)")
                     self._reactor.callFromThread(self._deliverConnected)
                     while not self._stopping.is_set():
                         for notify in connection.notifies(timeout=_POLL):
                             self._reactor.callFromThread(self._deliver, notify.channel,
                                                          notify.payload)
             except psycopg.Error as error:
-                self._reactor.callFromThread(
-                    log.warn, "Database notifications interrupted, reconnecting: {error}",
-                    error=str(error).splitlines()[0] if str(error) else type(error).__name__)
+                if not interrupted:
+                    # Once per interruption, not once per attempt.
+                    interrupted = True
+                    self._reactor.callFromThread(
+                        log.warn, "Database notifications interrupted, reconnecting: {error}",
+                        error=_oneLine(error))
                 self._stopping.wait(_RECONNECT_DELAY)
 
     # -- on the reactor thread -----------------------------------------------

@@ -179,7 +179,7 @@ def check_server(server: str) -> None:
     except ImportError:
         raise BenchFailure('psycopg is not installed (pip install ".[postgresql]"); it is '
                            'needed to reach PostgreSQL') from None
-    from perc.kd.store.postgresql import error_line
+    from perc.kd.store.database import error_line
 
     try:
         with psycopg.connect(server, connect_timeout=5) as connection:

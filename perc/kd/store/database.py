@@ -161,7 +161,7 @@ class Store:
                 raise ConfigError("database {}: {}".format(description, failure.value))
             if failure.check(*dialect.errors):
                 raise ConfigError("cannot use database {}: {}".format(
-                    description, _oneLine(failure.value)))
+                    description, error_line(failure.value)))
             return failure
 
         d = pool.runInteraction(_prepare, dialect, sealing_key)
@@ -322,7 +322,8 @@ class Store:
         self._pool.close()
 
 
-def _oneLine(error) -> str:
+def error_line(error) -> str:
+    """The first line of a driver error's message (psycopg's run over several)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 

@@ -17,7 +17,7 @@ from twisted.internet import threads
 from twisted.logger import Logger
 
 from perc.errors import ConfigError
-from perc.kd.store.database import _oneLine
+from perc.kd.store.database import describe_database, error_line
 
 __all__ = ["Notifications", "connection_pool"]
 
@@ -50,8 +50,6 @@ def create_scratch_database(server: str, prefix: str) -> str:
     psycopg = _psycopg()
     from psycopg import sql
 
-    from perc.kd.store.database import describe_database
-
     name = "{}_{}".format(prefix, secrets.token_hex(6))
     try:
         with psycopg.connect(server, autocommit=True, connect_timeout=10) as connection:
@@ -73,8 +71,6 @@ def drop_database(url: str, server: str | None = None) -> None:
     psycopg = _psycopg()
     from psycopg import sql
 
-    from perc.kd.store.database import describe_database
-
     parts = urlsplit(url)
     name = parts.path.lstrip("/")
     maintenance = server or urlunsplit(parts._replace(path="/postgres"))
@@ -85,12 +81,6 @@ def drop_database(url: str, server: str | None = None) -> None:
     except psycopg.Error as error:
         raise ConfigError("cannot drop database {} on {}: {}".format(
             name, describe_database(maintenance), error_line(error))) from None
-
-
-def error_line(error: Exception) -> str:
-    """The first line of a driver error's message (psycopg's run over several)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def connection_pool(dsn: str) -> adbapi.ConnectionPool:
@@ -154,7 +144,7 @@ class _ConnectionPool(adbapi.ConnectionPool):
         except adbapi.ConnectionLost:
             self._reactor.callFromThread(
                 log.info, "Database connection lost ({error}): {then}",
-                error=_oneLine(error),
+                error=error_line(error),
                 then="trying once more on a new connection" if retry else
                 "the next query opens a new one")
             return True
@@ -229,7 +219,7 @@ class Notifications:
                     interrupted = True
                     self._reactor.callFromThread(
                         log.warn, "Database notifications interrupted, reconnecting: {error}",
-                        error=_oneLine(error))
+                        error=error_line(error))
                 self._stopping.wait(_RECONNECT_DELAY)
 
     # -- on the reactor thread -----------------------------------------------

@@ -17,6 +17,7 @@ import random
 import time
 import weakref
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -602,6 +603,30 @@ class IdentityTests(SynchronousTestCase):
         self.assertIsNone(harness.event("server", dtls.HandshakeComplete))
         self.assertIsNone(harness.event("client", dtls.HandshakeComplete))
         self.assertIsNotNone(harness.event("client", dtls.Closed))
+
+    def test_certificate_not_the_checked_one_refused(self):
+        """
+        The certificate OpenSSL holds at the end must be the one the verify
+        callback checked (its DER): if they differ the server fails closed,
+        with no keys.
+        """
+        harness = make()
+
+        def hook(query):
+            if query.stage == dtls.STAGE_CERTIFICATE:
+                # What the check compares against, as if another
+                # certificate had been verified.
+                harness.server._state.peer_der = _OTHER.certificate.public_bytes(Encoding.DER)
+            return dtls.Accept()
+
+        harness.listen_kwargs["identity_hook"] = hook
+        harness.start()
+        harness.run()
+        closed = harness.event("server", dtls.Closed)
+        self.assertIsNotNone(closed)
+        self.assertEqual(closed.reason, "peer certificate changed during the handshake")
+        self.assertIsNone(harness.event("server", dtls.HandshakeComplete))
+        self.assertIsNone(harness.event("client", dtls.HandshakeComplete))
 
     def test_hook_exception_rejects(self):
         def hook(query):

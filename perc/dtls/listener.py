@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from typing import Iterable, Optional
@@ -28,6 +29,7 @@ from perc.dtls.contexts import (
 )
 from perc.dtls.extensions import server_ekt_ciphers, validate_tls_id
 from perc.dtls.identity import Credentials, IdentityHook
+from perc.dtls.mac import KeyedHmac
 from perc.profiles import Profile
 
 #: Cookies must survive across listeners of one process, not across restarts.
@@ -93,7 +95,8 @@ class ServerListener:
             raise ValueError("handshake_timeout must be positive")
         self.max_retransmissions = max_retransmissions
         self.handshake_timeout = handshake_timeout
-        self._secret = _PROCESS_COOKIE_SECRET if cookie_secret is None else bytes(cookie_secret)
+        self._cookie_mac = KeyedHmac(hashlib.sha256, _PROCESS_COOKIE_SECRET
+                                     if cookie_secret is None else bytes(cookie_secret))
         self.compact = compact
 
     def cookie_for(self, association_id: bytes, datagram) -> Optional[bytes]:
@@ -108,8 +111,8 @@ class ServerListener:
     def _cookie(self, association_id: bytes, parameters: bytes) -> bytes:
         # RFC 6347 section 4.2.1: Cookie = HMAC(Secret, Client-IP,
         # Client-Parameters); the association id stands for the address.
-        return hmac.digest(self._secret, len(association_id).to_bytes(2, "big")
-                           + association_id + parameters, "sha256")
+        return self._cookie_mac.digest(len(association_id).to_bytes(2, "big")
+                                       + association_id + parameters)
 
     def listen(self, association_id: bytes, datagram: bytes, now: float, *,
                profiles: Optional[Iterable[Profile]] = None,

@@ -471,6 +471,19 @@ class CookieTests(SynchronousTestCase):
         self.assertIsNotNone(association)
         self.assertEqual(len(made), 1)
 
+    def test_hello_verify_request_alone(self):
+        """hello_verify_request gives what listen answers without a cookie, None once it is valid."""
+        client = dtls.ClientAssociation(_CLIENT, [P9])
+        listener = dtls.ServerListener(_SERVER, [P9])
+        (hello,) = client.start(0.0).datagrams
+        verify = listener.hello_verify_request(AID, hello)
+        self.assertEqual(listener.listen(AID, hello, 0.0), ((verify,), None))
+        (hello2,) = client.receive(verify, 0.0).datagrams
+        self.assertIsNone(listener.hello_verify_request(AID, hello2))
+        self.assertIsNotNone(listener.hello_verify_request(b"\x02" * 16, hello2))
+        self.assertIsNone(listener.hello_verify_request(AID, b"\x17" + hello2[1:]))
+        self.assertIsNotNone(listener.listen(AID, hello2, 0.0)[1])
+
     def test_listener_drops_what_dtlsv1_listen_drops(self):
         """No HelloVerifyRequest for a later message_seq, a later fragment or a cut ClientHello."""
         listener = dtls.ServerListener(_SERVER, [P9])

@@ -108,6 +108,23 @@ class ServerListener:
         hello = _parse_client_hello(datagram)
         return None if hello is None else self._cookie(association_id, hello[1])
 
+    def hello_verify_request(self, association_id: bytes, datagram) -> Optional[bytes]:
+        """
+        The HelloVerifyRequest :meth:`listen` would answer ``datagram``
+        with, or None when it would not answer with one (a ClientHello
+        with this association's valid cookie, or no ClientHello).  Lets a
+        caller skip what it prepares for :meth:`listen` (its ``profiles``,
+        say) while no state is kept anyway.
+        """
+        hello = _parse_client_hello(datagram)
+        if hello is None:
+            return None
+        record_sequence, parameters, cookie = hello
+        expected = self._cookie(bytes(association_id), parameters)
+        if hmac.compare_digest(cookie, expected):
+            return None
+        return hello_verify_request(record_sequence, expected)
+
     def _cookie(self, association_id: bytes, parameters: bytes) -> bytes:
         # RFC 6347 section 4.2.1: Cookie = HMAC(Secret, Client-IP,
         # Client-Parameters); the association id stands for the address.

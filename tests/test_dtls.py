@@ -17,6 +17,7 @@ import random
 import time
 import weakref
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -360,13 +361,141 @@ class CookieTests(SynchronousTestCase):
         (hello,) = client.start(0.0).datagrams
         (verify,), _ = listener.listen(AID, hello, 0.0)
         (hello2,) = client.receive(verify, 0.0).datagrams
-        self.assertIn(listener.cookie_for(AID), hello2)
+        self.assertIn(listener.cookie_for(AID, hello), hello2)
         replies, association = listener.listen(b"\x02" * 16, hello2, 0.0)
         self.assertIsNone(association)
         self.assertEqual(replies[0][13], 3)
         replies, association = listener.listen(AID, hello2, 0.0)
         self.assertIsNotNone(association)
         self.assertEqual(replies, ())
+
+    def openssl_hello_verify_request(self, hello, cookie):
+        """What OpenSSL's own DTLSv1_listen answers ``hello`` with, given ``cookie``."""
+        context = SSL.Context(SSL.DTLS_METHOD)
+        context.set_options(SSL.OP_COOKIE_EXCHANGE)
+        context.set_cookie_generate_callback(lambda connection: cookie)
+        context.set_cookie_verify_callback(lambda connection, echoed: False)
+        connection = SSL.Connection(context, None)
+        connection.set_accept_state()
+        connection.bio_write(hello)
+        self.assertRaises(SSL.WantReadError, connection.DTLSv1_listen)
+        return connection.bio_read(65536)
+
+    def test_hello_verify_request_is_openssl_s(self):
+        """
+        The listener builds the HelloVerifyRequest itself: byte for byte what
+        OpenSSL's DTLSv1_listen writes for the same ClientHello and cookie,
+        including the ClientHello's record sequence number (a retransmitted
+        ClientHello has another).
+        """
+        listener = dtls.ServerListener(_SERVER, [P9])
+        (hello,) = dtls.ClientAssociation(_CLIENT, [P9]).start(0.0).datagrams
+        retransmitted = hello[:5] + bytes([0, 0, 0, 0, 1, 7]) + hello[11:]
+        for datagram in (hello, retransmitted):
+            cookie = listener.cookie_for(AID, datagram)
+            self.assertEqual(len(cookie), 32)
+            (verify,), association = listener.listen(AID, datagram, 0.0)
+            self.assertIsNone(association)
+            self.assertEqual(verify, self.openssl_hello_verify_request(datagram, cookie))
+            self.assertEqual(verify[5:11], datagram[5:11])
+
+    def test_hello_verify_request_accepted_by_openssl_client(self):
+        """A bare pyOpenSSL client echoes the cookie, and that ClientHello opens the association."""
+        context = SSL.Context(SSL.DTLS_METHOD)
+        context.set_tlsext_use_srtp(P9.openssl_name.encode("ascii"))
+        client = SSL.Connection(context, None)
+        client.set_connect_state()
+        self.assertRaises(SSL.WantReadError, client.do_handshake)
+        hello = client.bio_read(65536)
+        listener = dtls.ServerListener(_SERVER, [P9])
+        (verify,), association = listener.listen(AID, hello, 0.0)
+        self.assertIsNone(association)
+        client.bio_write(verify)
+        self.assertRaises(SSL.WantReadError, client.do_handshake)
+        hello2 = client.bio_read(65536)
+        cookie = listener.cookie_for(AID, hello)
+        self.assertEqual(listener.cookie_for(AID, hello2), cookie)
+        self.assertIn(bytes([len(cookie)]) + cookie, hello2)
+        replies, association = listener.listen(AID, hello2, 0.0)
+        self.assertEqual(replies, ())
+        self.assertIsNotNone(association)
+        flight = association.start(0.0).datagrams
+        self.assertTrue(flight)
+        # The ServerHello follows the HelloVerifyRequest: message_seq 1.
+        self.assertEqual(flight[0][13], 2)
+        self.assertEqual(flight[0][17:19], b"\x00\x01")
+
+    def test_forged_or_stale_cookie_makes_no_ssl_object(self):
+        """
+        A ClientHello whose cookie this listener did not issue for this
+        association id and these ClientHello fields gets another
+        HelloVerifyRequest, and no OpenSSL connection is made for it.
+        """
+        from perc.dtls import listener as listener_module
+
+        made = []
+        real = listener_module.new_connection
+
+        def counted(*args):
+            made.append(args)
+            return real(*args)
+
+        self.patch(listener_module, "new_connection", counted)
+        client = dtls.ClientAssociation(_CLIENT, [P9])
+        listener = dtls.ServerListener(_SERVER, [P9], cookie_secret=b"now" * 11)
+        (hello,) = client.start(0.0).datagrams
+        (verify,), _ = listener.listen(AID, hello, 0.0)
+        (hello2,) = client.receive(verify, 0.0).datagrams
+        cookie = listener.cookie_for(AID, hello)
+        at = hello2.index(bytes([len(cookie)]) + cookie) + 1
+        flipped = bytearray(hello2)
+        flipped[at + 5] ^= 0x01
+        other_random = bytearray(hello2)
+        other_random[13 + 12 + 2] ^= 0x01  # the first octet of the client random
+        stale = dtls.ServerListener(_SERVER, [P9], cookie_secret=b"before" * 6)
+        connections = live_connections()
+        for listening, datagram, association_id in (
+                (listener, bytes(flipped), AID),            # forged
+                (listener, bytes(other_random), AID),       # another ClientHello's
+                (listener, hello2, b"\x02" * 16),           # another association's
+                (stale, hello2, AID)):                      # another secret's
+            replies, association = listening.listen(association_id, datagram, 0.0)
+            self.assertIsNone(association)
+            self.assertEqual(len(replies), 1)
+            self.assertEqual(replies[0][13], 3)
+            self.assertEqual(listening.cookie_for(association_id, datagram),
+                             replies[0][-32:])
+        self.assertEqual(made, [])
+        self.assertEqual(live_connections(), connections)
+        replies, association = listener.listen(AID, hello2, 0.0)
+        self.assertIsNotNone(association)
+        self.assertEqual(len(made), 1)
+
+    def test_hello_verify_request_alone(self):
+        """hello_verify_request gives what listen answers without a cookie, None once it is valid."""
+        client = dtls.ClientAssociation(_CLIENT, [P9])
+        listener = dtls.ServerListener(_SERVER, [P9])
+        (hello,) = client.start(0.0).datagrams
+        verify = listener.hello_verify_request(AID, hello)
+        self.assertEqual(listener.listen(AID, hello, 0.0), ((verify,), None))
+        (hello2,) = client.receive(verify, 0.0).datagrams
+        self.assertIsNone(listener.hello_verify_request(AID, hello2))
+        self.assertIsNotNone(listener.hello_verify_request(b"\x02" * 16, hello2))
+        self.assertIsNone(listener.hello_verify_request(AID, b"\x17" + hello2[1:]))
+        self.assertIsNotNone(listener.listen(AID, hello2, 0.0)[1])
+
+    def test_listener_drops_what_dtlsv1_listen_drops(self):
+        """No HelloVerifyRequest for a later message_seq, a later fragment or a cut ClientHello."""
+        listener = dtls.ServerListener(_SERVER, [P9])
+        (hello,) = dtls.ClientAssociation(_CLIENT, [P9]).start(0.0).datagrams
+        later_seq = hello[:17] + b"\x00\x03" + hello[19:]
+        later_fragment = hello[:21] + b"\x01" + hello[22:]
+        cut_record = hello[:-1]
+        two_messages = (hello[:11] + (len(hello) - 13 + 12).to_bytes(2, "big") + hello[13:]
+                        + hello[13:25])
+        for datagram in (later_seq, later_fragment, cut_record, two_messages):
+            self.assertEqual(listener.listen(AID, datagram, 0.0), ((), None))
+            self.assertIsNone(listener.cookie_for(AID, datagram))
 
     def test_listener_ignores_non_hello(self):
         listener = dtls.ServerListener(_SERVER, [P9])
@@ -487,6 +616,30 @@ class IdentityTests(SynchronousTestCase):
         self.assertIsNone(harness.event("server", dtls.HandshakeComplete))
         self.assertIsNone(harness.event("client", dtls.HandshakeComplete))
         self.assertIsNotNone(harness.event("client", dtls.Closed))
+
+    def test_certificate_not_the_checked_one_refused(self):
+        """
+        The certificate OpenSSL holds at the end must be the one the verify
+        callback checked (its DER): if they differ the server fails closed,
+        with no keys.
+        """
+        harness = make()
+
+        def hook(query):
+            if query.stage == dtls.STAGE_CERTIFICATE:
+                # What the check compares against, as if another
+                # certificate had been verified.
+                harness.server._state.peer_der = _OTHER.certificate.public_bytes(Encoding.DER)
+            return dtls.Accept()
+
+        harness.listen_kwargs["identity_hook"] = hook
+        harness.start()
+        harness.run()
+        closed = harness.event("server", dtls.Closed)
+        self.assertIsNotNone(closed)
+        self.assertEqual(closed.reason, "peer certificate changed during the handshake")
+        self.assertIsNone(harness.event("server", dtls.HandshakeComplete))
+        self.assertIsNone(harness.event("client", dtls.HandshakeComplete))
 
     def test_hook_exception_rejects(self):
         def hook(query):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import hmac
 import random
 
 from OpenSSL import SSL
@@ -18,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from perc import dtls
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from perc.dtls.established import last_message_seq
+from perc.dtls.mac import KeyedHmac
 from perc.dtls.post_handshake import encode_handshake
 from perc.dtls.records import (
     CONTENT_ALERT,
@@ -48,6 +50,20 @@ class PrfTests(SynchronousTestCase):
             "6b301791e90d35c9c9a46b4e14baf9af0fa022f7077def17abfd3797c0564bab"
             "4fbc91666e9def9b97fce34f796789baa48082d122ee42c5a72e5a5110fff701"
             "87347b66"))
+
+    def test_keyed_hmac_is_hmac(self):
+        """KeyedHmac agrees with hmac (OpenSSL's) for keys shorter, as long and longer than a block."""
+        self.assertEqual(  # RFC 4231 test case 2
+            KeyedHmac(hashlib.sha256, b"Jefe").digest(b"what do ya want for nothing?").hex(),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+        rng = random.Random(4231)
+        for hash_function, name in ((hashlib.sha256, "sha256"), (hashlib.sha384, "sha384")):
+            for key_length in (0, 1, 32, 48, 63, 64, 65, 127, 128, 129, 300):
+                key = rng.randbytes(key_length)
+                mac = KeyedHmac(hash_function, key)
+                for message_length in (0, 1, 77, 1000):
+                    message = rng.randbytes(message_length)
+                    self.assertEqual(mac.digest(message), hmac.digest(key, message, name))
 
     def test_matches_openssl_exporter(self):
         """RFC 5705 export is the PRF over client_random + server_random: OpenSSL agrees."""

@@ -431,6 +431,22 @@ class EktTests(KeyDistributorTestCase):
         # Its last second still has a TTL of 1, not 0.
         self.assertEqual(keys.key_for(CONFERENCE, 0.9).ekt_ttl, 1)
 
+    def test_ttl_counts_down_in_steps(self):
+        """A joiner gets the TTL left, rounded down to a 64th of the TTL; one copy per step."""
+        keys = ConferenceKeys(ttl=6400)
+        full = keys.key_for(CONFERENCE, 0.0)
+        self.assertEqual(full.ekt_ttl, 6400)
+        self.assertIs(keys.key_for(CONFERENCE, 0.0), full)
+        first = keys.key_for(CONFERENCE, 1.0)
+        self.assertEqual(first.ekt_ttl, 6300)
+        self.assertEqual((first.ekt_key_value, first.ekt_spi), (full.ekt_key_value, full.ekt_spi))
+        self.assertIs(keys.key_for(CONFERENCE, 99.0), first)
+        second = keys.key_for(CONFERENCE, 100.5)
+        self.assertEqual(second.ekt_ttl, 6200)
+        self.assertIs(keys.key_for(CONFERENCE, 199.0), second)
+        self.assertEqual(keys.key_for(CONFERENCE, 6399.5).ekt_ttl, 1)
+        self.assertEqual(full.ekt_ttl, 6400)
+
     def test_key_follows_the_final_flight_and_is_resent_on_request(self):
         md = MediaDistributorStandIn(self.kd)
         aid = uuid.uuid4()

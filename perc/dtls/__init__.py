@@ -47,6 +47,7 @@ The package, by job:
 - :mod:`~perc.dtls.callbacks`: OpenSSL's C callbacks and their registry.
 - :mod:`~perc.dtls.contexts`: SSL contexts and connections.
 - :mod:`~perc.dtls.datagrams`: records in and out of datagrams.
+- :mod:`~perc.dtls.mac`: HMAC keyed once (cookies, the key-block PRF).
 - :mod:`~perc.dtls.records`: the own post-handshake record protection.
 - :mod:`~perc.dtls.post_handshake`: codecs of handshake messages and ACKs
   after the handshake (RFC 8870's ``ekt_key``).

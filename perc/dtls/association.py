@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from typing import Iterable, Optional
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from perc import pki
 from perc.dtls import records
@@ -276,11 +276,12 @@ class DtlsAssociation(OwnRecordLayer):
         # One record at a time: the records after the one that completes the
         # handshake (an ekt_key message, say) are for the own record layer.
         # Only a record of a later epoch (the Finished) can complete it, so
-        # the epoch-0 records before the first such one go in together.
+        # the epoch-0 records and the first record after them go in together.
         pieces = _group_epoch_zero(split_records(bytes(datagram)))
         for index, piece in enumerate(pieces):
-            self._remember_early_record(piece)
-            self._feed(piece)
+            for record in piece:
+                self._remember_early_record(record)
+            self._feed(b"".join(piece))
             if self.closed:
                 break
             if self._phase == _ESTABLISHED:
@@ -290,7 +291,7 @@ class DtlsAssociation(OwnRecordLayer):
                 if self._records is None:  # kept on OpenSSL
                     self._read_application_data()
                     output = joined(output, self._collect())
-                rest = b"".join(pieces[index + 1:])
+                rest = b"".join(record for later in pieces[index + 1:] for record in later)
                 return joined(output, self.receive(rest, now)) if rest else output
         return self._collect()
 
@@ -459,10 +460,10 @@ class DtlsAssociation(OwnRecordLayer):
             profile = by_id(selected_profile_id(state))
             # Fail closed if, for any reason, the certificate never went
             # through our checks or is not the one OpenSSL kept.
-            certificate = self._conn.get_peer_certificate(as_cryptography=True)
+            certificate = self._conn.get_peer_certificate()
             if certificate is None or not state.certificate_verdict:
                 raise Refusal("peer certificate was not checked", False, 0, 0)
-            if pki.fingerprint(certificate) != state.peer_fingerprint:
+            if crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate) != state.peer_der:
                 raise Refusal("peer certificate changed during the handshake", False, 0, 0)
             if state.role == SERVER and not state.hello_done:
                 raise Refusal("identity was not checked", False, 0, 0)
@@ -538,20 +539,21 @@ def _nothing() -> None:
     pass
 
 
-def _group_epoch_zero(pieces: list) -> list:
+def _group_epoch_zero(records_in: list) -> list:
     """
-    ``pieces`` (records) with the run of epoch-0 records at its start joined
-    into one element: OpenSSL reads them in one go (one call instead of one
-    per record), and none of them can complete a handshake.
+    ``records_in`` as the lists of records to feed OpenSSL in one go each:
+    the run of epoch-0 records at the start and the record that follows
+    it together (one call instead of one per record; only that last one,
+    of a later epoch, can complete a handshake), then one at a time.
     """
     count = 0
-    for piece in pieces:
-        if len(piece) < RECORD_HEADER_LENGTH or piece[3] or piece[4]:
-            break
+    for record in records_in:
         count += 1
-    if count < 2:
-        return pieces
-    return [b"".join(pieces[:count])] + pieces[count:]
+        if len(record) < RECORD_HEADER_LENGTH or record[3] or record[4]:
+            break
+    if not count:
+        return []
+    return [records_in[:count]] + [[record] for record in records_in[count:]]
 
 
 class ClientAssociation(DtlsAssociation):

@@ -122,6 +122,7 @@ class SslState:
         "peer_tls_id",
         "peer_fingerprint",
         "peer_certificate",
+        "peer_der",
         "certificate_verdict",
         "failure",
         "connection",
@@ -150,6 +151,8 @@ class SslState:
         self.peer_tls_id = None
         self.peer_fingerprint = None
         self.peer_certificate = None
+        # The DER of the certificate the verify callback checked.
+        self.peer_der = None
         self.certificate_verdict = None
         self.failure = None  # a Refusal, once something refused the peer
         # A weak reference to the SSL.Connection, set by register(): the
@@ -455,7 +458,11 @@ def _verify(preverify_ok, store_ctx):
             if state.failure is None:
                 raw = _lib.X509_STORE_CTX_get_current_cert(store_ctx)
                 _lib.X509_up_ref(raw)
-                certificate = crypto.X509._from_raw_x509_ptr(raw).to_cryptography()
+                # What to_cryptography() does, keeping the DER for the
+                # check once the handshake is done (peer_der).
+                state.peer_der = crypto.dump_certificate(
+                    crypto.FILETYPE_ASN1, crypto.X509._from_raw_x509_ptr(raw))
+                certificate = x509.load_der_x509_certificate(state.peer_der)
                 ssl_ptr = _ffi.cast("SSL *", ssl)
                 _certificate_stage(ssl_ptr, state, certificate)
                 state.certificate_verdict = True

@@ -284,6 +284,7 @@ class OwnRecordLayer:
             self._final_flight = output.datagrams
         state = self._state
         state.peer_certificate = None
+        state.peer_der = None
         state.received = {}
         state.send = {}
         self._finalizer()

@@ -33,7 +33,6 @@ Sans-I/O and free of key material in any repr.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -47,6 +46,7 @@ from perc.dtls.constants import (
     CONTENT_CHANGE_CIPHER_SPEC,
     CONTENT_HANDSHAKE,
 )
+from perc.dtls.mac import KeyedHmac
 
 __all__ = [
     "CONTENT_ALERT",
@@ -117,19 +117,14 @@ def tls12_prf(hash_function: Callable, secret: bytes, label: bytes, seed: bytes,
               length: int) -> bytes:
     """The TLS 1.2 PRF (RFC 5246 section 5): P_hash(secret, label + seed)."""
     seed = label + seed
-    # The HMAC keyed once and copied for each step: keying costs about as
-    # much as a step.
-    keyed = hmac.new(secret, digestmod=hash_function)
-    output = bytearray()
+    # Keyed once (see perc.dtls.mac): each step is two hash computations.
+    mac = KeyedHmac(hash_function, secret).digest
+    output = b""
     a = seed
     while len(output) < length:
-        step = keyed.copy()
-        step.update(a)
-        a = step.digest()
-        step = keyed.copy()
-        step.update(a + seed)
-        output += step.digest()
-    return bytes(output[:length])
+        a = mac(a)
+        output += mac(a + seed)
+    return output[:length]
 
 
 def record_epoch_and_sequence(record: bytes) -> Optional[tuple]:

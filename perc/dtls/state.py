@@ -40,7 +40,8 @@ before storing them; the repr shows none of them.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Optional
 
 __all__ = ["AssociationState", "STATE_VERSION"]
@@ -87,7 +88,9 @@ class AssociationState:
 
     def to_bytes(self) -> bytes:
         """The versioned serialisation (secret: seal it before storing)."""
-        fields = asdict(self)
+        # Shallow: dataclasses.asdict deep-copies every value, which cost
+        # more than the JSON encoding (this runs for every ownership row).
+        fields = {field.name: getattr(self, field.name) for field in _FIELDS}
         fields["records"] = {name: value.hex() if isinstance(value, bytes) else value
                              for name, value in self.records.items()}
         for name in ("association_id", "peer_tls_id", "ekt_message", "ekt_key"):
@@ -137,6 +140,9 @@ class AssociationState:
             raise
         except (KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise ValueError("malformed association state ({})".format(type(e).__name__))
+
+
+_FIELDS = dataclass_fields(AssociationState)
 
 
 def _integer(value) -> int:

@@ -486,6 +486,13 @@ class KeyDistributor:
         if not profiles:
             self._refuseNew(tunnel, association_id, "no SRTP profile in common with the tunnel")
             return
+        verify = self._listener.hello_verify_request(association_id.bytes, data)
+        if verify is not None:
+            # HelloVerifyRequest: no state is kept until the cookie returns,
+            # and nothing else is needed to answer (the ClientHello is read
+            # below once it returns with its cookie).
+            tunnel.sendMessage(wire.TunneledDtls(association_id, verify))
+            return
         # OpenSSL picks the SRTP profile before it hands us extension 56, so
         # the conference (and with it the profile its members use) is
         # learnt from the cleartext ClientHello first.
@@ -515,7 +522,6 @@ class KeyDistributor:
             profiles=None if listen_profiles == self.profiles else listen_profiles,
             identity_hook=functools.partial(self._decide, association_id))
         for datagram in replies:
-            # HelloVerifyRequest: no state is kept until the cookie returns.
             tunnel.sendMessage(wire.TunneledDtls(association_id, datagram))
         if engine is None:
             if not replies:

@@ -72,6 +72,9 @@ class _Issued:
     key: EktKey  # with the full TTL
     at: float  # when it was made, on the caller's clock
     generation: int = 0  # its row's generation in the store (0: not stored)
+    #: The key with the TTL key_for last counted down to (every joiner
+    #: until the next step gets the same one: no copy per join).
+    counted_down: EktKey | None = dataclasses.field(default=None, compare=False)
 
 
 class ConferenceKeys:
@@ -216,7 +219,13 @@ class ConferenceKeys:
         step = max(1, key.ekt_ttl // TTL_LEFT_STEPS)
         left = key.ekt_ttl - max(0.0, now - issued.at)
         left = math.floor(left / step) * step if left < key.ekt_ttl else key.ekt_ttl
-        return key if left == key.ekt_ttl else dataclasses.replace(key, ekt_ttl=max(1, left))
+        if left == key.ekt_ttl:
+            return key
+        left = max(1, left)
+        counted_down = issued.counted_down
+        if counted_down is None or counted_down.ekt_ttl != left:
+            counted_down = issued.counted_down = dataclasses.replace(key, ekt_ttl=left)
+        return counted_down
 
     def rollover_at(self, conference: str) -> float | None:
         """When the conference's key is due for replacement; None if it has none (or TTL 0)."""

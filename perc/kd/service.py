@@ -241,20 +241,25 @@ class KeyDistributorService(service.MultiService):
     def _rosterOpened(self, roster):
         self.roster = roster
         dtls_credentials = _dtlsCredentials(self.credentials)
+        # Failover (ownership rows, write sequences reserved in the database,
+        # adoption) needs a database other nodes share: PostgreSQL.  An
+        # SQLite file has one Key Distributor and nobody to adopt its
+        # associations, so it writes no rows (they cost a thread hop and
+        # a commit per join and per ekt_key, and were never read).
+        sequences = None
         if is_postgresql(self.db_path):
-            self.writeSequences = WriteSequences(self.node, self.limits.write_sequence_block)
+            sequences = self.writeSequences = WriteSequences(
+                self.node, self.limits.write_sequence_block)
         self.distributor = KeyDistributor(
             roster=roster, credentials=dtls_credentials, profiles=self.profiles,
             clock=self.reactor, limits=self.limits,
             allow_missing_tls_id=self.allow_missing_tls_id, conference_keys=self.conferenceKeys,
             observe_handshake=self.metrics.observe_handshake,
-            write_reservation=None if self.writeSequences is None else
-            self.writeSequences.reserve)
-        self.distributor.ownership = AssociationOwnership(self.node,
-                                                          sequences=self.writeSequences)
-        if self.writeSequences is not None:
-            self.writeSequences.distributor = self.distributor
-            self.adoption = OrphanAdoption(self.node, self.distributor, self.writeSequences,
+            write_reservation=None if sequences is None else sequences.reserve)
+        if sequences is not None:
+            self.distributor.ownership = AssociationOwnership(self.node, sequences=sequences)
+            sequences.distributor = self.distributor
+            self.adoption = OrphanAdoption(self.node, self.distributor, sequences,
                                            self.lease_seconds / 3)
             self.adoption.start()
         factory = self.tunnelFactory = KeyDistributorTunnelFactory(

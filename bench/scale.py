@@ -318,6 +318,16 @@ def _series(axes, xs, spreads, scale, **style):
         axes.plot(xs, medians, **style)
 
 
+def _log_y(axes):
+    """A log y axis labelled at 1, 2 and 5 times powers of ten (short ranges too)."""
+    from matplotlib import ticker
+
+    axes.set_yscale("log")
+    axes.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axes.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: "{:g}".format(value)))
+    axes.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def _log_x(axes, xs, label):
     axes.set_xscale("log")
     axes.set_xticks(xs)
@@ -338,8 +348,8 @@ def plot_forward(points, x_key, x_label, title, path):
     _series(rate, xs, [p["forward_pps"] for p in points], 1.0, marker="o", label="perc-md")
     _series(rate, xs, [p["baseline_pps"] for p in points], 1.0, marker="s", linestyle="--",
             label="baseline: per-packet Python relay")
-    rate.set_yscale("log")
-    rate.set_ylabel("zero-loss rate (packets/s sent into the relay)")
+    _log_y(rate)
+    rate.set_ylabel("packets/s into the relay, zero loss")
     rate.set_title("Highest loss-free input rate")
     _log_x(rate, xs, x_label)
     rate.legend(fontsize="small")
@@ -375,7 +385,7 @@ def plot_handshake(points, path):
               linestyle="--", label="in-process DTLS engine, one core")
     rate.plot(xs, [1 / p["bare_openssl_cpu_per_assoc"] for p in points], marker="v",
               linestyle=":", label="bare pyOpenSSL handshake, one core")
-    rate.set_yscale("log")
+    _log_y(rate)
     rate.set_ylabel("associations per second")
     rate.set_title("Join rate (baselines: 1 / server CPU)")
     _log_x(rate, xs, "handshakes in flight")
@@ -383,7 +393,7 @@ def plot_handshake(points, path):
     latency.plot(xs, [p["join_p50_s"] * 1e3 for p in points], marker="o", label="join p50")
     latency.plot(xs, [p["join_p99_s"] * 1e3 for p in points], marker="^", label="join p99")
     latency.axhline(250, color="grey", linestyle=":", label="p99 target (200 in flight)")
-    latency.set_yscale("log")
+    _log_y(latency)
     latency.set_ylabel("join latency (ms, first ClientHello to EKTKey)")
     latency.set_title("Join latency")
     _log_x(latency, xs, "handshakes in flight")
@@ -419,7 +429,8 @@ def plot_memory(document, path):
         rss.plot(xs, [s["{}_rss_kib".format(daemon)] * mib for s in steps], marker=marker,
                  color=colour, label=name)
         rss.axhline(document["{}_rss_after_warmup_kib".format(daemon)] * mib, color=colour,
-                    linestyle="--", label="{} idle, registrations loaded".format(name))
+                    linestyle="--", label="{} idle, registrations and {} warm-up".format(
+                        name, document["warmup"]))
         rss.axhline(document["{}_rss_before_registrations_kib".format(daemon)] * mib,
                     color=colour, linestyle=":", label="{} idle, no registration".format(name))
     rss.set_ylim(bottom=0)

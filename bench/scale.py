@@ -486,6 +486,90 @@ def draw(document, directory):
 
 
 # --------------------------------------------------------------------------
+# Tables (reStructuredText, for bench/RESULTS.rst)
+
+
+def rst_table(header, rows):
+    """A reStructuredText simple table of ``header`` and ``rows`` (cells str())."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule]
+    for n, row in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if n == 0:
+            lines.append(rule)
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def _range(spread_, scale=1.0, digits=0):
+    """``median (min–max)``, or the one value when the runs agree."""
+    low, median, high = (spread_[k] * scale for k in ("min", "median", "max"))
+    text = "{:,.{d}f}".format(median, d=digits)
+    if (low, high) != (median, median):
+        text += " ({:,.{d}f}–{:,.{d}f})".format(low, high, d=digits)
+    return text
+
+
+def tables(document):
+    """The points of ``document`` (a scale.json) as reStructuredText tables."""
+    out = []
+    forward = document.get("forward") or {}
+    for key, title in (("conference_size", "Forwarding, one conference"),
+                       ("conferences", "Forwarding, several conferences")):
+        points = _good(forward.get(key) or ())
+        if not points:
+            continue
+        rows = [["{} x {}".format(p["conferences"], p["members"]),
+                 _range(p["forward_pps"]), _range(p["baseline_pps"]),
+                 _range(p["ratio"], digits=2),
+                 _range(p["md_cpu_s_per_packet_same_rate"], 1e6, 2),
+                 "{:.2f}".format(p["baseline_cpu_s_per_packet_same_rate"] * 1e6),
+                 "{:.2f}".format(p["floor_s"] * 1e6),
+                 "{:.2f}".format(p["md_cpu_per_packet_over_floor"])] for p in points]
+        out.append("{} (median and range of {} runs; µs per forwarded packet; the last "
+                   "three columns from the last run)\n\n{}".format(
+                       title, points[0]["repeat"], rst_table(
+                           ["conf. x members", "perc-md pkt/s", "baseline pkt/s", "ratio",
+                            "perc-md µs", "baseline µs", "floor µs", "md/floor"], rows)))
+    points = _good(document.get("handshake") or ())
+    if points:
+        ms = 1e3
+        rows = [[p["concurrency"], p["associations"], "{:.0f}".format(p["assoc_per_s"]),
+                 "{:.0f}".format(p["join_p50_s"] * ms), "{:.0f}".format(p["join_p99_s"] * ms),
+                 "{:.3f}".format(p["kd_cpu_per_assoc"] * ms),
+                 "{:.3f}".format(p["baseline_cpu_per_assoc"] * ms),
+                 "{:.3f}".format(p["bare_openssl_cpu_per_assoc"] * ms),
+                 "{:.2f}".format(p["ratio_vs_bare_openssl"])] for p in points]
+        out.append("Handshakes (ms; CPU per association)\n\n" + rst_table(
+            ["in flight", "joins", "assoc/s", "p50 ms", "p99 ms", "perc-kd", "engine",
+             "bare OpenSSL", "KD/bare"], rows))
+    memory = document.get("memory")
+    if memory and memory.get("ok"):
+        md_reg = memory.get("md_kib_per_registration")
+        rows = [["none (no registration)", "{:,}".format(memory["kd_rss_before_registrations_kib"]),
+                 "", "{:,}".format(memory["md_rss_before_registrations_kib"]), ""],
+                ["none ({:,} registrations)".format(memory["registrations"]),
+                 "{:,}".format(memory["kd_rss_start_kib"]),
+                 "{:.2f} per registration".format(memory["kd_kib_per_registration"]),
+                 "{:,}".format(memory["md_rss_start_kib"]),
+                 "(none held)" if md_reg is None else "{:.2f} per registration".format(md_reg)],
+                ["{} (warm-up)".format(memory["warmup"]),
+                 "{:,}".format(memory["kd_rss_after_warmup_kib"]), "",
+                 "{:,}".format(memory["md_rss_after_warmup_kib"]), ""]]
+        rows += [["{:,}".format(s["count"]), "{:,}".format(s["kd_rss_kib"]),
+                  "{:.1f} per association".format(s["kd_kib_per_assoc"]),
+                  "{:,}".format(s["md_rss_kib"]),
+                  "{:.1f} per association".format(s["md_kib_per_endpoint"])]
+                 for s in memory["steps"]]
+        out.append("Memory (RSS in KiB, idle)\n\n" + rst_table(
+            ["associations", "perc-kd RSS", "perc-kd KiB", "perc-md RSS", "perc-md KiB"],
+            rows))
+    return "\n\n".join(out)
+
+
+# --------------------------------------------------------------------------
 # Main
 
 
@@ -517,6 +601,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         for path in draw(document, args.out):
             print("drew", path)
+        print(tables(document))
         return 0
     os.makedirs(args.out, exist_ok=True)
     started = time.monotonic()
@@ -538,6 +623,7 @@ def main(argv=None):
     print("wrote", path)
     for drawn in draw(document, args.out):
         print("drew", drawn)
+    print(tables(document))
     failed = failures(document)
     for line in failed:
         print("FAILED: {}".format(line), file=sys.stderr)

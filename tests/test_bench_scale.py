@@ -163,6 +163,24 @@ class PointsTests(SynchronousTestCase):
         self.assertEqual(scale.failures(document), ["forward 1 x 5: no loss-free rate",
                                                     "memory: worker ended"])
 
+    def test_tables_hold_every_good_point(self):
+        document = {"forward": {"conference_size": [forward_point(2, 1, 1e4),
+                                                    forward_point(5, 1, 0, ok=False)],
+                                "conferences": []},
+                    "handshake": [handshake_point(50), handshake_point(200)],
+                    "memory": MEMORY}
+        lines = scale.tables(document).splitlines()
+        self.assertIn("1 x 2            10,000 (9,000–11,000)  10,000          "
+                      "1.00 (0.90–1.10)  10.00 (9.00–11.00)  13.00        7.00      1.40",
+                      lines)
+        self.assertFalse([line for line in lines if line.startswith("1 x 5")])
+        self.assertIn("50         1000   395      50      100     0.900    0.600   0.300"
+                      "         3.00", lines)
+        self.assertIn("none (5,100 registrations)  66,000       1.20 per registration  "
+                      "61,000       (none held)", lines)
+        self.assertIn("5,000                       270,000      40.0 per association   "
+                      "112,000      10.0 per association", lines)
+
 
 class PlotTests(SynchronousTestCase):
     skip = NO_MATPLOTLIB

@@ -308,14 +308,26 @@ def _good(points):
 
 
 def _series(axes, xs, spreads, scale, **style):
-    """A median line with min-max error bars (none when every run agrees)."""
+    """
+    A median line with min-max error bars (none when every run agrees);
+    ``spreads`` may hold plain numbers (one run).  Every line of a panel
+    goes through here, so that its legend keeps the order they were drawn.
+    """
+    spreads = [s if isinstance(s, dict) else {"min": s, "median": s, "max": s}
+               for s in spreads]
     medians = [s["median"] * scale for s in spreads]
     low = [(s["median"] - s["min"]) * scale for s in spreads]
     high = [(s["max"] - s["median"]) * scale for s in spreads]
-    if any(low) or any(high):
-        axes.errorbar(xs, medians, yerr=[low, high], capsize=3, **style)
-    else:
-        axes.plot(xs, medians, **style)
+    axes.errorbar(xs, medians, yerr=[low, high] if any(low) or any(high) else None,
+                  capsize=3, **style)
+
+
+def _failed(axes, xs):
+    """Mark the x values whose benchmark failed (no figure there)."""
+    for x in xs:
+        axes.axvline(x, color="tab:red", linestyle=":", alpha=0.6)
+        axes.text(x, 0.5, " run failed", color="tab:red", rotation=90, ha="right",
+                  va="center", transform=axes.get_xaxis_transform())
 
 
 def _log_y(axes):
@@ -339,6 +351,7 @@ def _log_x(axes, xs, label):
 
 def plot_forward(points, x_key, x_label, title, path):
     """Zero-loss rate and CPU per forwarded packet against ``x_key``; False if no point."""
+    failed = [p[x_key] for p in points if not p.get("ok")]
     points = sorted(_good(points), key=lambda p: p[x_key])
     if not points:
         return False
@@ -351,18 +364,20 @@ def plot_forward(points, x_key, x_label, title, path):
     _log_y(rate)
     rate.set_ylabel("packets/s into the relay, zero loss")
     rate.set_title("Highest loss-free input rate")
-    _log_x(rate, xs, x_label)
+    _log_x(rate, sorted(xs + failed), x_label)
+    _failed(rate, failed)
     rate.legend(fontsize="small")
     _series(cpu, xs, [p["md_cpu_s_per_packet_same_rate"] for p in points], 1e6, marker="o",
             label="perc-md")
-    cpu.plot(xs, [p["baseline_cpu_s_per_packet_same_rate"] * 1e6 for p in points], marker="s",
-             linestyle="--", label="baseline: per-packet Python relay")
-    cpu.plot(xs, [p["floor_s"] * 1e6 for p in points], marker="v", linestyle=":",
-             label="floor: kernel send + one protect")
+    _series(cpu, xs, [p["baseline_cpu_s_per_packet_same_rate"] for p in points], 1e6,
+            marker="s", linestyle="--", label="baseline: per-packet Python relay")
+    _series(cpu, xs, [p["floor_s"] for p in points], 1e6, marker="v", linestyle=":",
+            label="floor: kernel send + one protect")
     cpu.set_ylim(bottom=0)
     cpu.set_ylabel("CPU per forwarded packet (µs)")
     cpu.set_title("CPU per forwarded packet, both relays at one rate")
-    _log_x(cpu, xs, x_label)
+    _log_x(cpu, sorted(xs + failed), x_label)
+    _failed(cpu, failed)
     cpu.legend(fontsize="small")
     figure.suptitle(title)
     figure.tight_layout()
@@ -373,11 +388,13 @@ def plot_forward(points, x_key, x_label, title, path):
 
 def plot_handshake(points, path):
     """Associations/s, join latency and CPU per association against concurrency."""
+    failed = [p["concurrency"] for p in points if not p.get("ok")]
     points = sorted(_good(points), key=lambda p: p["concurrency"])
     if not points:
         return False
     pyplot = _pyplot()
     xs = [p["concurrency"] for p in points]
+    ticks = sorted(xs + failed)
     figure, (rate, latency, cpu) = pyplot.subplots(1, 3, figsize=(14, 4.2))
     rate.plot(xs, [p["assoc_per_s"] for p in points], marker="o",
               label="perc-kd + perc-md (measured)")
@@ -388,7 +405,8 @@ def plot_handshake(points, path):
     _log_y(rate)
     rate.set_ylabel("associations per second")
     rate.set_title("Join rate (baselines: 1 / server CPU)")
-    _log_x(rate, xs, "handshakes in flight")
+    _log_x(rate, ticks, "handshakes in flight")
+    _failed(rate, failed)
     rate.legend(fontsize="small")
     latency.plot(xs, [p["join_p50_s"] * 1e3 for p in points], marker="o", label="join p50")
     latency.plot(xs, [p["join_p99_s"] * 1e3 for p in points], marker="^", label="join p99")
@@ -396,7 +414,8 @@ def plot_handshake(points, path):
     _log_y(latency)
     latency.set_ylabel("join latency (ms, first ClientHello to EKTKey)")
     latency.set_title("Join latency")
-    _log_x(latency, xs, "handshakes in flight")
+    _log_x(latency, ticks, "handshakes in flight")
+    _failed(latency, failed)
     latency.legend(fontsize="small")
     cpu.plot(xs, [p["kd_cpu_per_assoc"] * 1e3 for p in points], marker="o",
              label="perc-kd per association")
@@ -407,7 +426,8 @@ def plot_handshake(points, path):
     cpu.set_ylim(bottom=0)
     cpu.set_ylabel("CPU per association (ms)")
     cpu.set_title("Key Distributor CPU per association")
-    _log_x(cpu, xs, "handshakes in flight")
+    _log_x(cpu, ticks, "handshakes in flight")
+    _failed(cpu, failed)
     cpu.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=DPI)

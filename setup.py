@@ -53,6 +53,8 @@ setup(
                     "test": ["hypothesis>=6.100", "imageio-ffmpeg>=0.8", "psycopg[binary]>=3.2.1"],
                     # perc bench fuzz: coverage-guided fuzzing and its line coverage.
                     "fuzz": ["atheris>=2.3", "coverage>=7.0"],
+                    # perc bench scale: its PNG plots (3.6: the first with Python 3.11 wheels).
+                    "bench": ["matplotlib>=3.6"],
                     # .ci/run's checks (pyproject.toml), pinned so that a new
                     # release's rules cannot fail a commit that did not change.
                     "lint": ["ruff==0.17.6", "mypy==2.4.1", "mypy-zope==1.0.17"]},

@@ -13,6 +13,9 @@ plain non-blocking sockets; the Media Distributor and the baseline relay are
 each a process of their own.  With two or more CPUs the relays are pinned to
 the last one and this process to the first (``--no-pin`` to leave placement
 to the scheduler), so the relay under test never shares a core with the load.
+With ``--conferences C``, C such conferences of K endpoints go through the
+one perc-md (and the baseline relay forwards within each), each with a
+sender of its own; the senders take turns, and rates count all of them.
 
 Media: endpoint 1 sends RTP packets with a ``--payload``-octet payload
 (opaque bytes standing for inner ciphertext, inner tag and OHB), outer layer
@@ -52,7 +55,7 @@ rate (0.8 of the lower of the two) for ``cpu_ratio_same_rate``
 (baseline CPU / perc-md CPU per forwarded packet), which is steadier than
 the zero-loss ratio on a busy machine.
 
-    python bench/forward.py [--endpoints 10] [--seconds 1] [--payload 200]
+    python bench/forward.py [--endpoints 10] [--conferences 1] [--seconds 1] [--payload 200]
     perc bench forward --endpoints 4
 
 The last line printed is one JSON object with the figures.  Exit status 1
@@ -114,6 +117,10 @@ def parse_args(argv):
                     "relay doing the same pylibsrtp work (ratio = forward_pps / baseline_pps).")
     parser.add_argument("--endpoints", "-n", type=int, default=10,
                         help="endpoints in the conference: 1 sender, K-1 receivers (default 10)")
+    parser.add_argument("--conferences", type=int, default=1,
+                        help="conferences of --endpoints each, all through the one perc-md; "
+                             "each has its own sender and the rate counts every sender "
+                             "(default 1)")
     parser.add_argument("--seconds", "-s", type=float, default=1.0,
                         help="length of each paced trial in seconds (default 1.0)")
     parser.add_argument("--payload", type=int, default=200,
@@ -152,6 +159,8 @@ def parse_args(argv):
         parser.error("--sample-every must be 1 or more")
     if not 2 <= args.endpoints <= 50:
         parser.error("--endpoints must be 2 to 50")
+    if not 1 <= args.conferences <= 20:
+        parser.error("--conferences must be 1 to 20")
     if not 0.2 <= args.seconds <= 10:
         parser.error("--seconds must be 0.2 to 10")
     if not 1 <= args.payload <= 1400:
@@ -196,13 +205,14 @@ def run_baseline_relay(config_path: str) -> int:
         return pylibsrtp.Session(pylibsrtp.Policy(
             key=bytes.fromhex(key_hex), ssrc_type=direction, srtp_profile=srtp_profile))
 
-    endpoints = [(tuple(e["address"]),
+    endpoints = [(tuple(e["address"]), e["conference"],
                   session(e["inbound"], pylibsrtp.Policy.SSRC_ANY_INBOUND),
                   session(e["outbound"], pylibsrtp.Policy.SSRC_ANY_OUTBOUND))
                  for e in config["endpoints"]]
     table = {address: (inbound, [(outbound.protect, other)
-                                 for other, _, outbound in endpoints if other != address])
-             for address, inbound, _ in endpoints}
+                                 for other, in_conference, _, outbound in endpoints
+                                 if in_conference == conference and other != address])
+             for address, conference, inbound, _ in endpoints}
     ekt = config["ekt"]
     print(sock.getsockname()[1], sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
           flush=True)
@@ -319,10 +329,11 @@ def measure_floor(directory, load, srtp_profile, pin_cpu, seconds=1.0):
     """
     config_path = os.path.join(directory, "floor.json")
     fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    receiver = load.receivers[0]
+    fan_out = load.conferences[0][1]
+    receiver = fan_out[0]
     with os.fdopen(fd, "w") as f:
         json.dump({"seconds": seconds, "srtp_profile": srtp_profile,
-                   "receivers": [list(r.address) for r in load.receivers],
+                   "receivers": [list(r.address) for r in fan_out],
                    "wire_length": load.wire_length,
                    "plain_length": RTP_HEADER.size + len(load.payload),
                    "key": (receiver.hbh.server_key + receiver.hbh.server_salt).hex()}, f)
@@ -360,7 +371,7 @@ class BaselineRelay:
         fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"srtp_profile": srtp_profile, "ekt": ekt, "endpoints": [
-                {"address": list(e.address),
+                {"address": list(e.address), "conference": e.conference,
                  "inbound": (e.hbh.client_key + e.hbh.client_salt).hex(),
                  "outbound": (e.hbh.server_key + e.hbh.server_salt).hex()}
                 for e in endpoints]}, f)
@@ -397,12 +408,14 @@ class BaselineRelay:
 class BenchEndpoint:
     """One endpoint: a non-blocking UDP socket and a DTLS client association."""
 
-    def __init__(self, index, credentials, tls_id, kd_tls_id, kd_fingerprint, profile):
+    def __init__(self, index, credentials, tls_id, kd_tls_id, kd_fingerprint, profile,
+                 conference=CONFERENCE):
         from perc import dtls
         from perc.ekt import EktCipher
 
         self.index = index
         self.tls_id = tls_id
+        self.conference = conference
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, ENDPOINT_RCVBUF)
@@ -566,15 +579,23 @@ def udp_drops(ports):
 
 
 class Load:
-    """The sender (endpoint 1) and the receivers (the others), driven from one loop."""
+    """
+    Per conference, its sender (its first endpoint) and its receivers (the
+    others), all driven from one loop.  The senders take turns, packet by
+    packet, so the rate of a trial is the sum of theirs.
+    """
 
     def __init__(self, endpoints, payload_size, ekt, sample_every=1):
         self.sample_every = sample_every
         #: Wall time spent verifying (after each trial's figures): the
         #: search's time budget does not count it (see clock()).
         self.verify_seconds = 0.0
-        self.sender = endpoints[0]
-        self.receivers = endpoints[1:]
+        members = {}
+        for e in endpoints:
+            members.setdefault(e.conference, []).append(e)
+        #: (sender, receivers) of each conference.
+        self.conferences = [(group[0], group[1:]) for group in members.values()]
+        self.receivers = [r for _, receivers in self.conferences for r in receivers]
         # Opaque bytes standing for inner ciphertext + inner tag; the last
         # octet is an empty OHB.
         self.payload = os.urandom(payload_size - 1) + b"\x00"
@@ -588,16 +609,23 @@ class Load:
             self.by_fd[r.sock.fileno()] = r
         self.buffer = bytearray(8192)
         self.verified = 0
-        self.wire_length = len(self.packets(0x00000001, 1)[0])
+        self.wire_length = len(self.packets(0x00000001, 1)[0][1])
 
     def packets(self, ssrc, count):
-        """``count`` protected packets of a new stream ``ssrc``, from sequence number 1."""
-        protect = self.sender.outbound.protect
+        """
+        ``count`` protected packets from each sender, of a new stream
+        ``ssrc`` from sequence number 1, as ``(sendto, packet)`` with the
+        senders in turn.
+        """
         pack = RTP_HEADER.pack
         payload, tail = self.payload, self.ekt_tail
-        out = [protect(pack(0x80, 96, s & 0xFFFF, (s * 160) & 0xFFFFFFFF, ssrc) + payload) + tail
-               for s in range(1, 1 + count)]
-        return out
+        streams = []
+        for sender, _ in self.conferences:
+            protect, sendto = sender.outbound.protect, sender.sock.sendto
+            streams.append([(sendto, protect(pack(0x80, 96, s & 0xFFFF, (s * 160) & 0xFFFFFFFF,
+                                                  ssrc) + payload) + tail)
+                            for s in range(1, 1 + count)])
+        return [packet for turn in zip(*streams) for packet in turn]
 
     def drain(self, timeout=0.0):
         """Read whatever the receivers have; returns how many packets were read."""
@@ -681,10 +709,12 @@ class Load:
         self.trials += 1
         ssrc = (ssrc_base + self.trials) & 0xFFFFFFFF
         self.ssrc_tag = struct.pack("!I", ssrc)
-        n = count if rate is None else max(1, int(rate * seconds))
-        packets = self.packets(ssrc, n)
+        senders = len(self.conferences)
+        # Packets per sender; n is the trial's total.
+        each = -(-count // senders) if rate is None else max(1, int(rate * seconds / senders))
+        n = each * senders
+        packets = self.packets(ssrc, each)
         self.discard()
-        sendto = self.sender.sock.sendto
         address = relay.address
         drain = self.drain
         drops_before = udp_drops([relay.address[1]] + [r.address[1] for r in self.receivers])
@@ -694,7 +724,7 @@ class Load:
         start = last_arrival = time.perf_counter()
         if rate is None:
             while sent < n:
-                for packet in packets[sent:sent + 32]:
+                for sendto, packet in packets[sent:sent + 32]:
                     sendto(packet, address)
                 sent = min(n, sent + 32)
                 if drain():
@@ -719,7 +749,7 @@ class Load:
                     due = sent + 1
                 due = min(n, due)
                 if due > sent:
-                    for packet in packets[sent:due]:
+                    for sendto, packet in packets[sent:due]:
                         sendto(packet, address)
                     sent = due
                 if drain():
@@ -742,7 +772,7 @@ class Load:
         wall = time.perf_counter() - start
         drops_after = udp_drops([relay.address[1]] + [r.address[1] for r in self.receivers])
         received = sum(r.count for r in self.receivers)
-        expected = n * len(self.receivers)
+        expected = each * len(self.receivers)
         relay_drops = drops_after.get(relay.address[1], 0) - drops_before.get(relay.address[1], 0)
         receiver_drops = sum(drops_after.get(r.address[1], 0) - drops_before.get(r.address[1], 0)
                              for r in self.receivers)
@@ -759,7 +789,7 @@ class Load:
             "loss": 1.0 - received / expected,
             # Over the time the relay was delivering: a backlog in its
             # socket buffer is still forwarded after the sender stops.
-            "delivered_in_pps": received / len(self.receivers) / max(
+            "delivered_in_pps": received * senders / len(self.receivers) / max(
                 last_arrival - start, send_seconds),
             "relay_cpu_s": relay_cpu,
             "relay_user_s": relay_user,
@@ -916,21 +946,24 @@ def run(args):
         distributors = start_distributors(directory, md_args, ["--profiles", args.profile.name],
                                           args.md_profile)
         kd_fingerprint = distributors.kd_fingerprint
-        for index in range(args.endpoints):
+        total = args.endpoints * args.conferences
+        for index in range(total):
+            conference = (CONFERENCE if args.conferences == 1
+                          else "{}-{}".format(CONFERENCE, index // args.endpoints + 1))
             credentials = dtls.Credentials.self_signed("bench-{}".format(index + 1))
             tls_id = "bench-{}-{}".format(index + 1, os.urandom(12).hex())
-            kd_tls_id = _common.register_endpoint(distributors, CONFERENCE, tls_id,
+            kd_tls_id = _common.register_endpoint(distributors, conference, tls_id,
                                                   credentials.fingerprint)
             endpoints.append(BenchEndpoint(index, credentials, tls_id, kd_tls_id,
-                                           kd_fingerprint, args.profile))
+                                           kd_fingerprint, args.profile, conference))
         joined_at = time.monotonic()
         handshake_all(endpoints, distributors.media_address)
         join_seconds = time.monotonic() - joined_at
         status, document = _common.http_json("GET", distributors.md_api + "/v1/status",
                                              distributors.md_token)
-        if status != 200 or document.get("established") != args.endpoints:
+        if status != 200 or document.get("established") != total:
             raise BenchFailure("the Media Distributor has {} keyed endpoints, not {}".format(
-                document and document.get("established"), args.endpoints))
+                document and document.get("established"), total))
         ekt = all(e.complete.ekt_cipher is not None for e in endpoints)
         baseline = BaselineRelay(directory, endpoints, args.profile.hbh_libsrtp_profile, ekt)
         placement = pin([distributors.md.pid, baseline.pid]) if args.pin else None
@@ -940,13 +973,14 @@ def run(args):
             pid = distributors.md.pid
 
         load = Load(endpoints, args.payload, ekt, args.sample_every)
-        print("perc bench forward: {} endpoints (1 sender, {} receivers), {}-octet payload "
+        print("perc bench forward: {}{} endpoints (1 sender, {} receivers), {}-octet payload "
               "({}-octet SRTP packets{}), {}".format(
+                  "{} conferences of ".format(args.conferences) if args.conferences > 1 else "",
                   args.endpoints, args.endpoints - 1, args.payload, load.wire_length,
                   " with a ShortEKTField" if ekt else "", args.profile.name))
         print("  perc-md pid {} and baseline relay pid {} in their own processes; endpoints "
               "in this process (pid {}); {} joined through the MD in {:.2f} s".format(
-                  distributors.md.pid, baseline.pid, os.getpid(), args.endpoints, join_seconds))
+                  distributors.md.pid, baseline.pid, os.getpid(), total, join_seconds))
         print("  CPU placement: {}; relay socket receive buffers: perc-md's default "
               "--udp-receive-buffer ({} octets granted to the baseline)".format(
                   placement or "not pinned", baseline.receive_buffer // 2))
@@ -990,8 +1024,8 @@ def run(args):
         paced = [t for r in results.values() for t in r["trials"] if t["target_pps"]]
         slipped = [t for t in paced if t["offered_pps"] < 0.97 * t["target_pps"]]
         print()
-        print("deliv./s: packets per second from the sender that reached every receiver (each "
-              "forwarded {} times);".format(receivers))
+        print("deliv./s: packets per second from the sender{} that reached every receiver (each "
+              "forwarded {} times);".format("s" if args.conferences > 1 else "", receivers))
         print("cpu: relay process CPU / wall time; us/fwd: relay CPU microseconds per forwarded "
               "packet; load: this process's CPU share;")
         print("drops: kernel drops at the relay's socket / at the receivers' sockets "
@@ -1043,6 +1077,7 @@ def run(args):
         document = {
             "benchmark": "forward",
             "endpoints": args.endpoints,
+            "conferences": args.conferences,
             "receivers": receivers,
             "payload": args.payload,
             "profile": args.profile.name,

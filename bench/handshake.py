@@ -244,15 +244,21 @@ class Worker:
         import sqlite3
 
         from perc.kd import roster
+        from perc.kd.store import dialects, schema
 
         connection = sqlite3.connect(path)
         try:
             cursor = connection.cursor()
-            roster._create_schema(cursor)
+            # The Key Distributor's own schema, then the rows its store's
+            # insert_registration writes.
+            schema.upgrade(cursor, dialects.SQLITE)
+            rows = []
             for e in self.endpoints:
                 e.kd_tls_id = roster.new_kd_tls_id()
-                roster._insert(cursor, roster.Registration(
-                    e.conference, e.tls_id, e.credentials.fingerprint, e.kd_tls_id))
+                rows.append((e.tls_id, e.conference, e.credentials.fingerprint, e.kd_tls_id))
+            cursor.executemany(
+                "INSERT INTO registrations (tls_id, conference, fingerprint, kd_tls_id)"
+                " VALUES (?, ?, ?, ?)", rows)
             connection.commit()
         finally:
             connection.close()
@@ -557,11 +563,13 @@ def distributor_args(args, extra_md=(), extra_kd=()):
     return md + list(extra_md), kd + list(extra_kd)
 
 
-def start_run(directory, args, extra_md=(), extra_kd=()):
+def start_run(directory, args, extra_md=(), extra_kd=(), before_registration=None):
     """
     Worker (credentials; SQLite registrations if asked), then the daemons,
     then registration through the APIs if asked.  Returns (worker,
-    distributors, registration seconds).
+    distributors, registration seconds).  ``before_registration`` is called
+    with the distributors once they are up, before the worker registers
+    through the APIs (bench/memory.py reads their memory there).
     """
     db_path = os.path.join(directory, "perc-kd.sqlite3")
     worker = WorkerProcess(directory, args, db_path)
@@ -575,6 +583,8 @@ def start_run(directory, args, extra_md=(), extra_kd=()):
                          "--savestats"]
         distributors = _common.start_distributors(directory, md_args=md_args, kd_args=kd_args,
                                                   kd_twistd_options=kd_twistd)
+        if before_registration is not None:
+            before_registration(distributors)
         worker.send({"media": list(distributors.media_address),
                      "kd_api": distributors.kd_api, "kd_token": distributors.kd_token,
                      "md_api": distributors.md_api, "md_token": distributors.md_token,

@@ -13,16 +13,27 @@ default here: thousands of API calls would dominate the run; ``api`` and
 ``--default-conference``.  It runs with ``--endpoint-timeout 3600`` so that
 keyed endpoints that send no media stay for the whole measurement.
 
-Measure: ``--warmup`` associations first (so that one-time allocations --
-SSL contexts, code paths run for the first time, caches -- are not charged
-to the associations), then the daemons' RSS (``VmRSS`` of
-``/proc/PID/status``, after both are idle); then endpoints join (at most
-``--concurrency`` handshakes in flight) until each count of ``--counts`` is
-reached, and RSS is read again each time.  Every endpoint must hold its keys
-(hop-by-hop keys and the EKTKey) and stay connected; the associations are
-all still alive when RSS is read (the worker keeps them until the end).
-Figures per count: (RSS at that count - RSS after warm-up) / (associations
-added), in KiB, for each daemon.
+Registrations and associations are charged apart.  All registrations
+(``--warmup`` + the largest count) are made before any endpoint joins; the
+daemons' idle RSS (``VmRSS`` of ``/proc/PID/status``) before them and after
+them gives the memory per registration: with ``api`` and ``both``, read in
+the same processes before the worker registers; with ``sqlite``, whose
+registrations the Key Distributor loads as it starts, "before" is the idle
+RSS of a perc-kd and perc-md pair started the same way on an empty database
+in the same run (and stopped).  The Media Distributor holds registrations
+only with ``both`` (otherwise ``--default-conference`` places endpoints and
+its figure per registration is left out).
+
+Then ``--warmup`` associations (so that one-time allocations -- SSL
+contexts, code paths run for the first time, caches -- are not charged to
+the associations), then the daemons' RSS again (after both are idle); then
+endpoints join (at most ``--concurrency`` handshakes in flight) until each
+count of ``--counts`` is reached, and RSS is read again each time.  Every
+endpoint must hold its keys (hop-by-hop keys and the EKTKey) and stay
+connected; the associations are all still alive when RSS is read (the
+worker keeps them until the end).  Figures per count: (RSS at that count -
+RSS after warm-up) / (associations added), in KiB, for each daemon: what an
+association costs on top of its registration.
 
 Time budget: endpoints are started in chunks of ``--chunk``; once
 ``--budget`` seconds (default 40) have passed since the start, no more are
@@ -117,15 +128,40 @@ def idle_rss(pids):
     return [_common.rss_kib(pid) for pid in pids]
 
 
+def empty_roster_rss(directory, args, extra_md):
+    """
+    Idle RSS (KiB) of a perc-kd and a perc-md started as
+    :func:`handshake.start_run` starts them, on an empty database; stopped
+    once read.
+    """
+    md_args, kd_args = handshake.distributor_args(args, extra_md)
+    directory = os.path.join(directory, "empty-roster")
+    os.mkdir(directory)
+    distributors = _common.start_distributors(directory, md_args=md_args, kd_args=kd_args)
+    try:
+        return idle_rss((distributors.kd.pid, distributors.md.pid))
+    finally:
+        distributors.stop()
+
+
 def run(args):
     directory = tempfile.mkdtemp(prefix="perc-bench-memory-")
     worker = distributors = None
     steps = []
     skipped = []
     started = time.monotonic()
+    extra_md = ["--endpoint-timeout", "3600"]
+    unregistered = []
+
+    def before_registration(distributors):
+        if args.register != "sqlite":
+            unregistered.extend(idle_rss((distributors.kd.pid, distributors.md.pid)))
+
     try:
+        if args.register == "sqlite":
+            unregistered.extend(empty_roster_rss(directory, args, extra_md))
         worker, distributors, registration_s = handshake.start_run(
-            directory, args, extra_md=["--endpoint-timeout", "3600"])
+            directory, args, extra_md=extra_md, before_registration=before_registration)
         pids = (distributors.kd.pid, distributors.md.pid)
         initial = idle_rss(pids)
         joined = 0
@@ -186,11 +222,24 @@ def run(args):
         raise handshake.BenchFailure(
             "the Media Distributor holds {} keyed endpoints at the end, not {}".format(
                 established, args.warmup + (steps[-1]["count"] if steps else 0)))
+    registrations = args.endpoints
+    kd_per_registration = (initial[0] - unregistered[0]) / registrations
+    md_per_registration = ((initial[1] - unregistered[1]) / registrations
+                           if args.register == "both" else None)
     figures = {
         "benchmark": "memory",
         "warmup": args.warmup,
         "register": args.register,
         "registration_s": round(registration_s, 2),
+        "registrations": registrations,
+        "rss_before_registrations": (
+            "the same processes before the API registrations" if args.register != "sqlite"
+            else "a perc-kd and perc-md started the same way on an empty database, same run"),
+        "kd_rss_before_registrations_kib": unregistered[0],
+        "md_rss_before_registrations_kib": unregistered[1],
+        "kd_kib_per_registration": round(kd_per_registration, 3),
+        "md_kib_per_registration": (None if md_per_registration is None
+                                    else round(md_per_registration, 3)),
         "kd_rss_start_kib": initial[0], "md_rss_start_kib": initial[1],
         "kd_rss_after_warmup_kib": base[0], "md_rss_after_warmup_kib": base[1],
         "steps": steps,
@@ -203,7 +252,13 @@ def run(args):
         figures["skipped_counts"] = skipped
     figures["targets_met"] = all(s["kd_kib_per_assoc"] <= KD_TARGET_KIB
                                  and s["md_kib_per_endpoint"] <= MD_TARGET_KIB for s in steps)
-    rows = [["(after {} warm-up)".format(args.warmup), "", "{:,}".format(base[0]), "",
+    rows = [["(no registration{})".format(
+                 ", empty database" if args.register == "sqlite" else ""), "",
+             "{:,}".format(unregistered[0]), "", "{:,}".format(unregistered[1]), ""],
+            ["({:,} registrations)".format(registrations), "", "{:,}".format(initial[0]),
+             "{:.2f}/reg.".format(kd_per_registration), "{:,}".format(initial[1]),
+             "-" if md_per_registration is None else "{:.2f}/reg.".format(md_per_registration)],
+            ["(after {} warm-up)".format(args.warmup), "", "{:,}".format(base[0]), "",
              "{:,}".format(base[1]), ""]]
     for s in steps:
         label = "{:,}".format(s["count"])

@@ -252,9 +252,15 @@ class MessageRuleTests(TunnelTestCase):
 class AuthorisationTests(TunnelTestCase):
     def test_not_up_before_handshake(self):
         tunnel = self.tunnel(FakeTlsTransport)
-        self.assertEqual(split_messages(tunnel.transport.value()), [wire.SupportedProfiles(0, PROFILES)])
+        # SupportedProfiles goes once TLS is up, ahead of all else (see
+        # LoopbackTlsTests.test_supported_profiles_first_when_up_writes_at_once).
+        self.assertEqual(tunnel.transport.value(), b"")
         self.assertFalse(tunnel.up)
         self.assertEqual(self.owner.events, [])
+        tunnel.handshakeCompleted()
+        self.assertEqual(split_messages(tunnel.transport.value()),
+                         [wire.SupportedProfiles(0, PROFILES)])
+        self.assertTrue(tunnel.up)
 
     def test_authorised(self):
         tunnel = self.tunnel(FakeTlsTransport,
@@ -715,6 +721,41 @@ class LoopbackTlsTests(TestCase):
         self.assertEqual(connection.received, HELLO)
         self.assertEqual(manager.state, "down")
         self.assertEqual(owner.names(), ["tunnelUp", "tunnelDown"])
+
+    @defer.inlineCallbacks
+    def test_supported_profiles_first_when_up_writes_at_once(self):
+        """
+        What the owner sends from ``tunnelUp`` (the messages that waited for
+        a tunnel) follows SupportedProfiles on the wire.  TLS calls
+        handshakeCompleted before it flushes what was written before the
+        handshake: a SupportedProfiles written then was overtaken by such a
+        burst, and the Key Distributor closed the tunnel (RFC 9185:
+        SupportedProfiles first).
+        """
+        # As many as the waiting room hands over once a tunnel is back.
+        steered = [wire.TunneledDtls(uuid.uuid4(), b"\x16\xfe\xfd" + bytes(250))
+                   for _ in range(1000)]
+        expected = HELLO + b"".join(message.encode() for message in steered)
+        server = RecordingServerFactory(expected=len(expected))
+
+        class Owner(RecordingOwner):
+            def tunnelUp(self, tunnel):
+                super().tunnelUp(tunnel)
+                for message in steered:
+                    tunnel.sendMessage(message)
+
+        endpoint = tls_client_endpoint(reactor, self.serve(server), self.md_credentials, "--kd")
+        tunnel = yield endpoint.connect(MediaDistributorTunnelFactory(Owner(), PROFILES,
+                                                                      clock=reactor))
+        connection = yield server.whenReceived(0)
+
+        @defer.inlineCallbacks
+        def close():
+            tunnel.close()
+            yield connection.lost
+        self.addCleanup(close)
+        self.assertEqual(connection.received[:len(HELLO)], HELLO)
+        self.assertEqual(connection.received, expected)
 
     @defer.inlineCallbacks
     def test_unsupported_version_over_tls(self):

@@ -200,10 +200,8 @@ class MediaDistributorTunnel(TunnelConnection):
         if factory is not None and hasattr(factory, "tunnels"):
             factory.tunnels.add(self)
         self.connectionStarted()
-        # Logged once up: a connection refused in the TLS handshake is one
-        # line, its refusal.
-        self.sendMessage(wire.SupportedProfiles(self.version, self.profiles))
         if not self._isTls():
+            self.sendMessage(wire.SupportedProfiles(self.version, self.profiles))
             self._becomeUp()
 
     def _isTls(self) -> bool:
@@ -224,6 +222,11 @@ class MediaDistributorTunnel(TunnelConnection):
             self.abort("Key Distributor not authorised: " + reason, log=False)
             return
         if not self._up:
+            # Written now, not before the handshake: TLS calls this before it
+            # flushes what was written earlier, so what the owner sends once
+            # the tunnel is up (the messages that waited for it) could
+            # overtake SupportedProfiles, which must come first (RFC 9185).
+            self.sendMessage(wire.SupportedProfiles(self.version, self.profiles))
             self._becomeUp()
 
     def _becomeUp(self) -> None:

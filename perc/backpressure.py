@@ -13,6 +13,15 @@ the buffer grow without limit.
 
 Both tunnel protocols mix in :class:`BoundedWrites`.
 
+A side whose writes answer what it reads can do better than count: while
+paused it also stops reading (:meth:`BoundedWrites.holdsBackReading`).  The
+Key Distributor answers each TunneledDtls with records of its own, so a
+Media Distributor that reads slowly (a burst of a thousand handshakes on a
+busy host) sees its own writes pause in turn and sheds new handshakes
+(:mod:`perc.md.relay`), instead of the Key Distributor's buffer reaching the
+bound and the tunnel, with every association on it, being dropped.  What the
+Key Distributor writes unasked (retransmissions, rekeys) still counts.
+
 Closing: a TLS transport (``TLSMemoryBIOProtocol``) with a registered
 producer does not shut down on ``loseConnection()`` until the producer is
 unregistered, so call :meth:`BoundedWrites.stopBoundingWrites` before
@@ -55,6 +64,7 @@ class BoundedWrites:
 
     _producerRegistered = False
     _paused = False
+    _readingHeldBack = False
     _pausedOctets = 0
     _pausedTimer = None
 
@@ -99,6 +109,14 @@ class BoundedWrites:
         """Drop the connection, logging ``reason`` (one line).  Subclasses implement this."""
         raise NotImplementedError(self.__class__.__name__ + ".writeBoundExceeded")
 
+    def holdsBackReading(self) -> bool:
+        """
+        Whether to stop reading while paused (see the module's docstring);
+        False unless a subclass says otherwise.  Only once the transport's
+        TLS handshake is done: not reading would stall it.
+        """
+        return False
+
     # IPushProducer: called by the transport
 
     def pauseProducing(self) -> None:
@@ -107,6 +125,9 @@ class BoundedWrites:
         self._paused = True
         self._pausedOctets = 0
         self._pausedTimer = self.clock.callLater(self.maxPausedSeconds, self._pausedTooLong)
+        if self.holdsBackReading():
+            self._readingHeldBack = True
+            self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         if not self._paused:
@@ -123,6 +144,9 @@ class BoundedWrites:
         timer, self._pausedTimer = self._pausedTimer, None
         if timer is not None and timer.active():
             timer.cancel()
+        if self._readingHeldBack:
+            self._readingHeldBack = False
+            self.transport.resumeProducing()
 
     def _pausedTooLong(self) -> None:
         self._pausedTimer = None

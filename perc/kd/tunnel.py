@@ -38,7 +38,8 @@ class KeyDistributorTunnel(TunnelConnection):
     SupportedProfiles only with the same list.
 
     Backpressure (:class:`perc.backpressure.BoundedWrites`): while the
-    transport has paused this producer, at most ``maxPausedOctets`` may be
+    transport has paused this producer, the tunnel stops reading (what it
+    writes answers what it reads), at most ``maxPausedOctets`` may be
     written and the pause may last at most ``maxPausedSeconds``; past either
     the tunnel is aborted, and its associations are handled as for any lost
     tunnel (:meth:`perc.kd.associations.KeyDistributor.tunnelLost`).
@@ -121,6 +122,10 @@ class KeyDistributorTunnel(TunnelConnection):
             self.log.warn("Refusing tunnel from {peer}: TLS handshake failed: {reason}",
                           peer=self.peerDescription(),
                           reason=tls.handshake_failure_reason(self.transport, reason.value))
+
+    def holdsBackReading(self) -> bool:
+        # Up means SupportedProfiles arrived: TLS is done.
+        return self._up and not self._closing
 
     def sendMessage(self, message: wire.Message) -> bool:
         """

@@ -22,6 +22,7 @@ from perc.kd.associations import KeyDistributor, Limits
 from perc.kd.cluster import (
     AssociationOwnership,
     ClusterNode,
+    OrphanAdoption,
     default_node_id,
     decode_association_record,
     encode_association_record,
@@ -504,3 +505,38 @@ class NodeIdTests(TestCase):
         self.assertTrue(default_node_id("tcp:4740").endswith(":4740"))
         self.assertNotEqual(default_node_id("tcp:0"), default_node_id("tcp:0"))
         self.assertNotEqual(default_node_id(None), default_node_id(None))
+
+
+class _ClaimingNode:
+    """What OrphanAdoption asks of its node: claims that fail, then succeed (the database's part)."""
+
+    node_id = "kd-claims"
+    serving = True
+
+    def __init__(self, outcomes):
+        self.outcomes = list(outcomes)
+
+    def claimOrphans(self):
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            return defer.fail(outcome)
+        return defer.succeed(outcome)
+
+
+class OrphanClaimLoggingTests(TestCase):
+    def test_one_warning_per_outage_and_a_line_when_it_ends(self):
+        from twisted.logger import capturedLogs
+
+        outage = ConnectionError("server closed the connection unexpectedly")
+        node = _ClaimingNode([outage, outage, outage, [], outage, []])
+        adoption = OrphanAdoption(node, distributor=None, sequences=None, interval=1.0)
+        with capturedLogs() as events:
+            for _ in range(6):
+                self.assertEqual(self.successResultOf(adoption.run()), (0, 0))
+        said = [(e["log_level"].name, e["log_format"].split(":")[0]) for e in events]
+        self.assertEqual(said, [
+            ("warn", "Node {node} could not claim orphaned associations"),
+            ("info", "Node {node} claims orphaned associations again"),
+            ("warn", "Node {node} could not claim orphaned associations"),
+            ("info", "Node {node} claims orphaned associations again"),
+        ])

@@ -530,6 +530,7 @@ class OrphanAdoption:
         self._running: defer.Deferred | None = None
         #: Totals, for status and tests.
         self.adopted = 0
+        self._claimsFailing = False
         self.failed = 0
 
     def start(self) -> None:
@@ -555,13 +556,26 @@ class OrphanAdoption:
         d.addCallback(self._adopt)
 
         def failed(failure):
-            self.log.warn("Node {node} could not claim orphaned associations: {error}",
-                          node=self.node.node_id, error=failure.getErrorMessage())
+            # Once per outage, not every third of a lease while it lasts.
+            if not self._claimsFailing:
+                self._claimsFailing = True
+                self.log.warn("Node {node} could not claim orphaned associations: {error} "
+                              "(retrying every {interval} s)", node=self.node.node_id,
+                              error=failure.getErrorMessage(), interval=self.interval)
             return (0, 0)
 
         def done(result):
             self._running = None
             return result
+
+        def claimed(result):
+            if self._claimsFailing:
+                self._claimsFailing = False
+                self.log.info("Node {node} claims orphaned associations again",
+                              node=self.node.node_id)
+            return result
+
+        d.addCallback(claimed)
 
         return d.addErrback(failed).addBoth(done)
 
@@ -599,8 +613,9 @@ class OrphanAdoption:
                 adopted += 1
         self.adopted += adopted
         self.failed += failed
-        self.log.info("Node {node} adopted {adopted} associations of dead nodes "
-                      "({failed} could not be adopted; their rows deleted)",
+        self.log.info("Node {node} adopted {adopted} orphaned associations (of dead nodes, "
+                      "or its own from before it held its lease; {failed} could not be "
+                      "adopted, their rows deleted)",
                       node=self.node.node_id, adopted=adopted, failed=failed)
         return (adopted, failed)
 

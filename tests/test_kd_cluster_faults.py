@@ -563,7 +563,7 @@ class DatabaseRestartTests(ClusterFaultsMixin, TestCase):
 
         yield self.postgres.start()
         yield kd.daemon.said(reactor, SERVING_AGAIN)
-        yield kd.daemon.said(reactor, "Node kd-1 adopted 2 associations")
+        yield kd.daemon.said(reactor, "Node kd-1 adopted 2 orphaned associations")
         yield eventually(lambda: self.tunnelsUp() == {kd.tunnel_port},
                          what="the tunnel up again")
         ready, reason = yield self.ready(kd)

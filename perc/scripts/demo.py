@@ -366,7 +366,8 @@ def _kill_busiest(reactor, out, md, kds):
     if not carried.get(victim.tunnel_endpoint, 0):
         return survivors[0]
     adopted = [defer.ensureDeferred(kd.process.said(
-        reactor, "adopted", timeout=DEMO_LEASE_SECONDS * 3 + 20)) for kd in survivors]
+        reactor, "orphaned associations (of dead nodes", timeout=DEMO_LEASE_SECONDS * 3 + 20))
+        for kd in survivors]
     adopter = yield defer.DeferredList(adopted, fireOnOneCallback=True, consumeErrors=True)
     if not isinstance(adopter, tuple):
         raise ConfigError("no surviving Key Distributor adopted the associations of {}".format(

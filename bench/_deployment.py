@@ -103,11 +103,6 @@ async def wait_until(reactor, predicate, timeout: float, what: str, poll: float 
         await sleep(reactor, poll)
 
 
-def log_holds(daemon, text: str) -> bool:
-    with open(daemon.log_path, errors="replace") as f:
-        return text in f.read()
-
-
 class Deployment:
     """
     The daemons, the relay between them and the endpoints of one run, on
@@ -235,36 +230,23 @@ class Deployment:
             self.media_port = _common.bound_port(output, "media")
 
     async def _wait_log(self, daemon, text: str, timeout: float = 30.0) -> None:
-        def seen():
-            if daemon.process.poll() is not None:
-                raise BenchFailure("{} exited (status {}); its output ends:\n{}".format(
-                    daemon.log_path, daemon.process.poll(), daemon.output()[-3000:]))
-            return log_holds(daemon, text)
+        from perc.daemons import DaemonError
 
-        await wait_until(self.reactor, seen, timeout, "{!r} in {}".format(text, daemon.log_path))
-
-    async def _stop_daemon(self, daemon) -> None:
-        import signal
-
-        if daemon.process.poll() is None:
-            daemon.process.send_signal(signal.SIGTERM)
-            try:
-                await wait_until(self.reactor, lambda: daemon.process.poll() is not None, 15.0,
-                                 "exit")
-            except BenchFailure:
-                daemon.process.kill()
-        daemon.stop()
+        try:
+            await daemon.said(self.reactor, text, timeout)
+        except DaemonError as error:
+            raise BenchFailure(str(error)) from None
 
     async def restart_kd(self) -> None:
         """SIGTERM, then the same ports and roster database."""
         if self.kd is None:
             raise BenchFailure("restart_kd: not with a Key Distributor cluster")
-        await self._stop_daemon(self.kd)
+        await self.kd.stopped(self.reactor)
         await self.start_kd()
 
     async def restart_md(self) -> None:
         """SIGTERM, then the same ports; the memberships are put again (they live in memory)."""
-        await self._stop_daemon(self.md)
+        await self.md.stopped(self.reactor)
         await self.start_md()
         for endpoint in self.endpoints:
             await self._put("md", endpoint.conference, endpoint.tls_id, {})
@@ -351,7 +333,7 @@ class Deployment:
         if self.relay is not None:
             await defer.maybeDeferred(self.relay.stop)
         for daemon in self.daemons:
-            await self._stop_daemon(daemon)
+            await daemon.stopped(self.reactor)
         if self._shutdown is not None:
             self.reactor.removeSystemEventTrigger(self._shutdown)
             self._shutdown = None

@@ -16,11 +16,17 @@ HOW_TO_RUN = ("set PERC_TEST_POSTGRES=postgresql://postgres@127.0.0.1:5432/postg
               "PostgreSQL tests")
 
 
-def postgres_database(testcase) -> str:
-    """A ``postgresql://`` URL of a new, empty database, dropped at ``testcase``'s cleanup."""
+def postgres_server() -> str:
+    """The server URL PERC_TEST_POSTGRES names; SkipTest, saying how to run, when unset."""
     server = os.environ.get("PERC_TEST_POSTGRES")
     if not server:
         raise SkipTest("PERC_TEST_POSTGRES is not set: " + HOW_TO_RUN)
+    return server
+
+
+def postgres_database(testcase) -> str:
+    """A ``postgresql://`` URL of a new, empty database, dropped at ``testcase``'s cleanup."""
+    server = postgres_server()
     try:
         import psycopg  # noqa: F401
     except ImportError:

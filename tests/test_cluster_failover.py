@@ -13,24 +13,16 @@ whose summary is checked too.
 from __future__ import annotations
 
 import io
-import os
 import re
 
 from twisted.internet import defer, reactor
 from twisted.python import usage
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from perc.errors import ConfigError
 from perc.kd.store.postgresql import create_scratch_database, drop_database
 from perc.scripts.demo import DemoOptions, run_demo
-from tests.storehelpers import HOW_TO_RUN
-
-
-def postgres_server() -> str:
-    server = os.environ.get("PERC_TEST_POSTGRES")
-    if not server:
-        raise SkipTest("PERC_TEST_POSTGRES is not set: " + HOW_TO_RUN)
-    return server
+from tests.storehelpers import postgres_server
 
 
 class KilledKeyDistributorTests(TestCase):

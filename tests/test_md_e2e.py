@@ -83,7 +83,8 @@ class DistributorsMixin:
         endpoint = UdpEndpoint(association, self.media_address)
         port = reactor.listenUDP(0, endpoint, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        yield endpoint.handshake.addTimeout(WAIT, reactor)
+        # Its HandshakeComplete, for the tests that read it.
+        endpoint.completed = yield endpoint.handshake.addTimeout(WAIT, reactor)
         return endpoint
 
     def receive(self, endpoint):

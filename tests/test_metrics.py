@@ -31,10 +31,9 @@ from perc.profiles import by_id
 from perc.tls import TlsCredentials
 
 from tests import test_kd
-from tests.endpointhelpers import UdpEndpoint, rtp_packet
+from tests.endpointhelpers import rtp_packet
 from tests.kdhelpers import MediaDistributorStandIn
 from tests.test_kd_service import CONFERENCE, TLS_ID, KeyDistributorServiceMixin
-from tests.test_md_e2e import CONFERENCE as ROOM
 from tests.test_md_e2e import DistributorsMixin, eventually
 
 WAIT = 20
@@ -293,23 +292,6 @@ class MediaDistributorMetricsTests(HttpMixin, DistributorsMixin, TestCase):
         return ("--api", "tcp:0:interface=127.0.0.1",
                 "--api-token-file", os.path.join(self.dir, "md-token"),
                 "--metrics", "tcp:0:interface=127.0.0.1")
-
-    @defer.inlineCallbacks
-    def join(self, name, conference=ROOM):
-        """DistributorsMixin.join, keeping the endpoint's HandshakeComplete as ``completed``."""
-        credentials = dtls.Credentials.self_signed(name)
-        tls_id = "{}-TlsId-0123456789abcdef".format(name)
-        registration, _ = yield self.kd.roster.put(conference, tls_id, credentials.fingerprint)
-        self.md.memberships.put(conference, tls_id)
-        association = dtls.ClientAssociation(
-            credentials, [by_id(0x0009)], tls_id=tls_id.encode(),
-            expected_peer_tls_id=registration.kd_tls_id.encode(),
-            expected_peer_fingerprint=self.kd_fingerprint)
-        endpoint = UdpEndpoint(association, self.media_address)
-        port = reactor.listenUDP(0, endpoint, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        endpoint.completed = yield endpoint.handshake.addTimeout(WAIT, reactor)
-        return endpoint
 
     @defer.inlineCallbacks
     def setUp(self):

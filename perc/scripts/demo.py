@@ -373,6 +373,8 @@ def _kill_busiest(reactor, out, md, kds):
         raise ConfigError("no surviving Key Distributor adopted the associations of {}".format(
             victim.name))
     survivor = survivors[adopter[1]]
+    for waiting in adopted:
+        waiting.cancel()  # the other survivors' log need not be read any more
     _say(out, "  {} adopted them {:.1f} s after the kill (its lease is {} s)".format(
         survivor.name, reactor.seconds() - killed_at, DEMO_LEASE_SECONDS))
     return survivor

@@ -41,8 +41,9 @@ after its final flight; an endpoint without it after 0.5 s asks again, as
 ``perc endpoint`` does).
 ``assoc_per_s`` = associations / the rounds' time from first ClientHello
 to last join; latency percentiles are over every join of every round.  Key
-Distributor CPU = utime + stime from ``/proc/PID/stat`` of the ``perc-kd``
-process, delta from just before each round's "go" until it is idle after
+Distributor CPU = the ``perc-kd`` process's time on a CPU (user + system,
+summed over its threads from ``/proc/PID/task/*/schedstat``, to the
+nanosecond), delta from just before each round's "go" until it is idle after
 its last join, summed and divided by the number of associations.
 
 Baseline, same run: ``--baseline-count`` handshakes of the same profile,
@@ -598,10 +599,12 @@ def start_run(directory, args, extra_md=(), extra_kd=(), before_registration=Non
         raise
 
 
-def wait_idle(pid, quiet=0.15, limit=10.0, tolerance=0.0):
+def wait_idle(pid, quiet=0.15, limit=10.0, tolerance=0.001):
     """
     Wait until process ``pid`` used at most ``tolerance`` CPU seconds in
     ``quiet`` seconds (at most ``limit`` seconds); returns its CPU seconds.
+    The default tolerance (under 1% of a CPU) lets an idle daemon's timers
+    run: CPU time is read to the nanosecond.
     """
     deadline = time.monotonic() + limit
     last = _common.cpu_seconds(pid)

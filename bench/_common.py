@@ -158,7 +158,7 @@ def register_endpoint(distributors: Distributors, conference: str, tls_id: str,
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, proc: str = "/proc") -> float:
     """
     CPU seconds (user + system) of process ``pid`` so far, to the
     nanosecond: the sum of its threads' time on a CPU from
@@ -169,21 +169,21 @@ def cpu_seconds(pid: int) -> float:
     """
     total = 0
     try:
-        tasks = os.listdir("/proc/{}/task".format(pid))
+        tasks = os.listdir("{}/{}/task".format(proc, pid))
         for task in tasks:
             try:
-                with open("/proc/{}/task/{}/schedstat".format(pid, task)) as f:
+                with open("{}/{}/task/{}/schedstat".format(proc, pid, task)) as f:
                     total += int(f.read().split()[0])
             except FileNotFoundError:
                 pass  # the thread ended meanwhile
     except (FileNotFoundError, NotADirectoryError, ValueError, IndexError):
-        return sum(cpu_times(pid))
+        return sum(cpu_times(pid, proc))
     return total / 1e9
 
 
-def cpu_times(pid: int) -> tuple[float, float]:
+def cpu_times(pid: int, proc: str = "/proc") -> tuple[float, float]:
     """(user, system) CPU seconds of process ``pid`` so far (``/proc/PID/stat``)."""
-    with open("/proc/{}/stat".format(pid)) as f:
+    with open("{}/{}/stat".format(proc, pid)) as f:
         stat = f.read()
     # The command name (field 2) may hold spaces: split after its ')'.
     fields = stat[stat.rindex(")") + 2:].split()

@@ -66,6 +66,7 @@ engine.  ``bare_openssl_cpu_per_assoc`` is the median of those runs and
     python bench/handshake.py [--endpoints 200] [--rounds 3] [--concurrency 200]
     perc bench handshake --endpoints 500 --concurrency 100 --register sqlite
     perc bench handshake --kd-profile kd.prof     # perc-kd under cProfile
+    perc bench handshake --md-profile md.prof     # perc-md under cProfile
 
 Targets: ratio_vs_bare_openssl <= 2.0 and join_p99_s < 0.25 at 200
 concurrent joins.  The last
@@ -129,6 +130,8 @@ def add_common_options(parser, default_endpoints):
                         help="run perc-kd under cProfile (twistd --profiler cprofile) and "
                              "save the statistics to FILE; the figures are then not "
                              "representative")
+    parser.add_argument("--md-profile", metavar="FILE",
+                        help="the same for perc-md")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (PKI, daemon logs)")
     parser.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
@@ -564,6 +567,13 @@ def distributor_args(args, extra_md=(), extra_kd=()):
     return md + list(extra_md), kd + list(extra_kd)
 
 
+def _profiler_options(path):
+    """twistd's own options that run a daemon under cProfile, saving to ``path`` (or none)."""
+    if not path:
+        return []
+    return ["--profile", os.path.abspath(path), "--profiler", "cprofile", "--savestats"]
+
+
 def start_run(directory, args, extra_md=(), extra_kd=(), before_registration=None):
     """
     Worker (credentials; SQLite registrations if asked), then the daemons,
@@ -578,12 +588,10 @@ def start_run(directory, args, extra_md=(), extra_kd=(), before_registration=Non
     try:
         worker.expect("credentials", 120)
         md_args, kd_args = distributor_args(args, extra_md, extra_kd)
-        kd_twistd = []
-        if getattr(args, "kd_profile", None):
-            kd_twistd = ["--profile", os.path.abspath(args.kd_profile), "--profiler", "cprofile",
-                         "--savestats"]
-        distributors = _common.start_distributors(directory, md_args=md_args, kd_args=kd_args,
-                                                  kd_twistd_options=kd_twistd)
+        distributors = _common.start_distributors(
+            directory, md_args=md_args, kd_args=kd_args,
+            kd_twistd_options=_profiler_options(getattr(args, "kd_profile", None)),
+            md_twistd_options=_profiler_options(getattr(args, "md_profile", None)))
         if before_registration is not None:
             before_registration(distributors)
         worker.send({"media": list(distributors.media_address),

@@ -69,6 +69,11 @@ class SqliteDatabase:
         return [name for (name,) in self.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")]
 
+    def allowWrites(self, table: str) -> None:
+        """Undo :meth:`refuseWrites`."""
+        for event in ("INSERT", "UPDATE"):
+            self.execute("DROP TRIGGER refuse_{}_{}".format(table, event))
+
 
 class PostgresDatabase:
     """The PostgreSQL side of a test mixin."""
@@ -92,3 +97,7 @@ class PostgresDatabase:
     def tables(self) -> list:
         return [name for (name,) in self.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+
+    def allowWrites(self, table: str) -> None:
+        """Undo :meth:`refuseWrites`."""
+        self.execute("DROP TRIGGER refuse_{0} ON {0}".format(table))

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import uuid
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
@@ -260,6 +260,76 @@ class StoreTestsMixin:
             for form in encodings(secret):
                 self.assertNotIn(form, text)
 
+
+    @defer.inlineCallbacks
+    def test_joins_while_the_first_key_is_stored_get_it_once(self):
+        """
+        Three endpoints complete their handshakes before the conference's
+        first EKTKey is written: one store, and each gets the key once
+        (a store per joiner sent the key to every member once per joiner).
+        """
+        kd, _ = yield self.startKeyDistributor()
+        endpoints = [(test_kd.TLS_ID, test_kd._ENDPOINT)]
+        for number in range(2):
+            credentials = dtls.Credentials.self_signed("burst-{}".format(number))
+            tls_id = "EndpointTlsId-Burst-{:04d}".format(number)
+            yield kd.roster.put(test_kd.CONFERENCE, tls_id, credentials.fingerprint)
+            endpoints.append((tls_id, credentials))
+        md = MediaDistributorStandIn(kd)
+        joined = []
+        for tls_id, credentials in endpoints:
+            client = dtls.ClientAssociation(
+                credentials, DEFAULT_PROFILES, tls_id=tls_id.encode(),
+                expected_peer_tls_id=kd.roster.lookup(tls_id).kd_tls_id.encode(),
+                ekt_ciphers=(1,))
+            association_id = uuid.uuid4()
+            events = relay_handshake(md, client, association_id, self.clock)
+            self.assertEqual([e for e in events if isinstance(e, dtls.EktKeyReceived)], [])
+            self.assertTrue([e for e in events if isinstance(e, dtls.HandshakeComplete)])
+            joined.append(association_id)
+        md.received()
+        handshakes = len(md.log)
+
+        def ekt_key_messages():
+            md.received()
+            return [m.association_id for m in md.log[handshakes:]
+                    if isinstance(m, wire.TunneledDtls)]
+
+        yield eventually(lambda: len(set(ekt_key_messages())) == len(joined))
+        yield task.deferLater(reactor, 0.1, lambda: None)  # any later send has happened
+        self.assertEqual(sorted(ekt_key_messages()), sorted(joined))
+
+    @defer.inlineCallbacks
+    def test_key_request_after_a_failed_store_stores_again(self):
+        """
+        The conference's first EKTKey could not be written: the member's
+        next EKTKey request writes it, and the member gets it.
+        """
+        kd, registration = yield self.startKeyDistributor()
+        self.refuseWrites("conference_keys")
+        md = MediaDistributorStandIn(kd)
+        client = dtls.ClientAssociation(
+            test_kd._ENDPOINT, DEFAULT_PROFILES, tls_id=test_kd.TLS_ID.encode(),
+            expected_peer_tls_id=registration.kd_tls_id.encode(), ekt_ciphers=(1,))
+        association_id = uuid.uuid4()
+        relay_handshake(md, client, association_id, self.clock)
+        yield eventually(lambda: kd.counters.get("ekt-key-store-failed") == 1)
+        self.flushLoggedErrors(*kd.conference_keys.store.errors)
+        self.allowWrites("conference_keys")
+        for datagram in client.send_application_data(b"\x01").datagrams:
+            md.send(wire.TunneledDtls(association_id, datagram))
+        received = []
+
+        def delivered():
+            for message in md.received():
+                if isinstance(message, wire.TunneledDtls):
+                    received.extend(
+                        e.key for e in client.receive(message.dtls_message, 0.0).events
+                        if isinstance(e, dtls.EktKeyReceived))
+            return received
+
+        yield eventually(delivered)
+        self.assertEqual(received, [kd.conference_keys.key_for(test_kd.CONFERENCE, 0.0)])
 
     @defer.inlineCallbacks
     def test_rekey_whose_write_fails_sends_nothing(self):

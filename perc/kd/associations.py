@@ -190,6 +190,8 @@ class KeyDistributor:
         #: conference -> [live EKT members, the timer of its next rollover].
         #: Only conferences with members have an entry (and a timer).
         self._ektConferences: dict[str, list] = {}
+        #: Conferences whose key is being stored (see _issueKey).
+        self._issuing: set[str] = set()
         #: tls-id -> its established associations (what _supersede looks
         #: at), so that a join does not walk the whole table.
         self._establishedByTlsId: dict[str, list] = {}
@@ -726,9 +728,13 @@ class KeyDistributor:
         if not self._takeEktToken(association):
             self._count("ekt-key-request-rate-limited")
             return ()
-        key = self._currentKey(association.registration.conference)
+        conference = association.registration.conference
+        key = self._currentKey(conference)
         if key is None:
-            return ()  # being stored; sent to every member once it is
+            # Being stored (sent to every member once it is), or the store
+            # failed: the request tries again.
+            self._issueKey(conference)
+            return ()
         self._count("ekt-key-resent")
         return self._sendEktKey(association, key, log=False).datagrams
 
@@ -808,15 +814,29 @@ class KeyDistributor:
         return sent
 
     def _issueKey(self, conference: str) -> None:
-        """Store the conference's key if it has none usable, then send it to its members."""
+        """
+        Store the conference's key if it has none usable, then send it to
+        its members.  One store at a time per conference: the members that
+        join while it is written get the key from its one send to all
+        (one store per joiner sent each key to every member once per
+        joiner, quadratic in a burst of joins).
+        """
+        if conference in self._issuing:
+            return
+
+        def stored(key):
+            self._issuing.discard(conference)
+            self._sendToMembers(conference, key, log=False)
 
         def failed(failure):
+            self._issuing.discard(conference)
             self._count("ekt-key-store-failed")
             self.log.failure("EKTKey of conference {conference} could not be stored; its "
                              "members ask again", failure, conference=conference)
 
+        self._issuing.add(conference)
         d = self.conference_keys.ensure(conference, self.clock.seconds())
-        d.addCallback(lambda key: self._sendToMembers(conference, key, log=False))
+        d.addCallback(stored)
         d.addErrback(failed)
 
     def _currentKey(self, conference: str):

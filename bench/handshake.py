@@ -173,7 +173,7 @@ def check_common_options(parser, args):
     from perc import profiles
 
     # How many endpoints fit is the machine's open-file limits' business
-    # (worker_plan, when the run starts).
+    # (plan_workers, when the run starts).
     if args.endpoints < 1:
         parser.error("--endpoints must be at least 1")
     if args.concurrency is None:

@@ -9,7 +9,11 @@ perc-md`` (subprocesses, via ``bench/_common.py``), and a *worker process*
 (``perc.dtls.ClientAssociation``: extension 56 tls-id, EKT offered, the Key
 Distributor's tls-id and fingerprint checked) over one UDP socket each,
 towards the Media Distributor's media port.  Each endpoint has its own
-self-signed P-256 certificate.
+self-signed P-256 certificate.  A worker raises its soft open-file limit to
+the hard one; when the endpoints do not fit under the hard limit (less
+64 descriptors), they are split evenly over several worker processes (at
+most 8, :class:`WorkerPool`), and a run that would need more fails at once
+with one line saying so.
 
 Registration (``--register``), done by the worker before the clock starts:
 
@@ -78,10 +82,12 @@ reported (``targets_met``), not enforced.
 from __future__ import annotations
 
 import argparse
+import errno
 import heapq
 import http.client
 import json
 import os
+import resource
 import select
 import shutil
 import socket
@@ -104,6 +110,12 @@ EKT_KEY_RETRY = 0.5
 EKT_KEY_REQUEST = b"\x01"
 #: Endpoint sockets' receive buffer (so that bursts are never lost there).
 ENDPOINT_RCVBUF = 1 << 20
+#: Descriptors a worker process holds besides its endpoints' sockets (standard
+#: streams, the epoll, the interpreter's and OpenSSL's own, the SQLite file).
+WORKER_FD_RESERVE = 64
+#: Worker processes at most: more means a hard open-file limit far below what
+#: the endpoints asked for, better raised than worked around.
+MAX_WORKERS = 8
 
 
 class BenchFailure(Exception):
@@ -156,8 +168,6 @@ def parse_args(argv):
     check_common_options(parser, args)
     if not 1 <= args.rounds <= 50:
         parser.error("--rounds must be 1 to 50")
-    if args.endpoints * args.rounds > 15000:
-        parser.error("--endpoints x --rounds must be at most 15000")
     if args.baseline_count < 10:
         parser.error("--baseline-count must be at least 10")
     return args
@@ -166,8 +176,10 @@ def parse_args(argv):
 def check_common_options(parser, args):
     from perc import profiles
 
-    if not 1 <= args.endpoints <= 15000:
-        parser.error("--endpoints must be 1 to 15000")
+    # How many endpoints fit is the machine's open-file limits' business
+    # (plan_workers, when the run starts).
+    if args.endpoints < 1:
+        parser.error("--endpoints must be at least 1")
     if args.concurrency is None:
         args.concurrency = args.endpoints
     if args.concurrency < 1:
@@ -300,8 +312,19 @@ class Worker:
         from perc.ekt import EktCipher
 
         hosts = self.config.get("hosts")
+        raise_open_file_limit()
         for n, e in enumerate(self.endpoints):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            except OSError as error:
+                if error.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                raise BenchFailure(
+                    "endpoint {:,} of this worker's {:,} could not open its UDP socket: {} "
+                    "(open-file limit {} soft, {} hard)".format(
+                        n + 1, len(self.endpoints), os.strerror(error.errno),
+                        _limit_text(soft), _limit_text(hard))) from None
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ENDPOINT_RCVBUF)
             sock.bind((hosts[n] if hosts else "127.0.0.1", 0))
             sock.setblocking(False)
@@ -493,11 +516,14 @@ def run_worker(config_path):
         # end of input) closes every association and ends the worker.
         while True:
             line = sys.stdin.readline()
-            go = json.loads(line).get("go") if line.strip() else None
+            order = json.loads(line) if line.strip() else {}
+            go = order.get("go")
             if not go:
                 break
             first, end = go
-            _say(worker.join(tuple(info["media"]), config["concurrency"], config["timeout"],
+            # A WorkerPool gives each of its workers a share of the handshakes in flight.
+            concurrency = order.get("concurrency") or config["concurrency"]
+            _say(worker.join(tuple(info["media"]), concurrency, config["timeout"],
                              worker.endpoints[first:end]))
         worker.close()
     except BenchFailure as error:
@@ -509,10 +535,12 @@ def run_worker(config_path):
 class WorkerProcess:
     """The benchmark's side of the worker."""
 
-    def __init__(self, directory, args, db_path):
-        config_path = os.path.join(directory, "worker.json")
+    def __init__(self, directory, args, db_path, share=None, number=0):
+        """``share``: (first, end) of the run's endpoints for this worker (default: all)."""
+        first, end = share or (0, total_endpoints(args))
+        config_path = os.path.join(directory, "worker-{}.json".format(number))
         with open(config_path, "w") as f:
-            json.dump({"endpoints": args.endpoints * getattr(args, "rounds", 1),
+            json.dump({"endpoints": end - first, "first_index": first,
                        "concurrency": args.concurrency,
                        "register": args.register, "profile_id": args.profile_id,
                        "timeout": args.timeout, "db": db_path}, f)
@@ -555,15 +583,184 @@ class WorkerProcess:
 
 
 # --------------------------------------------------------------------------
+# Several worker processes: one UDP socket per endpoint, and each process
+# has at most its hard open-file limit of them
+
+
+def total_endpoints(args):
+    """Endpoints of the whole run: every round's (bench/memory.py has one round)."""
+    return args.endpoints * getattr(args, "rounds", 1)
+
+
+def _limit_text(limit):
+    return "unlimited" if limit == resource.RLIM_INFINITY else "{:,}".format(limit)
+
+
+def _kernel_open_file_ceiling():
+    """fs.nr_open: what an unlimited hard RLIMIT_NOFILE lets a process raise its soft one to."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def raise_open_file_limit():
+    """Soft RLIMIT_NOFILE up to the hard one: a worker holds one socket per endpoint."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = _kernel_open_file_ceiling()
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # the sockets beyond the soft limit then fail, and say why
+
+
+def machine_open_file_limits():
+    """
+    (hard RLIMIT_NOFILE every worker inherits, descriptors the system can
+    still open (fs.file-max less those open; None if unknown)).
+    """
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        hard = _kernel_open_file_ceiling()
+    try:
+        with open("/proc/sys/fs/file-nr") as f:
+            allocated, _, maximum = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return hard, None
+    return hard, maximum - allocated
+
+
+def plan_workers(total, hard_limit, system_free=None, max_workers=MAX_WORKERS):
+    """
+    Endpoints 0 .. ``total`` - 1 as the (first, end) share of each worker
+    process: as few workers as the hard open-file limit allows (each holds
+    at most ``hard_limit`` - :data:`WORKER_FD_RESERVE` sockets), shares
+    within one endpoint of each other.  Raises :class:`BenchFailure` (one
+    line) when the machine's limits cannot hold them.
+    """
+    per_worker = hard_limit - WORKER_FD_RESERVE
+    if per_worker < 1:
+        raise BenchFailure(
+            "the hard open-file limit ({:,}) leaves no descriptor for endpoint sockets "
+            "(each worker keeps {} for itself): raise it (ulimit -Hn)".format(
+                hard_limit, WORKER_FD_RESERVE))
+    workers = -(-total // per_worker)
+    if workers > max_workers:
+        raise BenchFailure(
+            "{:,} endpoints (one UDP socket each) need {} worker processes of at most {:,} "
+            "under the hard open-file limit of {:,}, more than the {} allowed: raise the "
+            "limit (ulimit -Hn) or ask for fewer".format(
+                total, workers, per_worker, hard_limit, max_workers))
+    if system_free is not None and total + workers * WORKER_FD_RESERVE > system_free:
+        raise BenchFailure(
+            "{:,} endpoints (one UDP socket each) need {:,} descriptors and the system can "
+            "open only {:,} more (fs.file-max)".format(
+                total, total + workers * WORKER_FD_RESERVE, system_free))
+    bounds = [total * w // workers for w in range(workers + 1)]
+    return [(bounds[w], bounds[w + 1]) for w in range(workers)]
+
+
+def split_go(shares, first, end, concurrency):
+    """
+    Endpoints [``first``, ``end``) of the run, as each worker's part: {worker
+    number: (first, end) in its own numbering, its share of ``concurrency``
+    (in proportion to its part, at least 1)}.
+    """
+    parts = {}
+    for number, (low, high) in enumerate(shares):
+        start, stop = max(first, low), min(end, high)
+        if start < stop:
+            parts[number] = ((start - low, stop - low),
+                             max(1, concurrency * (stop - start) // (end - first)))
+    return parts
+
+
+def merge_joined(results):
+    """One "joined" document from the workers' (endpoint indexes are the run's)."""
+    merged = {"state": "joined", "endpoints": 0, "joined": 0, "failed": [], "failed_count": 0,
+              "missing": [], "missing_count": 0, "times": [], "retransmissions": 0,
+              "ekt_requests": 0}
+    for result in results:
+        for key in ("endpoints", "joined", "failed_count", "missing_count", "retransmissions",
+                    "ekt_requests"):
+            merged[key] += result[key]
+        for key in ("failed", "missing", "times"):
+            merged[key].extend(result[key])
+    merged["failed"] = merged["failed"][:20]
+    merged["missing"] = merged["missing"][:20]
+    return merged
+
+
+class WorkerPool:
+    """
+    The run's endpoints over as many :class:`WorkerProcess` as the hard
+    open-file limit needs (:func:`plan_workers`), spoken to as one worker:
+    ``send`` hands a ``{"go": [first, end]}`` to the workers holding those
+    endpoints (each with its share of the handshakes in flight) and
+    anything else to all; ``expect`` gathers the answers into one.  The
+    workers are started one after another, each once the previous has its
+    credentials: with ``--register sqlite`` each writes the Key
+    Distributor's database.
+    """
+
+    def __init__(self, directory, args, db_path):
+        self.shares = plan_workers(total_endpoints(args), *machine_open_file_limits())
+        self.concurrency = args.concurrency
+        self.workers = []
+        self.waiting = []
+        try:
+            for number, share in enumerate(self.shares):
+                worker = WorkerProcess(directory, args, db_path, share, number)
+                self.workers.append(worker)
+                worker.expect("credentials", 300)
+        except BaseException:
+            self.stop()
+            raise
+
+    def send(self, document):
+        go = document.get("go")
+        if go is None:
+            self.waiting = list(self.workers)
+            for worker in self.workers:
+                worker.send(document)
+            return
+        self.waiting = []
+        for number, (part, concurrency) in split_go(self.shares, go[0], go[1],
+                                                    self.concurrency).items():
+            self.workers[number].send({"go": list(part), "concurrency": concurrency})
+            self.waiting.append(self.workers[number])
+
+    def expect(self, state, timeout):
+        answers = [worker.expect(state, timeout) for worker in self.waiting]
+        self.waiting = []
+        if state == "joined":
+            return merge_joined(answers)
+        if state == "registered":
+            # They register side by side: the slowest is the run's time.
+            return {"state": state, "seconds": max(a["seconds"] for a in answers)}
+        return answers[0] if len(answers) == 1 else {"state": state, "workers": answers}
+
+    def stop(self):
+        for worker in self.workers:
+            worker.stop()
+
+
+# --------------------------------------------------------------------------
 # A live run: worker, daemons, joins (shared with bench/memory.py)
 
 
 def distributor_args(args, extra_md=(), extra_kd=()):
-    md = ["--new-associations-per-second", "1000000", "--max-associations", "50000",
+    # Every endpoint comes from 127.0.0.1 through one tunnel: the daemons'
+    # limits must hold the whole run, whatever its size.
+    most = str(max(50000, 2 * total_endpoints(args)))
+    md = ["--new-associations-per-second", "1000000", "--max-associations", most,
           "--handshake-timeout", "120"]
     if args.register != "both":
         md += ["--default-conference", CONFERENCE]
-    kd = ["--max-associations", "50000", "--max-associations-per-tunnel", "50000"]
+    kd = ["--max-associations", most, "--max-associations-per-tunnel", most]
     return md + list(extra_md), kd + list(extra_kd)
 
 
@@ -576,17 +773,16 @@ def _profiler_options(path):
 
 def start_run(directory, args, extra_md=(), extra_kd=(), before_registration=None):
     """
-    Worker (credentials; SQLite registrations if asked), then the daemons,
-    then registration through the APIs if asked.  Returns (worker,
-    distributors, registration seconds).  ``before_registration`` is called
+    Workers (a :class:`WorkerPool`: credentials; SQLite registrations if
+    asked), then the daemons, then registration through the APIs if asked.
+    Returns (worker pool, distributors, registration seconds).  ``before_registration`` is called
     with the distributors once they are up, before the worker registers
     through the APIs (bench/memory.py reads their memory there).
     """
     db_path = os.path.join(directory, "perc-kd.sqlite3")
-    worker = WorkerProcess(directory, args, db_path)
+    worker = WorkerPool(directory, args, db_path)
     distributors = None
     try:
-        worker.expect("credentials", 120)
         md_args, kd_args = distributor_args(args, extra_md, extra_kd)
         distributors = _common.start_distributors(
             directory, md_args=md_args, kd_args=kd_args,
@@ -796,6 +992,7 @@ def run(args):
     worker = distributors = None
     try:
         worker, distributors, registration_s = start_run(directory, args)
+        workers = len(worker.shares)
         kd_pid, md_pid = distributors.kd.pid, distributors.md.pid
         media_port = distributors.media_address[1]
         for number in range(args.rounds):
@@ -854,6 +1051,7 @@ def run(args):
         "associations": n,
         "concurrency": args.concurrency,
         "register": args.register,
+        "worker_processes": workers,
         "registration_s": round(registration_s, 3),
         "assoc_per_s": round(n / elapsed, 1),
         "join_p50_s": round(_common.percentile(joins, 0.50), 4),

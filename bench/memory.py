@@ -3,10 +3,12 @@ Memory benchmark: resident memory each established association costs the
 Key Distributor (``twistd perc-kd``) and each keyed endpoint costs the Media
 Distributor (``twistd perc-md``), at 1,000 and 5,000 associations.
 
-Set-up as ``bench/handshake.py`` (whose worker process it uses): a temporary
-development PKI, the two daemons as real processes, and a worker process
-running client-role DTLS engines over UDP, one socket and one self-signed
-certificate per endpoint.  Endpoints are registered by writing the Key
+Set-up as ``bench/handshake.py`` (whose worker processes it uses): a
+temporary development PKI, the two daemons as real processes, and worker
+processes running client-role DTLS engines over UDP, one socket and one
+self-signed certificate per endpoint (as many workers as the hard open-file
+limit needs: two for 20,000 under a hard limit of 20,000; a count the
+machine's limits cannot hold fails at once, with one line).  Endpoints are registered by writing the Key
 Distributor's SQLite file before it starts (``--register sqlite``, the
 default here: thousands of API calls would dominate the run; ``api`` and
 ``both`` work too), and the Media Distributor places them with
@@ -45,6 +47,7 @@ JSON (a later count is then skipped: ``"skipped_counts"``).  On an idle
     python bench/memory.py [--counts 1000,5000] [--warmup 100] [--budget 40]
     perc bench memory --counts 1000            # quicker
     perc bench memory --large --budget 300     # also 10,000
+    perc bench memory --counts 1000,5000,20000 --budget 300
 
 Targets: <= 64 KiB per Key Distributor association, <= 32 KiB per Media
 Distributor endpoint.  The last line printed is one JSON object with the
@@ -158,10 +161,14 @@ def run(args):
             unregistered.extend(idle_rss((distributors.kd.pid, distributors.md.pid)))
 
     try:
+        # Before any daemon starts: a count the open-file limits cannot hold fails here.
+        handshake.plan_workers(handshake.total_endpoints(args),
+                               *handshake.machine_open_file_limits())
         if args.register == "sqlite":
             unregistered.extend(empty_roster_rss(directory, args, extra_md))
         worker, distributors, registration_s = handshake.start_run(
             directory, args, extra_md=extra_md, before_registration=before_registration)
+        workers = len(worker.shares)
         pids = (distributors.kd.pid, distributors.md.pid)
         initial = idle_rss(pids)
         joined = 0
@@ -232,6 +239,7 @@ def run(args):
         "register": args.register,
         "registration_s": round(registration_s, 2),
         "registrations": registrations,
+        "worker_processes": workers,
         "rss_before_registrations": (
             "the same processes before the API registrations" if args.register != "sqlite"
             else "a perc-kd and perc-md started the same way on an empty database, same run"),

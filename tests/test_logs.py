@@ -14,7 +14,8 @@ import signal
 import subprocess
 import uuid
 
-from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEventAsClassicLogText, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls, logs, pki, wire
@@ -159,3 +160,64 @@ class TwistdJsonLoggerTests(SynchronousTestCase):
         events = self.stop(process, output)
         self.assertTrue(events)
         self.assertEqual({event["log_level"]["name"] for event in events}, {"warn"})
+
+
+class ClassicTextTests(test_kd.KeyDistributorTestCase):
+    """
+    perc.logs.classic_text: the text of Twisted's formatEventAsClassicLogText,
+    character for character, for the Key Distributor's own events and for
+    events it leaves to Twisted.
+    """
+
+    ekt = True
+    ekt_client = test_kd.EktTests.ekt_client
+
+    def assertSameText(self, event):
+        self.assertEqual(logs.classic_text(event), formatEventAsClassicLogText(event))
+
+    def test_key_distributor_events(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        md = MediaDistributorStandIn(self.kd)
+        aid = uuid.uuid4()
+        relay_handshake(md, self.ekt_client(), aid, self.clock)
+        md.send(wire.EndpointDisconnect(aid))
+        md.close()
+        formats = {event["log_format"] for event in events}
+        self.assertTrue(any(f.startswith("Association {association_id} accepted") for f in formats))
+        self.assertTrue(any(f.startswith("Tunnel with {peer} up") for f in formats))
+        for event in events:
+            self.assertSameText(event)
+        [accepted] = [e for e in events if e["log_format"].startswith("Association {association_id} acc")]
+        self.assertIsNotNone(logs._template(accepted["log_format"]))
+
+    def test_fields_twisted_formats_itself(self):
+        log = Logger(namespace="perc.test", observer=self.assertSameText)
+        log.info("repr {value!r} spec {value:>8} attribute {value.real} call {call()}",
+                 value=3, call=lambda: "called")
+        log.info("index {mapping[key]} positional {} and {0}", mapping={"key": 1})
+        log.info("missing {nowhere}")
+        log.info("newline {text}", text="one\ntwo")
+        log.info("")
+        log.info("unbalanced {")
+        log.info("plain {n} {n}", n=uuid.UUID(int=7), log_system="system")
+        log.failure("failed {n}", Failure(ValueError("x")), n=1)
+        self.assertSameText({"log_format": b"bytes {n}", "n": 1, "log_time": 1.5})
+        self.assertSameText({"log_format": "no time {n}", "n": 1})
+        self.assertSameText({"log_format": "no level {n}", "n": 1, "log_time": 2.25})
+
+    def test_timestamps_at_second_boundaries(self):
+        for when in (1700000000.0, 1700000000.4999999, 1700000000.9999994,
+                     1700000000.9999996, 1700000000.99999999, 1700000001.0000001, 0.0):
+            self.assertSameText({"log_format": "at {when}", "when": when, "log_time": when,
+                                 "log_level": LogLevel.info, "log_namespace": "perc.test"})
+
+    def test_text_observer_level(self):
+        out = io.StringIO()
+        log = Logger(namespace="perc.test",
+                     observer=logs.text(out, environ={"PERC_LOG_LEVEL": "warn"}))
+        log.info("quiet {n}", n=1)
+        log.warn("loud {n}", n=2)
+        [line] = out.getvalue().splitlines()
+        self.assertTrue(line.endswith(" [perc.test#warn] loud 2"), line)

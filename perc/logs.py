@@ -89,15 +89,16 @@ def _template(log_format: str):
         return _templates[log_format]
     except KeyError:
         pass
-    pieces: tuple | None = ()
+    pieces: tuple | None
     try:
-        for literal, name, spec, conversion in _parser.parse(log_format):
-            if name is not None and (not name.isidentifier() or spec or conversion):
-                pieces = None  # attributes, indexes, calls, specs, !r: Twisted's job
-                break
-            pieces += ((literal, name),)
+        parsed = list(_parser.parse(log_format))
     except ValueError:
-        pieces = None
+        parsed = None
+    if parsed is None or any(name is not None and (not name.isidentifier() or spec or conversion)
+                             for _, name, spec, conversion in parsed):
+        pieces = None  # attributes, indexes, calls, specs, !r: Twisted's job
+    else:
+        pieces = tuple((literal, name) for literal, name, _, _ in parsed)
     if len(_templates) < _TEMPLATES_LIMIT:
         _templates[log_format] = pieces
     return pieces

@@ -85,6 +85,9 @@ class OwnRecordLayer:
     _sequence_block = DEFAULT_SEQUENCE_BLOCK
     #: Records not sealed because no write sequence numbers were reserved.
     reservation_refusals = 0
+    #: Set by each ``_collect``: the records OpenSSL just wrote include a
+    #: handshake record of a later epoch than 0 (our Finished).
+    _flight_carries_finished = False
 
     def use_write_reservation(self, reserve: Optional[Callable[[int, int], bool]],
                               block: int = DEFAULT_SEQUENCE_BLOCK) -> None:
@@ -249,7 +252,9 @@ class OwnRecordLayer:
         Hand the just-established association to perc.dtls.records and free the
         OpenSSL connection (about 80 KiB that would otherwise stay for the
         association's life).  Kept on OpenSSL: suites perc.dtls.records does not
-        handle, and anything unexpected about the final flight.
+        handle, and anything unexpected about the final flight.  ``output``
+        is what the last ``_collect`` returned (the one that saw the
+        handshake complete).
         """
         conn = self._conn
         suite = records.suite_for(conn.get_cipher_name())
@@ -261,8 +266,7 @@ class OwnRecordLayer:
             # counts every handshake message it sent (RFC 6347 section
             # 4.2.2): our Finished, in this output, took the one after our
             # last epoch-0 message.
-            if self._plain_message_seq < 0 or not _carries_handshake(
-                    output.datagrams, self._write_epoch):
+            if self._plain_message_seq < 0 or not self._flight_carries_finished:
                 return
             self._next_message_seq = self._plain_message_seq + 2
         try:
@@ -285,9 +289,10 @@ class OwnRecordLayer:
         state = self._state
         state.peer_certificate = None
         state.peer_der = None
+        state.peer_x509 = None
         state.received = {}
         state.send = {}
-        self._finalizer()
+        self._unregister()
         self._conn = None
         self._context = None
 
@@ -471,13 +476,3 @@ def last_message_seq(record: bytes) -> int:
         position += HANDSHAKE_HEADER_LENGTH + int.from_bytes(
             record[position + 9:position + 12], "big")
     return highest
-
-
-def _carries_handshake(datagrams, epoch: int) -> bool:
-    """True if ``datagrams`` hold a handshake record of ``epoch`` (our Finished)."""
-    for record in split_records(b"".join(datagrams)):
-        header = records.record_epoch_and_sequence(record)
-        if header is not None and header[0] == epoch and \
-                record[0] == records.CONTENT_HANDSHAKE:
-            return True
-    return False

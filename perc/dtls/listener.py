@@ -10,7 +10,7 @@ from typing import Iterable, Optional
 
 from perc.dtls.association import ServerAssociation
 from perc.dtls.bindings import lib as _lib
-from perc.dtls.callbacks import SslState, connection_address, register, unregister
+from perc.dtls.callbacks import SslState, register, unregister
 from perc.dtls.constants import (
     CONTENT_HANDSHAKE,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -169,19 +169,18 @@ class ServerListener:
         state = SslState(SERVER)
         state.association_id = association_id
         state.cookie = expected
-        address = connection_address(connection)
+        # Registered once, for DTLSv1_listen's cookie callbacks and then
+        # for the association's life.
         token = register(connection, state)
+        _lib.ERR_clear_error()
         try:
-            _lib.ERR_clear_error()
             connection.bio_write(datagram)
-            try:
-                connection.DTLSv1_listen()
-            except Exception:
-                # OpenSSL refused what the checks above let through (its
-                # own parse is stricter in places): nothing is kept.
-                return (), None
-        finally:
-            unregister(address, token)
+            connection.DTLSv1_listen()
+        except Exception:
+            # OpenSSL refused what the checks above let through (its
+            # own parse is stricter in places): nothing is kept.
+            unregister(token)
+            return (), None
         state.identity_hook = identity_hook if identity_hook is not None else self.identity_hook
         state.default_tls_id = tls_id if tls_id is not None else self.tls_id
         state.allowed_profile_ids = frozenset(p.id for p in profiles)
@@ -191,7 +190,7 @@ class ServerListener:
             context=context, connection=connection,
             state=state, profiles=profiles, mtu=self.mtu,
             max_retransmissions=self.max_retransmissions,
-            handshake_timeout=self.handshake_timeout)
+            handshake_timeout=self.handshake_timeout, registration=token)
         association._mark_started(now)
         return (), association
 

@@ -278,11 +278,14 @@ class DtlsAssociation(OwnRecordLayer):
         # handshake (an ekt_key message, say) are for the own record layer.
         # Only a record of a later epoch (the Finished) can complete it, so
         # the epoch-0 records and the first record after them go in together.
-        pieces = _group_epoch_zero(split_records(bytes(datagram)))
+        data = bytes(datagram)
+        pieces = _group_epoch_zero(split_records(data))
         for index, piece in enumerate(pieces):
             for record in piece:
                 self._remember_early_record(record)
-            self._feed(b"".join(piece))
+            # One piece (a flight ending in its Finished, as usual): the
+            # datagram is exactly its records, fed as it came.
+            self._feed(data if len(pieces) == 1 else b"".join(piece))
             if self.closed:
                 break
             if self._phase == _ESTABLISHED:

@@ -98,6 +98,8 @@ class ServerListener:
         self._cookie_mac = KeyedHmac(hashlib.sha256, _PROCESS_COOKIE_SECRET
                                      if cookie_secret is None else bytes(cookie_secret))
         self.compact = compact
+        # What every listen() with the listener's own profiles uses.
+        self._profile_ids = frozenset(p.id for p in self.profiles)
 
     def cookie_for(self, association_id: bytes, datagram) -> Optional[bytes]:
         """
@@ -163,6 +165,7 @@ class ServerListener:
             # 6347 treats an invalid cookie as none): nothing is kept.
             return (hello_verify_request(record_sequence, expected),), None
         datagram = bytes(datagram)
+        own_profiles = profiles is self.profiles
         context = context_for(SERVER, profiles, self.credentials)
         connection = new_connection(context, self.mtu)
         connection.set_accept_state()
@@ -183,7 +186,8 @@ class ServerListener:
             return (), None
         state.identity_hook = identity_hook if identity_hook is not None else self.identity_hook
         state.default_tls_id = tls_id if tls_id is not None else self.tls_id
-        state.allowed_profile_ids = frozenset(p.id for p in profiles)
+        state.allowed_profile_ids = self._profile_ids if own_profiles else \
+            frozenset(p.id for p in profiles)
         state.ekt_ciphers = ekt_ciphers
         association = ServerAssociation(
             association_id=association_id, compact=self.compact,

@@ -108,7 +108,6 @@ class SslState:
         "association_id",
         "cookie",
         "send",
-        "received",
         "buffers",
         "identity_hook",
         "default_tls_id",
@@ -133,9 +132,7 @@ class SslState:
         self.association_id = b""
         self.cookie = None
         self.send = {}
-        self.received = {}
-        # Buffers handed to OpenSSL by the add callback, kept alive until the
-        # free callback runs.
+        # Buffers handed to OpenSSL by the add callback (see _ext_add).
         self.buffers = {}
         self.identity_hook = None
         self.default_tls_id = None
@@ -182,8 +179,6 @@ def register(connection: SSL.Connection, state: SslState) -> Registration:
     """Register ``state`` for ``connection``; returns the token :func:`unregister` needs."""
     token = Registration(state, _forget)
     key = token.key = _ffi.cast("SSL *", connection._ssl)
-    # The cookie callbacks, which pyOpenSSL calls with the connection.
-    connection.set_app_data(state)
     # An address can only be reused once the previous SSL is freed, so an
     # existing entry here is stale and may be replaced.
     _registry[key] = token
@@ -294,7 +289,8 @@ def _client_hello_stage(ssl, state: SslState) -> None:
 
 
 def _certificate_stage(ssl, state: SslState, certificate: x509.Certificate) -> None:
-    state.peer_fingerprint = pki.fingerprint(certificate)
+    """``certificate`` is the one whose DER is ``state.peer_der``."""
+    state.peer_fingerprint = pki.der_fingerprint(state.peer_der)
     state.peer_certificate = certificate
     if state.role == SERVER:
         _server_hello_stage(ssl, state)
@@ -304,7 +300,7 @@ def _certificate_stage(ssl, state: SslState, certificate: x509.Certificate) -> N
         expected = state.expected_peer_fingerprint
         if expected is not None:
             hash_name = expected.split()[0]
-            if pki.fingerprint(certificate, hash_name) != expected:
+            if pki.der_fingerprint(state.peer_der, hash_name) != expected:
                 raise _reject("server certificate fingerprint does not match the expected one",
                               ALERT_BAD_CERTIFICATE)
 
@@ -365,7 +361,6 @@ _PARSERS = {
 # Module-level C callbacks: created once, shared by every context and SSL.
 
 _ADD_CB = _ffi.typeof(_lib.SSL_CTX_add_client_custom_ext).args[2]
-_FREE_CB = _ffi.typeof(_lib.SSL_CTX_add_client_custom_ext).args[3]
 _PARSE_CB = _ffi.typeof(_lib.SSL_CTX_add_client_custom_ext).args[5]
 _VERIFY_CB = _ffi.typeof(_lib.SSL_CTX_set_verify).args[2]
 
@@ -405,8 +400,11 @@ def _ext_add(ssl, ext_type, out, outlen, al, add_arg):
         value = state.send.get(ext_type)
         if value is None:
             return 0
-        buffer = _ffi.new("unsigned char[]", max(len(value), 1))
-        _ffi.memmove(buffer, value, len(value))
+        # OpenSSL copies the extension into the message as soon as this
+        # returns, so the buffer only has to outlive this call; it is kept
+        # in the state (until the next one of this type) so that no free
+        # callback is needed.
+        buffer = _ffi.from_buffer("unsigned char[]", value)
         state.buffers[ext_type] = buffer
         out[0] = buffer
         outlen[0] = len(value)
@@ -415,16 +413,6 @@ def _ext_add(ssl, ext_type, out, outlen, al, add_arg):
         _record_failure(state, _internal(e))
         al[0] = ALERT_INTERNAL_ERROR
         return -1
-
-
-@_ffi.callback(_FREE_CB, onerror=_callback_error)
-def _ext_free(ssl, ext_type, out, add_arg):
-    try:
-        state = lookup(ssl)
-        if state is not None:
-            state.buffers.pop(ext_type, None)
-    except Exception:
-        pass
 
 
 @_ffi.callback(_PARSE_CB, error=0, onerror=_callback_error)
@@ -438,8 +426,7 @@ def _ext_parse(ssl, ext_type, data, size, al, parse_arg):
         if state.failure is not None:
             al[0] = state.failure.alert
             return 0
-        raw = bytes(_ffi.buffer(data, size)) if size else b""
-        state.received[ext_type] = raw
+        raw = _ffi.buffer(data, size)[:] if size else b""
         handler = _PARSERS.get((state.role, ext_type))
         if handler is not None:
             handler(ssl, state, raw)
@@ -501,27 +488,41 @@ def _verify(preverify_ok, store_ctx):
         return 0
 
 
-# The cookie callbacks are pyOpenSSL's, shared (with their list of
-# exceptions) by every connection of a context: they never raise, so that
-# one connection's trouble cannot surface in another's DTLSv1_listen.
+# The cookie callbacks are C callbacks like the others (pyOpenSSL's own
+# would find the Connection through its reverse mapping and wrap each call;
+# OpenSSL calls the verify one twice per association, in DTLSv1_listen and
+# again for the ClientHello the handshake re-reads).  They never raise, so
+# that one connection's trouble cannot surface in another's DTLSv1_listen.
 
 #: Generated when a connection has no cookie: the verify callback refuses
 #: every cookie then, so this one is never accepted.
 _NO_COOKIE = b"\x00"
+_COOKIE_GENERATE_CB = _ffi.typeof(_lib.SSL_CTX_set_cookie_generate_cb).args[1]
+_COOKIE_VERIFY_CB = _ffi.typeof(_lib.SSL_CTX_set_cookie_verify_cb).args[1]
 
 
-def _cookie_generate(connection: SSL.Connection) -> bytes:
-    state = connection.get_app_data()
-    if not isinstance(state, SslState) or state.cookie is None:
-        return _NO_COOKIE
-    return state.cookie
+@_ffi.callback(_COOKIE_GENERATE_CB, error=0, onerror=_callback_error)
+def _cookie_generate(ssl, out, outlen):
+    try:
+        state = lookup(ssl)
+        cookie = _NO_COOKIE if state is None or state.cookie is None else state.cookie
+        # A cookie is an HMAC-SHA256 (32 octets), within OpenSSL's 255.
+        _ffi.memmove(out, cookie, len(cookie))
+        outlen[0] = len(cookie)
+        return 1
+    except Exception:
+        return 0  # aborts the handshake
 
 
-def _cookie_verify(connection: SSL.Connection, cookie: bytes) -> bool:
-    state = connection.get_app_data()
-    if not isinstance(state, SslState) or state.cookie is None:
-        return False
-    return hmac.compare_digest(cookie, state.cookie)
+@_ffi.callback(_COOKIE_VERIFY_CB, error=0, onerror=_callback_error)
+def _cookie_verify(ssl, cookie, length):
+    try:
+        state = lookup(ssl)
+        if state is None or state.cookie is None:
+            return 0
+        return 1 if hmac.compare_digest(_ffi.buffer(cookie, length)[:], state.cookie) else 0
+    except Exception:
+        return 0
 
 
 def install_callbacks(context: SSL.Context, role: str) -> None:
@@ -533,14 +534,14 @@ def install_callbacks(context: SSL.Context, role: str) -> None:
     raw = context._context
     if role == SERVER:
         mode = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-        context.set_cookie_generate_callback(_cookie_generate)
-        context.set_cookie_verify_callback(_cookie_verify)
+        _lib.SSL_CTX_set_cookie_generate_cb(raw, _cookie_generate)
+        _lib.SSL_CTX_set_cookie_verify_cb(raw, _cookie_verify)
         add_extension = _lib.SSL_CTX_add_server_custom_ext
     else:
         mode = SSL.VERIFY_PEER
         add_extension = _lib.SSL_CTX_add_client_custom_ext
     _lib.SSL_CTX_set_verify(raw, mode, _verify)
     for spec in EXTENSIONS:
-        if add_extension(raw, spec.ext_type, _ext_add, _ext_free,
+        if add_extension(raw, spec.ext_type, _ext_add, _ffi.NULL,
                          _ffi.NULL, _ext_parse, _ffi.NULL) != 1:
             raise RuntimeError("OpenSSL refused custom extension {}".format(spec.ext_type))

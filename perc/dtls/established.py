@@ -290,7 +290,6 @@ class OwnRecordLayer:
         state.peer_certificate = None
         state.peer_der = None
         state.peer_x509 = None
-        state.received = {}
         state.send = {}
         self._unregister()
         self._conn = None

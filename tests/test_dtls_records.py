@@ -221,6 +221,22 @@ class CompactedAssociationTests(SynchronousTestCase):
         self.assertEqual(dtls.callback_registry_size(), registry + 1)
         self.assertIsNone(harness.server.next_timeout(0.0))
 
+    def test_keys_are_openssls_exporter_for_each_suite(self):
+        """
+        The keys of HandshakeComplete, computed by the engine for the suites
+        it handles, are what OpenSSL exports (RFC 5705) on the other side.
+        """
+        for cipher in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+                       "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-ECDSA-AES128-SHA256"):
+            harness = established(cipher=cipher, client_kwargs={"compact": False})
+            connection = harness.client._conn
+            self.assertEqual(connection.get_cipher_name(), cipher)
+            done = harness.event("server", dtls.HandshakeComplete)
+            profile = done.profile
+            self.assertEqual(done.keys, profile.split(connection.export_keying_material(
+                b"EXTRACTOR-dtls_srtp", profile.keying_material_length)))
+            self.assertEqual(harness.event("client", dtls.HandshakeComplete).keys, done.keys)
+
     def test_not_compacted_when_turned_off(self):
         harness = established(compact=False)
         self.assertFalse(harness.server.compacted)

@@ -485,9 +485,7 @@ class DtlsAssociation(OwnRecordLayer):
                 raise Refusal(problem, False, 0, 0)
             if state.role == SERVER and not state.hello_done:
                 raise Refusal("identity was not checked", False, 0, 0)
-            material = self._conn.export_keying_material(
-                EXPORTER_LABEL, profile.keying_material_length)
-            keys = profile.split(material)
+            keys = profile.split(self._export_keying_material(profile.keying_material_length))
         except Refusal as refusal:
             # Withhold whatever OpenSSL just wrote (for the server: its final
             # flight), so the peer never completes; tell it we are done.
@@ -507,6 +505,27 @@ class DtlsAssociation(OwnRecordLayer):
             peer_tls_id=state.peer_tls_id,
             ekt_cipher=None if state.ekt_cipher is None else ekt_cipher_value(state.ekt_cipher),
         ))
+
+    def _export_keying_material(self, length: int) -> bytes:
+        """
+        RFC 5705's exporter with RFC 5764's label.  For the suites the own
+        record layer handles it is the TLS 1.2 PRF over the master secret
+        and both randoms, computed here, keyed once for the key block too
+        (kept for _compact when the association will compact): OpenSSL's
+        SSL_export_keying_material fetches and sets up a KDF on every
+        call, which cost more than the rest of the handshake's end.
+        """
+        connection = self._conn
+        suite = records.suite_for(connection.get_cipher_name())
+        master_secret = connection.master_key() if suite is not None else None
+        if not master_secret:
+            return connection.export_keying_material(EXPORTER_LABEL, length)
+        client_random = connection.client_random()
+        server_random = connection.server_random()
+        prf = records.Prf(suite.prf_hash, master_secret)
+        if self._compact_when_established:
+            self._handshake_secrets = (suite, master_secret, prf, client_random, server_random)
+        return prf(EXPORTER_LABEL, client_random + server_random, length)
 
     def _fail_from_error(self, error: Exception) -> None:
         failure = self._state.failure

@@ -88,6 +88,9 @@ class OwnRecordLayer:
     #: Set by each ``_collect``: the records OpenSSL just wrote include a
     #: handshake record of a later epoch than 0 (our Finished).
     _flight_carries_finished = False
+    #: Set by ``_export_keying_material`` for ``_compact``, which takes it:
+    #: (suite, master secret, keyed PRF, client random, server random).
+    _handshake_secrets: Optional[tuple] = None
 
     def use_write_reservation(self, reserve: Optional[Callable[[int, int], bool]],
                               block: int = DEFAULT_SEQUENCE_BLOCK) -> None:
@@ -256,10 +259,10 @@ class OwnRecordLayer:
         is what the last ``_collect`` returned (the one that saw the
         handshake complete).
         """
-        conn = self._conn
-        suite = records.suite_for(conn.get_cipher_name())
-        if suite is None or self._write_epoch is None:
-            return
+        secrets, self._handshake_secrets = self._handshake_secrets, None
+        if secrets is None or self._write_epoch is None:
+            return  # a suite perc.dtls.records does not handle
+        suite, master_secret, prf, client_random, server_random = secrets
         server = self.role == SERVER
         if server:
             # The ekt_key message continues this side's message_seq, which
@@ -272,8 +275,8 @@ class OwnRecordLayer:
         try:
             protection = records.RecordProtection.from_master_secret(
                 suite, server=server, next_write_sequence=self._next_write_sequence,
-                master_secret=conn.master_key(), client_random=conn.client_random(),
-                server_random=conn.server_random(), epoch=self._write_epoch,
+                master_secret=master_secret, client_random=client_random,
+                server_random=server_random, epoch=self._write_epoch, prf=prf,
                 # OpenSSL's records used the numbers below; nothing is reserved yet.
                 write_limit=self._next_write_sequence)
         except Exception:

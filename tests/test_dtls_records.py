@@ -471,6 +471,21 @@ class HandOffReplayTests(SynchronousTestCase):
         _, events = client_data(harness, b"fresh")
         self.assertEqual(events, [dtls.ApplicationData(b"fresh")])
 
+    def test_prime_with_authenticated_records_opens_none(self):
+        """
+        Records the caller knows authentic (of this epoch) prime the window
+        unopened: even one that would not open counts; another epoch's not.
+        """
+        server, client = pair(AES128)
+        record = client.seal(CONTENT_APPLICATION_DATA, b"finished")  # sequence 0
+        unopenable = record[:5] + (5).to_bytes(6, "big") + record[11:-1] + bytes((record[-1] ^ 1,))
+        other_epoch = record[:3] + b"\x00\x02" + (9).to_bytes(6, "big") + record[11:]
+        server.prime([unopenable, other_epoch], authenticated=True)
+        for sequence in range(1, 6):
+            self.assertIsNone(server.open(client.seal(CONTENT_APPLICATION_DATA, b"old")), sequence)
+        self.assertEqual(server.open(client.seal(CONTENT_APPLICATION_DATA, b"next")),
+                         (CONTENT_APPLICATION_DATA, b"next"))
+
     def test_forged_early_record_does_not_move_the_window(self):
         """Only authentic early records prime the window: a forged far-ahead one does not."""
         forged = bytes.fromhex("17fefd0001") + (2 ** 47).to_bytes(6, "big") + \

@@ -91,6 +91,9 @@ class OwnRecordLayer:
     #: Set by ``_export_keying_material`` for ``_compact``, which takes it:
     #: (suite, master secret, keyed PRF, client random, server random).
     _handshake_secrets: Optional[tuple] = None
+    #: The peer's records of a later epoch than 0 given to OpenSSL (whether
+    #: or not they are among the early records kept).
+    _early_record_count = 0
 
     def use_write_reservation(self, reserve: Optional[Callable[[int, int], bool]],
                               block: int = DEFAULT_SEQUENCE_BLOCK) -> None:
@@ -246,9 +249,10 @@ class OwnRecordLayer:
 
     def _remember_early_record(self, record: bytes) -> None:
         header = records.record_epoch_and_sequence(record)
-        if header is not None and header[0] > 0 and len(record) <= _EARLY_RECORD_OCTETS \
-                and len(self._early_records) < _EARLY_RECORDS:
-            self._early_records.append(bytes(record))
+        if header is not None and header[0] > 0:
+            self._early_record_count += 1
+            if len(record) <= _EARLY_RECORD_OCTETS and len(self._early_records) < _EARLY_RECORDS:
+                self._early_records.append(bytes(record))
 
     def _compact(self, output: Output) -> None:
         """
@@ -283,7 +287,10 @@ class OwnRecordLayer:
             return
         # Every peer record of this epoch seen so far (its Finished, perhaps
         # an earlier copy of it) enters the replay window.
-        protection.prime(self._early_records)
+        # When OpenSSL was given a single record of a later epoch, and is done
+        # with the handshake, that record was the peer's Finished, which
+        # OpenSSL authenticated: it need not be decrypted again here.
+        protection.prime(self._early_records, authenticated=self._early_record_count == 1)
         self._early_records = []
         self._records = protection
         self._reserve_block()  # the first block, before anything is sealed here

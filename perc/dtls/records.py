@@ -322,18 +322,22 @@ class RecordProtection:
         """The largest plaintext whose record fits ``mtu`` octets (2^14 at most)."""
         return max(0, min(MAX_PLAINTEXT, mtu - self.suite.overhead))
 
-    def prime(self, peer_records) -> None:
+    def prime(self, peer_records, authenticated: bool = False) -> None:
         """
         Enter the peer's records that arrived before this layer took over
         (OpenSSL read them, or dropped them) into the replay window:
         every sequence number up to the highest authentic one counts as
         received, so none of them can be replayed here.  Forged records
         do not count, so they cannot push the window ahead.
+        ``authenticated``: the caller knows the records of this epoch to be
+        authentic (OpenSSL accepted them), so they are not opened again.
         """
         highest = -1
         for record in peer_records:
             header = record_epoch_and_sequence(record)
-            if header is not None and self.open(record) is not None:
+            if header is None:
+                continue
+            if (authenticated and header[0] == self.epoch) or self.open(record) is not None:
                 highest = max(highest, header[1])
         if highest >= 0:
             self._window.mark_through(highest)

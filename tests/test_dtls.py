@@ -18,7 +18,7 @@ import time
 import weakref
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls
@@ -620,16 +620,19 @@ class IdentityTests(SynchronousTestCase):
     def test_certificate_not_the_checked_one_refused(self):
         """
         The certificate OpenSSL holds at the end must be the one the verify
-        callback checked (its DER): if they differ the server fails closed,
-        with no keys.
+        callback checked (the same X509, or its DER): if they differ the
+        server fails closed, with no keys.
         """
         harness = make()
+        other = crypto.X509.from_cryptography(_OTHER.certificate)
 
         def hook(query):
             if query.stage == dtls.STAGE_CERTIFICATE:
                 # What the check compares against, as if another
                 # certificate had been verified.
-                harness.server._state.peer_der = _OTHER.certificate.public_bytes(Encoding.DER)
+                state = harness.server._state
+                state.peer_x509 = other._x509
+                state.peer_der = _OTHER.certificate.public_bytes(Encoding.DER)
             return dtls.Accept()
 
         harness.listen_kwargs["identity_hook"] = hook

@@ -221,6 +221,22 @@ class CompactedAssociationTests(SynchronousTestCase):
         self.assertEqual(dtls.callback_registry_size(), registry + 1)
         self.assertIsNone(harness.server.next_timeout(0.0))
 
+    def test_keys_are_openssls_exporter_for_each_suite(self):
+        """
+        The keys of HandshakeComplete, computed by the engine for the suites
+        it handles, are what OpenSSL exports (RFC 5705) on the other side.
+        """
+        for cipher in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+                       "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-ECDSA-AES128-SHA256"):
+            harness = established(cipher=cipher, client_kwargs={"compact": False})
+            connection = harness.client._conn
+            self.assertEqual(connection.get_cipher_name(), cipher)
+            done = harness.event("server", dtls.HandshakeComplete)
+            profile = done.profile
+            self.assertEqual(done.keys, profile.split(connection.export_keying_material(
+                b"EXTRACTOR-dtls_srtp", profile.keying_material_length)))
+            self.assertEqual(harness.event("client", dtls.HandshakeComplete).keys, done.keys)
+
     def test_not_compacted_when_turned_off(self):
         harness = established(compact=False)
         self.assertFalse(harness.server.compacted)
@@ -454,6 +470,21 @@ class HandOffReplayTests(SynchronousTestCase):
         # A genuinely new record still gets through.
         _, events = client_data(harness, b"fresh")
         self.assertEqual(events, [dtls.ApplicationData(b"fresh")])
+
+    def test_prime_with_authenticated_records_opens_none(self):
+        """
+        Records the caller knows authentic (of this epoch) prime the window
+        unopened: even one that would not open counts; another epoch's not.
+        """
+        server, client = pair(AES128)
+        record = client.seal(CONTENT_APPLICATION_DATA, b"finished")  # sequence 0
+        unopenable = record[:5] + (5).to_bytes(6, "big") + record[11:-1] + bytes((record[-1] ^ 1,))
+        other_epoch = record[:3] + b"\x00\x02" + (9).to_bytes(6, "big") + record[11:]
+        server.prime([unopenable, other_epoch], authenticated=True)
+        for sequence in range(1, 6):
+            self.assertIsNone(server.open(client.seal(CONTENT_APPLICATION_DATA, b"old")), sequence)
+        self.assertEqual(server.open(client.seal(CONTENT_APPLICATION_DATA, b"next")),
+                         (CONTENT_APPLICATION_DATA, b"next"))
 
     def test_forged_early_record_does_not_move_the_window(self):
         """Only authentic early records prime the window: a forged far-ahead one does not."""

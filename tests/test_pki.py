@@ -270,3 +270,17 @@ class PkiCommandTests(SynchronousTestCase):
         status, out, err = self.run_perc("pki", "endpoint", "-f", directory)
         self.assertEqual(status, 0)
         self.assertNotEqual(out.splitlines()[-1], pki.fingerprint(certificate))
+
+
+class DerFingerprintTests(SynchronousTestCase):
+    def test_same_as_fingerprint_for_every_hash(self):
+        """The DTLS handshake's fingerprint of the DER is the certificate's, for every hash."""
+        certificate, _ = pki.self_signed_certificate("fingerprinted")
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        for name in pki.FINGERPRINT_HASHES:
+            self.assertEqual(pki.der_fingerprint(der, name.upper()),
+                             pki.fingerprint(certificate, name))
+
+    def test_unknown_hash_refused(self):
+        with self.assertRaises(pki.FingerprintError):
+            pki.der_fingerprint(b"\x30\x00", "md5")

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Iterable, Optional
 
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 from perc import pki
 from perc.dtls import records
+from perc.dtls.bindings import ffi as _ffi
 from perc.dtls.bindings import lib as _lib
 from perc.dtls.callbacks import (
     Refusal,
+    Registration,
     SslState,
+    certificate_der,
     check_profile,
-    connection_address,
     register,
-    selected_profile_id,
     unregister,
 )
 from perc.dtls.constants import (
@@ -24,6 +24,7 @@ from perc.dtls.constants import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_RETRANSMISSIONS,
     DEFAULT_MTU,
+    DTLS1_2_VERSION,
     EXPORTER_LABEL,
     RECORD_HEADER_LENGTH,
     SERVER,
@@ -86,7 +87,8 @@ class DtlsAssociation(OwnRecordLayer):
 
     def __init__(self, *, context: SSL.Context, connection: SSL.Connection,
                  state: SslState, profiles: tuple, mtu: int,
-                 max_retransmissions: int, handshake_timeout: float) -> None:
+                 max_retransmissions: int, handshake_timeout: float,
+                 registration: Optional[Registration] = None) -> None:
         if max_retransmissions < 0:
             raise ValueError("max_retransmissions must be >= 0")
         if handshake_timeout <= 0:
@@ -129,11 +131,10 @@ class DtlsAssociation(OwnRecordLayer):
         # Client role: the last ekt_key message processed.
         self._ekt_key: Optional[EktKey] = None
         self._ekt_message_seq = -1
-        address = connection_address(connection)
-        token = register(connection, state)
-        # Runs when the association is closed or garbage collected, whichever
-        # comes first; it holds nothing that refers back to the association.
-        self._finalizer = weakref.finalize(self, unregister, address, token)
+        # Undone when the association is closed or compacted, or else when
+        # its state is garbage collected (see callbacks.register).
+        self._registration: Optional[Registration] = (
+            registration if registration is not None else register(connection, state))
 
     @classmethod
     def restore(cls, state: AssociationState, now: float, *, reserve=None,
@@ -193,7 +194,7 @@ class DtlsAssociation(OwnRecordLayer):
         self._plain_message_seq = -1
         self._restore_ekt_state(state, ekt_key, now)
         self._compact_when_established = False
-        self._finalizer = _nothing  # no OpenSSL object to unregister
+        self._registration = None  # no OpenSSL object to unregister
         self.use_write_reservation(reserve, sequence_block)
         if cls.role == SERVER:
             self.association_id = state.association_id
@@ -277,11 +278,14 @@ class DtlsAssociation(OwnRecordLayer):
         # handshake (an ekt_key message, say) are for the own record layer.
         # Only a record of a later epoch (the Finished) can complete it, so
         # the epoch-0 records and the first record after them go in together.
-        pieces = _group_epoch_zero(split_records(bytes(datagram)))
+        data = bytes(datagram)
+        pieces = _group_epoch_zero(split_records(data))
         for index, piece in enumerate(pieces):
             for record in piece:
                 self._remember_early_record(record)
-            self._feed(b"".join(piece))
+            # One piece (a flight ending in its Finished, as usual): the
+            # datagram is exactly its records, fed as it came.
+            self._feed(data if len(pieces) == 1 else b"".join(piece))
             if self.closed:
                 break
             if self._phase == _ESTABLISHED:
@@ -298,7 +302,12 @@ class DtlsAssociation(OwnRecordLayer):
     def _feed(self, data: bytes) -> None:
         try:
             _lib.ERR_clear_error()
-            self._conn.bio_write(bytes(data))
+            data = bytes(data)
+            # BIO_write itself: pyOpenSSL's bio_write adds a buffer
+            # protocol round trip and its error mapping; a memory BIO only
+            # fails to write when out of memory.
+            if _BIO_write(self._conn._into_ssl, data, len(data)) != len(data):
+                raise MemoryError("BIO_write to the memory BIO failed")
             self._drive()
         except Exception as e:  # never let the peer's bytes raise out of here
             self._fail("internal error: {}: {}".format(type(e).__name__, e))
@@ -416,13 +425,23 @@ class DtlsAssociation(OwnRecordLayer):
 
     def _drive(self) -> None:
         if self._phase == _HANDSHAKING:
-            try:
-                self._conn.do_handshake()
-            except SSL.WantReadError:
-                return
-            except SSL.Error as e:
-                self._fail_from_error(e)
-                return
+            # SSL_do_handshake and SSL_get_error themselves: on a handshake
+            # that waits for the peer (every call but the last), pyOpenSSL's
+            # do_handshake raises and we catch a WantReadError.  Anything
+            # else goes through pyOpenSSL's own error mapping, as before.
+            connection = self._conn
+            ssl = connection._ssl
+            result = _SSL_do_handshake(ssl)
+            if result != 1:
+                if _SSL_get_error(ssl, result) == _SSL_ERROR_WANT_READ:
+                    return
+                try:
+                    connection._raise_ssl_error(ssl, result)
+                except SSL.WantReadError:
+                    return
+                except SSL.Error as e:
+                    self._fail_from_error(e)
+                    return
             self._handshake_done()
         if self._phase == _ESTABLISHED and self._closing is None and \
                 not self._compact_when_established:
@@ -453,23 +472,20 @@ class DtlsAssociation(OwnRecordLayer):
         try:
             if state.failure is not None:
                 raise state.failure
-            if self._conn.get_protocol_version_name() != "DTLSv1.2":
+            connection = self._conn
+            ssl = connection._ssl
+            if connection.get_protocol_version() != DTLS1_2_VERSION:
                 raise Refusal("negotiated {} instead of DTLS 1.2".format(
-                    self._conn.get_protocol_version_name()), False, 0, 0)
-            check_profile(state)
-            profile = by_id(selected_profile_id(state))
+                    connection.get_protocol_version_name()), False, 0, 0)
+            profile = by_id(check_profile(ssl, state))
             # Fail closed if, for any reason, the certificate never went
             # through our checks or is not the one OpenSSL kept.
-            certificate = self._conn.get_peer_certificate()
-            if certificate is None or not state.certificate_verdict:
-                raise Refusal("peer certificate was not checked", False, 0, 0)
-            if crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate) != state.peer_der:
-                raise Refusal("peer certificate changed during the handshake", False, 0, 0)
+            problem = _peer_certificate_problem(ssl, state)
+            if problem is not None:
+                raise Refusal(problem, False, 0, 0)
             if state.role == SERVER and not state.hello_done:
                 raise Refusal("identity was not checked", False, 0, 0)
-            material = self._conn.export_keying_material(
-                EXPORTER_LABEL, profile.keying_material_length)
-            keys = profile.split(material)
+            keys = profile.split(self._export_keying_material(profile.keying_material_length))
         except Refusal as refusal:
             # Withhold whatever OpenSSL just wrote (for the server: its final
             # flight), so the peer never completes; tell it we are done.
@@ -489,6 +505,27 @@ class DtlsAssociation(OwnRecordLayer):
             peer_tls_id=state.peer_tls_id,
             ekt_cipher=None if state.ekt_cipher is None else ekt_cipher_value(state.ekt_cipher),
         ))
+
+    def _export_keying_material(self, length: int) -> bytes:
+        """
+        RFC 5705's exporter with RFC 5764's label.  For the suites the own
+        record layer handles it is the TLS 1.2 PRF over the master secret
+        and both randoms, computed here, keyed once for the key block too
+        (kept for _compact when the association will compact): OpenSSL's
+        SSL_export_keying_material fetches and sets up a KDF on every
+        call, which cost more than the rest of the handshake's end.
+        """
+        connection = self._conn
+        suite = records.suite_for(connection.get_cipher_name())
+        master_secret = connection.master_key() if suite is not None else None
+        if not master_secret:
+            return connection.export_keying_material(EXPORTER_LABEL, length)
+        client_random = connection.client_random()
+        server_random = connection.server_random()
+        prf = records.Prf(suite.prf_hash, master_secret)
+        if self._compact_when_established:
+            self._handshake_secrets = (suite, master_secret, prf, client_random, server_random)
+        return prf(EXPORTER_LABEL, client_random + server_random, length)
 
     def _fail_from_error(self, error: Exception) -> None:
         failure = self._state.failure
@@ -511,15 +548,27 @@ class DtlsAssociation(OwnRecordLayer):
 
     def _collect(self) -> Output:
         data = drain(self._conn) if self._conn is not None else b""
-        written = split_records(data) if data else ()
-        for record in written:
-            header = records.record_epoch_and_sequence(record)
-            if header is not None and header[0] > 0:
-                self._write_epoch = header[0]
-                self._next_write_sequence = max(self._next_write_sequence, header[1] + 1)
-            elif self._compact_when_established:
-                self._plain_message_seq = max(self._plain_message_seq, last_message_seq(record))
-        datagrams = tuple(pack_records(written, self._mtu)) if written else ()
+        datagrams: tuple = ()
+        finished = False
+        if data:
+            # One pass over the records OpenSSL wrote, for what the hand-off
+            # to the own record layer needs (see _compact): the write epoch
+            # and next sequence number there, whether this flight carries a
+            # handshake record of that epoch (our Finished), and the
+            # message_seq of our epoch-0 handshake messages.
+            written = split_records(data)
+            for record in written:
+                if len(record) >= RECORD_HEADER_LENGTH and (record[3] or record[4]):
+                    self._write_epoch = (record[3] << 8) | record[4]
+                    sequence = int.from_bytes(record[5:11], "big")
+                    if sequence >= self._next_write_sequence:
+                        self._next_write_sequence = sequence + 1
+                    finished = finished or record[0] == records.CONTENT_HANDSHAKE
+                elif self._compact_when_established:
+                    self._plain_message_seq = max(self._plain_message_seq,
+                                                  last_message_seq(record))
+            datagrams = tuple(pack_records(written, self._mtu))
+        self._flight_carries_finished = finished
         events = self._events
         self._events = []
         if self._closing is not None and self._phase != _CLOSED:
@@ -527,16 +576,46 @@ class DtlsAssociation(OwnRecordLayer):
             self._release()
         return Output(datagrams, tuple(events))
 
+    def _unregister(self) -> None:
+        registration = self._registration
+        if registration is not None:
+            self._registration = None
+            unregister(registration)
+
     def _release(self) -> None:
         self._phase = _CLOSED
-        self._finalizer()
+        self._unregister()
         # Dropping the connection frees the SSL object (and its keys) now
         # rather than whenever the association itself goes away.
         self._conn = None
         self._context = None
 
-def _nothing() -> None:
-    pass
+#: Called on the hot path of every handshake (see _drive and _feed).
+_SSL_do_handshake = _lib.SSL_do_handshake
+_SSL_get_error = _lib.SSL_get_error
+_SSL_ERROR_WANT_READ = _lib.SSL_ERROR_WANT_READ
+_BIO_write = _lib.BIO_write
+
+
+def _peer_certificate_problem(ssl, state: SslState) -> Optional[str]:
+    """
+    Why the certificate OpenSSL kept for the peer is not the one the
+    verify callback checked, or None when it is.
+    """
+    peer = _lib.SSL_get_peer_certificate(ssl)  # a new reference
+    if peer == _ffi.NULL:
+        return "peer certificate was not checked"
+    try:
+        if not state.certificate_verdict or state.peer_der is None:
+            return "peer certificate was not checked"
+        # The callback's X509 is still referenced (state.peer_x509), so no
+        # other certificate can have its address: the same address is the
+        # same certificate, and only another one needs its DER compared.
+        if peer == state.peer_x509 or certificate_der(peer) == state.peer_der:
+            return None
+        return "peer certificate changed during the handshake"
+    finally:
+        _lib.X509_free(peer)
 
 
 def _group_epoch_zero(records_in: list) -> list:

@@ -5,15 +5,18 @@ The one door to pyOpenSSL's private OpenSSL bindings, checked when
 What pyOpenSSL exposes publicly is used through its API elsewhere; what it
 does not (custom extensions, the certificate verification callback's
 internals, the error queue) comes from ``OpenSSL._util`` through this
-module.  A build of pyOpenSSL or cryptography that lacks one of those
-symbols fails here, naming every missing one in one line, rather than in
-the middle of a handshake.
+module.  So do the few OpenSSL calls the handshake's hot path makes
+itself rather than through pyOpenSSL's wrappers (stepping the handshake,
+the memory BIOs, the peer certificate), on a connection's own ``SSL *``
+and BIOs (:data:`CONNECTION_ATTRIBUTES`).  A build of pyOpenSSL or
+cryptography that lacks one of those symbols fails here, naming every
+missing one in one line, rather than in the middle of a handshake.
 """
 
 from __future__ import annotations
 
 import OpenSSL
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 
 from perc.errors import ConfigError
@@ -25,6 +28,8 @@ PRIVATE_SYMBOLS = (
     "SSL_CTX_add_client_custom_ext",
     "SSL_CTX_add_server_custom_ext",
     "SSL_CTX_set_verify",
+    "SSL_CTX_set_cookie_generate_cb",
+    "SSL_CTX_set_cookie_verify_cb",
     "SSL_get_ex_data_X509_STORE_CTX_idx",
     "X509_STORE_CTX_get_ex_data",
     "X509_STORE_CTX_get_error_depth",
@@ -32,22 +37,38 @@ PRIVATE_SYMBOLS = (
     "X509_STORE_CTX_set_error",
     "X509_up_ref",
     "X509_V_OK",
+    "X509_free",
     "ERR_clear_error",
+    "SSL_do_handshake",
+    "SSL_get_error",
+    "SSL_ERROR_WANT_READ",
+    "SSL_get_peer_certificate",
+    "SSL_get_selected_srtp_profile",
+    "BIO_new",
+    "BIO_s_mem",
+    "BIO_free",
+    "BIO_read",
+    "BIO_write",
+    "BIO_get_mem_data",
+    "i2d_X509_bio",
 )
 
 #: The public pyOpenSSL API perc.dtls needs (some of it depends on the
-#: OpenSSL pyOpenSSL was built against), and the one private method used.
+#: OpenSSL pyOpenSSL was built against), and the private method used:
+#: the mapping of a failed SSL_do_handshake to pyOpenSSL's exceptions.
 PUBLIC_API = (
     (SSL, "OP_NO_RENEGOTIATION"),
     (SSL, "MODE_RELEASE_BUFFERS"),
     (SSL.Context, "set_mode"),
-    (SSL.Context, "set_cookie_generate_callback"),
-    (SSL.Context, "set_cookie_verify_callback"),
     (SSL.Connection, "set_ciphertext_mtu"),
-    (SSL.Connection, "get_selected_srtp_profile"),
     (SSL.Connection, "DTLSv1_listen"),
-    (crypto.X509, "_from_raw_x509_ptr"),
+    (SSL.Connection, "get_protocol_version"),
+    (SSL.Connection, "_raise_ssl_error"),
 )
+
+#: What a Connection on memory BIOs holds that perc.dtls reads: its
+#: ``SSL *`` and the BIOs into and out of it.
+CONNECTION_ATTRIBUTES = ("_ssl", "_into_ssl", "_from_ssl")
 
 
 class MissingBindings(ConfigError, ImportError):
@@ -58,17 +79,26 @@ def _name(owner) -> str:
     return getattr(owner, "__qualname__", None) or owner.__name__
 
 
-def missing(private=lib, public=PUBLIC_API) -> list[str]:
-    """The names of the symbols ``private`` lacks and of the ``public`` attributes that are absent."""
+def missing(private=lib, public=PUBLIC_API,
+            connection_attributes=CONNECTION_ATTRIBUTES) -> list[str]:
+    """
+    The names of the symbols ``private`` lacks, of the ``public``
+    attributes that are absent, and of the ``connection_attributes`` a
+    Connection on memory BIOs lacks.
+    """
     absent = [name for name in PRIVATE_SYMBOLS if not hasattr(private, name)]
     absent += [f"{_name(owner)}.{attribute}" for owner, attribute in public
                if not hasattr(owner, attribute)]
+    connection = SSL.Connection(SSL.Context(SSL.DTLS_METHOD), None)
+    absent += [f"Connection().{attribute}" for attribute in connection_attributes
+               if not hasattr(connection, attribute)]
     return absent
 
 
-def check(private=lib, public=PUBLIC_API) -> None:
+def check(private=lib, public=PUBLIC_API,
+          connection_attributes=CONNECTION_ATTRIBUTES) -> None:
     """Raise :class:`MissingBindings` naming every missing symbol in one line."""
-    absent = missing(private, public)
+    absent = missing(private, public, connection_attributes)
     if absent:
         raise MissingBindings(
             "perc.dtls cannot run on this pyOpenSSL {} / {}: missing {}".format(

@@ -16,7 +16,7 @@ import weakref
 from typing import Optional
 
 from cryptography import x509
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 from perc import pki
 from perc.dtls.bindings import ffi as _ffi
@@ -53,7 +53,6 @@ from perc.ekt import (
     decode_server_ekt_cipher,
     encode_server_ekt_cipher,
 )
-from perc.profiles import PROFILES
 
 # A refusal inside the verify callback cannot name its alert: OpenSSL maps
 # the verification error to one.  These three map to bad_certificate,
@@ -109,7 +108,6 @@ class SslState:
         "association_id",
         "cookie",
         "send",
-        "received",
         "buffers",
         "identity_hook",
         "default_tls_id",
@@ -123,9 +121,9 @@ class SslState:
         "peer_fingerprint",
         "peer_certificate",
         "peer_der",
+        "peer_x509",
         "certificate_verdict",
         "failure",
-        "connection",
         "__weakref__",
     )
 
@@ -134,9 +132,7 @@ class SslState:
         self.association_id = b""
         self.cookie = None
         self.send = {}
-        self.received = {}
-        # Buffers handed to OpenSSL by the add callback, kept alive until the
-        # free callback runs.
+        # Buffers handed to OpenSSL by the add callback (see _ext_add).
         self.buffers = {}
         self.identity_hook = None
         self.default_tls_id = None
@@ -153,47 +149,52 @@ class SslState:
         self.peer_certificate = None
         # The DER of the certificate the verify callback checked.
         self.peer_der = None
+        # The X509 the verify callback checked, one reference held: as
+        # long as it is held no other certificate can have its address.
+        self.peer_x509 = None
         self.certificate_verdict = None
         self.failure = None  # a Refusal, once something refused the peer
-        # A weak reference to the SSL.Connection, set by register(): the
-        # callbacks that get a bare SSL * reach the public API through it.
-        self.connection = None
 
 
-#: ``SSL *`` address -> weak reference to its SslState.
+#: ``SSL *`` -> weak reference (a :class:`Registration`) to its SslState.
+#: Keyed by a non-owning pointer: cffi hashes and compares pointers by
+#: address, so the ``SSL *`` a C callback is given finds its entry as it
+#: is, with no conversion to an integer (the owning pointer of the
+#: connection would keep the SSL object alive).
 _registry: dict = {}
 
 
-def ssl_address(ssl) -> int:
-    return int(_ffi.cast("uintptr_t", ssl))
+class Registration(weakref.ref):
+    """The registry's weak reference to an SslState; its key goes with it."""
+
+    __slots__ = ("key",)
 
 
-def connection_address(connection: SSL.Connection) -> int:
-    """The address of ``connection``'s ``SSL *``, as the C callbacks see it."""
-    return ssl_address(connection._ssl)
+def _forget(token: Registration) -> None:
+    # The state is gone (its association with it): forget the entry.
+    unregister(token)
 
 
-def register(connection: SSL.Connection, state: SslState):
+def register(connection: SSL.Connection, state: SslState) -> Registration:
     """Register ``state`` for ``connection``; returns the token :func:`unregister` needs."""
-    token = weakref.ref(state)
-    state.connection = weakref.ref(connection)
-    # The cookie callbacks, which pyOpenSSL calls with the connection.
-    connection.set_app_data(state)
+    token = Registration(state, _forget)
+    key = token.key = _ffi.cast("SSL *", connection._ssl)
     # An address can only be reused once the previous SSL is freed, so an
     # existing entry here is stale and may be replaced.
-    _registry[connection_address(connection)] = token
+    _registry[key] = token
     return token
 
 
-def unregister(address: int, token) -> None:
+def unregister(token: Registration) -> None:
     # Only remove our own entry: the address may already belong to a newer
     # SSL object whose association registered after ours was freed.
-    if _registry.get(address) is token:
-        del _registry[address]
+    key = token.key
+    if _registry.get(key) is token:
+        del _registry[key]
 
 
 def lookup(ssl) -> Optional[SslState]:
-    token = _registry.get(ssl_address(ssl))
+    token = _registry.get(ssl)
     return None if token is None else token()
 
 
@@ -212,20 +213,16 @@ def _callback_error(exc_type, exc_value, traceback) -> None:
 # Identity stages (run inside callbacks; they raise Refusal to refuse)
 
 
-#: OpenSSL's name of an SRTP protection profile -> its id.
-_PROFILE_IDS = {profile.openssl_name.encode("ascii"): profile.id for profile in PROFILES}
+def selected_profile_id(ssl) -> Optional[int]:
+    """The id (RFC 5764) of the SRTP profile negotiated on ``ssl`` (an ``SSL *``), or None."""
+    # Straight from OpenSSL's SRTP_PROTECTION_PROFILE: its id is the RFC's.
+    profile = _lib.SSL_get_selected_srtp_profile(ssl)
+    return profile.id if profile else None
 
 
-def selected_profile_id(state: SslState) -> Optional[int]:
-    """The id of the SRTP profile negotiated on ``state``'s connection, or None."""
-    connection = state.connection() if state.connection is not None else None
-    if connection is None:
-        return None
-    return _PROFILE_IDS.get(connection.get_selected_srtp_profile())
-
-
-def check_profile(state: SslState) -> None:
-    profile_id = selected_profile_id(state)
+def check_profile(ssl, state: SslState) -> int:
+    """The negotiated SRTP profile's id; Refusal if none or one this side does not allow."""
+    profile_id = selected_profile_id(ssl)
     if profile_id is None or profile_id not in state.allowed_profile_ids:
         raise Refusal(
             "no common SRTP protection profile",
@@ -233,6 +230,7 @@ def check_profile(state: SslState) -> None:
             ALERT_HANDSHAKE_FAILURE,
             _X509_APPLICATION,
         )
+    return profile_id
 
 
 def _ask_hook(state: SslState, stage: str) -> Decision:
@@ -266,7 +264,7 @@ def _server_hello_stage(ssl, state: SslState) -> None:
     if state.hello_done:
         return
     state.hello_done = True
-    check_profile(state)
+    check_profile(ssl, state)
     decision = _ask_hook(state, STAGE_HELLO)
     tls_id = decision.tls_id if decision.tls_id is not None else state.default_tls_id
     if tls_id is not None:
@@ -282,7 +280,7 @@ def _client_hello_stage(ssl, state: SslState) -> None:
     if state.hello_done:
         return
     state.hello_done = True
-    check_profile(state)
+    check_profile(ssl, state)
     expected = state.expected_peer_tls_id
     if expected is not None and state.peer_tls_id != expected:
         if state.peer_tls_id is None:
@@ -291,7 +289,8 @@ def _client_hello_stage(ssl, state: SslState) -> None:
 
 
 def _certificate_stage(ssl, state: SslState, certificate: x509.Certificate) -> None:
-    state.peer_fingerprint = pki.fingerprint(certificate)
+    """``certificate`` is the one whose DER is ``state.peer_der``."""
+    state.peer_fingerprint = pki.der_fingerprint(state.peer_der)
     state.peer_certificate = certificate
     if state.role == SERVER:
         _server_hello_stage(ssl, state)
@@ -301,7 +300,7 @@ def _certificate_stage(ssl, state: SslState, certificate: x509.Certificate) -> N
         expected = state.expected_peer_fingerprint
         if expected is not None:
             hash_name = expected.split()[0]
-            if pki.fingerprint(certificate, hash_name) != expected:
+            if pki.der_fingerprint(state.peer_der, hash_name) != expected:
                 raise _reject("server certificate fingerprint does not match the expected one",
                               ALERT_BAD_CERTIFICATE)
 
@@ -362,7 +361,6 @@ _PARSERS = {
 # Module-level C callbacks: created once, shared by every context and SSL.
 
 _ADD_CB = _ffi.typeof(_lib.SSL_CTX_add_client_custom_ext).args[2]
-_FREE_CB = _ffi.typeof(_lib.SSL_CTX_add_client_custom_ext).args[3]
 _PARSE_CB = _ffi.typeof(_lib.SSL_CTX_add_client_custom_ext).args[5]
 _VERIFY_CB = _ffi.typeof(_lib.SSL_CTX_set_verify).args[2]
 
@@ -377,6 +375,21 @@ def _internal(e: BaseException) -> Refusal:
                     False, ALERT_INTERNAL_ERROR, _X509_OUT_OF_MEM)
 
 
+def certificate_der(x509_pointer) -> bytes:
+    """The DER of an ``X509 *``: pyOpenSSL's dump_certificate without the wrapper object."""
+    bio = _lib.BIO_new(_lib.BIO_s_mem())
+    if bio == _ffi.NULL:
+        raise MemoryError("BIO_new")
+    try:
+        if _lib.i2d_X509_bio(bio, x509_pointer) != 1:
+            raise ValueError("i2d_X509_bio failed")
+        data = _ffi.new("char **")
+        length = _lib.BIO_get_mem_data(bio, data)
+        return _ffi.buffer(data[0], length)[:]
+    finally:
+        _lib.BIO_free(bio)
+
+
 @_ffi.callback(_ADD_CB, error=-1, onerror=_callback_error)
 def _ext_add(ssl, ext_type, out, outlen, al, add_arg):
     state = None
@@ -387,8 +400,11 @@ def _ext_add(ssl, ext_type, out, outlen, al, add_arg):
         value = state.send.get(ext_type)
         if value is None:
             return 0
-        buffer = _ffi.new("unsigned char[]", max(len(value), 1))
-        _ffi.memmove(buffer, value, len(value))
+        # OpenSSL copies the extension into the message as soon as this
+        # returns, so the buffer only has to outlive this call; it is kept
+        # in the state (until the next one of this type) so that no free
+        # callback is needed.
+        buffer = _ffi.from_buffer("unsigned char[]", value)
         state.buffers[ext_type] = buffer
         out[0] = buffer
         outlen[0] = len(value)
@@ -397,16 +413,6 @@ def _ext_add(ssl, ext_type, out, outlen, al, add_arg):
         _record_failure(state, _internal(e))
         al[0] = ALERT_INTERNAL_ERROR
         return -1
-
-
-@_ffi.callback(_FREE_CB, onerror=_callback_error)
-def _ext_free(ssl, ext_type, out, add_arg):
-    try:
-        state = lookup(ssl)
-        if state is not None:
-            state.buffers.pop(ext_type, None)
-    except Exception:
-        pass
 
 
 @_ffi.callback(_PARSE_CB, error=0, onerror=_callback_error)
@@ -420,8 +426,7 @@ def _ext_parse(ssl, ext_type, data, size, al, parse_arg):
         if state.failure is not None:
             al[0] = state.failure.alert
             return 0
-        raw = bytes(_ffi.buffer(data, size)) if size else b""
-        state.received[ext_type] = raw
+        raw = _ffi.buffer(data, size)[:] if size else b""
         handler = _PARSERS.get((state.role, ext_type))
         if handler is not None:
             handler(ssl, state, raw)
@@ -458,10 +463,10 @@ def _verify(preverify_ok, store_ctx):
             if state.failure is None:
                 raw = _lib.X509_STORE_CTX_get_current_cert(store_ctx)
                 _lib.X509_up_ref(raw)
+                state.peer_x509 = _ffi.gc(raw, _lib.X509_free)
                 # What to_cryptography() does, keeping the DER for the
                 # check once the handshake is done (peer_der).
-                state.peer_der = crypto.dump_certificate(
-                    crypto.FILETYPE_ASN1, crypto.X509._from_raw_x509_ptr(raw))
+                state.peer_der = certificate_der(raw)
                 certificate = x509.load_der_x509_certificate(state.peer_der)
                 ssl_ptr = _ffi.cast("SSL *", ssl)
                 _certificate_stage(ssl_ptr, state, certificate)
@@ -483,27 +488,41 @@ def _verify(preverify_ok, store_ctx):
         return 0
 
 
-# The cookie callbacks are pyOpenSSL's, shared (with their list of
-# exceptions) by every connection of a context: they never raise, so that
-# one connection's trouble cannot surface in another's DTLSv1_listen.
+# The cookie callbacks are C callbacks like the others (pyOpenSSL's own
+# would find the Connection through its reverse mapping and wrap each call;
+# OpenSSL calls the verify one twice per association, in DTLSv1_listen and
+# again for the ClientHello the handshake re-reads).  They never raise, so
+# that one connection's trouble cannot surface in another's DTLSv1_listen.
 
 #: Generated when a connection has no cookie: the verify callback refuses
 #: every cookie then, so this one is never accepted.
 _NO_COOKIE = b"\x00"
+_COOKIE_GENERATE_CB = _ffi.typeof(_lib.SSL_CTX_set_cookie_generate_cb).args[1]
+_COOKIE_VERIFY_CB = _ffi.typeof(_lib.SSL_CTX_set_cookie_verify_cb).args[1]
 
 
-def _cookie_generate(connection: SSL.Connection) -> bytes:
-    state = connection.get_app_data()
-    if not isinstance(state, SslState) or state.cookie is None:
-        return _NO_COOKIE
-    return state.cookie
+@_ffi.callback(_COOKIE_GENERATE_CB, error=0, onerror=_callback_error)
+def _cookie_generate(ssl, out, outlen):
+    try:
+        state = lookup(ssl)
+        cookie = _NO_COOKIE if state is None or state.cookie is None else state.cookie
+        # A cookie is an HMAC-SHA256 (32 octets), within OpenSSL's 255.
+        _ffi.memmove(out, cookie, len(cookie))
+        outlen[0] = len(cookie)
+        return 1
+    except Exception:
+        return 0  # aborts the handshake
 
 
-def _cookie_verify(connection: SSL.Connection, cookie: bytes) -> bool:
-    state = connection.get_app_data()
-    if not isinstance(state, SslState) or state.cookie is None:
-        return False
-    return hmac.compare_digest(cookie, state.cookie)
+@_ffi.callback(_COOKIE_VERIFY_CB, error=0, onerror=_callback_error)
+def _cookie_verify(ssl, cookie, length):
+    try:
+        state = lookup(ssl)
+        if state is None or state.cookie is None:
+            return 0
+        return 1 if hmac.compare_digest(_ffi.buffer(cookie, length)[:], state.cookie) else 0
+    except Exception:
+        return 0
 
 
 def install_callbacks(context: SSL.Context, role: str) -> None:
@@ -515,14 +534,14 @@ def install_callbacks(context: SSL.Context, role: str) -> None:
     raw = context._context
     if role == SERVER:
         mode = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-        context.set_cookie_generate_callback(_cookie_generate)
-        context.set_cookie_verify_callback(_cookie_verify)
+        _lib.SSL_CTX_set_cookie_generate_cb(raw, _cookie_generate)
+        _lib.SSL_CTX_set_cookie_verify_cb(raw, _cookie_verify)
         add_extension = _lib.SSL_CTX_add_server_custom_ext
     else:
         mode = SSL.VERIFY_PEER
         add_extension = _lib.SSL_CTX_add_client_custom_ext
     _lib.SSL_CTX_set_verify(raw, mode, _verify)
     for spec in EXTENSIONS:
-        if add_extension(raw, spec.ext_type, _ext_add, _ext_free,
+        if add_extension(raw, spec.ext_type, _ext_add, _ffi.NULL,
                          _ffi.NULL, _ext_parse, _ffi.NULL) != 1:
             raise RuntimeError("OpenSSL refused custom extension {}".format(spec.ext_type))

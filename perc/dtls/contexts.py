@@ -7,6 +7,8 @@ from typing import Iterable, Optional
 
 from OpenSSL import SSL
 
+from perc.dtls.bindings import ffi as _ffi
+from perc.dtls.bindings import lib as _lib
 from perc.dtls.callbacks import install_callbacks
 from perc.dtls.constants import DTLS1_2_VERSION, MIN_MTU, SERVER
 from perc.dtls.identity import Credentials
@@ -97,13 +99,22 @@ def check_mtu(mtu: int) -> int:
 
 def drain(connection: SSL.Connection) -> bytes:
     """Everything OpenSSL has written to the connection's memory BIO; never raises."""
-    chunks = []
-    while True:
-        try:
-            chunk = connection.bio_read(65536)
-        except Exception:  # WantReadError: nothing more; anything else: nothing usable
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
+    # One BIO_read of what the memory BIO holds (BIO_get_mem_data with no
+    # pointer gives its length), rather than pyOpenSSL's bio_read until it
+    # raises WantReadError: this runs after every handshake step.
+    try:
+        bio = connection._from_ssl
+        pending = _BIO_get_mem_data(bio, _ffi.NULL)
+        if pending <= 0:
+            return b""
+        buffer = _uninitialised("char[]", pending)
+        length = _BIO_read(bio, buffer, pending)
+        return _ffi.buffer(buffer, length)[:] if length > 0 else b""
+    except Exception:  # nothing usable
+        return b""
+
+
+_BIO_get_mem_data = _lib.BIO_get_mem_data
+_BIO_read = _lib.BIO_read
+#: The buffer is filled by BIO_read at once: clearing it first is wasted.
+_uninitialised = _ffi.new_allocator(should_clear_after_alloc=False)

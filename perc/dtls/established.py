@@ -85,6 +85,15 @@ class OwnRecordLayer:
     _sequence_block = DEFAULT_SEQUENCE_BLOCK
     #: Records not sealed because no write sequence numbers were reserved.
     reservation_refusals = 0
+    #: Set by each ``_collect``: the records OpenSSL just wrote include a
+    #: handshake record of a later epoch than 0 (our Finished).
+    _flight_carries_finished = False
+    #: Set by ``_export_keying_material`` for ``_compact``, which takes it:
+    #: (suite, master secret, keyed PRF, client random, server random).
+    _handshake_secrets: Optional[tuple] = None
+    #: The peer's records of a later epoch than 0 given to OpenSSL (whether
+    #: or not they are among the early records kept).
+    _early_record_count = 0
 
     def use_write_reservation(self, reserve: Optional[Callable[[int, int], bool]],
                               block: int = DEFAULT_SEQUENCE_BLOCK) -> None:
@@ -240,43 +249,48 @@ class OwnRecordLayer:
 
     def _remember_early_record(self, record: bytes) -> None:
         header = records.record_epoch_and_sequence(record)
-        if header is not None and header[0] > 0 and len(record) <= _EARLY_RECORD_OCTETS \
-                and len(self._early_records) < _EARLY_RECORDS:
-            self._early_records.append(bytes(record))
+        if header is not None and header[0] > 0:
+            self._early_record_count += 1
+            if len(record) <= _EARLY_RECORD_OCTETS and len(self._early_records) < _EARLY_RECORDS:
+                self._early_records.append(bytes(record))
 
     def _compact(self, output: Output) -> None:
         """
         Hand the just-established association to perc.dtls.records and free the
         OpenSSL connection (about 80 KiB that would otherwise stay for the
         association's life).  Kept on OpenSSL: suites perc.dtls.records does not
-        handle, and anything unexpected about the final flight.
+        handle, and anything unexpected about the final flight.  ``output``
+        is what the last ``_collect`` returned (the one that saw the
+        handshake complete).
         """
-        conn = self._conn
-        suite = records.suite_for(conn.get_cipher_name())
-        if suite is None or self._write_epoch is None:
-            return
+        secrets, self._handshake_secrets = self._handshake_secrets, None
+        if secrets is None or self._write_epoch is None:
+            return  # a suite perc.dtls.records does not handle
+        suite, master_secret, prf, client_random, server_random = secrets
         server = self.role == SERVER
         if server:
             # The ekt_key message continues this side's message_seq, which
             # counts every handshake message it sent (RFC 6347 section
             # 4.2.2): our Finished, in this output, took the one after our
             # last epoch-0 message.
-            if self._plain_message_seq < 0 or not _carries_handshake(
-                    output.datagrams, self._write_epoch):
+            if self._plain_message_seq < 0 or not self._flight_carries_finished:
                 return
             self._next_message_seq = self._plain_message_seq + 2
         try:
             protection = records.RecordProtection.from_master_secret(
                 suite, server=server, next_write_sequence=self._next_write_sequence,
-                master_secret=conn.master_key(), client_random=conn.client_random(),
-                server_random=conn.server_random(), epoch=self._write_epoch,
+                master_secret=master_secret, client_random=client_random,
+                server_random=server_random, epoch=self._write_epoch, prf=prf,
                 # OpenSSL's records used the numbers below; nothing is reserved yet.
                 write_limit=self._next_write_sequence)
         except Exception:
             return
         # Every peer record of this epoch seen so far (its Finished, perhaps
         # an earlier copy of it) enters the replay window.
-        protection.prime(self._early_records)
+        # When OpenSSL was given a single record of a later epoch, and is done
+        # with the handshake, that record was the peer's Finished, which
+        # OpenSSL authenticated: it need not be decrypted again here.
+        protection.prime(self._early_records, authenticated=self._early_record_count == 1)
         self._early_records = []
         self._records = protection
         self._reserve_block()  # the first block, before anything is sealed here
@@ -285,9 +299,9 @@ class OwnRecordLayer:
         state = self._state
         state.peer_certificate = None
         state.peer_der = None
-        state.received = {}
+        state.peer_x509 = None
         state.send = {}
-        self._finalizer()
+        self._unregister()
         self._conn = None
         self._context = None
 
@@ -471,13 +485,3 @@ def last_message_seq(record: bytes) -> int:
         position += HANDSHAKE_HEADER_LENGTH + int.from_bytes(
             record[position + 9:position + 12], "big")
     return highest
-
-
-def _carries_handshake(datagrams, epoch: int) -> bool:
-    """True if ``datagrams`` hold a handshake record of ``epoch`` (our Finished)."""
-    for record in split_records(b"".join(datagrams)):
-        header = records.record_epoch_and_sequence(record)
-        if header is not None and header[0] == epoch and \
-                record[0] == records.CONTENT_HANDSHAKE:
-            return True
-    return False

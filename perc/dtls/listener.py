@@ -10,7 +10,7 @@ from typing import Iterable, Optional
 
 from perc.dtls.association import ServerAssociation
 from perc.dtls.bindings import lib as _lib
-from perc.dtls.callbacks import SslState, connection_address, register, unregister
+from perc.dtls.callbacks import SslState, register, unregister
 from perc.dtls.constants import (
     CONTENT_HANDSHAKE,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -98,6 +98,8 @@ class ServerListener:
         self._cookie_mac = KeyedHmac(hashlib.sha256, _PROCESS_COOKIE_SECRET
                                      if cookie_secret is None else bytes(cookie_secret))
         self.compact = compact
+        # What every listen() with the listener's own profiles uses.
+        self._profile_ids = frozenset(p.id for p in self.profiles)
 
     def cookie_for(self, association_id: bytes, datagram) -> Optional[bytes]:
         """
@@ -163,35 +165,36 @@ class ServerListener:
             # 6347 treats an invalid cookie as none): nothing is kept.
             return (hello_verify_request(record_sequence, expected),), None
         datagram = bytes(datagram)
+        own_profiles = profiles is self.profiles
         context = context_for(SERVER, profiles, self.credentials)
         connection = new_connection(context, self.mtu)
         connection.set_accept_state()
         state = SslState(SERVER)
         state.association_id = association_id
         state.cookie = expected
-        address = connection_address(connection)
+        # Registered once, for DTLSv1_listen's cookie callbacks and then
+        # for the association's life.
         token = register(connection, state)
+        _lib.ERR_clear_error()
         try:
-            _lib.ERR_clear_error()
             connection.bio_write(datagram)
-            try:
-                connection.DTLSv1_listen()
-            except Exception:
-                # OpenSSL refused what the checks above let through (its
-                # own parse is stricter in places): nothing is kept.
-                return (), None
-        finally:
-            unregister(address, token)
+            connection.DTLSv1_listen()
+        except Exception:
+            # OpenSSL refused what the checks above let through (its
+            # own parse is stricter in places): nothing is kept.
+            unregister(token)
+            return (), None
         state.identity_hook = identity_hook if identity_hook is not None else self.identity_hook
         state.default_tls_id = tls_id if tls_id is not None else self.tls_id
-        state.allowed_profile_ids = frozenset(p.id for p in profiles)
+        state.allowed_profile_ids = self._profile_ids if own_profiles else \
+            frozenset(p.id for p in profiles)
         state.ekt_ciphers = ekt_ciphers
         association = ServerAssociation(
             association_id=association_id, compact=self.compact,
             context=context, connection=connection,
             state=state, profiles=profiles, mtu=self.mtu,
             max_retransmissions=self.max_retransmissions,
-            handshake_timeout=self.handshake_timeout)
+            handshake_timeout=self.handshake_timeout, registration=token)
         association._mark_started(now)
         return (), association
 

@@ -54,6 +54,7 @@ __all__ = [
     "CONTENT_CHANGE_CIPHER_SPEC",
     "CONTENT_HANDSHAKE",
     "MAX_PLAINTEXT",
+    "Prf",
     "RecordProtection",
     "ReservationNeeded",
     "SEQUENCE_LIMIT",
@@ -113,18 +114,34 @@ def suite_for(openssl_name: Optional[str]) -> Optional[Suite]:
     return _SUITES.get(openssl_name) if openssl_name else None
 
 
+class Prf:
+    """
+    The TLS 1.2 PRF (RFC 5246 section 5) under one secret: keyed once (see
+    perc.dtls.mac) for all it derives, as the exporter and the key block
+    of one handshake are.  Secret: no repr shows the key.
+    """
+
+    __slots__ = ("_mac",)
+
+    def __init__(self, hash_function: Callable, secret: bytes) -> None:
+        self._mac = KeyedHmac(hash_function, secret).digest
+
+    def __call__(self, label: bytes, seed: bytes, length: int) -> bytes:
+        """P_hash(secret, label + seed), ``length`` octets of it."""
+        mac = self._mac
+        seed = label + seed
+        output = b""
+        a = seed
+        while len(output) < length:
+            a = mac(a)
+            output += mac(a + seed)
+        return output[:length]
+
+
 def tls12_prf(hash_function: Callable, secret: bytes, label: bytes, seed: bytes,
               length: int) -> bytes:
     """The TLS 1.2 PRF (RFC 5246 section 5): P_hash(secret, label + seed)."""
-    seed = label + seed
-    # Keyed once (see perc.dtls.mac): each step is two hash computations.
-    mac = KeyedHmac(hash_function, secret).digest
-    output = b""
-    a = seed
-    while len(output) < length:
-        a = mac(a)
-        output += mac(a + seed)
-    return output[:length]
+    return Prf(hash_function, secret)(label, seed, length)
 
 
 def record_epoch_and_sequence(record: bytes) -> Optional[tuple]:
@@ -276,11 +293,17 @@ class RecordProtection:
     def from_master_secret(cls, suite: Suite, *, server: bool, master_secret: bytes,
                            client_random: bytes, server_random: bytes, epoch: int,
                            next_write_sequence: int,
-                           write_limit: Optional[int] = None) -> "RecordProtection":
-        """RFC 5246 section 6.3: the key block, split for the server or the client side."""
+                           write_limit: Optional[int] = None,
+                           prf: Optional[Prf] = None) -> "RecordProtection":
+        """
+        RFC 5246 section 6.3: the key block, split for the server or the
+        client side.  ``prf``, if given, is the suite's PRF already keyed
+        with ``master_secret``.
+        """
         k, i = suite.key_length, suite.iv_length
-        block = tls12_prf(suite.prf_hash, master_secret, b"key expansion",
-                          server_random + client_random, 2 * (k + i))
+        if prf is None:
+            prf = Prf(suite.prf_hash, master_secret)
+        block = prf(b"key expansion", server_random + client_random, 2 * (k + i))
         # AEAD suites have no MAC keys: client key, server key, client IV, server IV.
         client_key, server_key = block[:k], block[k:2 * k]
         client_iv, server_iv = block[2 * k:2 * k + i], block[2 * k + i:]
@@ -299,18 +322,22 @@ class RecordProtection:
         """The largest plaintext whose record fits ``mtu`` octets (2^14 at most)."""
         return max(0, min(MAX_PLAINTEXT, mtu - self.suite.overhead))
 
-    def prime(self, peer_records) -> None:
+    def prime(self, peer_records, authenticated: bool = False) -> None:
         """
         Enter the peer's records that arrived before this layer took over
         (OpenSSL read them, or dropped them) into the replay window:
         every sequence number up to the highest authentic one counts as
         received, so none of them can be replayed here.  Forged records
         do not count, so they cannot push the window ahead.
+        ``authenticated``: the caller knows the records of this epoch to be
+        authentic (OpenSSL accepted them), so they are not opened again.
         """
         highest = -1
         for record in peer_records:
             header = record_epoch_and_sequence(record)
-            if header is not None and self.open(record) is not None:
+            if header is None:
+                continue
+            if (authenticated and header[0] == self.epoch) or self.open(record) is not None:
                 highest = max(highest, header[1])
         if highest >= 0:
             self._window.mark_through(highest)

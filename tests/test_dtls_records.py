@@ -237,6 +237,24 @@ class CompactedAssociationTests(SynchronousTestCase):
                 b"EXTRACTOR-dtls_srtp", profile.keying_material_length)))
             self.assertEqual(harness.event("client", dtls.HandshakeComplete).keys, done.keys)
 
+    def test_suite_found_once_per_openssl_cipher(self):
+        """
+        The exporter finds the suite by the SSL_CIPHER pointer (OpenSSL's
+        static cipher table), named once; no cipher (NULL) is not a suite.
+        """
+        from perc.dtls.association import _SUITES_BY_CIPHER
+        from perc.dtls.bindings import ffi
+        for cipher in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES128-SHA256"):
+            established(cipher=cipher)
+        names = {None if suite is None else suite.name for suite in _SUITES_BY_CIPHER.values()}
+        self.assertIn("ECDHE-ECDSA-AES128-GCM-SHA256", names)
+        self.assertIn(None, names)  # the CBC suite stays on OpenSSL
+        count = len(_SUITES_BY_CIPHER)
+        established(cipher="ECDHE-ECDSA-AES128-GCM-SHA256")
+        self.assertEqual(len(_SUITES_BY_CIPHER), count)
+        self.assertIsNone(_SUITES_BY_CIPHER[ffi.NULL])
+        self.assertEqual(len(_SUITES_BY_CIPHER), count)
+
     def test_not_compacted_when_turned_off(self):
         harness = established(compact=False)
         self.assertFalse(harness.server.compacted)

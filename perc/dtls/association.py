@@ -516,12 +516,19 @@ class DtlsAssociation(OwnRecordLayer):
         call, which cost more than the rest of the handshake's end.
         """
         connection = self._conn
-        suite = records.suite_for(connection.get_cipher_name())
-        master_secret = connection.master_key() if suite is not None else None
+        ssl = connection._ssl
+        suite = _SUITES_BY_CIPHER[_SSL_get_current_cipher(ssl)]
+        master_secret = _session_master_key(ssl) if suite is not None else None
         if not master_secret:
             return connection.export_keying_material(EXPORTER_LABEL, length)
-        client_random = connection.client_random()
-        server_random = connection.server_random()
+        # pyOpenSSL's client_random and server_random each look the
+        # session up and ask OpenSSL for the length first: both are 32.
+        randoms = _uninitialised("unsigned char[]", 64)
+        if _SSL_get_client_random(ssl, randoms, 32) != 32 or \
+                _SSL_get_server_random(ssl, randoms + 32, 32) != 32:
+            return connection.export_keying_material(EXPORTER_LABEL, length)
+        client_random = _ffi.buffer(randoms, 32)[:]
+        server_random = _ffi.buffer(randoms + 32, 32)[:]
         prf = records.Prf(suite.prf_hash, master_secret)
         if self._compact_when_established:
             self._handshake_secrets = (suite, master_secret, prf, client_random, server_random)
@@ -595,6 +602,39 @@ _SSL_do_handshake = _lib.SSL_do_handshake
 _SSL_get_error = _lib.SSL_get_error
 _SSL_ERROR_WANT_READ = _lib.SSL_ERROR_WANT_READ
 _BIO_write = _lib.BIO_write
+_SSL_get_current_cipher = _lib.SSL_get_current_cipher
+_SSL_get_client_random = _lib.SSL_get_client_random
+_SSL_get_server_random = _lib.SSL_get_server_random
+_uninitialised = _ffi.new_allocator(should_clear_after_alloc=False)
+
+
+class _SuitesByCipher(dict):
+    """
+    ``SSL_CIPHER *`` -> the records.Suite of that cipher, or None: OpenSSL's
+    cipher objects are static tables, so a pointer names one cipher for the
+    process's life and its name is looked up once.
+    """
+
+    def __missing__(self, cipher):
+        suite = None
+        if cipher != _ffi.NULL:
+            suite = records.suite_for(_ffi.string(_lib.SSL_CIPHER_get_name(cipher)).decode(
+                "ascii", "replace"))
+            self[cipher] = suite
+        return suite
+
+
+_SUITES_BY_CIPHER = _SuitesByCipher()
+
+
+def _session_master_key(ssl) -> Optional[bytes]:
+    """The session's master secret (what pyOpenSSL's master_key gives), or None."""
+    session = _lib.SSL_get_session(ssl)
+    if session == _ffi.NULL:
+        return None
+    buffer = _uninitialised("unsigned char[]", 48)
+    length = _lib.SSL_SESSION_get_master_key(session, buffer, 48)
+    return _ffi.buffer(buffer, length)[:] if length > 0 else None
 
 
 def _peer_certificate_problem(ssl, state: SslState) -> Optional[str]:

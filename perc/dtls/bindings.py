@@ -51,6 +51,12 @@ PRIVATE_SYMBOLS = (
     "BIO_write",
     "BIO_get_mem_data",
     "i2d_X509_bio",
+    "SSL_get_current_cipher",
+    "SSL_CIPHER_get_name",
+    "SSL_get_client_random",
+    "SSL_get_server_random",
+    "SSL_get_session",
+    "SSL_SESSION_get_master_key",
 )
 
 #: The public pyOpenSSL API perc.dtls needs (some of it depends on the

@@ -441,16 +441,27 @@ def _ext_parse(ssl, ext_type, data, size, al, parse_arg):
         return 0
 
 
+#: The ex_data index of the SSL in an X509_STORE_CTX: fixed for the process
+#: once allocated, which this first call does.
+_SSL_INDEX = _lib.SSL_get_ex_data_X509_STORE_CTX_idx()
+_X509_STORE_CTX_get_ex_data = _lib.X509_STORE_CTX_get_ex_data
+_X509_STORE_CTX_set_error = _lib.X509_STORE_CTX_set_error
+
+
 @_ffi.callback(_VERIFY_CB, error=0, onerror=_callback_error)
 def _verify(preverify_ok, store_ctx):
     state = None
     try:
-        ssl = _lib.X509_STORE_CTX_get_ex_data(
-            store_ctx, _lib.SSL_get_ex_data_X509_STORE_CTX_idx()
-        )
+        ssl = _X509_STORE_CTX_get_ex_data(store_ctx, _SSL_INDEX)
         state = lookup(ssl)
         if state is None:
             return 0
+        if state.certificate_verdict and state.failure is None:
+            # The leaf was checked and accepted: OpenSSL's later calls (its
+            # last one with the chain verified, whatever the depth) need
+            # nothing more (see the depth rule below).
+            _X509_STORE_CTX_set_error(store_ctx, _X509_V_OK)
+            return 1
         if _lib.X509_STORE_CTX_get_error_depth(store_ctx) != 0:
             # Identity is the leaf's fingerprint, not a CA chain: whatever
             # the chain above the leaf looks like is irrelevant.

@@ -77,17 +77,22 @@ class WriteSequencesTests(SqliteDatabase, TestCase):
     def test_new_association_then_database_blocks(self):
         self.distributor.associations[self.aid] = _Association(_Engine(5), established=False)
         self.assertTrue(self.sequences.reserve(self.aid, 5, 5 + BLOCK))  # before its row
-        yield self.node.recordAssociation(str(self.aid), "md.test", b"state", 5 + BLOCK)
-        # Used up before the row is known written: refused, nothing asked yet.
+        # Its row reserves the next two blocks too (no reservation of its own).
+        reserved = self.sequences.ahead(5 + BLOCK)
+        self.assertEqual(reserved, 5 + 3 * BLOCK)
+        yield self.node.recordAssociation(str(self.aid), "md.test", b"state", reserved)
+        # Used up before the row is known written: refused, nothing asked.
         self.assertFalse(self.sequences.reserve(self.aid, 5 + BLOCK, 5 + 2 * BLOCK))
-        self.sequences.recorded(str(self.aid))
-        yield eventually(lambda: not self.sequences._pending)
-        self.assertEqual((yield self.row()), 5 + 3 * BLOCK)
-        # Granted from the reserved block; its second half reserves the next.
+        self.assertEqual(self.sequences._pending, {})
+        self.sequences.recorded(str(self.aid), reserved)
+        self.assertEqual(self.sequences._pending, {})
+        # Granted from the row's reservation; its second half reserves the next.
         self.assertTrue(self.sequences.reserve(self.aid, 5 + BLOCK, 5 + 2 * BLOCK))
+        self.assertEqual(self.sequences._pending, {})
         self.assertTrue(self.sequences.reserve(self.aid, 5 + 2 * BLOCK, 5 + 3 * BLOCK))
-        yield eventually(lambda: self.sequences.reservations == 2)
+        yield eventually(lambda: self.sequences.reservations == 1)
         self.assertEqual((yield self.row()), 5 + 5 * BLOCK)
+        self.assertFalse(self.sequences.reserve(self.aid, 5 + 5 * BLOCK, 5 + 6 * BLOCK))
 
     @defer.inlineCallbacks
     def test_adopter_starts_at_the_row_and_waits_for_the_database(self):

@@ -305,10 +305,15 @@ class AssociationOwnership:
         md_identity = getattr(tunnel, "identity", None) or ""
         sequences = self.sequences
 
+        if sequences is not None:
+            # The row reserves the association's next block too: no
+            # reservation of its own per join.
+            reserved = sequences.ahead(reserved)
+
         def record(aid):
             d = self.node.recordAssociation(aid, md_identity, state, reserved)
             if sequences is not None:
-                d.addCallback(lambda _: sequences.recorded(aid))
+                d.addCallback(lambda _: sequences.recorded(aid, reserved))
             return d
         self._then(str(association.id), record)
 
@@ -381,7 +386,9 @@ class WriteSequences:
     reservation lands, grants through ``grant_write_sequences``.
 
     A new association's first block is granted before its row exists: the
-    row is written with that block's end as ``sequence_reserved``, and an
+    row is written with that block's end and the next ``2 * block``
+    (:meth:`ahead`) as ``sequence_reserved``, so that the row's own write
+    reserves what comes next (one database write per join, not two); an
     association without a row is never adopted.  An adopted one starts at
     its row's ``sequence_reserved`` (:meth:`adopting`).  Nothing is granted
     while the node does not hold its lease.
@@ -441,12 +448,22 @@ class WriteSequences:
             return False
         return association is None or not association.established
 
-    def recorded(self, association_id: str) -> None:
-        """The association's row is written: its next blocks come from the database."""
+    def ahead(self, limit: int) -> int:
+        """What a new row reserves: ``limit`` (its first block's end) and the next blocks."""
+        return limit + 2 * self.block
+
+    def recorded(self, association_id: str, reserved: int) -> None:
+        """
+        The association's row is written (committed), reserving up to
+        ``reserved``: what lies below is granted; the next blocks come
+        from the database.
+        """
         held = self._held.get(association_id)
         if held is not None:
             held[2] = True
-            self._fetch(association_id)
+            held[1] = max(held[1], reserved)
+            # Further blocks are reserved as the engine runs into these (reserve).
+            self._grantWaiting(association_id, held)
 
     def adopting(self, association_id: str, floor: int) -> None:
         """This node adopts the association, its row reserved up to ``floor``: it starts there."""

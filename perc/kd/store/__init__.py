@@ -41,8 +41,10 @@ sealed_state, sequence_reserved)
 NOTIFY channels (PostgreSQL; sent in the writing transaction, so delivered
 on commit; payloads never hold secrets): ``perc_registrations`` (payload:
 the tls-id whose registration changed), ``perc_conference_keys`` (payload:
-the conference whose key changed), ``perc_associations`` (payload: the
-association id), ``perc_nodes``.  :attr:`Store.notifications` delivers them
+the conference whose key changed), ``perc_nodes`` (payload: the node whose
+lease was released).  Association rows have none: no Key Distributor
+reads another's rows until it claims them, and a notification per join
+cost every node of the cluster a wake-up.  :attr:`Store.notifications` delivers them
 on the reactor thread to registered callbacks, from a dedicated
 connection; after each (re)connection of that connection its "connected"
 callbacks run, so that listeners reload whatever they may have missed.

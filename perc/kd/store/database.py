@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from perc.errors import ConfigError
 from perc.kd.sealing import SealingError, SealingKey
 from perc.kd.store import schema
+from perc.kd.store.batch import GroupCommit
 from perc.kd.store.dialects import POSTGRESQL, SQLITE, Dialect
 
 __all__ = [
@@ -31,10 +32,8 @@ log = Logger()
 
 REGISTRATIONS_CHANNEL = "perc_registrations"
 CONFERENCE_KEYS_CHANNEL = "perc_conference_keys"
-ASSOCIATIONS_CHANNEL = "perc_associations"
 NODES_CHANNEL = "perc_nodes"
-NOTIFY_CHANNELS = (REGISTRATIONS_CHANNEL, CONFERENCE_KEYS_CHANNEL, ASSOCIATIONS_CHANNEL,
-                   NODES_CHANNEL)
+NOTIFY_CHANNELS = (REGISTRATIONS_CHANNEL, CONFERENCE_KEYS_CHANNEL, NODES_CHANNEL)
 
 #: What the sealing_check row holds, sealed.
 _SEALING_CHECK = b"perc-kd sealing check"
@@ -110,7 +109,9 @@ class Store:
     """
 
     def __init__(self, pool, dialect, description: str, sealing_key: SealingKey | None,
-                 notifications):
+                 notifications, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
         self._pool = pool
         self.dialect = dialect
         #: The database for messages (no password).
@@ -119,6 +120,10 @@ class Store:
         #: ``add(channel, callback)``, ``add_connected(callback)``; see the package docstring.
         self.notifications = notifications
         self._closed = False
+        #: The association writes (rows, reservations), committed in batches.
+        self.writes = GroupCommit(
+            lambda interaction, *args: pool.runInteraction(interaction, dialect, *args),
+            reactor, dialect.errors[0])
 
     @property
     def errors(self) -> tuple:
@@ -153,7 +158,7 @@ class Store:
 
         def prepared(_):
             notifications.start()
-            return cls(pool, dialect, description, sealing_key, notifications)
+            return cls(pool, dialect, description, sealing_key, notifications, reactor)
 
         def failed(failure):
             pool.close()
@@ -240,9 +245,18 @@ class Store:
 
     # -- association state ---------------------------------------------------
 
+    # The four writes below are group-committed (:attr:`writes`): each
+    # fires once the transaction holding it, and the writes submitted
+    # around it, has committed.
+
+    def _write(self, function, *args) -> defer.Deferred:
+        if self._closed:
+            return defer.fail(self.errors[0]("the database is closed"))
+        return self.writes.submit(function, *args)
+
     def put_association(self, record: AssociationRecord) -> defer.Deferred:
         """Insert or replace the association's row, its state sealed."""
-        return self._run(_putAssociation, self._sealing(), record)
+        return self._write(_putAssociation, self._sealing(), record)
 
     def get_association(self, association_id: str) -> defer.Deferred:
         """The :class:`AssociationRecord`, or None; fails with SealingError if it does not open."""
@@ -250,7 +264,7 @@ class Store:
 
     def delete_association(self, association_id: str) -> defer.Deferred:
         """Fires with whether there was a row."""
-        return self._run(_deleteAssociation, association_id)
+        return self._write(_deleteAssociation, association_id)
 
     def update_association(self, record: AssociationRecord) -> defer.Deferred:
         """
@@ -258,7 +272,7 @@ class Store:
         still owns it; fires with whether it did (False: adopted by another
         node, or gone).
         """
-        return self._run(_updateAssociation, self._sealing(), record)
+        return self._write(_updateAssociation, self._sealing(), record)
 
     def reserve_block(self, association_id: str, size: int, owner_node: str) -> defer.Deferred:
         """
@@ -268,7 +282,7 @@ class Store:
         """
         if not isinstance(size, int) or size <= 0:
             raise ValueError("a sequence block has a positive size, not {!r}".format(size))
-        return self._run(_reserveBlock, association_id, size, owner_node)
+        return self._write(_reserveBlock, association_id, size, owner_node)
 
     def owned_associations(self, owner_node: str) -> defer.Deferred:
         """The ids of the rows ``owner_node`` owns."""
@@ -318,6 +332,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self.writes.close()
         yield self.notifications.stop()
         self._pool.close()
 
@@ -437,7 +452,6 @@ def _putAssociation(cursor, dialect, sealing_key: SealingKey, record: Associatio
         " sequence_reserved = excluded.sequence_reserved"),
         (record.association_id, record.owner_node, record.md_identity, sealed,
          record.sequence_reserved))
-    dialect.notify(cursor, ASSOCIATIONS_CHANNEL, record.association_id)
 
 
 def _getAssociation(cursor, dialect, sealing_key: SealingKey, association_id: str):
@@ -455,8 +469,6 @@ def _getAssociation(cursor, dialect, sealing_key: SealingKey, association_id: st
 def _deleteAssociation(cursor, dialect, association_id: str) -> bool:
     cursor.execute(dialect.sql("DELETE FROM associations WHERE association_id = ?"),
                    (association_id,))
-    if cursor.rowcount:
-        dialect.notify(cursor, ASSOCIATIONS_CHANNEL, association_id)
     return bool(cursor.rowcount)
 
 
@@ -469,10 +481,7 @@ def _updateAssociation(cursor, dialect, sealing_key: SealingKey, record: Associa
         " WHERE association_id = ? AND owner_node = ? AND md_identity = ?"),
         (sealed, record.sequence_reserved, record.sequence_reserved, record.association_id,
          record.owner_node, record.md_identity))
-    if cursor.rowcount != 1:
-        return False
-    dialect.notify(cursor, ASSOCIATIONS_CHANNEL, record.association_id)
-    return True
+    return cursor.rowcount == 1
 
 
 def _reserveBlock(cursor, dialect, association_id: str, size: int, owner_node: str):
@@ -480,13 +489,12 @@ def _reserveBlock(cursor, dialect, association_id: str, size: int, owner_node: s
     # and then adds to the limit this one wrote.
     cursor.execute(dialect.sql(
         "UPDATE associations SET sequence_reserved = sequence_reserved + ?"
-        " WHERE association_id = ? AND owner_node = ?"), (size, association_id, owner_node))
-    if cursor.rowcount != 1:
+        " WHERE association_id = ? AND owner_node = ? RETURNING sequence_reserved"),
+        (size, association_id, owner_node))
+    row = cursor.fetchone()
+    if row is None:
         return None
-    cursor.execute(dialect.sql("SELECT sequence_reserved FROM associations"
-                               " WHERE association_id = ?"), (association_id,))
-    limit = cursor.fetchone()[0]
-    return (limit - size, limit)
+    return (row[0] - size, row[0])
 
 
 def _claimOrphans(cursor, dialect, sealing_key: SealingKey, node_id: str) -> list:
@@ -504,7 +512,6 @@ def _claimOrphans(cursor, dialect, sealing_key: SealingKey, node_id: str) -> lis
             (node_id, association_id, dead, dead))
         if cursor.rowcount != 1:
             continue
-        dialect.notify(cursor, ASSOCIATIONS_CHANNEL, association_id)
         record = _openedOrLogged(cursor, dialect, sealing_key, association_id, dead)
         if record is not None:
             claimed.append(record)

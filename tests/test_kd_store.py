@@ -62,7 +62,7 @@ class StoreTestsMixin:
         yield self.open()
         self.assertEqual(self.execute("SELECT version FROM schema_version"),
                          [(SCHEMA_VERSION,)])
-        self.assertEqual(SCHEMA_VERSION, 2)
+        self.assertEqual(SCHEMA_VERSION, 3)
         self.assertEqual(set(self.tables()), {
             "schema_version", "registrations", "conference_keys", "sealing_check", "nodes",
             "associations"})
@@ -75,7 +75,7 @@ class StoreTestsMixin:
         with self.assertRaises(ConfigError) as caught:
             yield Store.open(self.database, self.key)
         message = str(caught.exception)
-        self.assertIn("schema version 99 is newer than this perc-kd knows (2)", message)
+        self.assertIn("schema version 99 is newer than this perc-kd knows (3)", message)
         self.assertNotIn("\n", message)
 
     @defer.inlineCallbacks
@@ -125,6 +125,17 @@ class StoreTestsMixin:
         self.execute("UPDATE conference_keys SET ttl = 99999 WHERE conference = 'a'")
         self.assertIsNone((yield store.get_conference_key("a")).material)
         self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_write_sequence_limit_past_32_bits(self):
+        """A DTLS record sequence number has 48 bits: so has the reserved limit."""
+        store = yield self.open()
+        limit = (1 << 48) - 1024
+        record = AssociationRecord("aid-1", "node-a", "md.test", b"state", limit - 2048)
+        yield store.put_association(record)
+        self.assertEqual((yield store.reserve_block("aid-1", 2048, "node-a")),
+                         (limit - 2048, limit))
+        self.assertEqual((yield store.get_association("aid-1")).sequence_reserved, limit)
 
     @defer.inlineCallbacks
     def test_association_state_sealed_put_get_delete(self):
@@ -367,14 +378,31 @@ class SqliteStoreTests(SqliteDatabase, StoreTestsMixin, TestCase):
         store = yield self.open()
         roster = yield Roster.load(store)
         self.assertEqual(roster.lookup(TLS_A).kd_tls_id, "K" * 32)
-        self.assertEqual(self.execute("SELECT version FROM schema_version"), [(2,)])
+        self.assertEqual(self.execute("SELECT version FROM schema_version"), [(3,)])
         # What perc-kd before schema 2 reads: it refuses the file instead of using it.
-        self.assertEqual(self.execute("PRAGMA user_version"), [(2,)])
+        self.assertEqual(self.execute("PRAGMA user_version"), [(3,)])
         yield roster.put("conf", TLS_A, FP2)
         self.assertEqual(self.execute("SELECT fingerprint FROM registrations"), [(FP2,)])
 
 
 class PostgresStoreTests(PostgresDatabase, StoreTestsMixin, TestCase):
+    @defer.inlineCallbacks
+    def test_schema_2_database_widens_the_reserved_limit(self):
+        """Schema 2 made sequence_reserved a 32-bit integer on PostgreSQL: 3 widens it."""
+        store = yield self.open()
+        yield store.put_association(AssociationRecord("aid-1", "node-a", "md.test", b"s", 7))
+        yield store.close()
+        self.execute("ALTER TABLE associations ALTER COLUMN sequence_reserved TYPE INTEGER")
+        self.execute("UPDATE schema_version SET version = 2")
+        store = yield self.open()
+        self.assertEqual(self.execute(
+            "SELECT data_type FROM information_schema.columns WHERE table_name = "
+            "'associations' AND column_name = 'sequence_reserved'"), [("bigint",)])
+        self.assertEqual(self.execute("SELECT version FROM schema_version"), [(3,)])
+        self.assertEqual((yield store.get_association("aid-1")).sequence_reserved, 7)
+        self.assertEqual((yield store.reserve_block("aid-1", 1 << 40, "node-a")),
+                         (7, 7 + (1 << 40)))
+
     @defer.inlineCallbacks
     def test_registration_changes_reach_other_key_distributors(self):
         """NOTIFY perc_registrations: a change through one roster reaches the other's memory."""

@@ -3,7 +3,7 @@ The Key Distributor's database: SQLite (``--db PATH``, the embedded default
 for one Key Distributor) or PostgreSQL (``--db postgresql://USER@HOST:PORT/DB``,
 shared by the Key Distributors of a cluster), one schema for both.
 
-Tables (schema version 2; :mod:`perc.kd.store.schema` upgrades older ones on
+Tables (schema version 3; :mod:`perc.kd.store.schema` upgrades older ones on
 start, a newer one refuses to start):
 
 ``schema_version`` (id = 1, version)

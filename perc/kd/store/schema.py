@@ -12,10 +12,11 @@ __all__ = ["SCHEMA_VERSION", "upgrade"]
 
 #: The schema this program writes.  1: registrations only (PRAGMA
 #: user_version, before this package).  2: schema_version, conference_keys,
-#: sealing_check, nodes, associations.
-SCHEMA_VERSION = 2
+#: sealing_check, nodes, associations.  3: associations.sequence_reserved
+#: holds a DTLS record sequence number (48 bits): 64-bit on PostgreSQL too.
+SCHEMA_VERSION = 3
 
-_MIGRATIONS = {
+_MIGRATIONS: dict[int, list] = {
     1: [
         "CREATE TABLE IF NOT EXISTS registrations ("
         " tls_id TEXT PRIMARY KEY NOT NULL,"
@@ -53,6 +54,13 @@ _MIGRATIONS = {
         " sequence_reserved INTEGER NOT NULL)",
         "CREATE INDEX IF NOT EXISTS associations_by_owner ON associations (owner_node)",
     ],
+    # A step may name its statement per dialect (None: nothing to do there).
+    3: [
+        # SQLite's INTEGER already holds 64 bits; PostgreSQL's holds 32, and
+        # a reservation past 2^31 would fail there.
+        {"sqlite": None,
+         "postgresql": "ALTER TABLE associations ALTER COLUMN sequence_reserved TYPE BIGINT"},
+    ],
 }
 assert sorted(_MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
 
@@ -81,7 +89,10 @@ def upgrade(cursor, dialect) -> int:
             "newer perc-kd".format(version, SCHEMA_VERSION))
     for step in range(version + 1, SCHEMA_VERSION + 1):
         for statement in _MIGRATIONS[step]:
-            cursor.execute(dialect.sql(statement))
+            if isinstance(statement, dict):
+                statement = statement[dialect.name]
+            if statement is not None:
+                cursor.execute(dialect.sql(statement))
     if version != SCHEMA_VERSION:
         cursor.execute(dialect.sql("DELETE FROM schema_version"))
         cursor.execute(dialect.sql("INSERT INTO schema_version (id, version) VALUES (1, ?)"),

@@ -131,166 +131,141 @@ class ServerHelloInfo:
 
 def parse_client_hello(datagram) -> Optional[ClientHelloInfo]:
     """The first whole ClientHello in ``datagram``, or None; see the module contract."""
-    found = _find_message(datagram, _CLIENT_HELLO)
-    if found is None:
+    # bytes(bytes) is the same object: no copy in the common case.
+    data = bytes(datagram)
+    whole, _ = _scan(data, _CLIENT_HELLO)
+    if whole is None:
         return None
-    body, message_seq = found
-    return _client_hello(body, message_seq)
+    return _client_hello(data, *whole)
 
 
 def parse_server_hello(datagram) -> Optional[ServerHelloInfo]:
     """The first whole ServerHello in ``datagram``, or None; see the module contract."""
-    found = _find_message(datagram, _SERVER_HELLO)
-    if found is None:
+    data = bytes(datagram)
+    whole, _ = _scan(data, _SERVER_HELLO)
+    if whole is None:
         return None
-    body, message_seq = found
-    return _server_hello(body, message_seq)
+    return _server_hello(data, *whole)
 
 
 # --------------------------------------------------------------------------
 # Records and handshake messages
+#
+# Both parsers are on the Key Distributor's per-join path (and the Media
+# Distributor's): they read the datagram in place, field by field with
+# local offsets, in one pass each, and build their result without the
+# dataclass __init__ (whose frozen setattr per field costs as much as the
+# parse).  Every length is still checked before it is used.
 
 
-def _handshake_fragments(data: bytes):
+def _scan(data: bytes, wanted: int):
     """
-    Every handshake message fragment in ``data``'s epoch-0 handshake records,
-    as ``(record header, msg_type, msg_length, message_seq, fragment_offset,
-    body start, body end)``; at most MAX_RECORDS records and MAX_MESSAGES
-    fragments are walked.  Records of other types or epochs cost only their
-    header.  HelloError for anything that does not parse.
+    Walk ``data``'s DTLS records up to the first whole (unfragmented)
+    handshake message of type ``wanted`` in an epoch-0 handshake record:
+    ``(whole, partial)``.  ``whole`` is ``(body start, body end,
+    message_seq)`` of that message, or None; ``partial`` the non-empty
+    fragments of type ``wanted`` met before it, as ``(record header
+    offset, msg_length, message_seq, fragment_offset, body start, body
+    end)``, or None.  At most MAX_RECORDS records and MAX_MESSAGES
+    fragments are walked; records of other types or epochs cost only their
+    header.  HelloError for anything on the way that does not parse.
     """
     total = len(data)
     offset = 0
     records = 0
     messages = 0
+    partial = None
     while offset < total and records < MAX_RECORDS:
         records += 1
         if total - offset < _RECORD_HEADER:
             raise HelloError("truncated DTLS record header")
-        length = (data[offset + 11] << 8) | data[offset + 12]
-        start = offset + _RECORD_HEADER
-        end = start + length
-        if end > total:
-            raise HelloError("DTLS record of {} octets overruns the datagram".format(length))
         header_at = offset
-        offset = end
+        position = offset + _RECORD_HEADER
+        offset = position + ((data[header_at + 11] << 8) | data[header_at + 12])
+        if offset > total:
+            raise HelloError("DTLS record of {} octets overruns the datagram".format(
+                offset - position))
         if data[header_at] != _CONTENT_HANDSHAKE or data[header_at + 3] or data[header_at + 4]:
             continue
-        position = start
+        end = offset
         while position < end and messages < MAX_MESSAGES:
             messages += 1
             if end - position < _HANDSHAKE_HEADER:
                 raise HelloError("truncated handshake header")
-            msg_length = int.from_bytes(data[position + 1:position + 4], "big")
-            fragment_offset = int.from_bytes(data[position + 6:position + 9], "big")
-            fragment_length = int.from_bytes(data[position + 9:position + 12], "big")
+            msg_length = (data[position + 1] << 16) | (data[position + 2] << 8) | data[position + 3]
+            fragment_offset = ((data[position + 6] << 16) | (data[position + 7] << 8)
+                               | data[position + 8])
             body = position + _HANDSHAKE_HEADER
-            if body + fragment_length > end:
+            position = body + ((data[position + 9] << 16) | (data[position + 10] << 8)
+                               | data[position + 11])
+            if position > end:
                 raise HelloError("handshake fragment overruns its record")
-            if fragment_offset + fragment_length > msg_length:
+            if fragment_offset + position - body > msg_length:
                 raise HelloError("handshake fragment lies beyond its message length")
-            yield (data[header_at:start], data[position], msg_length,
-                   (data[position + 4] << 8) | data[position + 5], fragment_offset,
-                   body, body + fragment_length)
-            position = body + fragment_length
+            if data[body - _HANDSHAKE_HEADER] != wanted:
+                continue
+            message_seq = (data[body - 8] << 8) | data[body - 7]
+            if fragment_offset == 0 and position - body == msg_length:
+                return (body, position, message_seq), partial
+            if position > body:
+                if partial is None:
+                    partial = []
+                partial.append((header_at, msg_length, message_seq, fragment_offset, body,
+                                position))
+    return None, partial
 
 
-def _find_message(datagram, wanted: int):
+def _vector(data: bytes, offset: int, end: int, length_size: int, low: int, high: int,
+            what: str, field: str):
+    """``(value, offset after it)`` of the vector at ``offset``, which must end by ``end``."""
+    start = offset + length_size
+    if start > end:
+        raise HelloError("{}: {} length truncated".format(what, field))
+    length = data[offset] if length_size == 1 else (data[offset] << 8) | data[offset + 1]
+    if not low <= length <= high:
+        raise HelloError("{}: {} length {} outside {}..{}".format(what, field, length, low, high))
+    offset = start + length
+    if offset > end:
+        raise HelloError("{}: {} truncated".format(what, field))
+    return data[start:offset], offset
+
+
+def _fixed(data: bytes, offset: int, end: int, size: int, what: str, field: str) -> int:
+    """The offset after ``size`` octets of ``field`` at ``offset``, which must end by ``end``."""
+    offset += size
+    if offset > end:
+        raise HelloError("{}: {} truncated".format(what, field))
+    return offset
+
+
+def _extensions(data: bytes, offset: int, end: int, what: str) -> dict:
     """
-    ``(body, message_seq)`` of the first unfragmented handshake message of
-    type ``wanted`` in an epoch-0 handshake record, or None.
+    ``Extension extensions<0..2^16-1>`` from ``offset`` to ``end`` if
+    present (it is optional, and must be the last field), as a dict of
+    type to data in their order.
     """
-    # bytes(bytes) is the same object: no copy in the common case.
-    data = bytes(datagram)
-    for _, msg_type, msg_length, message_seq, fragment_offset, body, body_end in \
-            _handshake_fragments(data):
-        if msg_type == wanted and fragment_offset == 0 and body_end - body == msg_length:
-            return data[body:body_end], message_seq
-    return None
-
-
-class _Reader:
-    """Bounds-checked reads over one handshake body; every miss is a HelloError."""
-
-    __slots__ = ("data", "offset", "what")
-
-    def __init__(self, data: bytes, what: str) -> None:
-        self.data = data
-        self.offset = 0
-        self.what = what
-
-    def remaining(self) -> int:
-        return len(self.data) - self.offset
-
-    # take, uint and vector are on the Key Distributor's per-join path (two
-    # ClientHellos per association): each reads in place, without calling
-    # the others.
-
-    def take(self, count: int, field: str) -> bytes:
-        start = self.offset
-        end = start + count
-        if end > len(self.data):
-            raise HelloError("{}: {} truncated".format(self.what, field))
-        self.offset = end
-        return self.data[start:end]
-
-    def uint(self, size: int, field: str) -> int:
-        start = self.offset
-        end = start + size
-        if end > len(self.data):
-            raise HelloError("{}: {} truncated".format(self.what, field))
-        self.offset = end
-        return int.from_bytes(self.data[start:end], "big")
-
-    def vector(self, length_size: int, low: int, high: int, field: str) -> bytes:
-        data = self.data
-        start = self.offset
-        end = start + length_size
-        if end > len(data):
-            raise HelloError("{}: {} length truncated".format(self.what, field))
-        length = int.from_bytes(data[start:end], "big")
-        if not low <= length <= high:
-            raise HelloError("{}: {} length {} outside {}..{}".format(
-                self.what, field, length, low, high))
-        start, end = end, end + length
-        if end > len(data):
-            raise HelloError("{}: {} truncated".format(self.what, field))
-        self.offset = end
-        return data[start:end]
-
-    def end(self) -> None:
-        if self.remaining():
-            raise HelloError("{}: {} octets after the last field".format(
-                self.what, self.remaining()))
-
-
-def _extensions(reader: _Reader) -> tuple:
-    """``Extension extensions<0..2^16-1>`` if present (it is optional), as (type, data) pairs."""
-    if not reader.remaining():
-        return ()
-    data = reader.vector(2, 0, 0xFFFF, "extensions")
-    reader.end()
-    seen = set()
-    extensions = []
-    # Read in place (the _Reader checks, inlined): a ClientHello has a
-    # dozen extensions or more.
-    offset, total = 0, len(data)
+    extensions: dict = {}
+    if offset == end:
+        return extensions
+    block, offset = _vector(data, offset, end, 2, 0, 0xFFFF, what, "extensions")
+    if offset != end:
+        raise HelloError("{}: {} octets after the last field".format(what, end - offset))
+    offset, total = 0, len(block)
     while offset < total:
         if offset + 2 > total:
-            raise HelloError("{}: extension type truncated".format(reader.what))
-        ext_type = (data[offset] << 8) | data[offset + 1]
-        if ext_type in seen:
+            raise HelloError("{}: extension type truncated".format(what))
+        ext_type = (block[offset] << 8) | block[offset + 1]
+        if ext_type in extensions:
             # RFC 5246 section 7.4.1.4: at most one of each type.
-            raise HelloError("{}: extension {} appears twice".format(reader.what, ext_type))
-        seen.add(ext_type)
+            raise HelloError("{}: extension {} appears twice".format(what, ext_type))
         if offset + 4 > total:
-            raise HelloError("{}: extension data length truncated".format(reader.what))
+            raise HelloError("{}: extension data length truncated".format(what))
         start = offset + 4
-        offset = start + ((data[offset + 2] << 8) | data[offset + 3])
+        offset = start + ((block[offset + 2] << 8) | block[offset + 3])
         if offset > total:
-            raise HelloError("{}: extension data truncated".format(reader.what))
-        extensions.append((ext_type, data[start:offset]))
-    return tuple(extensions)
+            raise HelloError("{}: extension data truncated".format(what))
+        extensions[ext_type] = block[start:offset]
+    return extensions
 
 
 def _tls_id(extensions: dict):
@@ -306,46 +281,56 @@ def _tls_id(extensions: dict):
 
 def _use_srtp(data: bytes, what: str):
     """``(profile ids, mki)`` from use_srtp extension data (RFC 5764 section 4.1.1)."""
-    reader = _Reader(data, what + " use_srtp")
-    profiles = reader.vector(2, 2, 0xFFFF, "SRTPProtectionProfiles")
+    what += " use_srtp"
+    end = len(data)
+    profiles, offset = _vector(data, 0, end, 2, 2, 0xFFFF, what, "SRTPProtectionProfiles")
     if len(profiles) % 2:
-        raise HelloError("{}: SRTPProtectionProfiles has an odd length".format(reader.what))
-    mki = reader.vector(1, 0, 255, "srtp_mki")
-    reader.end()
-    ids = tuple(int.from_bytes(profiles[i:i + 2], "big") for i in range(0, len(profiles), 2))
-    return ids, mki
+        raise HelloError("{}: SRTPProtectionProfiles has an odd length".format(what))
+    mki, offset = _vector(data, offset, end, 1, 0, 255, what, "srtp_mki")
+    if offset != end:
+        raise HelloError("{}: {} octets after the last field".format(what, end - offset))
+    return struct.unpack("!{}H".format(len(profiles) // 2), profiles), mki
 
 
-def _client_hello(body: bytes, message_seq: int) -> ClientHelloInfo:
-    reader = _Reader(body, "ClientHello")
-    client_version = reader.uint(2, "client_version")
-    random = reader.take(_RANDOM, "random")
-    session_id = reader.vector(1, 0, _MAX_SESSION_ID, "session_id")
-    cookie = reader.vector(1, 0, 255, "cookie")
-    suites = reader.vector(2, 2, 0xFFFE, "cipher_suites")
+_new = object.__new__
+
+
+def _client_hello(data: bytes, body: int, end: int, message_seq: int) -> ClientHelloInfo:
+    """The ClientHello whose body is ``data[body:end]``."""
+    what = "ClientHello"
+    offset = _fixed(data, body, end, 2, what, "client_version")
+    client_version = (data[body] << 8) | data[body + 1]
+    random_at, offset = offset, _fixed(data, offset, end, _RANDOM, what, "random")
+    session_id, offset = _vector(data, offset, end, 1, 0, _MAX_SESSION_ID, what, "session_id")
+    cookie, offset = _vector(data, offset, end, 1, 0, 255, what, "cookie")
+    suites, offset = _vector(data, offset, end, 2, 2, 0xFFFE, what, "cipher_suites")
     if len(suites) % 2:
         raise HelloError("ClientHello: cipher_suites has an odd length")
-    compression = reader.vector(1, 1, 255, "compression_methods")
-    extensions = _extensions(reader)
-    by_type = dict(extensions)
+    compression, offset = _vector(data, offset, end, 1, 1, 255, what, "compression_methods")
+    by_type = _extensions(data, offset, end, what)
     tls_id, tls_id_malformed = _tls_id(by_type)
     profiles, mki = (), b""
     if EXT_USE_SRTP in by_type:
-        profiles, mki = _use_srtp(by_type[EXT_USE_SRTP], "ClientHello")
+        profiles, mki = _use_srtp(by_type[EXT_USE_SRTP], what)
     ekt_ciphers = None
-    if EXT_SUPPORTED_EKT_CIPHERS in by_type:
+    ekt = by_type.get(EXT_SUPPORTED_EKT_CIPHERS)
+    if ekt is not None:
         # EKTCipherType supported_ciphers<1..255> (RFC 8870 section 5.2.1).
-        ekt = _Reader(by_type[EXT_SUPPORTED_EKT_CIPHERS], "ClientHello supported_ekt_ciphers")
-        ekt_ciphers = tuple(ekt.vector(1, 1, 255, "supported_ciphers"))
-        ekt.end()
-    return ClientHelloInfo(
+        what = "ClientHello supported_ekt_ciphers"
+        ciphers, offset = _vector(ekt, 0, len(ekt), 1, 1, 255, what, "supported_ciphers")
+        if offset != len(ekt):
+            raise HelloError("{}: {} octets after the last field".format(
+                what, len(ekt) - offset))
+        ekt_ciphers = tuple(ciphers)
+    info = _new(ClientHelloInfo)
+    info.__dict__.update(
         client_version=client_version,
-        random=random,
+        random=data[random_at:random_at + _RANDOM],
         session_id=session_id,
         cookie=cookie,
         cipher_suites=struct.unpack("!{}H".format(len(suites) // 2), suites),
         compression_methods=compression,
-        extensions=extensions,
+        extensions=tuple(by_type.items()),
         message_seq=message_seq,
         tls_id=tls_id,
         tls_id_malformed=tls_id_malformed,
@@ -353,21 +338,23 @@ def _client_hello(body: bytes, message_seq: int) -> ClientHelloInfo:
         srtp_mki=mki,
         ekt_ciphers=ekt_ciphers,
     )
+    return info
 
 
-def _server_hello(body: bytes, message_seq: int) -> ServerHelloInfo:
-    reader = _Reader(body, "ServerHello")
-    server_version = reader.uint(2, "server_version")
-    random = reader.take(_RANDOM, "random")
-    session_id = reader.vector(1, 0, _MAX_SESSION_ID, "session_id")
-    cipher_suite = reader.uint(2, "cipher_suite")
-    compression_method = reader.uint(1, "compression_method")
-    extensions = _extensions(reader)
-    by_type = dict(extensions)
+def _server_hello(data: bytes, body: int, end: int, message_seq: int) -> ServerHelloInfo:
+    """The ServerHello whose body is ``data[body:end]``."""
+    what = "ServerHello"
+    offset = _fixed(data, body, end, 2, what, "server_version")
+    server_version = (data[body] << 8) | data[body + 1]
+    random_at, offset = offset, _fixed(data, offset, end, _RANDOM, what, "random")
+    session_id, offset = _vector(data, offset, end, 1, 0, _MAX_SESSION_ID, what, "session_id")
+    cipher_suite_at, offset = offset, _fixed(data, offset, end, 2, what, "cipher_suite")
+    compression_at, offset = offset, _fixed(data, offset, end, 1, what, "compression_method")
+    by_type = _extensions(data, offset, end, what)
     tls_id, tls_id_malformed = _tls_id(by_type)
     profile, mki = None, b""
     if EXT_USE_SRTP in by_type:
-        profiles, mki = _use_srtp(by_type[EXT_USE_SRTP], "ServerHello")
+        profiles, mki = _use_srtp(by_type[EXT_USE_SRTP], what)
         if len(profiles) != 1:
             # RFC 5764 section 4.1.1: the server selects exactly one.
             raise HelloError("ServerHello: use_srtp lists {} profiles, not one".format(
@@ -376,18 +363,19 @@ def _server_hello(body: bytes, message_seq: int) -> ServerHelloInfo:
     ekt_cipher = None
     if EXT_SUPPORTED_EKT_CIPHERS in by_type:
         # EKTCipherType selected_cipher: exactly one octet.
-        data = by_type[EXT_SUPPORTED_EKT_CIPHERS]
-        if len(data) != 1:
+        ekt = by_type[EXT_SUPPORTED_EKT_CIPHERS]
+        if len(ekt) != 1:
             raise HelloError("ServerHello: supported_ekt_ciphers holds {} octets, not 1".format(
-                len(data)))
-        ekt_cipher = data[0]
-    return ServerHelloInfo(
+                len(ekt)))
+        ekt_cipher = ekt[0]
+    info = _new(ServerHelloInfo)
+    info.__dict__.update(
         server_version=server_version,
-        random=random,
+        random=data[random_at:random_at + _RANDOM],
         session_id=session_id,
-        cipher_suite=cipher_suite,
-        compression_method=compression_method,
-        extensions=extensions,
+        cipher_suite=(data[cipher_suite_at] << 8) | data[cipher_suite_at + 1],
+        compression_method=data[compression_at],
+        extensions=tuple(by_type.items()),
         message_seq=message_seq,
         tls_id=tls_id,
         tls_id_malformed=tls_id_malformed,
@@ -395,6 +383,7 @@ def _server_hello(body: bytes, message_seq: int) -> ServerHelloInfo:
         srtp_mki=mki,
         ekt_cipher=ekt_cipher,
     )
+    return info
 
 
 # --------------------------------------------------------------------------
@@ -548,14 +537,9 @@ def _client_hello_fragments(datagram):
     data)``, or None when it holds none or holds a whole ClientHello.
     """
     data = bytes(datagram)
-    found = []
-    for header, msg_type, msg_length, message_seq, fragment_offset, body, body_end in \
-            _handshake_fragments(data):
-        if msg_type != _CLIENT_HELLO:
-            continue
-        if fragment_offset == 0 and body_end - body == msg_length:
-            return None
-        if body_end > body:
-            found.append((header[1:3], header[5:11], msg_length, message_seq,
-                          fragment_offset, data[body:body_end]))
-    return found or None
+    whole, partial = _scan(data, _CLIENT_HELLO)
+    if whole is not None or partial is None:
+        return None
+    return [(data[header + 1:header + 3], data[header + 5:header + 11], msg_length, message_seq,
+             fragment_offset, data[body:body_end])
+            for header, msg_length, message_seq, fragment_offset, body, body_end in partial]

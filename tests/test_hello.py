@@ -5,6 +5,7 @@ real DTLS engine (perc.dtls over OpenSSL), and malformed variants of them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import struct
 
@@ -13,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from perc import dtls, hello
 from perc.profiles import by_id
+from tests import hello_reference
 
 CLIENT_TLS_ID = b"ClientTlsId0123456789abcdef"
 SERVER_TLS_ID = b"ServerTlsId+/-_0123456789"
@@ -520,3 +522,87 @@ class ReassemblyTests(SynchronousTestCase):
         self.assertEqual(reassembler.counters, {"hello-fragments-evicted": 96})
         self.assertIsNotNone(reassembler.feed(99, second, 0.0))
         self.assertIsNone(reassembler.feed(0, second, 0.0))
+
+
+# --------------------------------------------------------------------------
+# The single-pass parsers against the ones they replaced
+
+
+def outcome(parse, datagram):
+    """What ``parse`` makes of ``datagram``: its fields, or the HelloError's reason."""
+    try:
+        result = parse(datagram)
+    except Exception as error:  # the old and the new must fail alike
+        return (type(error).__name__, str(error))
+    if result is None or isinstance(result, list):
+        return result
+    return (type(result).__name__, dataclasses.asdict(result),
+            result.cookie_empty if hasattr(result, "cookie_empty") else result.ekt_negotiated)
+
+
+def assertSameAsReference(test, datagram):
+    for name in ("parse_client_hello", "parse_server_hello", "_client_hello_fragments"):
+        test.assertEqual(outcome(getattr(hello, name), datagram),
+                         outcome(getattr(hello_reference, name), datagram), name)
+
+
+class EquivalenceTests(SynchronousTestCase):
+    """
+    perc.hello's parsers (read in place, in one pass) against the reader
+    based ones they replaced (tests/hello_reference.py): the same fields
+    for every hello, the same HelloError reason for every malformed one,
+    the same fragments for the reassembler.
+    """
+
+    def test_real_hellos(self):
+        datagrams = list(exchange()) + list(fragmented_client_hello())
+        datagrams += split_fragment(fragmented_client_hello()[0], 40)
+        for datagram in datagrams + [b"".join(datagrams), b"", b"\x16"]:
+            assertSameAsReference(self, datagram)
+        self.assertIsNotNone(hello.parse_client_hello(exchange()[2]).tls_id)
+
+    @settings(max_examples=1000)
+    @given(st.binary(max_size=400))
+    def test_random_bytes(self, data):
+        assertSameAsReference(self, data)
+
+    @settings(max_examples=1000)
+    @given(st.sampled_from((0, 2, 3)), st.binary(max_size=300))
+    def test_random_hello_bodies(self, which, body):
+        msg_type = {0: 1, 2: 1, 3: 2}[which]
+        assertSameAsReference(self, record(handshake(msg_type, body)))
+
+    @settings(max_examples=2000)
+    @given(st.sampled_from((0, 2, 3)), edits)
+    def test_mutated_real_hellos(self, which, changes):
+        assertSameAsReference(self, mutate(exchange()[which], changes))
+
+    @settings(max_examples=2000)
+    @given(st.sampled_from((0, 2, 3)), edits)
+    def test_mutated_hello_bodies(self, which, changes):
+        _, handshake_header, body, _ = first_record(exchange()[which])
+        assertSameAsReference(self, record(handshake(handshake_header[0],
+                                                     mutate(body, changes))))
+
+    @settings(max_examples=1000)
+    @given(st.sampled_from((0, 1)), st.integers(1, 200), edits)
+    def test_mutated_fragments(self, which, at, changes):
+        """Fragments (cut, mutated, several in one datagram) reach the reassembler alike."""
+        pieces = split_fragment(fragmented_client_hello()[which], at)
+        assertSameAsReference(self, mutate(b"".join(pieces), changes))
+        assertSameAsReference(self, b"".join(pieces) + exchange()[2])
+
+    @settings(max_examples=500)
+    @given(st.lists(st.tuples(st.sampled_from((20, 22, 23)), st.integers(0, 1),
+                              st.sampled_from((1, 2, 11)), st.binary(max_size=40),
+                              st.integers(0, 60), st.booleans(), st.integers(-2, 2)),
+                    min_size=1, max_size=40))
+    def test_records_of_every_kind(self, parts):
+        """Many records and messages, of other types and epochs, whole and partial."""
+        datagram = b""
+        for content_type, epoch, msg_type, body, offset, whole, slack in parts:
+            # slack: a fragment that ends before, at or beyond its message's end.
+            message = handshake(msg_type, body, fragment_offset=0 if whole else offset,
+                                length=max(0, offset + len(body) + slack))
+            datagram += record(message, content_type=content_type, epoch=epoch)
+        assertSameAsReference(self, datagram)

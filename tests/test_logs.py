@@ -14,7 +14,15 @@ import signal
 import subprocess
 import uuid
 
-from twisted.logger import Logger, LogLevel, formatEventAsClassicLogText, globalLogPublisher
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -221,3 +229,39 @@ class ClassicTextTests(test_kd.KeyDistributorTestCase):
         log.warn("loud {n}", n=2)
         [line] = out.getvalue().splitlines()
         self.assertTrue(line.endswith(" [perc.test#warn] loud 2"), line)
+
+    def test_text_observer_is_twisteds_filter_and_file_observer(self):
+        """
+        logs.text writes what FilteringLogObserver(FileLogObserver(out,
+        classic_text), [LogLevelFilterPredicate(level)]) writes, to text and
+        to bytes files: events without a level or a namespace, and below the
+        level, dropped; the rest one line each.
+        """
+        events = [
+            {"log_format": "plain {n}", "n": 1, "log_time": 1700000000.25,
+             "log_level": level, "log_namespace": "perc.test"}
+            for level in LogLevel.iterconstants()
+        ] + [
+            {"log_format": "no level {n}", "n": 1, "log_time": 1.5, "log_namespace": "perc.t"},
+            {"log_format": "no namespace {n}", "n": 1, "log_time": 1.5,
+             "log_level": LogLevel.error},
+            {"log_format": "empty namespace", "log_time": 1.5, "log_level": LogLevel.error,
+             "log_namespace": ""},
+            {"log_format": "", "log_time": 1.5, "log_level": LogLevel.error,
+             "log_namespace": "perc.test"},
+            {"log_format": "unicode {n}", "n": "\u00e9\n\u2603", "log_time": 1.5,
+             "log_level": LogLevel.critical, "log_namespace": "a.b.c"},
+        ]
+        for name in ("debug", "info", "warn", "error", "critical"):
+            environ = {"PERC_LOG_LEVEL": name}
+            for make in (io.StringIO, io.BytesIO):
+                ours, theirs = make(), make()
+                observer = logs.text(ours, environ=environ)
+                reference = FilteringLogObserver(
+                    FileLogObserver(theirs, logs.classic_text),
+                    [LogLevelFilterPredicate(defaultLogLevel=logs.minimum_level(environ))])
+                for event in events:
+                    observer(dict(event))
+                    reference(dict(event))
+                self.assertEqual(ours.getvalue(), theirs.getvalue())
+                self.assertTrue(ours.getvalue())

@@ -954,8 +954,10 @@ class KeyDistributor:
         due = association.engine.next_timeout(now)
         if timer is not None and timer.active():
             if due is not None and due >= timer.getTime():
-                # Postponing a pending call is cheap; moving one sooner is not.
-                timer.reset(max(0.0, due - now))
+                # Postponing a pending call is cheap; moving one sooner is
+                # not; leaving one that is due then already costs nothing.
+                if due != timer.getTime():
+                    timer.reset(max(0.0, due - now))
                 return
             timer.cancel()
         association.timer = None

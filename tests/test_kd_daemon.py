@@ -160,7 +160,9 @@ class StoreDaemonTests(SynchronousTestCase):
             os.path.join(self.dir, "perc-kd.sealing-key")))
         import sqlite3
         connection = sqlite3.connect(os.path.join(self.dir, "perc-kd.sqlite3"))
-        connection.execute("UPDATE schema_version SET version = 3")
+        from perc.kd.store import SCHEMA_VERSION
+        newer = SCHEMA_VERSION + 1
+        connection.execute("UPDATE schema_version SET version = ?", (newer,))
         connection.commit()
         connection.close()
         result = self.start()
@@ -168,7 +170,8 @@ class StoreDaemonTests(SynchronousTestCase):
         self.assertNotIn("Traceback", output)
         [line] = [line for line in output.splitlines() if "schema version" in line]
         self.assertIn("perc-kd: ", line)
-        self.assertIn("database schema version 3 is newer than this perc-kd knows (2)", line)
+        self.assertIn("database schema version {} is newer than this perc-kd knows ({})".format(
+            newer, SCHEMA_VERSION), line)
 
     def test_unreachable_postgresql_one_line(self):
         import importlib.util

@@ -2,41 +2,29 @@
 perc.hello's parsers as they were before the single-pass rewrite (field by
 field through a reader object, records walked by a generator), kept only
 as the oracle of tests.test_hello.EquivalenceTests: the rewrite must give
-the same result, and refuse the same input with the same reason.
-Unchanged from that version but for this docstring; not used by perc.
+the same result, and refuse the same input with the same reason.  Only the
+parsing is the old code; the result classes, the error and the constants
+are perc.hello's own, which the rewrite did not change.  Not used by perc.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from perc.dtls import ExtensionError, decode_external_session_id
+from perc.hello import (
+    EXT_EXTERNAL_SESSION_ID,
+    EXT_SUPPORTED_EKT_CIPHERS,
+    EXT_USE_SRTP,
+    MAX_MESSAGES,
+    MAX_RECORDS,
+    ClientHelloInfo,
+    HelloError,
+    ServerHelloInfo,
+)
 
-__all__ = [
-    "HelloError",
-    "ClientHelloInfo",
-    "ServerHelloInfo",
-    "parse_client_hello",
-    "parse_server_hello",
-    "ClientHelloReassembler",
-    "MAX_RECORDS",
-    "MAX_MESSAGES",
-    "EXT_USE_SRTP",
-    "EXT_SUPPORTED_EKT_CIPHERS",
-    "EXT_EXTERNAL_SESSION_ID",
-]
-
-#: Records examined per datagram; a 1500-octet datagram holds at most 115
-#: empty records, and a real flight far fewer.
-MAX_RECORDS = 32
-#: Handshake messages examined per datagram (DTLS allows several per record).
-MAX_MESSAGES = 32
-
-EXT_USE_SRTP = 14
-EXT_SUPPORTED_EKT_CIPHERS = 39
-EXT_EXTERNAL_SESSION_ID = 56
+__all__ = ["parse_client_hello", "parse_server_hello", "_client_hello_fragments"]
 
 _RECORD_HEADER = 13
 _HANDSHAKE_HEADER = 12
@@ -45,73 +33,6 @@ _CLIENT_HELLO = 1
 _SERVER_HELLO = 2
 _RANDOM = 32
 _MAX_SESSION_ID = 32
-
-
-class HelloError(ValueError):
-    """A datagram whose DTLS framing or hello contents are malformed."""
-
-
-@dataclass(frozen=True)
-class ClientHelloInfo:
-    """
-    A parsed ClientHello.  ``extensions`` is every ``(type, data)`` in
-    order.  ``tls_id`` is the tls-id from extension 56 (None if absent or
-    malformed; ``tls_id_malformed`` tells which).  ``cookie_empty`` is True
-    for the first ClientHello of a cookie exchange.  ``srtp_profiles`` are
-    the offered profile ids in order (empty without use_srtp);
-    ``ekt_ciphers`` the offered EKT ciphers, None without extension 39.
-    """
-
-    client_version: int
-    random: bytes
-    session_id: bytes
-    cookie: bytes
-    cipher_suites: tuple
-    compression_methods: bytes
-    extensions: tuple
-    message_seq: int
-    tls_id: Optional[bytes]
-    tls_id_malformed: bool
-    srtp_profiles: tuple
-    srtp_mki: bytes
-    ekt_ciphers: Optional[tuple]
-
-    @property
-    def cookie_empty(self) -> bool:
-        return not self.cookie
-
-    @property
-    def ekt_offered(self) -> bool:
-        """Extension 39 (supported_ekt_ciphers) is present."""
-        return self.ekt_ciphers is not None
-
-
-@dataclass(frozen=True)
-class ServerHelloInfo:
-    """
-    A parsed ServerHello.  ``srtp_profile`` is the profile the server
-    selected (None without use_srtp); ``ekt_cipher`` the EKT cipher it
-    selected in extension 39 (None without it: no EKT fields will follow
-    SRTP packets); ``tls_id`` as in :class:`ClientHelloInfo`.
-    """
-
-    server_version: int
-    random: bytes
-    session_id: bytes
-    cipher_suite: int
-    compression_method: int
-    extensions: tuple
-    message_seq: int
-    tls_id: Optional[bytes]
-    tls_id_malformed: bool
-    srtp_profile: Optional[int]
-    srtp_mki: bytes
-    ekt_cipher: Optional[int]
-
-    @property
-    def ekt_negotiated(self) -> bool:
-        """Extension 39 (supported_ekt_ciphers) is present."""
-        return self.ekt_cipher is not None
 
 
 def parse_client_hello(datagram) -> Optional[ClientHelloInfo]:
@@ -380,150 +301,6 @@ def _server_hello(body: bytes, message_seq: int) -> ServerHelloInfo:
         srtp_mki=mki,
         ekt_cipher=ekt_cipher,
     )
-
-
-# --------------------------------------------------------------------------
-# Fragmented ClientHellos (RFC 6347 section 4.2.3)
-
-
-class _Partial:
-    """One ClientHello being put together from its fragments."""
-
-    __slots__ = ("started", "message_seq", "length", "version", "record_seq",
-                 "body", "ranges", "fragments")
-
-    def __init__(self, started: float, message_seq: int, length: int, version: bytes) -> None:
-        self.started = started
-        self.message_seq = message_seq
-        self.length = length
-        self.version = version
-        self.record_seq: Optional[bytes] = None
-        self.body = bytearray(length)
-        self.ranges: list = []  # (start, end) received, possibly overlapping
-        self.fragments = 0
-
-    def covered(self) -> bool:
-        reached = 0
-        for start, end in sorted(self.ranges):
-            if start > reached:
-                return False
-            reached = max(reached, end)
-        return reached >= self.length
-
-
-class ClientHelloReassembler:
-    """
-    Puts a ClientHello split across records and datagrams back together,
-    within bounds, so that who sent it can be read (the Media Distributor)
-    and OpenSSL's cookie exchange, which needs the whole message in one
-    record, can answer it (the Key Distributor).  Sans-I/O: ``now`` is the
-    caller's clock.
-
-    :meth:`feed` returns the datagram itself when it holds no partial
-    ClientHello fragment, None while one is incomplete or once it was
-    refused, and, when the last piece arrives, a new datagram of one
-    epoch-0 record holding the whole ClientHello as if it had never been
-    fragmented (which is how the handshake transcript hashes it, so feeding
-    it to a DTLS stack is transparent).
-
-    Bounds: a message of at most ``max_octets``, at most ``max_fragments``
-    fragments, ``timeout`` seconds from the first fragment, and at most
-    ``max_pending`` messages in progress (the oldest is dropped for a new
-    one).  Refusals (too big, too many fragments, a fragment that
-    contradicts an earlier one, timeout, eviction) drop what was gathered
-    and are counted through ``count(reason)``.
-    """
-
-    def __init__(self, *, max_octets: int = 4096, max_fragments: int = 8,
-                 timeout: float = 5.0, max_pending: int = 64,
-                 count: Optional[Callable[[str], None]] = None) -> None:
-        self.max_octets = max_octets
-        self.max_fragments = max_fragments
-        self.timeout = timeout
-        self.max_pending = max_pending
-        self.counters: dict = {}
-        self._count = count if count is not None else self._own_count
-        # Insertion order is age order: a restarted message moves to the end.
-        self._pending: dict = {}
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def _own_count(self, reason: str) -> None:
-        self.counters[reason] = self.counters.get(reason, 0) + 1
-
-    def feed(self, key, datagram, now: float):
-        """See the class docstring; ``key`` says whose message it is (an address, an id)."""
-        self._expire(now)
-        try:
-            fragments = _client_hello_fragments(datagram)
-        except HelloError:
-            return datagram  # broken framing: the caller's parser counts it
-        if fragments is None:
-            return datagram
-        for fragment in fragments:
-            result = self._add(key, fragment, now)
-            if result is not None:
-                return result
-        return None
-
-    def _expire(self, now: float) -> None:
-        while self._pending:
-            key, partial = next(iter(self._pending.items()))
-            if now - partial.started < self.timeout:
-                return
-            del self._pending[key]
-            self._count("hello-fragments-timed-out")
-
-    def _refuse(self, key, reason: str) -> None:
-        self._pending.pop(key, None)
-        self._count("hello-fragments-" + reason)
-
-    def _add(self, key, fragment, now: float):
-        version, record_seq, length, message_seq, offset, data = fragment
-        if length > self.max_octets:
-            self._refuse(key, "too-big")
-            return None
-        partial = self._pending.get(key)
-        if partial is not None and partial.message_seq != message_seq:
-            # A new ClientHello (the one returning the cookie, or a restart).
-            del self._pending[key]
-            partial = None
-        if partial is None:
-            if len(self._pending) >= self.max_pending:
-                del self._pending[next(iter(self._pending))]
-                self._count("hello-fragments-evicted")
-            partial = self._pending[key] = _Partial(now, message_seq, length, version)
-        elif partial.length != length:
-            self._refuse(key, "inconsistent")
-            return None
-        partial.fragments += 1
-        if partial.fragments > self.max_fragments:
-            self._refuse(key, "too-many")
-            return None
-        end = offset + len(data)
-        for start, stop in partial.ranges:
-            low, high = max(start, offset), min(stop, end)
-            if low < high and partial.body[low:high] != data[low - offset:high - offset]:
-                self._refuse(key, "inconsistent")
-                return None
-        partial.body[offset:end] = data
-        partial.ranges.append((offset, end))
-        if partial.record_seq is None or record_seq < partial.record_seq:
-            # The first record's number: OpenSSL answers a ClientHello
-            # with a HelloVerifyRequest under the ClientHello's number and
-            # starts its own flight at 1, which a client drops as a replay
-            # if the HelloVerifyRequest already used 1.
-            partial.record_seq = record_seq
-        if not partial.covered():
-            return None
-        del self._pending[key]
-        self._count("hello-reassembled")
-        message = (bytes([_CLIENT_HELLO]) + length.to_bytes(3, "big")
-                   + message_seq.to_bytes(2, "big") + b"\x00\x00\x00"
-                   + length.to_bytes(3, "big") + bytes(partial.body))
-        return (bytes([_CONTENT_HANDSHAKE]) + partial.version + b"\x00\x00"
-                + partial.record_seq + len(message).to_bytes(2, "big") + message)
 
 
 def _client_hello_fragments(datagram):

@@ -146,13 +146,24 @@ class _KeyDistributorCollector(Collector):
         yield rekeys
         yield GaugeMetricFamily("perc_kd_registrations", "Endpoint registrations in the roster.",
                                 value=len(roster) if roster is not None else 0)
+        writes = getattr(self._service.store, "writes", None)
+        store = writes.snapshot() if writes is not None else {}
+        yield GaugeMetricFamily(
+            "perc_kd_store_writes_queued", "Association writes (ownership rows, write "
+            "sequence blocks) waiting for their group commit.", value=store.get("queued", 0))
+        yield CounterMetricFamily(
+            "perc_kd_store_write_transactions", "Group commits of association writes run.",
+            value=store.get("batches", 0))
+        yield CounterMetricFamily(
+            "perc_kd_store_writes_refused", "Association writes refused because too many "
+            "waited for a slow database.", value=store.get("refused", 0))
 
 
 class KeyDistributorMetrics:
     """
     The registry of one Key Distributor service (read through its
-    ``distributor`` and ``roster`` attributes, which are None until the
-    roster has loaded) and the handshake histogram the KeyDistributor feeds
+    ``distributor``, ``roster`` and ``store`` attributes, which are None
+    until the roster has loaded) and the handshake histogram the KeyDistributor feeds
     through :meth:`observe_handshake`.
     """
 

@@ -24,6 +24,7 @@ import perc
 from perc import dtls, pki, wire
 from perc.kd import tap as kd_tap
 from perc.kd.service import KeyDistributorService
+from perc.kd.store import AssociationRecord
 from perc.md import tap as md_tap
 from perc.md.service import MediaDistributorService
 from perc.metrics import CONTENT_TYPE, HANDSHAKE_RESULTS, KeyDistributorMetrics, exposition
@@ -179,6 +180,31 @@ class KeyDistributorMetricsTests(HttpMixin, KeyDistributorServiceMixin, TestCase
                 ekt.ekt_key_value, ekt.srtp_master_salt, self.token.encode()])
 
     @defer.inlineCallbacks
+    def test_store_group_commits_in_status_and_metrics(self):
+        """The store's group-committed writes: counted in /v1/status and /metrics."""
+        yield self.start()
+
+        def figures():
+            d = self.get(self.api_url + "/v1/status", self.token)
+            d.addCallback(lambda result: json.loads(result[1])["store_writes"])
+            return d
+
+        self.assertEqual((yield figures()), {"queued": 0, "in_flight": False, "batches": 0,
+                                             "writes": 0, "refused": 0, "retried": 0})
+        store = self.service.store
+        yield defer.gatherResults([
+            store.put_association(AssociationRecord("aid-{}".format(n), "node", "md.test",
+                                                    b"state", 0)) for n in range(3)])
+        # Three writes of one reactor turn: one transaction.
+        self.assertEqual((yield figures()), {"queued": 0, "in_flight": False, "batches": 1,
+                                             "writes": 3, "refused": 0, "retried": 0})
+        for base in (self.api_url, self.metrics_url):
+            samples = parse((yield self.scrape(base)).decode())
+            self.assertEqual(value(samples, "perc_kd_store_write_transactions_total"), 1)
+            self.assertEqual(value(samples, "perc_kd_store_writes_queued"), 0)
+            self.assertEqual(value(samples, "perc_kd_store_writes_refused_total"), 0)
+
+    @defer.inlineCallbacks
     def test_health_without_token_everything_else_with_it(self):
         for base in (self.api_url, self.metrics_url):
             response, body = yield self.get(base + "/healthz")
@@ -220,7 +246,7 @@ class HandshakeOutcomeTests(test_kd.KeyDistributorTestCase):
 
         def built(_):
             self.metrics = KeyDistributorMetrics(
-                types.SimpleNamespace(distributor=self.kd, roster=self.roster))
+                types.SimpleNamespace(distributor=self.kd, roster=self.roster, store=None))
             self.kd.observe_handshake = self.metrics.observe_handshake
         return d.addCallback(built)
 

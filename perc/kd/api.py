@@ -23,7 +23,10 @@ segments are percent-decoded, so a tls-id containing ``/`` is sent as ``%2F``):
     ordered by tls-id; an empty list for a conference nobody registered in.
 ``GET /v1/status``
     200 with ``{"associations", "established", "tunnels", "counters",
-    "dtls_objects", "registrations"}``: what the Key Distributor holds now.
+    "dtls_objects", "registrations", "store_writes"}``: what the Key
+    Distributor holds now (``store_writes``: association writes waiting for
+    their group commit, in flight, transactions and writes so far, refused,
+    sent again).
 ``GET /metrics``, ``GET /healthz``, ``GET /readyz``
     Without a token: see :class:`perc.httpapi.OperationsResource`.
 

@@ -267,7 +267,7 @@ class KeyDistributorService(service.MultiService):
         self._tunnelGate.open(factory)
         if self._api_token is not None:
             self._apiGate.open(make_api_site(roster, self._api_token, self.distributor.rekey,
-                                             self.distributor.status, self.operations))
+                                             self.status, self.operations))
         for endpoint in self._connect:
             client = internet.ClientService(endpoint, factory, clock=self.reactor)
             client.setServiceParent(self)
@@ -304,6 +304,19 @@ class KeyDistributorService(service.MultiService):
             if not client.running:
                 client.startService()
         self.conferenceKeys.refresh_all()
+
+    def status(self) -> dict:
+        """
+        ``GET /v1/status``: the KeyDistributor's counts, and the store's
+        group-committed writes (``store_writes``: waiting, in flight, the
+        transactions and writes so far, writes refused because too many
+        waited, writes sent again after another in their batch failed).
+        """
+        document = self.distributor.status()
+        writes = getattr(self.store, "writes", None)
+        if writes is not None:
+            document["store_writes"] = writes.snapshot()
+        return document
 
     def readiness(self):
         """

@@ -95,6 +95,12 @@ class GroupCommit:
         """Writes waiting (not yet in a transaction)."""
         return len(self._queue)
 
+    def snapshot(self) -> dict:
+        """The counts ``GET /v1/status`` shows (``store_writes``) and /metrics exports."""
+        return {"queued": len(self._queue), "in_flight": self._inFlight,
+                "batches": self.batches, "writes": self.writes,
+                "refused": self.refused, "retried": self.retried}
+
     def submit(self, function, *args) -> defer.Deferred:
         if self._closed:
             return defer.fail(self._error("the database is closed"))

@@ -828,6 +828,7 @@ class LossTests(SynchronousTestCase):
         self.assertIsInstance(closed, dtls.Closed)
         self.assertIn("1 retransmissions", closed.reason)
         self.assertFalse(closed.rejected)
+        self.assertTrue(closed.timed_out)
         self.assertIsNone(client.next_timeout(clock))
 
     def test_give_up_after_total_time(self):
@@ -847,6 +848,7 @@ class LossTests(SynchronousTestCase):
             (closed,) = output.events
             self.assertIsInstance(closed, dtls.Closed)
             self.assertIn("5 s", closed.reason)
+            self.assertTrue(closed.timed_out)
             self.assertTrue(association.closed)
             self.assertEqual(association.handle_timeout(60.0), dtls.Output())
 

@@ -346,8 +346,8 @@ class DtlsAssociation(OwnRecordLayer):
         handshaking = self._phase == _HANDSHAKING
         if handshaking and self._started_at is not None and \
                 now - self._started_at >= self._handshake_timeout:
-            self._fail("handshake gave up: not complete after {:g} s ({} retransmissions)".format(
-                self._handshake_timeout, self._retransmissions))
+            self._give_up("handshake gave up: not complete after {:g} s ({} retransmissions)"
+                          .format(self._handshake_timeout, self._retransmissions))
             return self._collect()
         try:
             remaining = self._conn.DTLSv1_get_timeout()
@@ -356,7 +356,7 @@ class DtlsAssociation(OwnRecordLayer):
         if remaining is None or remaining > 0:
             return EMPTY
         if handshaking and self._retransmissions >= self._max_retransmissions:
-            self._fail("handshake gave up: no answer after {} retransmissions".format(
+            self._give_up("handshake gave up: no answer after {} retransmissions".format(
                 self._retransmissions))
             return self._collect()
         try:
@@ -545,6 +545,9 @@ class DtlsAssociation(OwnRecordLayer):
 
     def _fail(self, reason: str) -> None:
         self._end(Closed(reason, False))
+
+    def _give_up(self, reason: str) -> None:
+        self._end(Closed(reason, False, timed_out=True))
 
     def _end(self, event: Closed) -> None:
         if self._closing is None:

@@ -79,10 +79,14 @@ class Closed(DtlsEvent):
     expected tls-id, expected fingerprint; ``reason`` then starts with
     ``"rejected: "``) or the peer sent an ekt_key message this side
     cannot use: trying again with the same peer cannot help.
+    ``timed_out`` is True when the handshake gave up waiting: not complete
+    within the handshake timeout, or no answer after the last
+    retransmission.
     """
 
     reason: str
     rejected: bool = False
+    timed_out: bool = False
 
 
 @dataclass(frozen=True)

@@ -935,9 +935,8 @@ class KeyDistributor:
         if not association.established:
             if event.rejected:
                 self._count("handshake-refused")
-            elif event.reason.startswith("handshake gave up"):
-                # The engine's words for --handshake-timeout or its
-                # retransmissions running out (perc.dtls.association).
+            elif event.timed_out:
+                # --handshake-timeout, or the retransmissions ran out.
                 self._count("handshake-timeout")
             else:
                 self._count("handshake-failed")

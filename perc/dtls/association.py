@@ -278,14 +278,10 @@ class DtlsAssociation(OwnRecordLayer):
         # handshake (an ekt_key message, say) are for the own record layer.
         # Only a record of a later epoch (the Finished) can complete it, so
         # the epoch-0 records and the first record after them go in together.
-        data = bytes(datagram)
-        pieces = _group_epoch_zero(split_records(data))
-        for index, piece in enumerate(pieces):
-            for record in piece:
-                self._remember_early_record(record)
-            # One piece (a flight ending in its Finished, as usual): the
-            # datagram is exactly its records, fed as it came.
-            self._feed(data if len(pieces) == 1 else b"".join(piece))
+        pieces = _pieces(bytes(datagram))
+        for index, (piece, last) in enumerate(pieces):
+            self._remember_early_record(last)
+            self._feed(piece)
             if self.closed:
                 break
             if self._phase == _ESTABLISHED:
@@ -295,7 +291,7 @@ class DtlsAssociation(OwnRecordLayer):
                 if self._records is None:  # kept on OpenSSL
                     self._read_application_data()
                     output = joined(output, self._collect())
-                rest = b"".join(record for later in pieces[index + 1:] for record in later)
+                rest = b"".join(later for later, _ in pieces[index + 1:])
                 return joined(output, self.receive(rest, now)) if rest else output
         return self._collect()
 
@@ -561,23 +557,32 @@ class DtlsAssociation(OwnRecordLayer):
         datagrams: tuple = ()
         finished = False
         if data:
-            # One pass over the records OpenSSL wrote, for what the hand-off
-            # to the own record layer needs (see _compact): the write epoch
-            # and next sequence number there, whether this flight carries a
-            # handshake record of that epoch (our Finished), and the
-            # message_seq of our epoch-0 handshake messages.
-            written = split_records(data)
-            for record in written:
-                if len(record) >= RECORD_HEADER_LENGTH and (record[3] or record[4]):
-                    self._write_epoch = (record[3] << 8) | record[4]
-                    sequence = int.from_bytes(record[5:11], "big")
+            # One pass over the headers of the records OpenSSL wrote, for
+            # what the hand-off to the own record layer needs (see
+            # _compact): the write epoch and next sequence number there,
+            # whether this flight carries a handshake record of that epoch
+            # (our Finished), and the message_seq of our epoch-0 handshake
+            # messages.
+            total = len(data)
+            offset = 0
+            plain = self._compact_when_established
+            while offset + RECORD_HEADER_LENGTH <= total:
+                end = offset + RECORD_HEADER_LENGTH + ((data[offset + 11] << 8)
+                                                       | data[offset + 12])
+                if data[offset + 3] or data[offset + 4]:
+                    self._write_epoch = (data[offset + 3] << 8) | data[offset + 4]
+                    sequence = int.from_bytes(data[offset + 5:offset + 11], "big")
                     if sequence >= self._next_write_sequence:
                         self._next_write_sequence = sequence + 1
-                    finished = finished or record[0] == records.CONTENT_HANDSHAKE
-                elif self._compact_when_established:
+                    finished = finished or data[offset] == records.CONTENT_HANDSHAKE
+                elif plain:
                     self._plain_message_seq = max(self._plain_message_seq,
-                                                  last_message_seq(record))
-            datagrams = tuple(pack_records(written, self._mtu))
+                                                  last_message_seq(data[offset:end]))
+                offset = end
+            # Records packed whole into datagrams of at most the MTU: what
+            # fits one datagram is the records as OpenSSL wrote them.
+            datagrams = (data,) if total <= self._mtu else \
+                tuple(pack_records(split_records(data), self._mtu))
         self._flight_carries_finished = finished
         events = self._events
         self._events = []
@@ -661,21 +666,30 @@ def _peer_certificate_problem(ssl, state: SslState) -> Optional[str]:
         _lib.X509_free(peer)
 
 
-def _group_epoch_zero(records_in: list) -> list:
+def _pieces(data: bytes) -> list:
     """
-    ``records_in`` as the lists of records to feed OpenSSL in one go each:
-    the run of epoch-0 records at the start and the record that follows
-    it together (one call instead of one per record; only that last one,
-    of a later epoch, can complete a handshake), then one at a time.
+    ``data`` (one datagram) as the pieces to feed OpenSSL in one go each,
+    ``(octets, last record)``: the run of epoch-0 records at the start and
+    the record that follows it together (one call instead of one per
+    record; only that last one, of a later epoch, can complete a
+    handshake), then one record at a time.  A flight ending in its
+    Finished, as usual, is one piece: the datagram as it came, found in
+    one pass over the headers with no record copied but the last.
     """
-    count = 0
-    for record in records_in:
-        count += 1
-        if len(record) < RECORD_HEADER_LENGTH or record[3] or record[4]:
+    total = len(data)
+    offset = end = 0
+    while offset < total:
+        end = total if total - offset < RECORD_HEADER_LENGTH else min(
+            total, offset + RECORD_HEADER_LENGTH + ((data[offset + 11] << 8) | data[offset + 12]))
+        if end - offset < RECORD_HEADER_LENGTH or data[offset + 3] or data[offset + 4]:
             break
-    if not count:
-        return []
-    return [records_in[:count]] + [[record] for record in records_in[count:]]
+        offset = end
+    else:
+        return [(data, data[offset:])] if total else []
+    if end == total:
+        return [(data, data[offset:])]
+    return [(data[:end], data[offset:end])] + [(record, record)
+                                                for record in split_records(data[end:])]
 
 
 class ClientAssociation(DtlsAssociation):

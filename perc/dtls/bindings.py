@@ -57,6 +57,9 @@ PRIVATE_SYMBOLS = (
     "SSL_get_server_random",
     "SSL_get_session",
     "SSL_SESSION_get_master_key",
+    "DTLSv1_listen",
+    "BIO_ADDR_new",
+    "BIO_ADDR_free",
 )
 
 #: The public pyOpenSSL API perc.dtls needs (some of it depends on the
@@ -67,7 +70,6 @@ PUBLIC_API = (
     (SSL, "MODE_RELEASE_BUFFERS"),
     (SSL.Context, "set_mode"),
     (SSL.Connection, "set_ciphertext_mtu"),
-    (SSL.Connection, "DTLSv1_listen"),
     (SSL.Connection, "get_protocol_version"),
     (SSL.Connection, "_raise_ssl_error"),
 )

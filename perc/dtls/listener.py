@@ -9,6 +9,7 @@ from typing import Iterable, Optional
 
 
 from perc.dtls.association import ServerAssociation
+from perc.dtls.bindings import ffi as _ffi
 from perc.dtls.bindings import lib as _lib
 from perc.dtls.callbacks import SslState, register, unregister
 from perc.dtls.constants import (
@@ -176,12 +177,16 @@ class ServerListener:
         # for the association's life.
         token = register(connection, state)
         _lib.ERR_clear_error()
-        try:
-            connection.bio_write(datagram)
-            connection.DTLSv1_listen()
-        except Exception:
+        # BIO_write and DTLSv1_listen themselves (what pyOpenSSL's
+        # bio_write and DTLSv1_listen call, without their wrapping; the
+        # cookie callbacks are ours, not pyOpenSSL's helpers).  Above 0:
+        # the ClientHello's cookie checked out and the SSL object goes on.
+        ssl = connection._ssl
+        if _BIO_write(connection._into_ssl, datagram, len(datagram)) != len(datagram) or \
+                _dtls_listen(ssl) <= 0:
             # OpenSSL refused what the checks above let through (its
             # own parse is stricter in places): nothing is kept.
+            _lib.ERR_clear_error()
             unregister(token)
             return (), None
         state.identity_hook = identity_hook if identity_hook is not None else self.identity_hook
@@ -197,6 +202,20 @@ class ServerListener:
             handshake_timeout=self.handshake_timeout, registration=token)
         association._mark_started(now)
         return (), association
+
+
+_BIO_write = _lib.BIO_write
+
+
+def _dtls_listen(ssl) -> int:
+    """DTLSv1_listen on ``ssl`` (an ``SSL *``) with a peer address it fills and we drop."""
+    address = _lib.BIO_ADDR_new()
+    if address == _ffi.NULL:
+        return -1
+    try:
+        return _lib.DTLSv1_listen(ssl, address)
+    finally:
+        _lib.BIO_ADDR_free(address)
 
 
 #: A ClientHello's fixed part: client_version and random.

@@ -68,12 +68,21 @@ def decode_args(source: str, outputs, sdp: bool = True):
     """
     args = ["-nostdin", "-y", "-loglevel", "error"]
     if sdp:
-        args += ["-protocol_whitelist", "file,udp,rtp", "-reorder_queue_size", "0"]
+        # Probe one second of the stream, not ffmpeg's default five, and
+        # decode on one thread (frame threads hold frames back): a short
+        # stream's frames then come out as it arrives, not only once the
+        # decoder is stopped.
+        args += ["-protocol_whitelist", "file,udp,rtp", "-reorder_queue_size", "0",
+                 "-analyzeduration", "1000000", "-threads", "1"]
     args += ["-i", source]
     for stream, kind, path in outputs:
         args += ["-map", "0:" + stream]
         if kind == "image2":
             args += ["-update", "1"]
+        if sdp:
+            # A live source: each frame reaches the file as it is decoded, so
+            # that a caller can watch the decoder's progress there.
+            args += ["-flush_packets", "1"]
         args += ["-f", kind, path]
     return args
 

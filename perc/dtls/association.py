@@ -34,8 +34,10 @@ from perc.dtls.contexts import (
     context_for,
     drain,
     error_text,
+    fill,
     new_connection,
     normalise_profiles,
+    uninitialised,
 )
 from perc.dtls.datagrams import pack_records, split_records
 from perc.dtls.established import (
@@ -298,11 +300,7 @@ class DtlsAssociation(OwnRecordLayer):
     def _feed(self, data: bytes) -> None:
         try:
             _lib.ERR_clear_error()
-            data = bytes(data)
-            # BIO_write itself: pyOpenSSL's bio_write adds a buffer
-            # protocol round trip and its error mapping; a memory BIO only
-            # fails to write when out of memory.
-            if _BIO_write(self._conn._into_ssl, data, len(data)) != len(data):
+            if not fill(self._conn, bytes(data)):
                 raise MemoryError("BIO_write to the memory BIO failed")
             self._drive()
         except Exception as e:  # never let the peer's bytes raise out of here
@@ -519,7 +517,7 @@ class DtlsAssociation(OwnRecordLayer):
             return connection.export_keying_material(EXPORTER_LABEL, length)
         # pyOpenSSL's client_random and server_random each look the
         # session up and ask OpenSSL for the length first: both are 32.
-        randoms = _uninitialised("unsigned char[]", 64)
+        randoms = uninitialised("unsigned char[]", 64)
         if _SSL_get_client_random(ssl, randoms, 32) != 32 or \
                 _SSL_get_server_random(ssl, randoms + 32, 32) != 32:
             return connection.export_keying_material(EXPORTER_LABEL, length)
@@ -609,11 +607,9 @@ class DtlsAssociation(OwnRecordLayer):
 _SSL_do_handshake = _lib.SSL_do_handshake
 _SSL_get_error = _lib.SSL_get_error
 _SSL_ERROR_WANT_READ = _lib.SSL_ERROR_WANT_READ
-_BIO_write = _lib.BIO_write
 _SSL_get_current_cipher = _lib.SSL_get_current_cipher
 _SSL_get_client_random = _lib.SSL_get_client_random
 _SSL_get_server_random = _lib.SSL_get_server_random
-_uninitialised = _ffi.new_allocator(should_clear_after_alloc=False)
 
 
 class _SuitesByCipher(dict):
@@ -640,7 +636,7 @@ def _session_master_key(ssl) -> Optional[bytes]:
     session = _lib.SSL_get_session(ssl)
     if session == _ffi.NULL:
         return None
-    buffer = _uninitialised("unsigned char[]", 48)
+    buffer = uninitialised("unsigned char[]", 48)
     length = _lib.SSL_SESSION_get_master_key(session, buffer, 48)
     return _ffi.buffer(buffer, length)[:] if length > 0 else None
 

@@ -97,6 +97,16 @@ def check_mtu(mtu: int) -> int:
     return mtu
 
 
+def fill(connection: SSL.Connection, data: bytes) -> bool:
+    """
+    Write ``data`` into the connection's incoming memory BIO; False if
+    OpenSSL did not take all of it (a memory BIO fails only when out of
+    memory).  BIO_write itself: pyOpenSSL's bio_write adds a buffer
+    protocol round trip and its error mapping to every handshake step.
+    """
+    return _BIO_write(connection._into_ssl, data, len(data)) == len(data)
+
+
 def drain(connection: SSL.Connection) -> bytes:
     """Everything OpenSSL has written to the connection's memory BIO; never raises."""
     # One BIO_read of what the memory BIO holds (BIO_get_mem_data with no
@@ -107,7 +117,7 @@ def drain(connection: SSL.Connection) -> bytes:
         pending = _BIO_get_mem_data(bio, _ffi.NULL)
         if pending <= 0:
             return b""
-        buffer = _uninitialised("char[]", pending)
+        buffer = uninitialised("char[]", pending)
         length = _BIO_read(bio, buffer, pending)
         return _ffi.buffer(buffer, length)[:] if length > 0 else b""
     except Exception:  # nothing usable
@@ -116,5 +126,7 @@ def drain(connection: SSL.Connection) -> bytes:
 
 _BIO_get_mem_data = _lib.BIO_get_mem_data
 _BIO_read = _lib.BIO_read
-#: The buffer is filled by BIO_read at once: clearing it first is wasted.
-_uninitialised = _ffi.new_allocator(should_clear_after_alloc=False)
+_BIO_write = _lib.BIO_write
+#: For buffers OpenSSL fills at once (BIO_read, the randoms, the master
+#: secret): clearing them first is wasted.
+uninitialised = _ffi.new_allocator(should_clear_after_alloc=False)

@@ -25,6 +25,7 @@ from perc.dtls.constants import (
 from perc.dtls.contexts import (
     check_mtu,
     context_for,
+    fill,
     new_connection,
     normalise_profiles,
 )
@@ -182,8 +183,7 @@ class ServerListener:
         # cookie callbacks are ours, not pyOpenSSL's helpers).  Above 0:
         # the ClientHello's cookie checked out and the SSL object goes on.
         ssl = connection._ssl
-        if _BIO_write(connection._into_ssl, datagram, len(datagram)) != len(datagram) or \
-                _dtls_listen(ssl) <= 0:
+        if not fill(connection, datagram) or _dtls_listen(ssl) <= 0:
             # OpenSSL refused what the checks above let through (its
             # own parse is stricter in places): nothing is kept.
             _lib.ERR_clear_error()
@@ -202,9 +202,6 @@ class ServerListener:
             handshake_timeout=self.handshake_timeout, registration=token)
         association._mark_started(now)
         return (), association
-
-
-_BIO_write = _lib.BIO_write
 
 
 def _dtls_listen(ssl) -> int:

@@ -57,8 +57,8 @@ class Daemon:
     file, not a pipe: a daemon that logs a lot never blocks on a reader).
     With ``die_with_parent`` (Linux) the kernel sends it SIGTERM if this
     process dies without stopping it: no orphan daemons.  Its log is
-    ``perc.logs.text`` (twistd's text lines, at a tenth of the cost per
-    event) unless ``args`` choose a ``--logger``.
+    ``perc.logs.text`` (twistd's text lines, at about a seventh of the
+    cost per event) unless ``args`` choose a ``--logger``.
     """
 
     def __init__(self, directory: str, args: list, log_name: str,

@@ -71,9 +71,11 @@ def decode_args(source: str, outputs, sdp: bool = True):
         # Probe one second of the stream, not ffmpeg's default five, and
         # decode on one thread (frame threads hold frames back): a short
         # stream's frames then come out as it arrives, not only once the
-        # decoder is stopped.
+        # decoder is stopped.  A 4 MiB socket receive buffer (what perc-md
+        # asks for too) takes a relay's burst after it fell behind.
         args += ["-protocol_whitelist", "file,udp,rtp", "-reorder_queue_size", "0",
-                 "-analyzeduration", "1000000", "-threads", "1"]
+                 "-analyzeduration", "1000000", "-threads", "1",
+                 "-buffer_size", str(4 << 20)]
     args += ["-i", source]
     for stream, kind, path in outputs:
         args += ["-map", "0:" + stream]

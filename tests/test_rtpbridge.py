@@ -184,8 +184,10 @@ class FfmpegBridgeTests(MembersMixin, TestCase):
         # Every decoded frame is bit-exact with one of the clip decoded locally.
         self.assertEqual([h for h in frames if h not in reference], [])
         self.assertGreaterEqual(len(set(frames)), 0.95 * len(reference),
-                                "distinct frames decoded over time {}; decoder said {!r}".format(
-                                    progress, err))
+                                "distinct frames decoded over time {}; RTP out: {}; decoder "
+                                "said {!r}".format(progress, {
+                                    name: getattr(ports[-1].protocol, name)
+                                    for name in ("sent", "unrouted", "errors")}, err))
         self.assertGreater(len(mediatools.framemd5_hashes(audio)), 50)
         self.assertNotIn("rror", err)
         self.assertEqual(sender.refused, {})

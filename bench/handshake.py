@@ -71,6 +71,15 @@ engine.  ``bare_openssl_cpu_per_assoc`` is the median of those runs and
     perc bench handshake --endpoints 500 --concurrency 100 --register sqlite
     perc bench handshake --kd-profile kd.prof     # perc-kd under cProfile
     perc bench handshake --md-profile md.prof     # perc-md under cProfile
+    perc bench handshake --kd-perf kd.perf        # where perc-kd's CPU goes, by library
+
+``--kd-perf`` records perc-kd with Linux perf during the rounds (CPU-clock
+samples, see ``bench/_perfsplit.py``) and adds ``kd_cpu_split`` (each
+group's share: OpenSSL, the system libcrypto behind hashlib, the Python
+interpreter and extension modules, the C library, the kernel, other),
+``kd_cpu_split_ms_per_assoc`` (the same in ms per association) and
+``kd_openssl_vs_bare_openssl`` (perc-kd's OpenSSL time per association over
+the bare handshake: what the ratio would be if nothing else cost anything).
 
 Targets: ratio_vs_bare_openssl <= 2.0 and join_p99_s < 0.25 at 200
 concurrent joins.  The last
@@ -103,6 +112,7 @@ from urllib.parse import quote
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
+import _perfsplit  # noqa: E402
 
 CONFERENCE = "bench-handshake"
 #: An endpoint that has its keys but no EKTKey record after this long asks again.
@@ -162,10 +172,22 @@ def parse_args(argv):
                              "(default 3)")
     parser.add_argument("--baseline-count", type=int, default=200,
                         help="handshakes per measurement of each baseline (default 200)")
+    parser.add_argument("--kd-perf", metavar="FILE",
+                        help="record perc-kd's CPU-clock samples with Linux perf during the "
+                             "rounds into FILE and report where its CPU went by library "
+                             "(kd_cpu_split); needs perf and root or "
+                             "kernel.perf_event_paranoid <= 1")
     args = parser.parse_args(argv)
     if args.worker:
         return args
     check_common_options(parser, args)
+    if args.kd_perf:
+        if args.kd_profile:
+            parser.error("--kd-perf and --kd-profile: choose one (perf would sample cProfile)")
+        try:
+            _perfsplit.perf_command()
+        except _perfsplit.PerfUnavailable as error:
+            parser.error("--kd-perf: {}".format(error))
     if not 1 <= args.rounds <= 50:
         parser.error("--rounds must be 1 to 50")
     if args.baseline_count < 10:
@@ -989,12 +1011,21 @@ def run(args):
     bare = []
     rounds = []
     directory = tempfile.mkdtemp(prefix="perc-bench-handshake-")
-    worker = distributors = None
+    worker = distributors = recorder = None
+    kd_samples = None
     try:
         worker, distributors, registration_s = start_run(directory, args)
         workers = len(worker.shares)
         kd_pid, md_pid = distributors.kd.pid, distributors.md.pid
         media_port = distributors.media_address[1]
+        if args.kd_perf:
+            # Across every round: between rounds perc-kd is idle, which adds
+            # no CPU-clock samples.
+            recorder = _perfsplit.Recorder(kd_pid, os.path.abspath(args.kd_perf))
+            try:
+                recorder.start()
+            except _perfsplit.PerfUnavailable as error:
+                raise BenchFailure("--kd-perf: {}".format(error)) from None
         for number in range(args.rounds):
             # Baseline and live rounds alternate, so both see the same machine.
             baselines.append(baseline_cpu_per_handshake(args.baseline_count, args.profile_id))
@@ -1011,11 +1042,24 @@ def run(args):
             result["md_drops"] = _common.udp_drops(media_port) - drops_before
             check_joined(result)
             rounds.append(result)
+        if recorder is not None:
+            try:
+                recorder.stop()
+                kd_samples = recorder.counts()
+            except _perfsplit.PerfUnavailable as error:
+                raise BenchFailure("--kd-perf: {}".format(error)) from None
+            finally:
+                recorder = None
         baselines.append(baseline_cpu_per_handshake(args.baseline_count, args.profile_id))
         bare.append(bare_openssl_cpu_per_handshake(args.baseline_count, args.profile_id))
         worker.stop()
         worker = None
     finally:
+        if recorder is not None:
+            try:
+                recorder.stop()
+            except _perfsplit.PerfUnavailable:
+                pass  # the run failed already; that failure is the one to report
         if worker is not None:
             worker.stop()
         if distributors is not None:
@@ -1073,6 +1117,16 @@ def run(args):
         "ekt_key_requests": ekt_requests,
         "md_udp_drops": md_drops,
     }
+    if kd_samples is not None:
+        shares = _perfsplit.split(kd_samples)
+        figures["kd_perf_samples"] = sum(kd_samples.values())
+        figures["kd_cpu_split"] = {group: round(share, 4) for group, share in shares.items()}
+        figures["kd_cpu_split_ms_per_assoc"] = {
+            group: round(share * kd_cpu * 1000.0, 4) for group, share in shares.items()}
+        # What the KD would cost against the bare handshake if everything
+        # but OpenSSL were free: the floor under any change to its Python.
+        figures["kd_openssl_vs_bare_openssl"] = round(
+            shares["openssl"] * kd_cpu / bare_openssl, 3)
     figures["targets"] = {"ratio_vs_bare_openssl": 2.0, "join_p99_s": 0.25}
     figures["targets_met"] = (figures["ratio_vs_bare_openssl"] <= 2.0
                               and figures["join_p99_s"] < 0.25)
@@ -1103,6 +1157,13 @@ def run(args):
             retransmissions, ekt_requests)],
         ["datagrams dropped at the MD's UDP socket", md_drops],
     ]
+    if kd_samples is not None:
+        for group in _perfsplit.GROUPS:
+            rows.append(["KD CPU in {} (perf)".format(group), "{:.0%}, {:.3f} ms".format(
+                figures["kd_cpu_split"][group], figures["kd_cpu_split_ms_per_assoc"][group])])
+        rows.append(["KD's OpenSSL alone / bare pyOpenSSL",
+                     "{:.2f} ({} samples)".format(figures["kd_openssl_vs_bare_openssl"],
+                                                  figures["kd_perf_samples"])])
     print(_common.format_table(["handshake", "value"], rows))
     return figures
 

@@ -144,12 +144,27 @@ def port_bound(port: int) -> bool:
     return False
 
 
-def framemd5_hashes(path: str) -> list:
-    """The per-frame MD5 hashes of an ffmpeg ``framemd5`` file, in order."""
-    hashes = []
+def framemd5_frames(path: str) -> list:
+    """
+    The frames of an ffmpeg ``framemd5`` file, in order, as (presentation
+    time in seconds, MD5 hash) pairs.
+    """
+    frames = []
+    time_base = 1.0
     with open(path) as lines:
         for line in lines:
+            if line.startswith("#tb"):
+                # "#tb 0: 1/25": the stream's time base.
+                numerator, _, denominator = line.split(":", 1)[1].strip().partition("/")
+                time_base = int(numerator) / int(denominator)
             if line.startswith("#") or not line.strip():
                 continue
-            hashes.append(line.rsplit(",", 1)[1].strip())
-    return hashes
+            fields = [field.strip() for field in line.split(",")]
+            # stream, dts, pts, duration, size, hash
+            frames.append((int(fields[2]) * time_base, fields[-1]))
+    return frames
+
+
+def framemd5_hashes(path: str) -> list:
+    """The per-frame MD5 hashes of an ffmpeg ``framemd5`` file, in order."""
+    return [md5 for _, md5 in framemd5_frames(path)]

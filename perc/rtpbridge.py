@@ -32,6 +32,9 @@ MAX_RTP_PACKET = 1336
 
 #: Media from at most this many local destinations.
 MAX_OUTPUTS = 16
+#: RTP sources whose destination RtpOutput remembers for their RTCP; past
+#: this the one learned first is forgotten.
+MAX_ROUTED_SOURCES = 256
 
 
 class RtpInput(protocol.DatagramProtocol):
@@ -80,9 +83,16 @@ class RtpOutput(protocol.DatagramProtocol):
     """
     Hands verified RTP to local destinations, from a UDP port of its own:
     a packet to the destination listing its payload type, else to the one
-    listing none (no such destination: counted in ``unrouted``).  RTCP goes
-    to every destination's PORT+1.  ``outputs`` are :func:`parse_output`
-    triples.
+    listing none (no such destination: counted in ``unrouted``).  ``outputs``
+    are :func:`parse_output` triples.
+
+    RTCP goes to PORT+1 of the destination its sender's RTP goes to (the
+    sender SSRC of its first packet, as learned from the RTP), else to the
+    destination listing no payload type, else nowhere (counted in
+    ``rtcp_unrouted``): each destination is an RTP session of its own, and
+    a receiver that took another session's sender report for its own (as
+    ffmpeg's RTP input does, whatever its SSRC) maps that session's RTP
+    timestamps onto its streams and shifts them by hours.
     """
 
     log = Logger()
@@ -98,9 +108,12 @@ class RtpOutput(protocol.DatagramProtocol):
             else:
                 for payload_type in types:
                     self._by_type[payload_type] = (host, port)
-        self._rtcp = sorted({(host, port + 1) for host, port, _ in outputs})
+        # Sender SSRC (its four octets) -> the destination its RTP went to,
+        # oldest first (MAX_ROUTED_SOURCES at most).
+        self._by_source: dict[bytes, tuple] = {}
         self.sent = 0
         self.unrouted = 0
+        self.rtcp_unrouted = 0
         self.errors = 0
 
     def rtp(self, packet: bytes) -> None:
@@ -108,11 +121,24 @@ class RtpOutput(protocol.DatagramProtocol):
         if destination is None:
             self.unrouted += 1
             return
+        source = packet[8:12]
+        if self._by_source.get(source) != destination:
+            self._by_source.pop(source, None)
+            if len(self._by_source) >= MAX_ROUTED_SOURCES:
+                del self._by_source[next(iter(self._by_source))]
+            self._by_source[source] = destination
         self._write(packet, destination)
 
     def rtcp(self, packet: bytes) -> None:
-        for destination in self._rtcp:
-            self._write(packet, destination)
+        # RFC 3550 section 6.4: every RTCP packet (SR, RR, SDES, BYE, and
+        # RFC 4585 feedback) carries its sender's SSRC in octets 4-7.
+        destination = self._by_source.get(packet[4:8], self._default) \
+            if len(packet) >= 8 else None
+        if destination is None:
+            self.rtcp_unrouted += 1
+            return
+        host, port = destination
+        self._write(packet, (host, port + 1))
 
     def _write(self, packet: bytes, destination) -> None:
         if self.transport is None:

@@ -12,7 +12,7 @@ import re
 import struct
 
 import pylibsrtp
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -107,6 +107,86 @@ class BridgeTests(MembersMixin, TestCase):
         self.assertEqual(set(bob.stats), {0x1111, 0x2222})
 
 
+class _Capture(protocol.DatagramProtocol):
+    def __init__(self):
+        self.received = []
+
+    def datagramReceived(self, data, address):
+        self.received.append(data)
+
+
+def _report(ssrc: int, rtp_timestamp: int) -> bytes:
+    """An RTCP sender report (no report blocks) from ``ssrc``."""
+    return struct.pack("!BBHIQIII", 0x80, 200, 6, ssrc, 0xE000000000000000, rtp_timestamp,
+                       1, 100)
+
+
+class RtpOutputTests(TestCase):
+    """Where RtpOutput sends RTCP, over real UDP ports."""
+
+    def listen(self, outputs, ports):
+        captures = {}
+        for port in ports:
+            captures[port] = _Capture()
+            self.addCleanup(reactor.listenUDP(port, captures[port],
+                                              interface="127.0.0.1").stopListening)
+        output = rtpbridge.RtpOutput(outputs)
+        self.addCleanup(reactor.listenUDP(0, output, interface="127.0.0.1").stopListening)
+        return output, captures
+
+    @defer.inlineCallbacks
+    def test_rtcp_goes_to_the_session_of_its_sender(self):
+        """A sender report reaches only the RTCP port of the destination its SSRC's RTP goes to."""
+        base = mediatools.free_ports(4)
+        output, captures = self.listen(
+            [("127.0.0.1", base, frozenset({96})), ("127.0.0.1", base + 2, frozenset({97}))],
+            range(base, base + 4))
+        video, audio = 0x1111, 0x2222
+        # Before any RTP of its sender a report has nowhere to go (ffmpeg
+        # sends its first one just before its first RTP packet).
+        output.rtcp(_report(video, 1))
+        output.rtcp(b"\x80\xc8\x00")
+        self.assertEqual(output.rtcp_unrouted, 2)
+        for ssrc, pt in ((video, 96), (audio, 97)):
+            output.rtp(struct.pack("!BBHII", 0x80, pt, 1, 1000, ssrc) + b"media")
+        output.rtcp(_report(video, 2))
+        output.rtcp(_report(audio, 3))
+        output.rtcp(_report(0x3333, 4))  # a receiver's, or a source not seen yet
+        yield eventually(lambda: all(captures[p].received for p in captures))
+        yield sleep(0.1)
+        self.assertEqual(captures[base + 1].received, [_report(video, 2)])
+        self.assertEqual(captures[base + 3].received, [_report(audio, 3)])
+        self.assertEqual([len(captures[p].received) for p in (base, base + 2)], [1, 1])
+        self.assertEqual((output.rtcp_unrouted, output.unrouted, output.sent), (3, 0, 4))
+
+    @defer.inlineCallbacks
+    def test_unknown_sources_rtcp_to_the_destination_taking_every_type(self):
+        base = mediatools.free_ports(4)
+        output, captures = self.listen(
+            [("127.0.0.1", base, None), ("127.0.0.1", base + 2, frozenset({97}))],
+            (base + 1, base + 3))
+        output.rtp(struct.pack("!BBHII", 0x80, 97, 1, 1000, 0x2222) + b"audio")
+        output.rtcp(_report(0x2222, 1))
+        output.rtcp(_report(0x4444, 2))
+        yield eventually(lambda: captures[base + 1].received and captures[base + 3].received)
+        yield sleep(0.1)
+        self.assertEqual(captures[base + 1].received, [_report(0x4444, 2)])
+        self.assertEqual(captures[base + 3].received, [_report(0x2222, 1)])
+        self.assertEqual(output.rtcp_unrouted, 0)
+
+    def test_sources_remembered_are_bounded(self):
+        base = mediatools.free_ports(2)
+        output = rtpbridge.RtpOutput([("127.0.0.1", base, frozenset({96}))])
+        # Not listening: nothing is sent, the routes are still learned.
+        for ssrc in range(rtpbridge.MAX_ROUTED_SOURCES + 1):
+            output.rtp(struct.pack("!BBHII", 0x80, 96, 1, 1000, ssrc))
+        output.rtcp(_report(0, 1))  # the first source learned: forgotten
+        self.assertEqual(output.rtcp_unrouted, 1)
+        output.rtcp(_report(rtpbridge.MAX_ROUTED_SOURCES, 1))
+        output.rtcp(_report(1, 1))
+        self.assertEqual(output.rtcp_unrouted, 1)
+
+
 class FfmpegBridgeTests(MembersMixin, TestCase):
     """H.264 and Opus from one ffmpeg, through the bridge, into a second ffmpeg."""
 
@@ -189,6 +269,12 @@ class FfmpegBridgeTests(MembersMixin, TestCase):
                                     name: getattr(ports[-1].protocol, name)
                                     for name in ("sent", "unrouted", "errors")}, err))
         self.assertGreater(len(mediatools.framemd5_hashes(audio)), 50)
+        # Each stream's times run from its start through the 2 s clip: a
+        # sender report of the other stream on a stream's RTCP port made
+        # ffmpeg shift them by hours (and drop the video frames behind).
+        for path in (video, audio):
+            times = [t for t, _ in mediatools.framemd5_frames(path)]
+            self.assertTrue(0 <= min(times) and max(times) < 3.0, (path, times[:3], times[-3:]))
         self.assertNotIn("rror", err)
         self.assertEqual(sender.refused, {})
         self.assertGreater(sender.rtcp_sent, 0)

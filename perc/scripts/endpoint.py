@@ -85,7 +85,7 @@ class EndpointOptions(CommandOptions):
         self["rtp-out"] = []
 
     def opt_rtp_out(self, value):
-        """Bridge: hand every packet that verifies end to end to a local application at HOST:PORT as plain RTP (RTCP to PORT+1); HOST:PORT/PT,PT only those payload types (repeat the option for more destinations)."""  # noqa: E501 (usage.Options shows it as written)
+        """Bridge: hand every packet that verifies end to end to a local application at HOST:PORT as plain RTP (RTCP to PORT+1 of the destination its sender's RTP goes to); HOST:PORT/PT,PT only those payload types (repeat the option for more destinations)."""  # noqa: E501 (usage.Options shows it as written)
         try:
             self["rtp-out"].append(rtpbridge.parse_output(value))
         except ValueError as error:

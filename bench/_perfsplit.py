@@ -48,7 +48,9 @@ GROUPS = ("openssl", "hashlib", "python", "libc", "kernel", "other")
 #: slow the process measurably (each sample is one timer interrupt).
 DEFAULT_FREQUENCY = 2000
 
-_SAMPLE_DSO = re.compile(r"\(([^()]*)\)\s*$")
+#: A line of ``perf script -F ip,sym,dso``: address, symbol (which may
+#: hold spaces and parentheses), and the shared object in parentheses last.
+_SAMPLE = re.compile(r"^\s*[0-9a-fA-F]+\s+(.*?)\s*\(([^()]*)\)\s*$")
 
 
 class PerfUnavailable(Exception):
@@ -73,12 +75,12 @@ def group_of(dso: str) -> str:
 
 
 def count_samples(script_output: str) -> collections.Counter:
-    """Samples per shared object, from ``perf script -F ip,dso`` output."""
+    """Samples per (shared object, symbol), from ``perf script -F ip,sym,dso`` output."""
     counts: collections.Counter = collections.Counter()
     for line in script_output.splitlines():
-        match = _SAMPLE_DSO.search(line)
+        match = _SAMPLE.match(line)
         if match:
-            counts[match.group(1)] += 1
+            counts[match.group(2), match.group(1) or "[unknown]"] += 1
     return counts
 
 
@@ -87,9 +89,19 @@ def split(counts: collections.Counter) -> dict[str, float]:
     total = sum(counts.values())
     shares = dict.fromkeys(GROUPS, 0.0)
     if total:
-        for dso, n in counts.items():
+        for (dso, _), n in counts.items():
             shares[group_of(dso)] += n / total
     return shares
+
+
+def top_symbols(counts: collections.Counter, group: str, limit: int = 5) -> list:
+    """The ``limit`` busiest symbols of ``group``, as (symbol, share of all samples)."""
+    total = sum(counts.values()) or 1
+    in_group: collections.Counter = collections.Counter()
+    for (dso, symbol), n in counts.items():
+        if group_of(dso) == group:
+            in_group[symbol] += n
+    return [(symbol, n / total) for symbol, n in in_group.most_common(limit)]
 
 
 def perf_command() -> str:
@@ -147,9 +159,9 @@ class Recorder:
             raise PerfUnavailable("perf record wrote no {}".format(self.path))
 
     def counts(self) -> collections.Counter:
-        """Samples per shared object in the recording."""
+        """Samples per (shared object, symbol) in the recording."""
         result = subprocess.run(
-            [self._perf, "script", "-i", self.path, "-F", "ip,dso"],
+            [self._perf, "script", "-i", self.path, "-F", "ip,sym,dso"],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise PerfUnavailable("perf script failed: {}".format(

@@ -79,7 +79,9 @@ group's share: OpenSSL, the system libcrypto behind hashlib, the Python
 interpreter and extension modules, the C library, the kernel, other),
 ``kd_cpu_split_ms_per_assoc`` (the same in ms per association) and
 ``kd_openssl_vs_bare_openssl`` (perc-kd's OpenSSL time per association over
-the bare handshake: what the ratio would be if nothing else cost anything).
+the bare handshake: what the ratio would be if nothing else cost anything)
+and ``kd_openssl_top_symbols`` (the busiest OpenSSL functions, each with its
+share of all samples).
 
 Targets: ratio_vs_bare_openssl <= 2.0 and join_p99_s < 0.25 at 200
 concurrent joins.  The last
@@ -1127,6 +1129,9 @@ def run(args):
         # but OpenSSL were free: the floor under any change to its Python.
         figures["kd_openssl_vs_bare_openssl"] = round(
             shares["openssl"] * kd_cpu / bare_openssl, 3)
+        figures["kd_openssl_top_symbols"] = [
+            [symbol, round(share, 4)]
+            for symbol, share in _perfsplit.top_symbols(kd_samples, "openssl")]
     figures["targets"] = {"ratio_vs_bare_openssl": 2.0, "join_p99_s": 0.25}
     figures["targets_met"] = (figures["ratio_vs_bare_openssl"] <= 2.0
                               and figures["join_p99_s"] < 0.25)
@@ -1164,6 +1169,9 @@ def run(args):
         rows.append(["KD's OpenSSL alone / bare pyOpenSSL",
                      "{:.2f} ({} samples)".format(figures["kd_openssl_vs_bare_openssl"],
                                                   figures["kd_perf_samples"])])
+        rows.append(["KD's busiest OpenSSL functions", ", ".join(
+            "{} {:.1%}".format(symbol, share)
+            for symbol, share in figures["kd_openssl_top_symbols"])])
     print(_common.format_table(["handshake", "value"], rows))
     return figures
 

@@ -1045,13 +1045,12 @@ def run(args):
             check_joined(result)
             rounds.append(result)
         if recorder is not None:
+            stopping, recorder = recorder, None
             try:
-                recorder.stop()
-                kd_samples = recorder.counts()
+                stopping.stop()
+                kd_samples = stopping.counts()
             except _perfsplit.PerfUnavailable as error:
                 raise BenchFailure("--kd-perf: {}".format(error)) from None
-            finally:
-                recorder = None
         baselines.append(baseline_cpu_per_handshake(args.baseline_count, args.profile_id))
         bare.append(bare_openssl_cpu_per_handshake(args.baseline_count, args.profile_id))
         worker.stop()

@@ -147,21 +147,22 @@ def port_bound(port: int) -> bool:
 def framemd5_frames(path: str) -> list:
     """
     The frames of an ffmpeg ``framemd5`` file, in order, as (presentation
-    time in seconds, MD5 hash) pairs.
+    time in seconds, MD5 hash) pairs, each time in its own stream's time base.
     """
     frames = []
-    time_base = 1.0
+    time_bases: dict = {}
     with open(path) as lines:
         for line in lines:
             if line.startswith("#tb"):
-                # "#tb 0: 1/25": the stream's time base.
-                numerator, _, denominator = line.split(":", 1)[1].strip().partition("/")
-                time_base = int(numerator) / int(denominator)
+                # "#tb 0: 1/25": stream 0's time base.
+                stream, _, fraction = line[3:].partition(":")
+                numerator, _, denominator = fraction.strip().partition("/")
+                time_bases[int(stream)] = int(numerator) / int(denominator)
             if line.startswith("#") or not line.strip():
                 continue
-            fields = [field.strip() for field in line.split(",")]
             # stream, dts, pts, duration, size, hash
-            frames.append((int(fields[2]) * time_base, fields[-1]))
+            fields = [field.strip() for field in line.split(",")]
+            frames.append((int(fields[2]) * time_bases.get(int(fields[0]), 1.0), fields[-1]))
     return frames
 
 

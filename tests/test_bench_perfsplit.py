@@ -7,6 +7,7 @@ process (skipped, saying why, where perf cannot record).
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import subprocess
 import sys
@@ -40,6 +41,7 @@ sys.stdin.readline()
 """
 
 
+@functools.lru_cache(maxsize=None)
 def _perf_usable() -> str:
     """Why perf cannot record here, or "" when it can."""
     try:
@@ -122,8 +124,8 @@ class RecorderTests(SynchronousTestCase):
         if why:
             raise SkipTest("{} (Debian: apt-get install linux-perf; run as root or with "
                            "kernel.perf_event_paranoid <= 1)".format(why))
-        self.directory = tempfile.mkdtemp()
-        self.addCleanup(lambda: subprocess.run(["rm", "-rf", self.directory], check=False))
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
 
     def child(self, openssl, python):
         process = subprocess.Popen(
@@ -145,13 +147,13 @@ class RecorderTests(SynchronousTestCase):
         return recorder.counts()
 
     def test_openssl_work_and_python_work_are_told_apart(self):
-        self.signing_counts = self.record(openssl=0.6, python=0.0)
-        signing = _perfsplit.split(self.signing_counts)
+        signing_counts = self.record(openssl=0.6, python=0.0)
+        signing = _perfsplit.split(signing_counts)
         spinning = _perfsplit.split(self.record(openssl=0.0, python=0.6))
         self.assertGreater(signing["openssl"], 0.5)
         # ECDSA over P-256: OpenSSL's P-256 field arithmetic leads.
         self.assertIn("nistz256", " ".join(
-            symbol for symbol, _ in _perfsplit.top_symbols(self.signing_counts, "openssl")))
+            symbol for symbol, _ in _perfsplit.top_symbols(signing_counts, "openssl")))
         self.assertLess(spinning["openssl"], 0.05)
         self.assertGreater(spinning["python"], 0.8)
 

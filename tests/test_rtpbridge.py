@@ -294,6 +294,23 @@ class FfmpegBridgeTests(MembersMixin, TestCase):
         self.assertEqual(len(re.findall(r"endpoint-\d +(\d+)  \S+\.png", text)), 2, text)
 
 
+class FramemdTests(TestCase):
+    def test_each_frame_in_its_own_streams_time_base(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("#format: frame checksums\n#version: 2\n#hash: MD5\n"
+                    "#tb 0: 1/25\n#media_type 0: video\n"
+                    "#tb 1: 1/48000\n#media_type 1: audio\n"
+                    "#stream#, dts,        pts, duration,     size, hash\n"
+                    "0,          0,          0,        1,    28800, aa\n"
+                    "1,          0,          0,      960,     3840, bb\n"
+                    "0,          1,          1,        1,    28800, cc\n"
+                    "1,        960,        960,      960,     3840, dd\n")
+        self.assertEqual(mediatools.framemd5_frames(path),
+                         [(0.0, "aa"), (0.0, "bb"), (0.04, "cc"), (0.02, "dd")])
+        self.assertEqual(mediatools.framemd5_hashes(path), ["aa", "bb", "cc", "dd"])
+
+
 class OptionsTests(TestCase):
     def test_rtp_out_destinations(self):
         options = EndpointOptions()
